@@ -1,0 +1,196 @@
+"""Reply pairs and the paper's splits (§4.2.1, §4.1.3).
+
+- Evaluation users: users with enough turns (UPC scale: about 100-300 each).
+- Per evaluation user and per seeded set: the dialogues with a random 30% of their partners are
+  held out (half dev, half test), the rest is train.
+- Each user's train part is halved: one half is pooled over all users for domain adaptation
+  (`train_da`), the other is the user's own fine-tuning data (`train_ft`).
+- Pre-training uses other users only: no dialogue with an evaluation user in it.
+- A training pair whose context shows a turn held out for another evaluation user is dropped,
+  so no dev/test reply ever appears in training inputs (this matters where evaluation users share
+  dialogues, as sitcom characters do).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+SPLITS: tuple[str, ...] = ("train_da", "train_ft", "dev", "test")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    min_turns: int = 100  # evaluation users speak at least this many turns
+    max_turns: int | None = 300  # ... and at most this many (None: no cap, e.g. sitcom leads)
+    max_users: int | None = None  # a seeded sample of the eligible users, for small profiles
+    heldout_partner_fraction: float = 0.3  # §4.2.1: 30% of partners -> dev + test
+    n_sets: int = 3  # §4.2.1: three seeded sets
+    context_turns: int = 5  # up to N previous turns as context
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_reply_pairs(turns: pd.DataFrame, context_turns: int) -> pd.DataFrame:
+    """Every turn with at least one previous turn becomes a pair: up to N previous turns -> response.
+
+    `partner_id` is the speaker of the nearest earlier turn by someone else ("" if none).
+    """
+    rows = []
+    for dialogue_id, dialogue in turns.groupby("dialogue_id", sort=True):
+        texts = dialogue["text"].tolist()
+        speakers = dialogue["speaker_id"].tolist()
+        indices = dialogue["turn_index"].tolist()
+        for position in range(1, len(texts)):
+            speaker = speakers[position]
+            partner = next((s for s in reversed(speakers[:position]) if s != speaker), "")
+            start = max(0, position - context_turns)
+            rows.append({
+                "pair_id": f"{dialogue_id}#{indices[position]}",
+                "dialogue_id": dialogue_id,
+                "turn_index": indices[position],
+                "speaker_id": speaker,
+                "partner_id": partner,
+                "context": texts[start:position],
+                "context_first_turn": indices[start],
+                "response": texts[position],
+            })
+    return pd.DataFrame(rows, columns=["pair_id", "dialogue_id", "turn_index", "speaker_id", "partner_id",
+                                       "context", "context_first_turn", "response"])
+
+
+def select_eval_users(turns: pd.DataFrame, config: SplitConfig) -> list[str]:
+    """Users with min_turns..max_turns turns and at least two partners (one dev, one test)."""
+    counts = turns.groupby("speaker_id").size()
+    eligible = counts[counts >= config.min_turns]
+    if config.max_turns is not None:
+        eligible = eligible[eligible <= config.max_turns]
+    partners = dialogue_partners(turns)
+    n_partners = partners[partners["partner_id"] != ""].groupby("user_id")["partner_id"].nunique()
+    users = sorted(u for u in eligible.index if n_partners.get(u, 0) >= 2)
+    if config.max_users is not None and len(users) > config.max_users:
+        rng = np.random.default_rng(config.seed)
+        users = sorted(rng.choice(users, size=config.max_users, replace=False).tolist())
+    return users
+
+
+def dialogue_partners(turns: pd.DataFrame) -> pd.DataFrame:
+    """For each (dialogue, user): the partner, i.e. the other speaker with most turns there ("" if alone)."""
+    counts = turns.groupby(["dialogue_id", "speaker_id"], sort=True).size().rename("n").reset_index()
+    ranked = counts.sort_values(["dialogue_id", "n", "speaker_id"], ascending=[True, False, True])
+    top_two = ranked.groupby("dialogue_id", sort=True)["speaker_id"].agg(lambda s: list(s)[:2])
+    partner = [
+        next((s for s in top_two[d] if s != user), "")
+        for d, user in zip(counts["dialogue_id"], counts["speaker_id"])
+    ]
+    return pd.DataFrame({"dialogue_id": counts["dialogue_id"], "user_id": counts["speaker_id"], "partner_id": partner})
+
+
+def assign_user_dialogues(partner_of_dialogue: dict[str, str], pair_counts: dict[str, int],
+                          fraction: float, rng: np.random.Generator) -> dict[str, str]:
+    """One user's dialogues -> train_da / train_ft / dev / test (§4.2.1, §4.1.3).
+
+    A random `fraction` of the user's partners (at least two, at most all but one) is held out;
+    their dialogues go to test (first half of those partners) and dev (the rest). The remaining
+    dialogues are split into two halves of about equal pair counts.
+    """
+    partners = sorted({p for p in partner_of_dialogue.values() if p})
+    n_heldout = min(max(2, round(fraction * len(partners))), len(partners) - 1)
+    heldout = rng.permutation(partners)[:n_heldout].tolist()
+    n_test = math.ceil(n_heldout / 2)
+    split_of_partner = {p: ("test" if i < n_test else "dev") for i, p in enumerate(heldout)}
+
+    assignment = {d: split_of_partner[p] for d, p in partner_of_dialogue.items() if p in split_of_partner}
+    train = [d for d in sorted(partner_of_dialogue) if d not in assignment]
+    halves = {"train_da": 0, "train_ft": 0}
+    for dialogue in rng.permutation(train).tolist():  # greedy: the lighter half takes the next dialogue
+        half = min(halves, key=lambda h: (halves[h], h))
+        assignment[dialogue] = half
+        halves[half] += pair_counts.get(dialogue, 0)
+    return assignment
+
+
+def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame, list[str], dict]:
+    """Reply pairs for pre-training and for evaluation users.
+
+    Returns (pretrain_pairs, eval_pairs, eval_users, report). `eval_pairs` has one row per pair,
+    set and split (`split_set`, `split`); pre-training pairs come only from dialogues without any
+    evaluation user.
+    """
+    pairs = build_reply_pairs(turns, config.context_turns)
+    eval_users = select_eval_users(turns, config)
+    eval_set = set(eval_users)
+    with_eval = set(turns.loc[turns["speaker_id"].isin(eval_set), "dialogue_id"])
+    pretrain = pairs[~pairs["dialogue_id"].isin(with_eval)].reset_index(drop=True)
+
+    partners = dialogue_partners(turns)
+    partners = partners[partners["user_id"].isin(eval_set)]
+    user_pairs = pairs[pairs["speaker_id"].isin(eval_set)]
+    pair_counts: dict[str, dict[str, int]] = {}
+    for (user, dialogue), n in user_pairs.groupby(["speaker_id", "dialogue_id"]).size().items():
+        pair_counts.setdefault(user, {})[dialogue] = int(n)
+
+    frames, dropped = [], {}
+    for split_set in range(config.n_sets):
+        rng = np.random.default_rng([config.seed, split_set])
+        split_of = {}
+        for user, group in partners.groupby("user_id", sort=True):
+            assignment = assign_user_dialogues(dict(zip(group["dialogue_id"], group["partner_id"])),
+                                               pair_counts.get(user, {}),
+                                               config.heldout_partner_fraction, rng)
+            split_of.update({(user, d): s for d, s in assignment.items()})
+        labelled = user_pairs.assign(split=[split_of.get((u, d)) for u, d in
+                                            zip(user_pairs["speaker_id"], user_pairs["dialogue_id"])])
+        labelled = labelled[labelled["split"].notna()]
+        leaky = _context_shows_heldout(labelled)
+        dropped[split_set] = int(leaky.sum())
+        frames.append(labelled[~leaky].assign(split_set=split_set))
+    eval_pairs = pd.concat(frames, ignore_index=True) if frames else user_pairs.assign(split=[], split_set=[])
+    report = {
+        "n_pairs": int(len(pairs)),
+        "n_pretrain_pairs": int(len(pretrain)),
+        "n_pretrain_dialogues": int(pretrain["dialogue_id"].nunique()),
+        "n_pretrain_speakers": int(pretrain["speaker_id"].nunique()),
+        "n_eval_users": len(eval_users),
+        "n_eval_dialogues": len(with_eval),
+        "dropped_leaky_training_pairs": dropped,
+    }
+    return pretrain, eval_pairs, eval_users, report
+
+
+def _context_shows_heldout(labelled: pd.DataFrame) -> pd.Series:
+    """True for a training pair whose context includes a turn that is a dev/test response."""
+    heldout = labelled[labelled["split"].isin(["dev", "test"])]
+    heldout_turns = heldout.groupby("dialogue_id")["turn_index"].apply(list).to_dict()
+    training = labelled["split"].isin(["train_da", "train_ft"])
+
+    def leaks(row) -> bool:
+        return any(row.context_first_turn <= t < row.turn_index for t in heldout_turns.get(row.dialogue_id, ()))
+
+    flags = [training_row and leaks(row) for training_row, row in zip(training, labelled.itertuples())]
+    return pd.Series(flags, index=labelled.index, dtype=bool)
+
+
+def table2_row(name: str, meta: dict, eval_pairs: pd.DataFrame, n_users: int) -> dict:
+    """The Table 2 analog for one dataset, averaged over split sets (§4.2.1 Table 2)."""
+    per_user = (eval_pairs.groupby(["split_set", "speaker_id", "split"]).size().unstack("split", fill_value=0)
+                .reindex(columns=list(SPLITS), fill_value=0))
+    train = per_user["train_da"] + per_user["train_ft"]
+    n_all_train = train.groupby(level="split_set").sum().mean() if len(per_user) else 0.0
+    return {
+        "dataset": name,
+        "N users": n_users,
+        "user": meta.get("user_kind", ""),
+        "domain": meta.get("domain", ""),
+        "style": meta.get("style", ""),
+        "N all train": round(float(n_all_train)),
+        "N train / user": round(float(train.mean()), 1) if len(per_user) else 0.0,
+        "N fine-tune / user": round(float(per_user["train_ft"].mean()), 1) if len(per_user) else 0.0,
+        "N dev / user": round(float(per_user["dev"].mean()), 1) if len(per_user) else 0.0,
+        "N test / user": round(float(per_user["test"].mean()), 1) if len(per_user) else 0.0,
+    }

@@ -1,0 +1,205 @@
+"""Subword tokenizers for the T5 models: train one from scratch, or load a pretrained one with the §3.4 markers.
+
+A trained tokenizer is a SentencePiece model (T5's ids: pad 0, eos 1, unk 2, no bos) with byte fallback, so
+Japanese and emoji never become `<unk>`, wrapped as a Hugging Face tokenizer that appends `</s>`, keeps the
+§3.4 markers whole and carries T5's `<extra_id_N>` sentinels for span-corruption pre-training. Its folder
+reloads with `transformers.AutoTokenizer.from_pretrained` alone, offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TokenizersBackend
+from transformers.convert_slow_tokenizer import SpmConverter
+
+from udg_lib.prompts import PROMPT_SPECIAL_TOKENS as SPECIAL_TOKENS  # §3.4: the PSP/PPP markers
+
+# T5's fixed ids; `bos_id=-1` because T5 never prepends a start token (the decoder starts from pad).
+PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
+SPIECE_MODEL_FILE = "spiece.model"  # the raw SentencePiece model, kept beside tokenizer.json (T5's file name)
+SUPPORTED_MODEL_TYPES = ("unigram", "bpe")
+
+
+class LoadedTokenizer(NamedTuple):
+    """What `load_tokenizer` returns; unpacks as `tokenizer, added = load_tokenizer(...)`."""
+
+    tokenizer: PreTrainedTokenizerBase
+    added_special_tokens: bool  # new ids were appended: the model's embeddings must cover len(tokenizer)
+
+
+def sentinel_tokens(extra_ids: int) -> list[str]:
+    """T5's span-corruption sentinels, `<extra_id_0>` first."""
+    return [f"<extra_id_{i}>" for i in range(extra_ids)]
+
+
+def _marker_token(token: str) -> AddedToken:
+    # normalized=False: match the raw text, so NFKC or whitespace rules can never alter a marker.
+    return AddedToken(token, special=True, normalized=False)
+
+
+def _write_training_corpus(texts: Iterable[str], path: Path) -> int:
+    """One text per line (SentencePiece reads lines); line breaks inside a text become spaces, as the
+    tokenizer's own normalizer treats them. Returns the number of non-empty lines written."""
+    n_lines = 0
+    with path.open("w", encoding="utf-8") as handle:
+        for text in texts:
+            line = " ".join(text.splitlines()).strip()
+            if line:
+                handle.write(line + "\n")
+                n_lines += 1
+    return n_lines
+
+
+def _wrap_sentencepiece_model(model_file: Path, extra_ids: int) -> TokenizersBackend:
+    """Wrap a SentencePiece model as a `TokenizersBackend` that encodes as SentencePiece does.
+
+    Not `T5Tokenizer`: in transformers 5 that class rebuilds its Unigram model with byte fallback switched
+    off whenever it loads, so byte pieces would come back as `<unk>`. `TokenizersBackend` loads tokenizer.json
+    verbatim (the route transformers itself uses for byte-fallback T5s such as umT5).
+    """
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    pieces = list(proto.pieces)
+    # Unigram takes (piece, score) pairs; BPE takes piece -> id and derives merges from the scores.
+    if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        vocab: list[tuple[str, float]] | dict[str, int] = [(p.piece, p.score) for p in pieces]
+    else:
+        vocab = {p.piece: i for i, p in enumerate(pieces)}
+    # Builds normalizer, byte-fallback model and decoder from the proto itself. legacy=True gives every chunk
+    # between added tokens its own "▁" prefix, so "[USER] hello" -> [USER] ▁hello, as pretrained T5s do.
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto=proto, vocab=vocab, legacy=True)
+    # Sentinels appended in reverse, so <extra_id_0> has the highest id, as in every released T5 checkpoint.
+    sentinels = list(reversed(sentinel_tokens(extra_ids)))
+    return TokenizersBackend(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        add_bos_token=False,
+        add_eos_token=True,  # T5 appends </s> to every input and target
+        # The markers are already SentencePiece pieces (no new ids); registering them as special tokens makes
+        # the HF side split them off before subword segmentation too.
+        extra_special_tokens=[_marker_token(t) for t in (*SPECIAL_TOKENS, *sentinels)],
+    )
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move `staging` to `target`; an existing `target` is swapped out first, then deleted."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, retired / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(retired)
+
+
+def train_sentencepiece_tokenizer(
+    texts: Iterable[str],
+    output_dir: str | Path,
+    *,
+    vocab_size: int = 8000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    extra_ids: int = 100,
+    input_sentence_size: int = 2_000_000,
+    seed: int = 0,
+    normalization_rule_name: str = "nmt_nfkc",
+    num_threads: int = 4,
+) -> PreTrainedTokenizerBase:
+    """Train a SentencePiece tokenizer on `texts`, save it to `output_dir`, and return it reloaded from there.
+
+    `output_dir` holds tokenizer.json + tokenizer_config.json (load with `AutoTokenizer`) and spiece.model,
+    whose trainer spec records every training option. It is written atomically and replaced if it exists.
+    `vocab_size` is an upper bound (a small corpus yields fewer pieces); it counts the 256 byte pieces and the
+    markers, but not the `extra_ids` sentinels: size the model's embeddings with `len(tokenizer)`.
+    The default NFKC rule folds full-width ASCII and half-width kana (as T5 does); pass "identity" to keep
+    every character as written. Output is identical for identical texts, seed and `num_threads`.
+    """
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Staged beside output_dir (same filesystem), so the final rename is atomic.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    try:
+        corpus_file = staging / "corpus.txt"
+        if _write_training_corpus(texts, corpus_file) == 0:
+            raise ValueError("no non-empty texts to train the tokenizer on")
+        # Seeds the sentence sampling and shuffling used when the corpus exceeds input_sentence_size.
+        spm.set_random_generator_seed(seed)
+        spm.SentencePieceTrainer.train(
+            input=str(corpus_file),
+            model_prefix=str(staging / Path(SPIECE_MODEL_FILE).stem),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            normalization_rule_name=normalization_rule_name,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            user_defined_symbols=list(SPECIAL_TOKENS),  # §3.4: each marker is one piece, never split
+            byte_fallback=True,  # unseen characters become UTF-8 byte pieces, never <unk>
+            hard_vocab_limit=False,  # a small corpus yields fewer pieces instead of failing
+            num_threads=num_threads,
+            minloglevel=1,  # keep warnings (e.g. over-long lines skipped), drop the progress log
+        )
+        corpus_file.unlink()
+        (staging / "spiece.vocab").unlink()  # the same pieces are in tokenizer.json
+        _wrap_sentencepiece_model(staging / SPIECE_MODEL_FILE, extra_ids).save_pretrained(staging)
+        _replace_dir(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(output_dir)
+
+
+def add_marker_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Register any §3.4 marker the tokenizer lacks as a special token, in place.
+
+    Returns True when new ids were appended to the vocabulary (a marker that was already a piece is only
+    marked special). Then resize the model if `len(tokenizer)` exceeds its embedding rows; T5 checkpoints
+    often carry spare rows (e.g. 32128 for a 32100-piece vocabulary), so resizing down would drop them.
+    """
+    registered = set(tokenizer.all_special_tokens)
+    missing = [token for token in SPECIAL_TOKENS if token not in registered]
+    if not missing:
+        return False
+    size_before = len(tokenizer)
+    # replace_extra_special_tokens=False: transformers 5 otherwise replaces the list, dropping the sentinels.
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": [_marker_token(t) for t in missing]}, replace_extra_special_tokens=False
+    )
+    return len(tokenizer) > size_before
+
+
+def load_tokenizer(name_or_path: str | Path, *, add_special_tokens: bool = True) -> LoadedTokenizer:
+    """Load a tokenizer folder or hub id with `AutoTokenizer` and, unless told not to, add the §3.4 markers.
+
+    A tokenizer from `train_sentencepiece_tokenizer` already has them; a pretrained one (e.g.
+    `sonoisa/t5-base-japanese`) gains them, and `added_special_tokens` tells the caller to check the
+    model's embedding size (see `add_marker_tokens`).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    added = add_marker_tokens(tokenizer) if add_special_tokens else False
+    return LoadedTokenizer(tokenizer=tokenizer, added_special_tokens=added)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 hex digest of the vocabulary (every token and its id, added tokens included), for provenance."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    payload = json.dumps(vocab, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
