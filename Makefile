@@ -1,0 +1,26 @@
+# Two commands: `make run` (the default study on CPU) and `make test`.
+# Both create .venv on first use and install the pinned dependencies into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PROFILE ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup run test figures clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## the whole study on $(PROFILE) (default cpu); resumes, skipping up-to-date stages
+	$(PY) -m udg_lib.pipeline --profile $(PROFILE)
+
+test: $(STAMP)  ## unit tests plus the notebooks executed on the test profile
+	$(PY) -m pytest
+
+clean-outputs:  ## remove outputs/$(PROFILE)
+	rm -rf outputs/$(PROFILE)

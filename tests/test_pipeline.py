@@ -1,0 +1,84 @@
+"""The notebooks themselves, executed by the runner on the `test` profile; numbers checked against bounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from udg_lib.pipeline import main, run_pipeline
+from udg_lib.paths import repo_root
+
+pytestmark = pytest.mark.pipeline
+
+
+@pytest.fixture(scope="module")
+def test_run(tmp_path_factory) -> Path:
+    outputs = tmp_path_factory.mktemp("outputs") / "test"
+    results = run_pipeline("test", outputs_root=outputs)
+    assert [r.status for r in results] == ["ran"] * len(results)
+    return outputs
+
+
+def metrics(outputs: Path, stage: str) -> dict:
+    return json.loads((outputs / stage / "metrics.json").read_text())
+
+
+def test_prepare_corpus_writes_table2_and_splits(test_run: Path):
+    stage = test_run / "00_prepare_corpus"
+    result = metrics(test_run, "00_prepare_corpus")
+    table2 = pd.read_csv(stage / "table2.csv").set_index("dataset")
+    assert list(table2.index) == ["chitchat", "seinfeld", "tbbt"]
+    assert (table2["N users"] == 4).all()  # params/test: max_users 4
+    assert (table2["N test / user"] > 0).all() and (table2["N train / user"] > table2["N fine-tune / user"]).all()
+    assert result["metrics"]["table2"] == json.loads(table2.reset_index().to_json(orient="records"))
+    assert result["metrics"]["pretrain_pairs"]["chitchat"] > 50_000  # the non-evaluation users' dialogues
+    for name in table2.index:
+        pairs = pd.read_parquet(stage / name / "eval_pairs.parquet")
+        assert set(pairs["split"]) == {"train_da", "train_ft", "dev", "test"} and set(pairs["split_set"]) == {0, 1, 2}
+        users = pd.read_csv(stage / name / "eval_users.csv")
+        assert users["one_id"].str.fullmatch(r"[A-Za-z0-9]{4}").all()
+        pretrain = pd.read_parquet(stage / name / "pretrain_pairs.parquet", columns=["speaker_id"])
+        assert not set(pretrain["speaker_id"]) & set(users["user_id"])
+    assert result["stage"]["params"]["max_users"] == 4
+    assert set(result["provenance"]["data"]) >= {"chitchat/corpus/turns.parquet"}
+
+
+def test_tokenizer_reloads_with_the_markers(test_run: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(test_run / "00_prepare_corpus" / "tokenizer")
+    ids = tokenizer("[USER1] 20s [USER2] male [SEP] hi")["input_ids"]
+    assert {tokenizer.convert_tokens_to_ids(t) for t in ("[USER1]", "[USER2]", "[SEP]")} <= set(ids)
+
+
+def test_second_run_skips_up_to_date_stages(test_run: Path):
+    results = run_pipeline("test", outputs_root=test_run)
+    assert {r.status for r in results} == {"skipped"}
+
+
+def test_malformed_generic_corpus_fails_in_one_line_and_writes_nothing(tmp_path: Path, capsys):
+    bad = tmp_path / "turns.jsonl"
+    bad.write_text('{"dialogue_id": "d1", "turn_index": 0, "speaker_id": "a", "text": "hi"}\n'
+                   '{"dialogue_id": "d1", "turn_index": 1, "speaker_id": "b"}\n', encoding="utf-8")
+    params = tmp_path / "params"
+    params.mkdir()
+    (params / "00_prepare_corpus.yaml").write_text(yaml.safe_dump({"corpora": [{"format": "generic", "turns": str(bad)}]}))
+    outputs = tmp_path / "outputs"
+    code = main(["--profile", "mylab", "--params-dir", str(params), "--outputs-root", str(outputs), "--only", "00"])
+    assert code == 1
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("udg pipeline:")]
+    assert "stage 00_prepare_corpus failed" in line
+    assert f"CorpusError: {bad}: line 2: missing field 'text'" in line
+    assert not outputs.exists()
+
+
+def test_every_notebook_is_committed_clean():
+    for path in sorted((repo_root() / "notebooks").glob("*.ipynb")):
+        notebook = json.loads(path.read_text())
+        code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+        assert not any(c.get("outputs") or c.get("execution_count") for c in code), path.name
+        assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1, path.name

@@ -1,0 +1,69 @@
+"""Provenance: fingerprints, versions, and the metrics.json every stage writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+from udg_lib.provenance import (
+    device_info,
+    fingerprint_file,
+    fingerprint_files,
+    git_commit,
+    package_versions,
+    write_metrics,
+)
+
+
+def test_fingerprint_file_equals_hashlib_sha256(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 12_000  # ~3 MiB: several read chunks
+    path = tmp_path / "corpus.bin"
+    path.write_bytes(data)
+    assert fingerprint_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_fingerprint_files_keys_are_the_paths_as_given(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.txt").write_text("b")
+    expected = {"a.txt": hashlib.sha256(b"a").hexdigest(), "b.txt": hashlib.sha256(b"b").hexdigest()}
+    assert fingerprint_files(["a.txt", Path("b.txt")], root=tmp_path) == expected
+    monkeypatch.chdir(tmp_path)
+    assert fingerprint_files(["a.txt", Path("b.txt")]) == expected
+
+
+def test_package_versions_include_python_and_skip_missing() -> None:
+    versions = package_versions(["pytest", "no-such-distribution-udg"])
+    assert set(versions) == {"python", "pytest"}
+
+
+def test_git_commit_of_this_checkout_and_outside_git(tmp_path: Path) -> None:
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", git_commit())
+    assert git_commit(tmp_path) == "unknown"
+
+
+def test_device_info_names_the_torch_device() -> None:
+    info = device_info()
+    assert info["cpu_count"] >= 1
+    assert info["torch_device"] in {"cpu", "cuda", "unavailable"}
+
+
+def test_write_metrics_merges_repeated_calls(tmp_path: Path) -> None:
+    (tmp_path / "turns.jsonl").write_text('{"text": "hi"}\n')
+    # A relative data file is read in the output folder and keyed by its name there.
+    write_metrics(
+        tmp_path, {"bleu": 1.0, "loss": 2.0}, params={"lr": 1e-4}, seeds={"torch": 0}, data_files=["turns.jsonl"]
+    )
+    path = write_metrics(tmp_path, {"loss": 1.5, "rouge": 0.3}, seeds={"numpy": 1})
+
+    record = json.loads(path.read_text())
+    assert path == tmp_path / "metrics.json"
+    assert record["metrics"] == {"bleu": 1.0, "loss": 1.5, "rouge": 0.3}
+    assert record["params"] == {"lr": 1e-4}
+    provenance = record["provenance"]
+    assert {"git_commit", "packages", "device", "seeds", "data", "timestamp"} <= set(provenance)
+    assert provenance["seeds"] == {"torch": 0, "numpy": 1}
+    assert provenance["data"] == {"turns.jsonl": hashlib.sha256(b'{"text": "hi"}\n').hexdigest()}
+    assert datetime.fromisoformat(provenance["timestamp"]).utcoffset().total_seconds() == 0

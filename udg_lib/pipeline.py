@@ -1,0 +1,401 @@
+"""Run the numbered notebooks in order with papermill, one output folder per stage.
+
+    python -m udg_lib.pipeline --profile test            # run what is missing or stale
+    python -m udg_lib.pipeline --profile test --from 02  # rerun 02 and everything after it
+    python -m udg_lib.pipeline --profile test --list     # show what is up to date
+
+Stage `notebooks/NN_name.ipynb` runs with the overrides in `params/<profile>/NN_name.yaml` and writes
+`outputs/<profile>/NN_name/` (the executed notebook, `metrics.json`, its data files). A stage is skipped
+when its `run_key` (params, notebook source, the run keys of earlier stages) matches the one it last
+recorded, unless forced. A stage runs in a hidden temp folder that replaces the final one only on
+success, so a failed or interrupted stage leaves nothing under outputs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill
+import yaml
+
+from udg_lib import paths
+from udg_lib.io import write_json
+from udg_lib.provenance import METRICS_FILE
+
+# Parameters the runner sets itself, injected only into notebooks that declare them.
+RUNNER_PARAMS = ("profile", "outputs_root", "output_dir")
+# Where a stage writes is not part of its configuration: left out of the recorded params and run key.
+LOCATION_PARAMS = ("outputs_root", "output_dir")
+
+
+class PipelineError(RuntimeError):
+    """A stage could not be prepared or run; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A notebook and the parameters it runs with under one profile."""
+
+    name: str  # the file stem, e.g. "00_prepare_corpus"
+    notebook: Path
+    declared: frozenset[str]  # names in the notebook's parameters cell
+    overrides: dict[str, Any]  # from the profile's yaml file
+    params: dict[str, Any]  # notebook defaults <- yaml <- profile: what the notebook runs with
+    source_hash: str
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What happened to one stage in a run."""
+
+    stage: str
+    status: str  # "ran" or "skipped"
+    seconds: float
+    run_key: str
+    output_dir: Path
+
+
+def stage_notebooks(notebooks_dir: Path) -> list[Path]:
+    """The `NN_*.ipynb` notebooks in run order."""
+    notebooks = sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise PipelineError(f"no stage notebooks (NN_*.ipynb) in {notebooks_dir}")
+    return notebooks
+
+
+def stage_index(names: list[str], ref: str) -> int:
+    """Position of the stage named by its full stem or its NN prefix."""
+    for index, name in enumerate(names):
+        if ref in (name, name.split("_", 1)[0]):
+            return index
+    raise PipelineError(f"no stage '{ref}' (stages: {', '.join(names)})")
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    """The overrides in a profile's yaml file; a missing file means the notebook's defaults."""
+    if not path.exists():
+        return {}
+    try:
+        overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: invalid yaml: {_one_line(exc)}") from exc
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise PipelineError(f"{path}: expected a mapping of parameter names to values")
+    return overrides
+
+
+def load_stage(notebook: Path, params_dir: Path, profile: str) -> Stage:
+    """Resolve a notebook's parameters under a profile, rejecting yaml keys the notebook does not declare."""
+    try:
+        declared = papermill.inspect_notebook(notebook)
+    except Exception as exc:  # nbformat and papermill raise assorted types for an unreadable notebook
+        raise PipelineError(f"{notebook}: cannot read its parameters: {type(exc).__name__}: {_one_line(exc)}") from exc
+    defaults = {name: _default_value(p["default"]) for name, p in declared.items()}
+    params_file = params_dir / f"{notebook.stem}.yaml"
+    overrides = read_params_file(params_file)
+    for key in overrides:
+        if key in RUNNER_PARAMS:
+            raise PipelineError(f"{params_file}: '{key}' is set by the runner and cannot be overridden")
+        if key not in defaults:
+            known = ", ".join(defaults) or "none"
+            raise PipelineError(f"{params_file}: unknown parameter '{key}' ({notebook.name} declares: {known})")
+    params = {name: value for name, value in defaults.items() if name not in LOCATION_PARAMS}
+    params.update(overrides)
+    if "profile" in defaults:
+        params["profile"] = profile
+    return Stage(notebook.stem, notebook, frozenset(defaults), overrides, params, notebook_source_hash(notebook))
+
+
+def _default_value(source: str) -> Any:
+    """A default from the parameters cell as a value when it is a literal, else its source, e.g. `Path("x")`."""
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, TypeError, SyntaxError):
+        return source
+
+
+def notebook_source_hash(notebook: Path) -> str:
+    """sha256 of the cells' types and sources: outputs, execution counts and metadata do not count."""
+    cells = nbformat.read(notebook, as_version=4).cells
+    payload = json.dumps([(cell.cell_type, cell.source) for cell in cells])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def compute_run_key(params: dict[str, Any], source_hash: str, upstream_keys: list[str | None]) -> str:
+    """Identity of a stage's result: its params, its notebook, and the results of every earlier stage."""
+    payload = json.dumps(
+        {"params": params, "notebook": source_hash, "upstream": upstream_keys}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def recorded_run_key(output_dir: Path) -> str | None:
+    """The run key in a stage folder's metrics.json; None if the stage never finished there."""
+    try:
+        return json.loads((output_dir / METRICS_FILE).read_text(encoding="utf-8"))["stage"]["run_key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _upstream_keys(names: list[str], index: int, root: Path) -> list[str | None]:
+    return [recorded_run_key(paths.stage_dir(root, name)) for name in names[:index]]
+
+
+def _resolve_dirs(
+    profile: str, params_dir: str | Path | None, outputs_root: str | Path | None, notebooks_dir: str | Path | None
+) -> tuple[Path, Path, Path]:
+    """(params, outputs, notebooks) folders: the repo's own unless given."""
+    root = paths.repo_root()
+    return (
+        Path(params_dir) if params_dir else root / "params" / profile,
+        paths.outputs_root(profile, outputs_root).resolve(),
+        Path(notebooks_dir).resolve() if notebooks_dir else root / "notebooks",
+    )
+
+
+def run_pipeline(
+    profile: str,
+    *,
+    from_stage: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+    params_dir: str | Path | None = None,
+    outputs_root: str | Path | None = None,
+    notebooks_dir: str | Path | None = None,
+    verbose: bool = False,
+) -> list[StageResult]:
+    """Run, in order, every stage that is missing or stale; raise PipelineError with a one-line reason.
+
+    `from_stage` forces that stage and every later one (earlier ones still run if stale); `only` runs
+    just one stage; `force` reruns even up-to-date stages.
+    """
+    if from_stage and only:
+        raise PipelineError("--from and --only cannot be combined")
+    params_root, out_root, nb_dir = _resolve_dirs(profile, params_dir, outputs_root, notebooks_dir)
+    if not params_root.is_dir():  # a mistyped profile must not quietly run on notebook defaults
+        raise PipelineError(f"no parameter folder {params_root} for profile {profile!r}")
+    notebooks = stage_notebooks(nb_dir)
+    names = [notebook.stem for notebook in notebooks]
+    selected = [stage_index(names, only)] if only else list(range(len(names)))
+    first_forced = stage_index(names, from_stage) if from_stage else None
+    # Resolve every stage before running any, so a typo in a late yaml file fails in seconds, not hours.
+    stages = {index: load_stage(notebooks[index], params_root, profile) for index in selected}
+
+    created_root = not out_root.exists()
+    out_root.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for index, stage in stages.items():
+            forced = force or (first_forced is not None and index >= first_forced)
+            results.append(
+                _run_stage(stage, _upstream_keys(names, index, out_root), out_root, profile, forced, verbose)
+            )
+    finally:
+        if created_root and not any(out_root.iterdir()):
+            out_root.rmdir()  # a first run that failed leaves no trace
+    return results
+
+
+def _run_stage(
+    stage: Stage, upstream_keys: list[str | None], out_root: Path, profile: str, forced: bool, verbose: bool
+) -> StageResult:
+    run_key = compute_run_key(stage.params, stage.source_hash, upstream_keys)
+    final_dir = paths.stage_dir(out_root, stage.name)
+    if not forced and recorded_run_key(final_dir) == run_key:
+        print(f"skip {stage.name} (up to date)")
+        return StageResult(stage.name, "skipped", 0.0, run_key, final_dir)
+
+    print(f"== {stage.name} (profile {profile}) ==")
+    seconds = execute_stage(stage, run_key, out_root, profile, verbose)
+    print(f"-- {stage.name} done in {seconds:.1f} s")
+    return StageResult(stage.name, "ran", seconds, run_key, final_dir)
+
+
+def execute_stage(stage: Stage, run_key: str, out_root: Path, profile: str, verbose: bool) -> float:
+    """Execute one notebook into a temp folder and swap it in as the stage folder; return wall seconds."""
+    # Not mkdtemp: its 0700 mode would carry over to the final folder; mkdir honours the umask.
+    work_dir = out_root / f".{stage.name}.tmp-{secrets.token_hex(4)}"
+    work_dir.mkdir()
+    executed = work_dir / f"{stage.name}.ipynb"
+    runner_values = {"profile": profile, "outputs_root": str(out_root), "output_dir": str(work_dir)}
+    injected = {key: value for key, value in runner_values.items() if key in stage.declared}
+    try:
+        started = time.perf_counter()
+        papermill.execute_notebook(
+            stage.notebook,
+            executed,
+            parameters={**stage.overrides, **injected},
+            kernel_name="python3",
+            cwd=stage.notebook.parent,
+            progress_bar=True,
+            log_output=verbose,
+        )
+        seconds = time.perf_counter() - started
+        _record_stage(work_dir / METRICS_FILE, stage, run_key, profile, seconds)
+        _replace_dir(work_dir, paths.stage_dir(out_root, stage.name))
+        return seconds
+    except Exception as exc:
+        raise PipelineError(_failure_message(stage.name, exc, _keep_failed_notebook(executed))) from exc
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)  # gone already after a success
+
+
+def _record_stage(metrics_path: Path, stage: Stage, run_key: str, profile: str, seconds: float) -> None:
+    """Add the runner's "stage" block to the metrics.json the notebook wrote."""
+    if not metrics_path.exists():
+        raise PipelineError(
+            "the notebook wrote no metrics.json; call udg_lib.provenance.write_metrics(output_dir, ...)"
+        )
+    record = json.loads(metrics_path.read_text(encoding="utf-8"))
+    record["stage"] = {
+        "name": stage.name,
+        "profile": profile,
+        "params": stage.params,
+        "run_key": run_key,
+        "wall_seconds": round(seconds, 2),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(metrics_path, record)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Make `new` the folder at `final`: a reader sees the old complete folder or the new one, never a mix."""
+    # A non-empty folder cannot be renamed over, so the old one steps aside first and is deleted last.
+    old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}") if final.exists() else None
+    if old:
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except OSError:
+        if old:
+            os.replace(old, final)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)  # the new results are in place; a leftover must not fail the stage
+
+
+def _keep_failed_notebook(executed: Path) -> Path | None:
+    """Move a failed run's executed notebook out of outputs/ into a fresh folder under the system temp dir."""
+    if not executed.exists():
+        return None
+    kept = Path(tempfile.mkdtemp(prefix="udg-failed-")) / executed.name
+    shutil.move(executed, kept)
+    return kept
+
+
+def _failure_message(stage: str, exc: Exception, kept: Path | None) -> str:
+    if isinstance(exc, papermill.PapermillExecutionError):
+        # exec_count is the "In [n]" label the cell carries in the kept notebook.
+        cause = f" in cell {exc.exec_count}: {exc.ename}: {_one_line(exc.evalue)}"
+    elif isinstance(exc, PipelineError):
+        cause = f": {_one_line(exc)}"
+    else:
+        cause = f": {type(exc).__name__}: {_one_line(exc)}"
+    where = f"executed notebook kept at {kept}" if kept else "no executed notebook"
+    return f"stage {stage} failed{cause} ({where})"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())  # error values may span lines; the report is one
+
+
+def stage_statuses(
+    profile: str,
+    *,
+    params_dir: str | Path | None = None,
+    outputs_root: str | Path | None = None,
+    notebooks_dir: str | Path | None = None,
+) -> list[tuple[str, str]]:
+    """(stage, "up to date" | "stale" | "missing") for every stage, as a run now would see them."""
+    params_root, out_root, nb_dir = _resolve_dirs(profile, params_dir, outputs_root, notebooks_dir)
+    if not params_root.is_dir():  # a mistyped profile must not quietly run on notebook defaults
+        raise PipelineError(f"no parameter folder {params_root} for profile {profile!r}")
+    notebooks = stage_notebooks(nb_dir)
+    names = [notebook.stem for notebook in notebooks]
+    statuses = []
+    upstream_current = True  # a rerun upstream changes its run key, which makes everything after it stale
+    for index, notebook in enumerate(notebooks):
+        stage = load_stage(notebook, params_root, profile)
+        recorded = recorded_run_key(paths.stage_dir(out_root, stage.name))
+        expected = compute_run_key(stage.params, stage.source_hash, _upstream_keys(names, index, out_root))
+        if recorded is None:
+            status = "missing"
+        elif upstream_current and recorded == expected:
+            status = "up to date"
+        else:
+            status = "stale"
+        upstream_current = upstream_current and status == "up to date"
+        statuses.append((stage.name, status))
+    return statuses
+
+
+def format_summary(results: list[StageResult]) -> str:
+    """A table of what ran, for the end of a run."""
+    width = max([len("stage"), *(len(result.stage) for result in results)])
+    lines = [f"{'stage':<{width}}  {'status':<7}  {'seconds':>8}"]
+    for result in results:
+        seconds = f"{result.seconds:.1f}" if result.status == "ran" else "-"
+        lines.append(f"{result.stage:<{width}}  {result.status:<7}  {seconds:>8}")
+    return "\n".join(lines)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m udg_lib.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, help="params/<profile>/ overrides, outputs/<profile>/ results")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="rerun STAGE (name or NN) and every later one"
+    )
+    selection.add_argument("--only", metavar="STAGE", help="run just STAGE (name or NN) if stale")
+    parser.add_argument("--force", action="store_true", help="rerun stages even when up to date")
+    parser.add_argument("--params-dir", help="folder of <stage>.yaml files instead of params/<profile>")
+    parser.add_argument("--outputs-root", help="folder for stage outputs instead of outputs/<profile>")
+    parser.add_argument("--notebooks-dir", help="folder of NN_*.ipynb stages instead of notebooks/")
+    parser.add_argument("--list", action="store_true", help="print each stage's status and exit")
+    parser.add_argument("--verbose", action="store_true", help="echo the notebooks' output while they run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    dirs = {"params_dir": args.params_dir, "outputs_root": args.outputs_root, "notebooks_dir": args.notebooks_dir}
+    if args.verbose:
+        # papermill echoes cell output through its logger at INFO.
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("papermill").setLevel(logging.INFO)
+    try:
+        if args.list:
+            statuses = stage_statuses(args.profile, **dirs)
+            width = max(len(name) for name, _ in statuses)
+            for name, status in statuses:
+                print(f"{name:<{width}}  {status}")
+            return 0
+        results = run_pipeline(
+            args.profile, from_stage=args.from_stage, only=args.only, force=args.force, verbose=args.verbose, **dirs
+        )
+    except PipelineError as exc:
+        print(f"udg pipeline: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

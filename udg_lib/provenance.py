@@ -1,0 +1,174 @@
+"""Provenance for results: every `metrics.json` says which code, packages, device, seeds and data made it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from udg_lib.io import write_json
+from udg_lib.paths import repo_root
+
+# Distributions whose versions can change a number in the study (models, data, metrics, runner).
+DEFAULT_PACKAGES: tuple[str, ...] = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "tokenizers",
+    "sentencepiece",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scipy",
+    "papermill",
+    "sentence-transformers",
+    "rouge-score",
+    "fugashi",
+    "unidic-lite",
+    "chitchat-dataset",
+    "seinfeld-laugh-corpus",
+    "pyannote.db.thebigbangtheory",
+    "udg",
+)
+
+METRICS_FILE = "metrics.json"
+_CHUNK_BYTES = 1 << 20
+
+
+def git_commit(root: str | Path | None = None) -> str:
+    """HEAD of the checkout at `root` (default: the repo root), `+dirty` if it has uncommitted changes.
+
+    Untracked files count as changes: a new module the notebooks import changes results too.
+    Returns "unknown" outside a git checkout or without git.
+    """
+    cwd = Path(root) if root else repo_root()
+    try:
+        commit = _git(cwd, "rev-parse", "HEAD")
+        dirty = bool(_git(cwd, "status", "--porcelain"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def package_versions(names: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str]:
+    """Installed versions of the named distributions, plus `python`; names not installed are left out."""
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def device_info() -> dict[str, Any]:
+    """Platform, CPU count and the torch device (with GPU name) this process computes on."""
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        import torch  # imported here: a stage that never touches torch should not need it
+    except ImportError:
+        info["torch_device"] = "unavailable"
+        return info
+    if torch.cuda.is_available():
+        info["torch_device"] = "cuda"
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    else:
+        info["torch_device"] = "cpu"
+    return info
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB; None where the OS does not report it.
+
+    Called from a notebook this is the kernel's own peak, which the runner cannot see per stage.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
+def fingerprint_file(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks so large corpora fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_files(paths: Iterable[str | Path], root: str | Path | None = None) -> dict[str, str]:
+    """sha256 of each file, keyed by the path as given; relative paths are read under `root` (default: cwd).
+
+    Relative keys keep results comparable across machines and output folders.
+    """
+    base = Path(root) if root else Path()
+    return {str(path): fingerprint_file(base / path) for path in paths}
+
+
+def provenance(
+    seeds: Mapping[str, Any] | None = None,
+    data_files: Iterable[str | Path] | None = None,
+    *,
+    data_root: str | Path | None = None,
+) -> dict[str, Any]:
+    """Everything needed to tell whether two results are comparable: code, packages, device, seeds, data.
+
+    Relative `data_files` are read under `data_root` (default: cwd), see `fingerprint_files`.
+    """
+    return {
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "device": device_info(),
+        "seeds": dict(seeds or {}),
+        "data": fingerprint_files(data_files or (), root=data_root),
+        "peak_rss_mb": peak_rss_mb(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_metrics(
+    output_dir: str | Path,
+    metrics: Mapping[str, Any],
+    *,
+    params: Mapping[str, Any] | None = None,
+    seeds: Mapping[str, Any] | None = None,
+    data_files: Iterable[str | Path] | None = None,
+) -> Path:
+    """Write `output_dir/metrics.json` as {"metrics", "params", "provenance"}, merging into an existing one.
+
+    Relative `data_files` are read under `output_dir`, so a stage fingerprints its own files by their
+    names in its folder. A notebook may call this after each step: new metric and param keys update the
+    old ones, provenance is refreshed, and seeds and data fingerprints recorded by earlier calls are kept.
+    """
+    path = Path(output_dir) / METRICS_FILE
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    new_provenance = provenance(seeds, data_files, data_root=output_dir)
+    old_provenance = old.get("provenance", {})
+    new_provenance["seeds"] = {**old_provenance.get("seeds", {}), **new_provenance["seeds"]}
+    new_provenance["data"] = {**old_provenance.get("data", {}), **new_provenance["data"]}
+    record = {
+        **old,  # keeps blocks other writers added, e.g. the runner's "stage"
+        "metrics": {**old.get("metrics", {}), **metrics},
+        "params": {**old.get("params", {}), **(params or {})},
+        "provenance": new_provenance,
+    }
+    return write_json(path, record)
