@@ -53,6 +53,8 @@ def test_tokenizer_reloads_with_the_markers(test_run: Path):
     tokenizer = AutoTokenizer.from_pretrained(test_run / "00_prepare_corpus" / "tokenizer")
     ids = tokenizer("[USER1] 20s [USER2] male [SEP] hi")["input_ids"]
     assert {tokenizer.convert_tokens_to_ids(t) for t in ("[USER1]", "[USER2]", "[SEP]")} <= set(ids)
+    # character_coverage 1.0: every character of the English corpus is a piece, no byte fallback
+    assert not any(t.startswith("<0x") for t in tokenizer.tokenize("I have 7 cats, 2 dogs and 1 fish!"))
 
 
 def test_second_run_skips_up_to_date_stages(test_run: Path):

@@ -53,3 +53,8 @@ def test_build_prompts_looks_up_speaker_and_partner_profiles():
     pairs = pd.DataFrame({"context": [CONTEXT], "speaker_id": ["a"], "partner_id": ["b"]})
     assert build_prompts(pairs, users, "ppp").iloc[0] == build_ppp_prompt(CONTEXT, SPEAKER, PARTNER)
     assert build_prompts(pairs, users, "psp", {"a": "ZZ99"}).iloc[0].startswith("ZZ99 [USER] 20s")
+
+
+def test_unknown_profiles_leave_no_double_spaces():
+    assert build_psp_prompt(["hi"], {}) == "[USER] [SEP] hi"
+    assert build_ppp_prompt(["hi"], None, PARTNER) == "[USER1] [USER2] 30s, male, married [SEP] hi"

@@ -38,20 +38,24 @@ def join_context(context: Sequence[str]) -> str:
     return f" {SEP} ".join(t.strip() for t in context)
 
 
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
 def build_plain_prompt(context: Sequence[str]) -> str:
     return join_context(context)
 
 
 def build_psp_prompt(context: Sequence[str], speaker_profile: Mapping[str, object] | None) -> str:
     """§3.4 Persona Speaker Prompt."""
-    return f"{USER} {render_profile(speaker_profile)} {SEP} {join_context(context)}"
+    return _join(USER, render_profile(speaker_profile), SEP, join_context(context))
 
 
 def build_ppp_prompt(context: Sequence[str], speaker_profile: Mapping[str, object] | None,
                      partner_profile: Mapping[str, object] | None) -> str:
     """§3.4 Persona Pair Prompt."""
-    return (f"{USER1} {render_profile(speaker_profile)} {USER2} {render_profile(partner_profile)} "
-            f"{SEP} {join_context(context)}")
+    return _join(USER1, render_profile(speaker_profile), USER2, render_profile(partner_profile), SEP,
+                 join_context(context))
 
 
 def add_user_id(prompt: str, one_id: str) -> str:

@@ -23,6 +23,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TokenizersBackend
 from transformers.convert_slow_tokenizer import SpmConverter
 
+from udg_lib.io import current_umask
 from udg_lib.prompts import PROMPT_SPECIAL_TOKENS as SPECIAL_TOKENS  # §3.4: the PSP/PPP markers
 
 # T5's fixed ids; `bos_id=-1` because T5 never prepends a start token (the decoder starts from pad).
@@ -133,6 +134,7 @@ def train_sentencepiece_tokenizer(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside output_dir (same filesystem), so the final rename is atomic.
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; the saved folder gets the usual mode
     try:
         corpus_file = staging / "corpus.txt"
         if _write_training_corpus(texts, corpus_file) == 0:
