@@ -57,6 +57,42 @@ def test_tokenizer_reloads_with_the_markers(test_run: Path):
     assert not any(t.startswith("<0x") for t in tokenizer.tokenize("I have 7 cats, 2 dogs and 1 fish!"))
 
 
+def test_infer_profiles_writes_users_table1_and_accuracy(test_run: Path):
+    from udg_lib.data import PROFILE_FIELDS
+
+    stage = test_run / "01_infer_profiles"
+    for name in ("chitchat", "seinfeld", "tbbt"):
+        users = pd.read_parquet(stage / "users" / f"{name}.parquet")
+        corpus_users = pd.read_parquet(test_run / "00_prepare_corpus" / name / "corpus" / "users.parquet")
+        assert set(users["user_id"]) == set(corpus_users["user_id"]) and set(PROFILE_FIELDS) <= set(users.columns)
+    sitcom = pd.read_parquet(stage / "users" / "seinfeld.parquet").set_index("user_id")
+    assert sitcom.loc["JERRY", "occupation"] == "entertainer"  # corpus profiles are kept as they are
+    scores = pd.read_csv(stage / "inference_accuracy.csv")
+    assert set(scores["inferrer"]) == {"rules (priors)", "rules (fitted)", "llm (smollm2)"}
+    assert (scores.groupby("inferrer")["field"].nunique() == len(PROFILE_FIELDS)).all()
+    assert scores["coverage"].between(0, 1).all() and scores["majority_accuracy"].between(0, 1).all()
+    assert (pd.read_csv(stage / "table1.csv")["users"] > 0).all()
+
+
+def test_pretrain_models_save_four_reloadable_models(test_run: Path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    stage = test_run / "02_pretrain_models"
+    result = metrics(test_run, "02_pretrain_models")["metrics"]
+    assert set(result["models"]) == {"plain_t5", "plain_dialogue", "psp", "ppp"}
+    for name in result["models"]:
+        model = AutoModelForSeq2SeqLM.from_pretrained(stage / name / "model")
+        tokenizer = AutoTokenizer.from_pretrained(stage / name / "model")
+        output = model.generate(**tokenizer(["[USER] 20s [SEP] hello"], return_tensors="pt"), max_new_tokens=4)
+        assert output.shape[0] == 1 and result["models"][name]["steps"] == 6
+        assert (stage / name / "log_history.json").exists()
+    assert (stage / "loss_curves.png").stat().st_size > 0
+    for name in ("psp", "ppp"):
+        conditioning = result["profile_conditioning"][name]
+        assert conditioning["perplexity_true_profiles"] > 1 and conditioning["perplexity_shuffled_profiles"] > 1
+        assert conditioning["swap_change_rate"] is None or 0 <= conditioning["swap_change_rate"] <= 1
+
+
 def test_second_run_skips_up_to_date_stages(test_run: Path):
     results = run_pipeline("test", outputs_root=test_run)
     assert {r.status for r in results} == {"skipped"}

@@ -1,0 +1,718 @@
+"""The four pre-trained models of §4.1.2: Plain T5 (span corruption) and Plain / PSP / PPP Dialogue.
+
+- Model: a T5 encoder-decoder (§3.4: "Transformer encoder-decoder"), from scratch at a preset size
+  (`t5_config`) or from a checkpoint such as sonoisa/t5-base-japanese (`build_model`).
+- Plain T5: T5's span-corruption objective on the pre-training dialogues' turns
+  (`udg_lib.data.prepare.pretraining_texts`, `pack_texts_for_span_corruption`, `SpanCorruptionCollator`):
+  a general language model with no dialogue objective.
+- Plain / PSP / PPP Dialogue: context -> response on the pre-training reply pairs, with the §3.4 prompts
+  (`tokenize_pairs` + `transformers.DataCollatorForSeq2Seq`).
+- `pretrain` runs Hugging Face's `Seq2SeqTrainer` (so `accelerate launch` / `torchrun` work unchanged), resumes
+  from its last checkpoint, and saves the model with `save_pretrained`.
+- Checks that a profile-aware model uses the profile: `profile_swap_change_rate`, `profile_perplexity_gap`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import Dataset
+from transformers import (
+    PreTrainedTokenizerBase,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+    set_seed,
+)
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import get_last_checkpoint
+
+from udg_lib import io
+from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN
+from udg_lib.prompts import SEP, USER, USER1, build_prompt, build_prompts, render_profile
+
+LABEL_PAD_ID = -100  # ignored by the loss (PyTorch's cross-entropy default)
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+LOG_HISTORY_FILE = "log_history.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # inside each checkpoint (transformers.trainer.TRAINER_STATE_NAME)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+# "t5-base" is the shape of t5-base and sonoisa/t5-base-japanese (T5 v1.0: ReLU feed-forward, tied
+# embeddings; 222.9M parameters with a 32k vocabulary, §4.1.2's "222 M"). "cpu" (2.0M parameters with an 8k
+# vocabulary, half of them the embeddings) was picked on a 2-core CPU: at equal training time (~200 s of
+# dialogue pre-training) 2+2 layers of d_model 128 reached eval loss 6.16, 3+3 layers 6.66 and d_model 192 3+3
+# layers 6.65; this small a budget favours more steps over a larger model. On that idle machine a batch of 32
+# trains at ~0.34 s/step for span corruption (input 128, targets 29) and ~0.49 s/step for dialogue (128/48),
+# evaluation and checkpoints included.
+T5_PRESETS: dict[str, dict[str, Any]] = {
+    "test": dict(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2),
+    "cpu": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),
+    "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12),
+}
+
+
+def t5_config(preset: str, vocab_size: int, **overrides: Any) -> T5Config:
+    """A T5 v1.0 configuration at a preset size; `overrides` replace any field (e.g. dropout_rate=0.0).
+
+    T5's token conventions: pad 0, eos 1, and the decoder starts from pad.
+    """
+    if preset not in T5_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(T5_PRESETS)}")
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        **T5_PRESETS[preset],
+        relative_attention_num_buckets=32,
+        dropout_rate=0.1,
+        feed_forward_proj="relu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=True,  # T5 v1.0: lm_head shares the input embeddings, outputs scaled by d_model^-0.5
+    )
+    fields.update(overrides)
+    return T5Config(**fields)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(config_or_checkpoint: T5Config | str | Path, tokenizer: PreTrainedTokenizerBase,
+                seed: int = 0) -> T5ForConditionalGeneration:
+    """A T5 from scratch (for a config; weights drawn with `seed`) or from a checkpoint folder or hub id.
+
+    The embeddings are resized only when `len(tokenizer)` exceeds their rows: T5 checkpoints carry spare rows
+    (32128 for 32100 pieces), and shrinking would drop them.
+    """
+    if isinstance(config_or_checkpoint, T5Config):
+        set_seed(seed)
+        model = T5ForConditionalGeneration(config_or_checkpoint)
+    else:
+        model = T5ForConditionalGeneration.from_pretrained(str(config_or_checkpoint))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer))
+    for name in ("pad_token_id", "eos_token_id"):
+        expected, actual = getattr(tokenizer, name), getattr(model.config, name)
+        if expected is not None and actual != expected:
+            raise ValueError(f"tokenizer {name}={expected} but model config has {actual}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Span corruption (Plain T5): Raffel et al. 2020, §3.1.4 / t5.data.preprocessors.span_corruption
+
+
+def random_spans_noise_mask(length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+                            rng: np.random.Generator | None = None) -> np.ndarray:
+    """Boolean mask of `length` with about `noise_density` of it True, in spans averaging the given length.
+
+    A port of T5's `random_spans_noise_mask` (as in Hugging Face's run_t5_mlm_flax.py), with T5's order of
+    operations: the non-noise count is taken after the noise count is clipped to [1, length - 1] (the flax
+    script takes it before, which can index past the end for very short sequences). Spans alternate
+    non-noise, noise, ..., so the mask always starts with a non-noise token.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    if noise_density == 0.0:
+        return np.zeros(length, dtype=bool)
+    orig_length = length
+    length = max(length, 2)  # avoid degeneracy
+    num_noise_tokens = int(np.round(length * noise_density))
+    num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)  # at least one noise and one non-noise token
+    num_nonnoise_tokens = length - num_noise_tokens
+    # As the flax port: no more spans than either kind of token, so no span is empty (matters only above
+    # noise_density 0.5).
+    num_noise_spans = int(np.round(min(num_noise_tokens, num_nonnoise_tokens) / mean_noise_span_length))
+    num_noise_spans = max(num_noise_spans, 1)
+
+    def random_segmentation(num_items: int, num_segments: int) -> np.ndarray:
+        """Split `num_items` into `num_segments` non-empty segments at random; returns their lengths."""
+        mask_indices = np.arange(num_items - 1) < (num_segments - 1)
+        rng.shuffle(mask_indices)
+        first_in_segment = np.pad(mask_indices, [[1, 0]])
+        segment_id = np.cumsum(first_in_segment)
+        _, segment_length = np.unique(segment_id, return_counts=True)
+        return segment_length
+
+    noise_span_lengths = random_segmentation(num_noise_tokens, num_noise_spans)
+    nonnoise_span_lengths = random_segmentation(num_nonnoise_tokens, num_noise_spans)
+    interleaved_span_lengths = np.reshape(np.stack([nonnoise_span_lengths, noise_span_lengths], axis=1),
+                                          [num_noise_spans * 2])
+    span_starts = np.cumsum(interleaved_span_lengths)[:-1]
+    span_start_indicator = np.zeros((length,), dtype=np.int8)
+    span_start_indicator[span_starts] = True
+    span_num = np.cumsum(span_start_indicator)
+    is_noise = np.equal(span_num % 2, 1)
+    return is_noise[:orig_length]
+
+
+def span_corruption_lengths(input_length: int, noise_density: float = 0.15,
+                            mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+    """(raw tokens per sequence, target length) so that the corrupted input is exactly `input_length` long.
+
+    T5's `random_spans_helper` (run_t5_mlm_flax.py's `compute_input_and_target_lengths`): pack raw sequences
+    of the first length; inputs then hold the non-noise tokens, one sentinel per span and `</s>`.
+    """
+    def lengths_after_corruption(tokens_length: int) -> tuple[int, int]:
+        num_noise_tokens = int(round(tokens_length * noise_density))
+        num_nonnoise_tokens = tokens_length - num_noise_tokens
+        num_noise_spans = int(round(num_noise_tokens / mean_noise_span_length))
+        return num_nonnoise_tokens + num_noise_spans + 1, num_noise_tokens + num_noise_spans + 1
+
+    tokens_length = input_length
+    while lengths_after_corruption(tokens_length + 1)[0] <= input_length:
+        tokens_length += 1
+    _, targets_length = lengths_after_corruption(tokens_length)
+    if noise_density == 0.5 and targets_length > input_length:  # T5's hack: targets no longer than inputs
+        tokens_length -= 1
+        targets_length -= 1
+    return tokens_length, targets_length
+
+
+class PackedSequences(Dataset):
+    """Fixed-length token id sequences (rows of a 2-D array) for span corruption, optionally repeated.
+
+    Item `i` is row `i % n` with `mask_draw = i // n`: with `repeats` > 1 every row appears that many times
+    per pass, each time with its own noise mask (see `SpanCorruptionCollator`). A slice selects rows and
+    keeps `repeats`: `packed[:100]` / `packed[100:]` split off an evaluation set.
+    """
+
+    def __init__(self, sequences: np.ndarray, repeats: int = 1):
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.sequences = np.asarray(sequences, dtype=np.int64)
+        self.repeats = repeats
+
+    def __len__(self) -> int:
+        return len(self.sequences) * self.repeats
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | PackedSequences:
+        if isinstance(index, slice):
+            return PackedSequences(self.sequences[index], self.repeats)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        row, draw = index % len(self.sequences), index // len(self.sequences)
+        return {"input_ids": self.sequences[row].tolist(), "mask_draw": draw}
+
+
+def pack_texts_for_span_corruption(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+                                   length: int, repeats: int = 1) -> PackedSequences:
+    """Tokenize `texts` without `</s>`, concatenate them in order and cut into `length`-token sequences.
+
+    As T5 packs C4 (reduce_concat_tokens + split_tokens): no separator between texts; the incomplete last
+    chunk is dropped. `length` is the raw length, the first value of `span_corruption_lengths`. Pass
+    `repeats` > 1 when training will take more than one pass, so each pass draws new masks.
+    """
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    flat = np.fromiter((t for seq in ids for t in seq), dtype=np.int64)
+    n_sequences = len(flat) // length
+    return PackedSequences(flat[: n_sequences * length].reshape(n_sequences, length), repeats)
+
+
+def sentinel_ids(tokenizer: PreTrainedTokenizerBase, n: int | None = None) -> list[int]:
+    """Ids of `<extra_id_0>`, `<extra_id_1>`, ... looked up by name (their ids need not descend as in T5)."""
+    vocab = tokenizer.get_vocab()
+    ids = []
+    while n is None or len(ids) < n:
+        token = f"<extra_id_{len(ids)}>"
+        if token not in vocab:
+            if n is not None:
+                raise ValueError(f"tokenizer has no {token}; it has {len(ids)} sentinels, {n} needed")
+            break
+        ids.append(vocab[token])
+    return ids
+
+
+def _stable_seed(seed: int, draw: int, ids: np.ndarray) -> int:
+    digest = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=8,
+                             key=f"{seed}:{draw}".encode()).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass
+class SpanCorruptionCollator:
+    """Raw token id sequences -> T5 span-corruption batches (input_ids, attention_mask, labels).
+
+    Each noise span is replaced in the input by the next sentinel; the labels list each sentinel followed by
+    the tokens it hides, then `</s>`; the input ends with `</s>` too. Padding: pad id in inputs, -100 in labels.
+
+    The mask of a sequence is a function of (`seed`, its tokens, the item's `mask_draw`) rather than of a
+    stateful generator, so a run resumed from a checkpoint sees exactly the masks an uninterrupted run would.
+    The price: a second pass over the same `PackedSequences` repeats its masks (static masking, as BERT's
+    original data); build it with `repeats` = the number of passes to draw fresh ones instead.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    input_length: int  # corrupted input length, `</s>` included (batches are padded to their longest)
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    seed: int = 0
+    sentinels: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sentinels = sentinel_ids(self.tokenizer)
+        if not self.sentinels:
+            raise ValueError("the tokenizer has no <extra_id_N> sentinels")
+
+    def corrupt(self, ids: Sequence[int], draw: int = 0) -> tuple[list[int], list[int]]:
+        """(input ids, label ids) for one raw sequence."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rng = np.random.default_rng(_stable_seed(self.seed, draw, ids))
+        noise = random_spans_noise_mask(len(ids), self.noise_density, self.mean_noise_span_length, rng)
+        inputs, labels = [], []
+        span = -1
+        for position, (token, is_noise) in enumerate(zip(ids.tolist(), noise)):
+            if is_noise:
+                if position == 0 or not noise[position - 1]:
+                    span += 1
+                    if span >= len(self.sentinels):
+                        raise ValueError(f"{span + 1} noise spans but only {len(self.sentinels)} sentinels")
+                    inputs.append(self.sentinels[span])
+                    labels.append(self.sentinels[span])
+                labels.append(token)
+            else:
+                inputs.append(token)
+        eos = self.tokenizer.eos_token_id
+        return inputs + [eos], labels + [eos]
+
+    def __call__(self, features: Sequence[Mapping[str, Any] | Sequence[int]]) -> dict[str, torch.Tensor]:
+        pairs = [self.corrupt(f["input_ids"], int(f.get("mask_draw", 0))) if isinstance(f, Mapping)
+                 else self.corrupt(f) for f in features]
+        longest = max(len(inputs) for inputs, _ in pairs)
+        if longest > self.input_length:
+            raise ValueError(f"a corrupted input has {longest} tokens > input_length={self.input_length}; pack "
+                             f"sequences of span_corruption_lengths({self.input_length}, ...)[0] tokens")
+        longest_labels = max(len(labels) for _, labels in pairs)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(pairs), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(pairs), longest), dtype=torch.long)
+        labels = torch.full((len(pairs), longest_labels), LABEL_PAD_ID, dtype=torch.long)
+        for row, (inputs, targets) in enumerate(pairs):
+            input_ids[row, : len(inputs)] = torch.tensor(inputs)
+            attention_mask[row, : len(inputs)] = 1
+            labels[row, : len(targets)] = torch.tensor(targets)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dialogue pre-training (Plain / PSP / PPP Dialogue): context -> response
+
+
+class Seq2SeqExamples(Dataset):
+    """Tokenized (source, target) pairs; items are dicts for `DataCollatorForSeq2Seq`."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[list[int]]):
+        if len(input_ids) != len(labels):
+            raise ValueError(f"{len(input_ids)} sources but {len(labels)} targets")
+        self.input_ids, self.labels = input_ids, labels
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+
+def split_prompt_head(prompt: str) -> tuple[str, str]:
+    """(profile head through the first [SEP], dialogue context) for PSP/PPP prompts; ("", prompt) otherwise."""
+    position = prompt.find(SEP)
+    if position < 0:
+        return "", prompt
+    head = prompt[:position]
+    if USER in head or USER1 in head:
+        return prompt[: position + len(SEP)], prompt[position + len(SEP):]
+    return "", prompt
+
+
+def _truncate_context(head: list[int], body: list[int], budget: int, sep_id: int) -> list[int]:
+    """head + the most recent part of body within `budget` tokens, starting at a turn boundary if possible."""
+    if len(head) >= budget:
+        return head[:budget]
+    keep = budget - len(head)
+    if len(body) <= keep:
+        return head + body
+    tail = body[len(body) - keep:]
+    # Drop the partial oldest turn, unless the newest turn alone is longer than the budget.
+    if sep_id in tail[:-1]:
+        tail = tail[tail.index(sep_id) + 1:]
+    return head + tail
+
+
+def encode_sources(sources: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+                   max_source_length: int) -> list[list[int]]:
+    """Token ids of prompts, at most `max_source_length` with `</s>`.
+
+    Too-long prompts lose their oldest context, never the profile head (PSP/PPP, up to the first [SEP]) nor
+    the newest turns the reply answers: right truncation would cut exactly those (29% of chitchat's 5-turn
+    contexts exceed 128 tokens). A One-ID prefix on a *plain* prompt is not protected.
+    """
+    if len(sources) == 0:
+        return []
+    sep_id = tokenizer.convert_tokens_to_ids(SEP)
+    heads, bodies = zip(*(split_prompt_head(s) for s in sources))
+    head_ids = tokenizer(list(heads), add_special_tokens=False)["input_ids"]
+    body_ids = tokenizer(list(bodies), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [_truncate_context(h, b, max_source_length - 1, sep_id) + [eos] for h, b in zip(head_ids, body_ids)]
+
+
+def encode_targets(targets: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+                   max_target_length: int) -> list[list[int]]:
+    """Token ids of replies, right-truncated to `max_target_length`, always ending with `</s>`."""
+    if len(targets) == 0:
+        return []
+    ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [seq[: max_target_length - 1] + [eos] for seq in ids]
+
+
+def tokenize_pairs(sources: Sequence[str], targets: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+                   max_source_length: int, max_target_length: int) -> Seq2SeqExamples:
+    """Prompts and replies as a torch Dataset (see `encode_sources` for how long prompts are cut)."""
+    if len(sources) != len(targets):
+        raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+    return Seq2SeqExamples(encode_sources(sources, tokenizer, max_source_length),
+                           encode_targets(targets, tokenizer, max_target_length))
+
+
+def holdout_dialogues(pairs: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out) pairs, split by whole dialogues so held-out contexts are never trained on."""
+    dialogues = np.array(sorted(pairs["dialogue_id"].unique()))
+    rng = np.random.default_rng(seed)
+    n_heldout = max(1, round(fraction * len(dialogues))) if fraction > 0 else 0
+    heldout = set(rng.permutation(dialogues)[:n_heldout].tolist())
+    mask = pairs["dialogue_id"].isin(heldout)
+    return pairs[~mask].reset_index(drop=True), pairs[mask].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class PretrainConfig:
+    max_steps: int = 100  # optimizer steps
+    per_device_batch_size: int = 32  # train and eval batch per device
+    learning_rate: float = 1e-3  # AdamW peak; from scratch. Use ~1e-4 when continuing a pretrained checkpoint
+    warmup_ratio: float = 0.05  # linear warmup over this fraction of max_steps, then linear decay
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    eval_steps: int = 50  # evaluate (eval loss) every N steps; ignored without an eval set
+    save_steps: int = 50  # checkpoint every N steps, under output_dir/checkpoints/
+    save_total_limit: int | None = 2  # checkpoints kept (oldest deleted)
+    logging_steps: int = 10  # train loss logged every N steps
+    seed: int = 0  # Trainer seed: data order, dropout
+    fp16: bool = False  # GPU only (ignored on CPU); T5 is known to overflow in fp16, prefer bf16
+    bf16: bool = False  # GPU only (ignored on CPU)
+    max_source_length: int = 128  # prompt tokens, </s> included: for tokenize_pairs (dialogue models)
+    max_target_length: int = 48  # reply tokens, </s> included: for tokenize_pairs (dialogue models)
+    gradient_accumulation_steps: int = 1
+    dataloader_num_workers: int = 0  # 0 on small CPU machines: workers compete with the math threads
+    optim: str = "adamw_torch"
+    use_cpu: bool = False  # train on CPU even where a GPU is visible (e.g. bitwise-reproducible tests)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _training_arguments(output_dir: Path, config: PretrainConfig, has_eval: bool) -> Seq2SeqTrainingArguments:
+    on_gpu = torch.cuda.is_available() and not config.use_cpu
+    return Seq2SeqTrainingArguments(
+        output_dir=str(output_dir / CHECKPOINTS_DIR),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch_size,
+        per_device_eval_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        # transformers 5 dropped `warmup_ratio`: a float in [0, 1) given as warmup_steps is a ratio.
+        warmup_steps=float(config.warmup_ratio) if 0 < config.warmup_ratio < 1 else int(config.warmup_ratio),
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler_type,
+        optim=config.optim,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps if has_eval else None,
+        prediction_loss_only=True,  # the loss only: no logits kept across the eval set
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        seed=config.seed,
+        fp16=config.fp16 and on_gpu,
+        bf16=config.bf16 and on_gpu,
+        dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_pin_memory=on_gpu,  # pinning without an accelerator only warns
+        report_to=[],
+        disable_tqdm=False,
+        predict_with_generate=False,
+        # Keep every item key for the collator (`mask_draw`): the datasets here hold model inputs only.
+        remove_unused_columns=False,
+        use_cpu=config.use_cpu,
+    )
+
+
+def _save_model_atomically(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """`save_pretrained` (model + tokenizer) into a temp folder beside `target`, then rename it into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(staging, 0o777 & ~io.current_umask())
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset,
+             eval_dataset: Dataset | None, data_collator: Any, output_dir: str | Path,
+             config: PretrainConfig) -> dict[str, Any]:
+    """Train with `Seq2SeqTrainer`; resume from the newest checkpoint in `output_dir/checkpoints/` if any.
+
+    Writes `output_dir/model/` (save_pretrained: model + tokenizer, atomically) and
+    `output_dir/log_history.json` (the Trainer's log: train loss, eval loss, learning rate per step; it
+    includes the steps before a resume). Returns a summary; `seconds` and `examples_per_second` cover the
+    steps run by this call only. Dataset items reach `data_collator` whole (`remove_unused_columns=False`),
+    so they should hold model inputs only, as `Seq2SeqExamples` and `PackedSequences` do.
+    """
+    output_dir = Path(output_dir)
+    (output_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+    last_checkpoint = get_last_checkpoint(str(output_dir / CHECKPOINTS_DIR))
+    start_step = _checkpoint_step(last_checkpoint)
+    if last_checkpoint and start_step >= config.max_steps:
+        # Finished before (killed while saving the model?): transformers 5 would run one more step on resume.
+        model = T5ForConditionalGeneration.from_pretrained(last_checkpoint)
+    args = _training_arguments(output_dir, config, eval_dataset is not None)
+    trainer = Seq2SeqTrainer(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=tokenizer)
+    started = time.perf_counter()
+    if last_checkpoint and start_step >= config.max_steps:
+        trainer.state = TrainerState.load_from_json(str(Path(last_checkpoint) / TRAINER_STATE_FILE))
+        train_loss = float("nan")
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=last_checkpoint).training_loss
+    train_seconds = time.perf_counter() - started
+
+    state = trainer.state
+    eval_loss = None
+    if eval_dataset is not None:
+        logged = [e for e in state.log_history if "eval_loss" in e and e.get("step") == state.global_step]
+        eval_loss = logged[-1]["eval_loss"] if logged else trainer.evaluate()["eval_loss"]
+    train_losses = [e["loss"] for e in state.log_history if "loss" in e]
+    examples = (state.global_step - start_step) * config.per_device_batch_size \
+        * config.gradient_accumulation_steps * max(1, args.world_size)
+
+    if trainer.is_world_process_zero():
+        _save_model_atomically(trainer.model, tokenizer, output_dir / MODEL_DIR)
+        io.write_json(output_dir / LOG_HISTORY_FILE, state.log_history)
+    trainer.accelerator.wait_for_everyone()
+    return {
+        "train_loss": float(train_loss),  # mean over this call's steps (NaN if none ran)
+        "last_logged_train_loss": float(train_losses[-1]) if train_losses else None,
+        "eval_loss": float(eval_loss) if eval_loss is not None else None,
+        "steps": int(state.global_step),
+        "resumed_from_step": start_step if last_checkpoint else None,
+        "seconds": round(train_seconds, 2),
+        "examples_per_second": round(examples / train_seconds, 2) if train_seconds > 0 else None,
+        "steps_per_second": round((state.global_step - start_step) / train_seconds, 4) if train_seconds > 0 else None,
+        "n_parameters": count_parameters(trainer.model),
+        "model_dir": str(output_dir / MODEL_DIR),
+        "config": config.as_dict(),
+    }
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
+
+
+def load_log_history(output_dir: str | Path) -> list[dict]:
+    return json.loads((Path(output_dir) / LOG_HISTORY_FILE).read_text(encoding="utf-8"))
+
+
+def plot_loss_curves(log_histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
+    """Train and eval loss vs step, one panel per model, from saved `log_history.json` contents."""
+    n = max(1, len(log_histories))
+    figure = Figure(figsize=(4.0 * n, 3.2), layout="constrained")
+    axes = figure.subplots(1, n, squeeze=False)[0]
+    for axis, (name, history) in zip(axes, log_histories.items()):
+        train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+        evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
+        if train:
+            axis.plot(*zip(*train), label="train", linewidth=1.2)
+        if evals:
+            axis.plot(*zip(*evals), label="eval", marker="o", markersize=3, linewidth=1.2)
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    axes[0].set_ylabel("loss (token cross-entropy)")
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile conditioning checks (does a PSP / PPP model use the profile?)
+
+
+def _batches(indices: Sequence[int], batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        yield indices[start: start + batch_size]
+
+
+@torch.no_grad()
+def greedy_replies(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+                   max_new_tokens: int = 48, batch_size: int = 32, max_source_length: int = 128) -> list[str]:
+    """Greedy decoding, in the order of `sources` (batched by length to waste little on padding)."""
+    was_training = model.training
+    model.eval()
+    encoded = encode_sources(sources, tokenizer, max_source_length)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    replies: list[str] = [""] * len(encoded)
+    for batch in _batches(order, batch_size):
+        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
+        output = model.generate(**padded, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
+        for i, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
+            replies[i] = text.strip()
+    model.train(was_training)
+    return replies
+
+
+def _profiles(users: pd.DataFrame) -> dict[str, dict[str, object]]:
+    return users.set_index("user_id")[list(PROFILE_FIELDS)].to_dict("index")
+
+
+def profile_swap_table(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                       users: pd.DataFrame, fmt: str, n: int = 200, seed: int = 0, max_new_tokens: int = 48,
+                       batch_size: int = 32, max_source_length: int = 128) -> pd.DataFrame:
+    """Per held-out context: the greedy reply with the true speaker profile and with another user's.
+
+    The other user is drawn uniformly among those whose rendered profile differs from the speaker's; for
+    PPP only the speaker's profile ([USER1]) is swapped. Contexts whose speaker has no such user are left
+    out (e.g. when every profile is unknown). One row per context: pair_id, speaker_id, swap_user_id,
+    source, swapped_source, reply, swapped_reply, changed.
+    """
+    if fmt not in ("psp", "ppp"):
+        raise ValueError(f"profile swaps need a profile prompt ('psp' or 'ppp'), got {fmt!r}")
+    profiles = _profiles(users)
+    user_ids = np.array(sorted(profiles))
+    rendered = np.array([render_profile(profiles[u]) for u in user_ids], dtype=object)
+    rng = np.random.default_rng(seed)
+    sample = pairs.iloc[rng.permutation(len(pairs))[: min(n, len(pairs))]]
+    rows = []
+    for row in sample.itertuples():
+        speaker_profile = profiles.get(row.speaker_id)
+        candidates = np.flatnonzero(rendered != render_profile(speaker_profile))
+        if len(candidates) == 0:
+            continue
+        swap_user = str(user_ids[rng.choice(candidates)])
+        partner_profile = profiles.get(row.partner_id)
+        rows.append({
+            "pair_id": row.pair_id,
+            "speaker_id": row.speaker_id,
+            "swap_user_id": swap_user,
+            "source": build_prompt(fmt, list(row.context), speaker_profile, partner_profile),
+            "swapped_source": build_prompt(fmt, list(row.context), profiles[swap_user], partner_profile),
+        })
+    table = pd.DataFrame(rows, columns=["pair_id", "speaker_id", "swap_user_id", "source", "swapped_source"])
+    replies = greedy_replies(model, tokenizer, table["source"].tolist() + table["swapped_source"].tolist(),
+                             max_new_tokens, batch_size, max_source_length)
+    table["reply"] = replies[: len(table)]
+    table["swapped_reply"] = replies[len(table):]
+    table["changed"] = table["reply"] != table["swapped_reply"]
+    return table
+
+
+def profile_swap_change_rate(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                             pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, n: int = 200, seed: int = 0,
+                             **kwargs: Any) -> float:
+    """Fraction of held-out contexts whose greedy reply changes when the speaker profile is swapped.
+
+    NaN when no context has a differing profile to swap in. See `profile_swap_table` for the per-context rows.
+    """
+    table = profile_swap_table(model, tokenizer, pairs, users, fmt, n, seed, **kwargs)
+    return float(table["changed"].mean()) if len(table) else float("nan")
+
+
+@torch.no_grad()
+def reply_perplexity(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+                     targets: Sequence[str], batch_size: int = 32, max_source_length: int = 128,
+                     max_target_length: int = 48) -> float:
+    """Token-level perplexity of the replies: exp(total NLL / total target tokens, `</s>` included)."""
+    was_training = model.training
+    model.eval()
+    examples = tokenize_pairs(sources, targets, tokenizer, max_source_length, max_target_length)
+    order = sorted(range(len(examples)), key=lambda i: len(examples.input_ids[i]))
+    total_nll, total_tokens = 0.0, 0
+    for batch in _batches(order, batch_size):
+        inputs = tokenizer.pad({"input_ids": [examples.input_ids[i] for i in batch]}, return_tensors="pt")
+        longest = max(len(examples.labels[i]) for i in batch)
+        labels = torch.full((len(batch), longest), LABEL_PAD_ID, dtype=torch.long)
+        for row, i in enumerate(batch):
+            labels[row, : len(examples.labels[i])] = torch.tensor(examples.labels[i])
+        inputs, labels = inputs.to(model.device), labels.to(model.device)
+        logits = model(**inputs, labels=labels).logits.float()
+        total_nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                       ignore_index=LABEL_PAD_ID, reduction="sum").item()
+        total_tokens += int((labels != LABEL_PAD_ID).sum())
+    model.train(was_training)
+    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+
+
+def has_known_profile(users: pd.DataFrame) -> pd.Series:
+    """True for users with at least one known profile field."""
+    return users[list(PROFILE_FIELDS)].ne(UNKNOWN).any(axis=1)
+
+
+def shuffle_profiles(users: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The users with their profiles permuted (seeded) among the users that have a known profile: each
+    of them gets some profiled user's profile; all-unknown users keep theirs (swapping unknowns is no test)."""
+    known = has_known_profile(users).to_numpy()
+    rows = np.flatnonzero(known)
+    permutation = np.random.default_rng(seed).permutation(len(rows))
+    shuffled = users.copy()
+    values = users[list(PROFILE_FIELDS)].to_numpy()
+    values[rows] = values[rows[permutation]]
+    shuffled[list(PROFILE_FIELDS)] = values
+    return shuffled
+
+
+def profile_perplexity_gap(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                           pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, seed: int = 0,
+                           batch_size: int = 32, max_source_length: int = 128,
+                           max_target_length: int = 48) -> dict[str, float]:
+    """Reply perplexity with the true profiles vs with shuffled ones (`shuffle_profiles`).
+
+    A model that uses the profile scores its own users' replies better: `gap` = shuffled - true > 0.
+    """
+    targets = pairs["response"].tolist()
+    true = reply_perplexity(model, tokenizer, build_prompts(pairs, users, fmt).tolist(), targets, batch_size,
+                            max_source_length, max_target_length)
+    shuffled = reply_perplexity(model, tokenizer, build_prompts(pairs, shuffle_profiles(users, seed), fmt).tolist(),
+                                targets, batch_size, max_source_length, max_target_length)
+    return {"perplexity_true_profiles": true, "perplexity_shuffled_profiles": shuffled, "gap": shuffled - true,
+            "n_pairs": int(len(pairs))}
