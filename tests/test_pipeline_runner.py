@@ -237,3 +237,12 @@ def test_missing_profile_folder_is_an_error(notebooks: Path, tmp_path: Path):
     with pytest.raises(PipelineError, match="no parameter folder .*nope for profile 'tiny'"):
         run_pipeline("tiny", params_dir=tmp_path / "nope", outputs_root=tmp_path / "out", notebooks_dir=notebooks)
     assert not (tmp_path / "out").exists()
+
+
+def test_stale_temp_folders_of_a_killed_run_are_removed(notebooks: Path, tmp_path: Path):
+    outputs = tmp_path / "outputs"
+    stale = outputs / ".00_make_number.tmp-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "half.json").write_text("{")
+    run(notebooks, outputs, only="00")
+    assert not stale.exists() and (outputs / "00_make_number" / "metrics.json").exists()

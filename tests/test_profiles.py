@@ -8,6 +8,8 @@ import random
 import pandas as pd
 import pytest
 
+from udg_lib import profiles
+
 from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN, normalize_users
 from udg_lib.profiles import (
     CUES,
@@ -356,3 +358,16 @@ def test_infer_profiles_runs_with_the_llm_inferrer():
     assert table.loc["ann", "gender"] == "female"  # corpus value kept
     assert table.loc["ann", "n_units"] == 2 and table.loc["dee", "gender"] == UNKNOWN
 
+
+
+def test_labels_from_personas_fill_only_unknown_fields():
+    users = pd.DataFrame({
+        "user_id": ["p1", "p2", "p3"],
+        "age_band": ["unknown", "unknown", "unknown"], "gender": ["unknown", "female", "unknown"],
+        "marital": ["unknown"] * 3, "occupation": ["unknown"] * 3, "region": ["unknown"] * 3,
+        "persona": [["My wife and I have two kids.", "I live in Ohio."], ["My husband is a chef."], []],
+    })
+    filled = profiles.labels_from_personas(users, profiles.MarkovLogicInferrer())
+    assert filled.loc[0, "marital"] == "married" and filled.loc[0, "region"] == "Ohio"
+    assert filled.loc[1, "gender"] == "female"  # a known value is kept
+    assert (filled.loc[2, ["gender", "marital", "region"]] == "unknown").all()  # no persona, no labels

@@ -200,6 +200,8 @@ def run_pipeline(
 
     created_root = not out_root.exists()
     out_root.mkdir(parents=True, exist_ok=True)
+    for stale in out_root.glob(".*.tmp-*"):  # left by a run that was killed mid-stage
+        shutil.rmtree(stale, ignore_errors=True)
     results = []
     try:
         for index, stage in stages.items():

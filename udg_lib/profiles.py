@@ -868,3 +868,22 @@ def users_to_infer(users: pd.DataFrame, keep: Iterable[str], max_users: int, see
     rng = np.random.default_rng(seed)
     sample = rng.choice(others, size=min(max_users, len(others)), replace=False).tolist() if others else []
     return sorted(keep | set(sample))
+
+
+def labels_from_personas(users: pd.DataFrame, inferrer: UnitInferrer,
+                         threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """Fill unknown profile fields from each user's persona sentences (PersonaChat-style corpora).
+
+    The persona is read as one unit by `inferrer`. As for PCJP in the paper (§4.2.1), this gives
+    profiles inferred "from the persona information", and labelled users for fitting the weights.
+    """
+    filled = users.copy()
+    for index, row in users.iterrows():
+        persona = list(row.get("persona", []) if row.get("persona") is not None else [])
+        if not persona:
+            continue
+        reading = inferrer.infer_unit(persona, threshold=threshold)
+        for field_name in PROFILE_FIELDS:
+            if unknown_if_blank(row[field_name]) == UNKNOWN:
+                filled.at[index, field_name] = reading[field_name][0]
+    return filled
