@@ -256,3 +256,10 @@ def test_jempathetic_xlsx_layout_and_faults(tmp_path):
         load_japanese_xlsx(_write_xlsx(tmp_path / "bad.xlsx", {"対話": bad}))
     with pytest.raises(CorpusError, match=r"nosheet.xlsx: workbook: missing sheet '対話'"):
         load_japanese_xlsx(_write_xlsx(tmp_path / "nosheet.xlsx", {"Sheet1": dialogues}))
+
+
+def test_malformed_json_corpus_names_its_line(tmp_path):
+    path = tmp_path / "cc.json"
+    path.write_text('{"c1": {"messages": []},\n "c2": }\n')
+    with pytest.raises(CorpusError, match=r"cc.json: line 2: malformed JSON"):
+        load_chitchat(path)

@@ -7,12 +7,11 @@ we join a turn's messages into one utterance. The corpus carries no profiles: ev
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from udg_lib.data.schema import RECORD, Corpus, CorpusError, users_from_speakers, validate_corpus
+from udg_lib.data.schema import RECORD, Corpus, CorpusError, read_json, users_from_speakers, validate_corpus
 
 
 def default_chitchat_path() -> Path:
@@ -27,12 +26,7 @@ def load_chitchat(path: str | Path | None = None, *, message_separator: str = " 
     Whitespace-only turns (12 in the released corpus) are dropped and counted in `meta`.
     """
     path = Path(path) if path else default_chitchat_path()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise CorpusError(path, f"byte {err.start}", "not UTF-8") from None
-    except json.JSONDecodeError as err:
-        raise CorpusError(path, f"line {err.lineno}", f"malformed JSON: {err.msg}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CorpusError(path, "top level", "expected an object of conversations keyed by id")
 

@@ -14,12 +14,11 @@ user id, hashed from the sentences. Speakers without a persona are scoped to the
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from udg_lib.data.schema import RECORD, Corpus, CorpusError, normalize_users, validate_corpus
+from udg_lib.data.schema import RECORD, Corpus, CorpusError, read_json, normalize_users, validate_corpus
 
 SILENCE = "__SILENCE__"  # ParlAI's placeholder for "the partner has not spoken yet"
 
@@ -34,12 +33,7 @@ def load_personachat_json(path: str | Path, *, splits: tuple[str, ...] | None = 
                           name: str = "personachat") -> Corpus:
     """PersonaChat-style JSON: the two views of one dialogue are merged into one dialogue."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise CorpusError(path, f"byte {err.start}", "not UTF-8") from None
-    except json.JSONDecodeError as err:
-        raise CorpusError(path, f"line {err.lineno}", f"malformed JSON: {err.msg}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CorpusError(path, "top level", "expected an object of splits, e.g. {\"train\": [...]}")
 

@@ -186,6 +186,16 @@ def read_utf8_lines(path: str | Path) -> list[str]:
     return decoded
 
 
+def read_json(path: str | Path) -> object:
+    """A JSON file; bad bytes or syntax raise CorpusError naming the byte offset or line."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorpusError(path, f"byte {err.start}", "not UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise CorpusError(path, f"line {err.lineno}", f"malformed JSON: {err.msg}") from None
+
+
 # --- storage ----------------------------------------------------------------------------------
 
 def save_corpus(corpus: Corpus, directory: str | Path) -> Path:
