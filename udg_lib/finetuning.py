@@ -1,0 +1,446 @@
+"""User-specific fine-tuning (§3.5, §4.1.3): domain adaptation, One-ID, LoRA and FULL.
+
+- Domain adaptation (§4.1.3): a pre-trained model is trained on the pooled `train_da` halves of all
+  evaluation users, with the prompt format of its pre-training; early stopping on the pooled `dev` pairs.
+- One-ID (§4.1.3): one model for all users, trained on the pooled `train_ft` halves with each user's
+  4-character id in front of the prompt (`prompts.add_user_id`).
+- LoRA (§3.5): one adapter per user on the domain-adapted model, trained on that user's `train_ft` pairs
+  and stopped early on that user's `dev` pairs; saved in PEFT's own format.
+- FULL: every weight updated per user; the base weights come back from an in-memory copy between users.
+
+Training is a small plain loop (`train_with_early_stopping`) rather than the HF Trainer: per-user runs are
+tiny and need exact control of early stopping and of restoring the best weights. Adam with lr 1e-4 and
+stopping "when the validation loss began to rise" are §4.1.3's; batch size, epoch cap and the LoRA
+scaling/dropout are not reported and are ours (see `FinetuneConfig`).
+
+`run_users` loops over users and is resumable: each user's folder is built in a temp folder, a `done.json`
+marker is written last and the folder renamed into place, so a killed run leaves either a complete user or
+nothing; a rerun skips users with a marker. Each user is seeded from (seed, user_id), not from its position
+in the loop, so a resumed run gives the same artifacts as an uninterrupted one.
+
+`pairs` everywhere is one split set's rows of stage 00's `eval_pairs.parquet` (filter `split_set` first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, T5ForConditionalGeneration
+
+from udg_lib import io
+from udg_lib.pretraining import LABEL_PAD_ID, Seq2SeqExamples, t5_config, tokenize_pairs
+from udg_lib.prompts import assign_one_ids, build_prompts
+
+METHODS: tuple[str, ...] = ("lora", "full")  # per-user methods of `run_users` (One-ID is one shared model)
+DONE_FILE = "done.json"  # per-user completion marker, written last
+ADAPTER_DIR = "adapter"  # per-user LoRA adapter (adapter_config.json + adapter_model.safetensors)
+MODEL_DIR = "model"  # per-user FULL model (save_pretrained), only with save_full_models=True
+ADAPTER_NAME = "default"  # PEFT saves a "default" adapter at the folder's top level, any other in a subfolder
+
+# LoRA targets. §4.1.3 reports r = 12 and 1.8M trainable parameters on t5-base (d_model 768, 12+12 layers).
+# With r = 12 each 768x768 projection adds 2 * 768 * 12 = 18,432 parameters, so on t5-base:
+#   q, v in all attention (peft's T5 default)            72 matrices  1,327,104  (1.3M)
+#   q, k, v in all attention                            108 matrices  1,990,656  (2.0M)
+#   q, k, v, o in all attention                         144 matrices  2,654,208  (2.7M)
+#   q, k, v, o in self-attention only (no cross-attn)    96 matrices  1,769,472  (1.8M)  <- the default
+# Only the last rounds to the reported 1.8M, so it is the default; pass ("q", "v") for peft's usual choice.
+# (`lora_trainable_parameters` recomputes these from a config on the meta device.)
+SELF_ATTENTION_QKVO = r".*\.SelfAttention\.(q|k|v|o)"  # a regex: peft full-matches a str against module names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration and the training loop
+
+
+@dataclass
+class FinetuneConfig:
+    learning_rate: float = 1e-4  # §4.1.3: Adam, lr 1e-4 (torch.optim.Adam, no weight decay, constant)
+    batch_size: int = 8  # training batch (not reported; users have ~50-150 fine-tuning pairs)
+    eval_batch_size: int = 32  # dev-loss batch
+    max_epochs: int = 30  # cap; early stopping normally ends a run well before
+    patience: int = 1  # §4.1.3 "terminate learning when the validation loss began to rise": 1 epoch
+    min_delta: float = 0.0  # an epoch improves when dev loss < best - min_delta
+    max_source_length: int = 128  # prompt tokens, </s> included (as pre-training)
+    max_target_length: int = 48  # reply tokens, </s> included (as pre-training)
+    seed: int = 0  # run_users derives each user's seed from (seed, user_id)
+    lora_r: int = 12  # §4.1.3
+    lora_alpha: float = 24.0  # not reported; 2r (scale alpha/r = 2), a common choice
+    lora_dropout: float = 0.1  # not reported; T5's own dropout rate
+    # module-name suffixes (tuple) or one regex (str) that peft full-matches; see SELF_ATTENTION_QKVO above
+    lora_target_modules: tuple[str, ...] | str = SELF_ATTENTION_QKVO
+
+    def as_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        if not isinstance(self.lora_target_modules, str):
+            values["lora_target_modules"] = list(self.lora_target_modules)
+        return values
+
+
+@dataclass
+class TrainingSummary:
+    """What one `train_with_early_stopping` run did. Epoch 0 is the model before training."""
+
+    epochs_run: int  # training epochs completed
+    best_epoch: int  # the epoch whose weights were kept (0: training never beat the starting weights)
+    best_dev_loss: float  # token-level cross-entropy on dev at best_epoch (NaN without dev examples)
+    initial_dev_loss: float
+    train_losses: list[float] = field(default_factory=list)  # per epoch: mean of batch losses
+    dev_losses: list[float] = field(default_factory=list)  # per epoch, after it (epoch 0 not included)
+    stopped_early: bool = False
+    steps: int = 0
+    n_train: int = 0
+    n_dev: int = 0
+    trainable_parameters: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seq2seq_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Pads inputs with the pad id and labels with -100; T5 derives decoder inputs from the labels."""
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=LABEL_PAD_ID, return_tensors="pt")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def dev_loss(model: torch.nn.Module, examples: Dataset, collator: Callable, batch_size: int = 32) -> float:
+    """Token-level cross-entropy over `examples` (each batch's mean weighted by its label tokens); NaN if none.
+
+    Batches are taken in dataset order, so the value does not depend on any random state.
+    """
+    if len(examples) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = _to(collator([examples[i] for i in range(start, min(start + batch_size, len(examples)))]), device)
+        n = int((batch["labels"] != LABEL_PAD_ID).sum())
+        total += float(model(**batch).loss) * n
+        tokens += n
+    model.train(was_training)
+    return total / tokens if tokens else float("nan")
+
+
+def train_with_early_stopping(model: torch.nn.Module, train_examples: Dataset, dev_examples: Dataset,
+                              collator: Callable, config: FinetuneConfig,
+                              params: Iterable[torch.nn.Parameter] | None = None) -> TrainingSummary:
+    """Adam on `params` (default: every parameter with requires_grad) for up to `max_epochs` epochs.
+
+    After each epoch the dev loss is measured; when it has not improved on the best so far for `patience`
+    epochs in a row, training stops. The best weights (epoch 0, the starting weights, included) are then put
+    back into `params`, so the model leaves this function at its best dev loss. Without dev examples it
+    trains `max_epochs` epochs and keeps the last weights.
+
+    Deterministic given `config.seed`: dropout draws from torch's global generator, seeded here, and the
+    shuffling from its own seeded generator. Only `params` go to the optimizer; other weights stay as they are.
+    """
+    started = time.perf_counter()
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    torch.manual_seed(config.seed)
+    shuffler = torch.Generator().manual_seed(config.seed)
+    device = _device(model)
+    optimizer = torch.optim.Adam(params, lr=config.learning_rate)  # §4.1.3: Adam, lr 1e-4, no weight decay
+    has_dev = len(dev_examples) > 0
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    best_loss = initial = dev_loss(model, dev_examples, collator, config.eval_batch_size)
+    best_state, best_epoch = (snapshot() if has_dev else None), 0
+    summary = TrainingSummary(epochs_run=0, best_epoch=0, best_dev_loss=best_loss, initial_dev_loss=initial,
+                              n_train=len(train_examples), n_dev=len(dev_examples),
+                              trainable_parameters=sum(p.numel() for p in params))
+    if len(train_examples) > 0:
+        loader = DataLoader(train_examples, batch_size=config.batch_size, shuffle=True, generator=shuffler,
+                            collate_fn=collator)
+        bad_epochs = 0
+        for epoch in range(1, config.max_epochs + 1):
+            model.train()
+            losses = []
+            for batch in loader:
+                loss = model(**_to(batch, device)).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                summary.steps += 1
+            summary.train_losses.append(sum(losses) / len(losses))
+            summary.epochs_run = epoch
+            if not has_dev:
+                summary.dev_losses.append(float("nan"))
+                continue
+            loss = dev_loss(model, dev_examples, collator, config.eval_batch_size)
+            summary.dev_losses.append(loss)
+            if loss < best_loss - config.min_delta:
+                best_loss, best_epoch, best_state, bad_epochs = loss, epoch, snapshot(), 0
+            else:
+                bad_epochs += 1
+                if bad_epochs >= config.patience:
+                    summary.stopped_early = epoch < config.max_epochs
+                    break
+        if has_dev:
+            with torch.no_grad():
+                for p, saved in zip(params, best_state):
+                    p.copy_(saved)
+    model.eval()
+    summary.best_epoch = best_epoch if has_dev else summary.epochs_run
+    summary.best_dev_loss = best_loss
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples
+
+
+def _check_one_split_set(pairs: pd.DataFrame) -> None:
+    if "split_set" in pairs.columns and pairs["split_set"].nunique() > 1:
+        raise ValueError(f"pairs hold split sets {sorted(pairs['split_set'].unique())}; pass one split set's rows")
+
+
+def user_examples(pairs: pd.DataFrame, user_id: str, split: str) -> pd.DataFrame:
+    """The reply pairs `user_id` speaks in `split`: the only rows a per-user model of that user sees."""
+    _check_one_split_set(pairs)
+    return pairs[(pairs["speaker_id"] == user_id) & (pairs["split"] == split)]
+
+
+def pooled_examples(pairs: pd.DataFrame, user_ids: Iterable[str], split: str) -> pd.DataFrame:
+    """`split` pairs of all `user_ids`, pooled (domain adaptation, One-ID)."""
+    _check_one_split_set(pairs)
+    return pairs[pairs["speaker_id"].isin(set(user_ids)) & (pairs["split"] == split)]
+
+
+def one_ids_of(users: pd.DataFrame, seed: int = 0) -> dict[str, str]:
+    """Users' One-IDs: stage 00's `one_id` column where present, else `prompts.assign_one_ids`."""
+    if "one_id" in users.columns:
+        ids = dict(zip(users["user_id"], users["one_id"]))
+        bad = {u: i for u, i in ids.items() if not isinstance(i, str)}
+        if bad:  # e.g. "0042" read back by read_csv as 42: read eval_users.csv with dtype=str
+            raise ValueError(f"One-IDs must be strings (read eval_users.csv with dtype=str); got {bad}")
+        return ids
+    return assign_one_ids(users["user_id"], seed=seed)
+
+
+def encode_pairs(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, tokenizer: PreTrainedTokenizerBase,
+                 config: FinetuneConfig, one_ids: Mapping[str, str] | None = None) -> Seq2SeqExamples:
+    """Prompts (`fmt`, optionally with One-IDs) -> replies, tokenized as in pre-training."""
+    sources = build_prompts(pairs, users, fmt, one_ids).tolist()
+    return tokenize_pairs(sources, pairs["response"].tolist(), tokenizer, config.max_source_length,
+                          config.max_target_length)
+
+
+def _eval_user_ids(users: pd.DataFrame, user_ids: Iterable[str] | None) -> list[str]:
+    return sorted(users["user_id"] if user_ids is None else user_ids)
+
+
+def domain_adapt(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                 users: pd.DataFrame, fmt: str, config: FinetuneConfig,
+                 user_ids: Iterable[str] | None = None) -> tuple[T5ForConditionalGeneration, TrainingSummary]:
+    """§4.1.3 domain adaptation: all parameters, on the pooled `train_da` pairs of the evaluation users
+    (`user_ids`, default every user in `users`) with the model's pre-training prompt format `fmt`;
+    early stopping on their pooled `dev` pairs. Trains `model` in place and returns it with the summary."""
+    ids = _eval_user_ids(users, user_ids)
+    train = encode_pairs(pooled_examples(pairs, ids, "train_da"), users, fmt, tokenizer, config)
+    dev = encode_pairs(pooled_examples(pairs, ids, "dev"), users, fmt, tokenizer, config)
+    summary = train_with_early_stopping(model, train, dev, seq2seq_collator(tokenizer), config)
+    return model, summary
+
+
+def train_one_id(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                 users: pd.DataFrame, fmt: str, config: FinetuneConfig, user_ids: Iterable[str] | None = None,
+                 one_ids: Mapping[str, str] | None = None) -> tuple[T5ForConditionalGeneration, TrainingSummary]:
+    """§4.1.3 One-ID: one model on every user's `train_ft` pairs, each prompt prefixed with its speaker's
+    One-ID (default: `one_ids_of(users)`); early stopping on the pooled `dev` pairs (with ids too)."""
+    ids = _eval_user_ids(users, user_ids)
+    one_ids = dict(one_ids) if one_ids is not None else one_ids_of(users, config.seed)
+    missing = [u for u in ids if u not in one_ids]
+    if missing:
+        raise ValueError(f"no One-ID for users {missing[:5]}")
+    train = encode_pairs(pooled_examples(pairs, ids, "train_ft"), users, fmt, tokenizer, config, one_ids)
+    dev = encode_pairs(pooled_examples(pairs, ids, "dev"), users, fmt, tokenizer, config, one_ids)
+    summary = train_with_early_stopping(model, train, dev, seq2seq_collator(tokenizer), config)
+    return model, summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_config(config: FinetuneConfig) -> LoraConfig:
+    targets = config.lora_target_modules
+    return LoraConfig(task_type="SEQ_2_SEQ_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, bias="none",
+                      target_modules=targets if isinstance(targets, str) else list(targets))
+
+
+def lora_trainable_parameters(config: FinetuneConfig, preset: str = "t5-base", vocab_size: int = 32128) -> int:
+    """Trainable LoRA parameters for a T5 preset's shape, counted by peft on a weightless (meta) model."""
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(t5_config(preset, vocab_size))
+    peft_model = get_peft_model(model, lora_config(config), low_cpu_mem_usage=True)
+    return peft_model.get_nb_trainable_parameters()[0]
+
+
+def load_user_adapter(base_model: T5ForConditionalGeneration, adapter_dir: str | Path,
+                      is_trainable: bool = False) -> PeftModel:
+    """A saved user adapter on `base_model` (PEFT's own loader; `base_model` is wrapped in place).
+
+    To switch between users on one base, load the next with `peft_model.load_adapter(dir, adapter_name=user)`
+    and `peft_model.set_adapter(user)`, or `delete_adapter` the current one first.
+    """
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-user loop (LoRA, FULL), resumable
+
+
+def user_seed(seed: int, user_id: str) -> int:
+    """A user's training seed: a function of (seed, user_id) only, never of the user's place in the loop."""
+    digest = hashlib.blake2b(f"{seed}:{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def user_dir_name(user_id: str) -> str:
+    """A folder name for a user id (ids may hold '/' as `corpus/user`): readable part + hash, collision-free."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", user_id).strip("._")[:48] or "user"
+    return f"{readable}-{hashlib.sha1(user_id.encode()).hexdigest()[:8]}"
+
+
+def user_dir(out_dir: str | Path, user_id: str) -> Path:
+    return Path(out_dir) / user_dir_name(user_id)
+
+
+def is_user_done(out_dir: str | Path, user_id: str) -> bool:
+    return (user_dir(out_dir, user_id) / DONE_FILE).is_file()
+
+
+def read_user_summary(out_dir: str | Path, user_id: str) -> dict[str, Any]:
+    return json.loads((user_dir(out_dir, user_id) / DONE_FILE).read_text(encoding="utf-8"))
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename a finished user folder into place (replacing an unfinished one left by an older run)."""
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+AfterUser = Callable[[str, torch.nn.Module, Path], None]
+
+
+def run_users(method: str, base_model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+              pairs: pd.DataFrame, users: pd.DataFrame, user_ids: Sequence[str], fmt: str, out_dir: str | Path,
+              config: FinetuneConfig, save_full_models: bool = False, after_user: AfterUser | None = None,
+              progress: bool = True) -> pd.DataFrame:
+    """Train one LoRA adapter (`method="lora"`, §3.5) or one FULL model (`"full"`) per user, resumably.
+
+    Each user trains on `user_examples(pairs, user, "train_ft")` only, stops early on its own `dev` pairs,
+    with the prompt format `fmt` and seed `user_seed(config.seed, user)`. Per user, `out_dir/<user_dir_name>/`
+    holds `adapter/` (LoRA: PEFT format, `load_user_adapter`), `model/` (FULL with `save_full_models`:
+    `save_pretrained`, + tokenizer) and `done.json` (user_id, method, summary, config), written last.
+    `after_user(user_id, model, folder)` runs while the user's trained model is in memory, before the marker
+    (e.g. to write its dev/test replies into `folder`, which is published with the rest).
+
+    `base_model` is used in place and given back unchanged: LoRA wraps it once (`get_peft_model`), adds and
+    deletes one adapter per user and unwraps it at the end; FULL restores its weights from an in-memory copy
+    before each user and at the end. Users with a `done.json` are skipped. Returns one row per user in
+    `user_ids` order: user_id, status ("trained" / "skipped"), dir, and the summary's fields.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    collator = seq2seq_collator(tokenizer)
+    requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+    base_state = ({k: v.detach().clone() for k, v in base_model.state_dict().items()} if method == "full"
+                  else None)
+    peft_model: PeftModel | None = None
+    statuses: dict[str, str] = {}
+    try:
+        for user in tqdm(list(user_ids), desc=f"{method} users", disable=not progress):
+            if is_user_done(out_dir, user):
+                statuses[user] = "skipped"
+                continue
+            user_config = replace(config, seed=user_seed(config.seed, user))
+            train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config)
+            dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config)
+            staging = Path(tempfile.mkdtemp(prefix=f".{user_dir_name(user)}.", suffix=".tmp", dir=out_dir))
+            try:
+                if method == "lora":
+                    torch.manual_seed(user_config.seed)  # the adapter's initial A matrices
+                    if peft_model is None:
+                        peft_model = get_peft_model(base_model, lora_config(config), adapter_name=ADAPTER_NAME)
+                    else:
+                        peft_model.add_adapter(ADAPTER_NAME, lora_config(config))
+                        peft_model.set_adapter(ADAPTER_NAME)  # also makes it (only it) trainable
+                    try:
+                        params = [p for p in peft_model.parameters() if p.requires_grad]
+                        summary = train_with_early_stopping(peft_model, train, dev, collator, user_config, params)
+                        peft_model.save_pretrained(str(staging / ADAPTER_DIR), selected_adapters=[ADAPTER_NAME],
+                                                   save_embedding_layers=False)
+                        if after_user is not None:
+                            after_user(user, peft_model, staging)
+                    finally:
+                        peft_model.delete_adapter(ADAPTER_NAME)
+                else:
+                    base_model.load_state_dict(base_state)
+                    for p in base_model.parameters():
+                        p.requires_grad_(True)
+                    summary = train_with_early_stopping(base_model, train, dev, collator, user_config)
+                    if save_full_models:
+                        base_model.save_pretrained(staging / MODEL_DIR)
+                        tokenizer.save_pretrained(staging / MODEL_DIR)
+                    if after_user is not None:
+                        after_user(user, base_model, staging)
+                io.write_json(staging / DONE_FILE, {"user_id": user, "method": method, "fmt": fmt,
+                                                    "seed": user_config.seed, "summary": summary.as_dict(),
+                                                    "config": config.as_dict()})
+                _publish(staging, user_dir(out_dir, user))
+                statuses[user] = "trained"
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        if peft_model is not None:
+            if ADAPTER_NAME in peft_model.peft_config:
+                peft_model.delete_adapter(ADAPTER_NAME)
+            peft_model.unload()
+        if base_state is not None:
+            base_model.load_state_dict(base_state)
+        for name, p in base_model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        base_model.eval()
+
+    rows = []
+    for user in user_ids:
+        record = read_user_summary(out_dir, user)
+        rows.append({"user_id": user, "status": statuses[user], "dir": str(user_dir(out_dir, user)),
+                     **record["summary"]})
+    return pd.DataFrame(rows)
