@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -346,13 +343,6 @@ def read_user_summary(out_dir: str | Path, user_id: str) -> dict[str, Any]:
     return json.loads((user_dir(out_dir, user_id) / DONE_FILE).read_text(encoding="utf-8"))
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Rename a finished user folder into place (replacing an unfinished one left by an older run)."""
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-
-
 AfterUser = Callable[[str, torch.nn.Module, Path], None]
 
 
@@ -392,8 +382,7 @@ def run_users(method: str, base_model: T5ForConditionalGeneration, tokenizer: Pr
             user_config = replace(config, seed=user_seed(config.seed, user))
             train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config)
             dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config)
-            staging = Path(tempfile.mkdtemp(prefix=f".{user_dir_name(user)}.", suffix=".tmp", dir=out_dir))
-            try:
+            with io.staged_dir(user_dir(out_dir, user)) as staging:  # renamed into place once done.json is in
                 if method == "lora":
                     torch.manual_seed(user_config.seed)  # the adapter's initial A matrices
                     if peft_model is None:
@@ -423,10 +412,7 @@ def run_users(method: str, base_model: T5ForConditionalGeneration, tokenizer: Pr
                 io.write_json(staging / DONE_FILE, {"user_id": user, "method": method, "fmt": fmt,
                                                     "seed": user_config.seed, "summary": summary.as_dict(),
                                                     "config": config.as_dict()})
-                _publish(staging, user_dir(out_dir, user))
-                statuses[user] = "trained"
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            statuses[user] = "trained"
     finally:
         if peft_model is not None:
             if ADAPTER_NAME in peft_model.peft_config:

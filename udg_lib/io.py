@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,3 +71,35 @@ def read_parquet_metadata(path: str | Path) -> dict[str, str]:
 
     raw = pq.read_schema(path).metadata or {}
     return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"pandas")}
+
+
+def replace_dir(new: str | Path, final: str | Path) -> None:
+    """Make `new` the folder at `final`: a reader sees the old complete folder or the new one, never a mix."""
+    new, final = Path(new), Path(final)
+    # A non-empty folder cannot be renamed over, so the old one steps aside first and is deleted last.
+    old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}") if final.exists() else None
+    if old:
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except OSError:
+        if old:
+            os.replace(old, final)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)  # the new folder is in place; a leftover must not fail the caller
+
+
+@contextmanager
+def staged_dir(target: str | Path) -> Iterator[Path]:
+    """Build a folder atomically: yield an empty folder beside `target` (same filesystem, usual mode);
+    if the block succeeds it replaces `target` (`replace_dir`), otherwise it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; the published folder gets the usual mode
+    try:
+        yield staging
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

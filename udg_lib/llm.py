@@ -8,15 +8,13 @@ transformers into a dense checkpoint (about 20 s for SmolLM2-135M) and caches it
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from udg_lib.io import current_umask
+from udg_lib.io import staged_dir
 
 # short name -> (package, GGUF file inside the package folder)
 PACKAGED_LLMS: dict[str, tuple[str, str]] = {
@@ -64,18 +62,10 @@ def convert_packaged_gguf(name: str, cache_dir: Path) -> None:
     # dequantize=True gives a plain dense model, which (unlike a GGUF-quantized one) save_pretrained accepts
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; give the cache the usual mode
-    try:
+    # Two processes converting at once each publish a complete copy; the last rename wins, both are valid.
+    with staged_dir(cache_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(cache_dir)
-    except OSError:
-        if not _is_saved_checkpoint(cache_dir):  # lost a race to another process: theirs is as good
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_causal_lm(name_or_path: str = "smollm2", *, cache_dir: str | Path | None = None,

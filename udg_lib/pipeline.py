@@ -18,7 +18,6 @@ import ast
 import hashlib
 import json
 import logging
-import os
 import secrets
 import shutil
 import sys
@@ -34,7 +33,7 @@ import papermill
 import yaml
 
 from udg_lib import paths
-from udg_lib.io import write_json
+from udg_lib.io import replace_dir, write_json
 from udg_lib.provenance import METRICS_FILE
 
 # Parameters the runner sets itself, injected only into notebooks that declare them.
@@ -251,7 +250,7 @@ def execute_stage(stage: Stage, run_key: str, out_root: Path, profile: str, verb
         )
         seconds = time.perf_counter() - started
         _record_stage(work_dir / METRICS_FILE, stage, run_key, profile, seconds)
-        _replace_dir(work_dir, paths.stage_dir(out_root, stage.name))
+        replace_dir(work_dir, paths.stage_dir(out_root, stage.name))
         return seconds
     except Exception as exc:
         raise PipelineError(_failure_message(stage.name, exc, _keep_failed_notebook(executed))) from exc
@@ -275,22 +274,6 @@ def _record_stage(metrics_path: Path, stage: Stage, run_key: str, profile: str, 
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(metrics_path, record)
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Make `new` the folder at `final`: a reader sees the old complete folder or the new one, never a mix."""
-    # A non-empty folder cannot be renamed over, so the old one steps aside first and is deleted last.
-    old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}") if final.exists() else None
-    if old:
-        os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except OSError:
-        if old:
-            os.replace(old, final)
-        raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)  # the new results are in place; a leftover must not fail the stage
 
 
 def _keep_failed_notebook(executed: Path) -> Path | None:

@@ -17,9 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -474,20 +471,9 @@ def _training_arguments(output_dir: Path, config: PretrainConfig, has_eval: bool
 
 def _save_model_atomically(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """`save_pretrained` (model + tokenizer) into a temp folder beside `target`, then rename it into place."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(staging, 0o777 & ~io.current_umask())
-    try:
+    with io.staged_dir(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset,

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +20,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TokenizersBackend
 from transformers.convert_slow_tokenizer import SpmConverter
 
-from udg_lib.io import current_umask
+from udg_lib.io import staged_dir
 from udg_lib.prompts import PROMPT_SPECIAL_TOKENS as SPECIAL_TOKENS  # §3.4: the PSP/PPP markers
 
 # T5's fixed ids; `bos_id=-1` because T5 never prepends a start token (the decoder starts from pad).
@@ -95,17 +92,6 @@ def _wrap_sentencepiece_model(model_file: Path, extra_ids: int) -> TokenizersBac
     )
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move `staging` to `target`; an existing `target` is swapped out first, then deleted."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, retired / target.name)
-    os.replace(staging, target)
-    shutil.rmtree(retired)
-
-
 def train_sentencepiece_tokenizer(
     texts: Iterable[str],
     output_dir: str | Path,
@@ -131,11 +117,7 @@ def train_sentencepiece_tokenizer(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Staged beside output_dir (same filesystem), so the final rename is atomic.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; the saved folder gets the usual mode
-    try:
+    with staged_dir(output_dir) as staging:  # built beside output_dir, renamed into place on success
         corpus_file = staging / "corpus.txt"
         if _write_training_corpus(texts, corpus_file) == 0:
             raise ValueError("no non-empty texts to train the tokenizer on")
@@ -163,9 +145,6 @@ def train_sentencepiece_tokenizer(
         corpus_file.unlink()
         (staging / "spiece.vocab").unlink()  # the same pieces are in tokenizer.json
         _wrap_sentencepiece_model(staging / SPIECE_MODEL_FILE, extra_ids).save_pretrained(staging)
-        _replace_dir(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return AutoTokenizer.from_pretrained(output_dir)
 
 
