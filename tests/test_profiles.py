@@ -371,3 +371,17 @@ def test_labels_from_personas_fill_only_unknown_fields():
     assert filled.loc[0, "marital"] == "married" and filled.loc[0, "region"] == "Ohio"
     assert filled.loc[1, "gender"] == "female"  # a known value is kept
     assert (filled.loc[2, ["gender", "marital", "region"]] == "unknown").all()  # no persona, no labels
+
+
+def test_inference_across_corpora_namespaces_user_ids():
+    from types import SimpleNamespace
+
+    users = pd.DataFrame({"user_id": ["ann", "bob"], **{f: ["unknown", "unknown"] for f in PROFILE_FIELDS}})
+    users.loc[0, "gender"] = "female"
+    turns = pd.DataFrame({"speaker_id": ["ann", "bob"], "text": ["My husband cooks.", "hello"]})
+    corpora = {"cc": SimpleNamespace(turns=turns, users=users)}
+    predicted = profiles.infer_across_corpora(corpora, {"cc": ["ann"]}, profiles.MarkovLogicInferrer(),
+                                              unit_size=5, threshold=0.6)
+    assert predicted["user_id"].tolist() == ["cc/ann"] and predicted.loc[0, "marital_inferred"] == "married"
+    gold = profiles.users_across_corpora(corpora, {"cc": ["ann"]})
+    assert gold["user_id"].tolist() == ["cc/ann"] and gold.loc[0, "gender"] == "female"

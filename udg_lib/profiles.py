@@ -887,3 +887,24 @@ def labels_from_personas(users: pd.DataFrame, inferrer: UnitInferrer,
             if unknown_if_blank(row[field_name]) == UNKNOWN:
                 filled.at[index, field_name] = reading[field_name][0]
     return filled
+
+
+def infer_across_corpora(corpora: Mapping[str, object], user_ids: Mapping[str, Sequence[str]],
+                         inferrer: UnitInferrer, *, unit_size: int, threshold: float, **options) -> pd.DataFrame:
+    """`infer_profiles` (raw inference, `only_missing=False`) for the named users of several corpora,
+    with ids namespaced as `corpus/user`; `corpora` maps names to Corpus objects."""
+    frames = [
+        infer_profiles(corpora[name].turns, corpora[name].users, inferrer, unit_size=unit_size, threshold=threshold,
+                       only_missing=False, user_ids=ids, progress=False, **options)
+        .assign(user_id=lambda frame, name=name: name + "/" + frame["user_id"])
+        for name, ids in user_ids.items()
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def users_across_corpora(corpora: Mapping[str, object], user_ids: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """The users tables rows of the named users, ids namespaced as `corpus/user` (gold labels for scoring)."""
+    frames = [corpora[name].users[corpora[name].users["user_id"].isin(set(ids))]
+              .assign(user_id=lambda frame, name=name: name + "/" + frame["user_id"])
+              for name, ids in user_ids.items()]
+    return pd.concat(frames, ignore_index=True)
