@@ -40,7 +40,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from udg_lib import io
-from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN
+from udg_lib.data.schema import PROFILE_FIELDS, has_known_profile, profile_lookup  # noqa: F401 (has_known_profile: used by notebook 02)
 from udg_lib.prompts import SEP, USER, USER1, build_prompt, build_prompts, render_profile
 
 LABEL_PAD_ID = -100  # ignored by the loss (PyTorch's cross-entropy default)
@@ -588,10 +588,6 @@ def greedy_replies(model: T5ForConditionalGeneration, tokenizer: PreTrainedToken
     return replies
 
 
-def _profiles(users: pd.DataFrame) -> dict[str, dict[str, object]]:
-    return users.set_index("user_id")[list(PROFILE_FIELDS)].to_dict("index")
-
-
 def profile_swap_table(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                        users: pd.DataFrame, fmt: str, n: int = 200, seed: int = 0, max_new_tokens: int = 48,
                        batch_size: int = 32, max_source_length: int = 128) -> pd.DataFrame:
@@ -604,7 +600,7 @@ def profile_swap_table(model: T5ForConditionalGeneration, tokenizer: PreTrainedT
     """
     if fmt not in ("psp", "ppp"):
         raise ValueError(f"profile swaps need a profile prompt ('psp' or 'ppp'), got {fmt!r}")
-    profiles = _profiles(users)
+    profiles = profile_lookup(users)
     user_ids = np.array(sorted(profiles))
     rendered = np.array([render_profile(profiles[u]) for u in user_ids], dtype=object)
     rng = np.random.default_rng(seed)
@@ -667,11 +663,6 @@ def reply_perplexity(model: T5ForConditionalGeneration, tokenizer: PreTrainedTok
         total_tokens += int((labels != LABEL_PAD_ID).sum())
     model.train(was_training)
     return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
-
-
-def has_known_profile(users: pd.DataFrame) -> pd.Series:
-    """True for users with at least one known profile field."""
-    return users[list(PROFILE_FIELDS)].ne(UNKNOWN).any(axis=1)
 
 
 def shuffle_profiles(users: pd.DataFrame, seed: int = 0) -> pd.DataFrame:

@@ -39,7 +39,7 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
-from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN, unknown_if_blank
+from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN, has_known_profile, profile_lookup, unknown_if_blank
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -824,8 +824,7 @@ class LLMProfileInferrer:
 
 def labelled_user_ids(users: pd.DataFrame) -> list[str]:
     """Users with at least one known profile field."""
-    known = users[list(PROFILE_FIELDS)].map(unknown_if_blank).ne(UNKNOWN).any(axis=1)
-    return sorted(users.loc[known, "user_id"].astype(str))
+    return sorted(users.loc[has_known_profile(users), "user_id"].astype(str))
 
 
 def split_labelled_users(user_ids: Sequence[str], heldout_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -839,7 +838,7 @@ def labelled_units(turns: pd.DataFrame, users: pd.DataFrame, user_ids: Iterable[
                    unit_size: int) -> tuple[list[list[str]], list[dict[str, str]]]:
     """Training data for `MarkovLogicInferrer.fit`: each labelled user's units, each with the user's profile."""
     posts_by_user = turns.groupby("speaker_id", sort=False)["text"].agg(list).to_dict()
-    profiles = users.set_index("user_id")[list(PROFILE_FIELDS)].to_dict("index")
+    profiles = profile_lookup(users)
     units, labels = [], []
     for user_id in user_ids:
         for unit in split_into_units(posts_by_user.get(user_id, []), unit_size):

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN
+from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN, profile_lookup
 
 USER, USER1, USER2, SEP = "[USER]", "[USER1]", "[USER2]", "[SEP]"
 PROMPT_SPECIAL_TOKENS: tuple[str, ...] = (USER, USER1, USER2, SEP)
@@ -79,7 +79,7 @@ def build_prompt(fmt: str, context: Sequence[str], speaker_profile: Mapping[str,
 def build_prompts(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str,
                   one_ids: Mapping[str, str] | None = None) -> pd.Series:
     """Prompts for reply pairs (`context`, `speaker_id`, `partner_id`) with profiles from `users`."""
-    profiles = users.set_index("user_id")[list(PROFILE_FIELDS)].to_dict("index")
+    profiles = profile_lookup(users)
     return pd.Series([
         build_prompt(fmt, list(row.context), profiles.get(row.speaker_id), profiles.get(row.partner_id),
                      one_ids.get(row.speaker_id) if one_ids else None)

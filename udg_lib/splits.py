@@ -64,13 +64,15 @@ def build_reply_pairs(turns: pd.DataFrame, context_turns: int) -> pd.DataFrame:
                                        "context", "context_first_turn", "response"])
 
 
-def select_eval_users(turns: pd.DataFrame, config: SplitConfig) -> list[str]:
-    """Users with min_turns..max_turns turns and at least two partners (one dev, one test)."""
+def select_eval_users(turns: pd.DataFrame, config: SplitConfig, partners: pd.DataFrame | None = None) -> list[str]:
+    """Users with min_turns..max_turns turns and at least two partners (one dev, one test).
+
+    `partners` is `dialogue_partners(turns)` when the caller has it already."""
     counts = turns.groupby("speaker_id").size()
     eligible = counts[counts >= config.min_turns]
     if config.max_turns is not None:
         eligible = eligible[eligible <= config.max_turns]
-    partners = dialogue_partners(turns)
+    partners = dialogue_partners(turns) if partners is None else partners
     n_partners = partners[partners["partner_id"] != ""].groupby("user_id")["partner_id"].nunique()
     users = sorted(u for u in eligible.index if n_partners.get(u, 0) >= 2)
     if config.max_users is not None and len(users) > config.max_users:
@@ -123,12 +125,12 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
     evaluation user.
     """
     pairs = build_reply_pairs(turns, config.context_turns)
-    eval_users = select_eval_users(turns, config)
+    partners = dialogue_partners(turns)
+    eval_users = select_eval_users(turns, config, partners)
     eval_set = set(eval_users)
     with_eval = set(turns.loc[turns["speaker_id"].isin(eval_set), "dialogue_id"])
     pretrain = pairs[~pairs["dialogue_id"].isin(with_eval)].reset_index(drop=True)
 
-    partners = dialogue_partners(turns)
     partners = partners[partners["user_id"].isin(eval_set)]
     user_pairs = pairs[pairs["speaker_id"].isin(eval_set)]
     pair_counts: dict[str, dict[str, int]] = {}

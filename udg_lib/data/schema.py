@@ -80,6 +80,16 @@ def unknown_if_blank(value: object) -> str:
     return text if text else UNKNOWN
 
 
+def has_known_profile(users: pd.DataFrame) -> pd.Series:
+    """True for users with at least one known profile field."""
+    return users[list(PROFILE_FIELDS)].map(unknown_if_blank).ne(UNKNOWN).any(axis=1)
+
+
+def profile_lookup(users: pd.DataFrame) -> dict[str, dict[str, object]]:
+    """user_id -> {profile field: value}, for rendering prompts."""
+    return users.set_index("user_id")[list(PROFILE_FIELDS)].to_dict("index")
+
+
 def users_from_speakers(speakers: list[str] | pd.Series) -> pd.DataFrame:
     """A users table with every profile field unknown, for corpora that carry no profiles."""
     ids = sorted(set(speakers))
