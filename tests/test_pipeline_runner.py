@@ -19,6 +19,7 @@ from udg_lib.pipeline import (
     notebook_source_hash,
     run_pipeline,
     stage_index,
+    stage_work_dir,
 )
 
 PARAMETERS = """\
@@ -246,3 +247,20 @@ def test_stale_temp_folders_of_a_killed_run_are_removed(notebooks: Path, tmp_pat
     (stale / "half.json").write_text("{")
     run(notebooks, outputs, only="00")
     assert not stale.exists() and (outputs / "00_make_number" / "metrics.json").exists()
+
+
+def test_a_killed_stage_resumes_in_its_work_folder(notebooks: Path, first_run: tuple[Path, list], tmp_path: Path):
+    """kill -9 leaves the stage's work folder (named by its run key); the next run continues in it."""
+    outputs = tmp_path / "outputs"
+    work = stage_work_dir(outputs, "00_make_number", first_run[1][0].run_key)
+    work.mkdir(parents=True)
+    (work / "user-a.done").write_text("finished before the kill")
+    run(notebooks, outputs, only="00")
+    assert (outputs / "00_make_number" / "user-a.done").read_text() == "finished before the kill"
+    assert not work.exists()
+    # --force starts over
+    forced = stage_work_dir(outputs, "00_make_number", first_run[1][0].run_key)
+    forced.mkdir()
+    (forced / "user-b.done").write_text("x")
+    run(notebooks, outputs, only="00", force=True)
+    assert not (outputs / "00_make_number" / "user-b.done").exists()

@@ -18,7 +18,6 @@ import ast
 import hashlib
 import json
 import logging
-import secrets
 import shutil
 import sys
 import tempfile
@@ -199,8 +198,9 @@ def run_pipeline(
 
     created_root = not out_root.exists()
     out_root.mkdir(parents=True, exist_ok=True)
-    for stale in out_root.glob(".*.tmp-*"):  # left by a run that was killed mid-stage
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out_root.glob(".*.tmp-*"):  # left by a killed run of a stage that no longer exists
+        if not any(stale.name.startswith(f".{name}.tmp-") for name in names):
+            shutil.rmtree(stale, ignore_errors=True)
     results = []
     try:
         for index, stage in stages.items():
@@ -219,8 +219,13 @@ def _run_stage(
 ) -> StageResult:
     run_key = compute_run_key(stage.params, stage.source_hash, upstream_keys)
     final_dir = paths.stage_dir(out_root, stage.name)
+    work_dir = stage_work_dir(out_root, stage.name, run_key)
+    for stale in out_root.glob(f".{stage.name}.tmp-*"):  # a killed run's folder is kept only for resuming
+        if stale != work_dir or forced:
+            shutil.rmtree(stale, ignore_errors=True)
     if not forced and recorded_run_key(final_dir) == run_key:
         print(f"skip {stage.name} (up to date)")
+        shutil.rmtree(work_dir, ignore_errors=True)
         return StageResult(stage.name, "skipped", 0.0, run_key, final_dir)
 
     print(f"== {stage.name} (profile {profile}) ==")
@@ -229,11 +234,24 @@ def _run_stage(
     return StageResult(stage.name, "ran", seconds, run_key, final_dir)
 
 
+def stage_work_dir(out_root: Path, stage_name: str, run_key: str) -> Path:
+    """The hidden folder a stage runs in before it is renamed into place.
+
+    Named by the run key, so a run killed mid-stage (kill -9, preemption, OOM) leaves a folder that the next
+    run with the same parameters, notebook and upstream outputs resumes in: stages that train per user
+    (03) skip the users already finished there. A stage that fails with an error, or any change of key,
+    starts from an empty folder.
+    """
+    return out_root / f".{stage_name}.tmp-{run_key[:16]}"
+
+
 def execute_stage(stage: Stage, run_key: str, out_root: Path, profile: str, verbose: bool) -> float:
-    """Execute one notebook into a temp folder and swap it in as the stage folder; return wall seconds."""
+    """Execute one notebook in its work folder and swap that in as the stage folder; return wall seconds."""
     # Not mkdtemp: its 0700 mode would carry over to the final folder; mkdir honours the umask.
-    work_dir = out_root / f".{stage.name}.tmp-{secrets.token_hex(4)}"
-    work_dir.mkdir()
+    work_dir = stage_work_dir(out_root, stage.name, run_key)
+    if work_dir.exists():
+        print(f"resuming {stage.name} in {work_dir.name} (left by an interrupted run)")
+    work_dir.mkdir(exist_ok=True)
     executed = work_dir / f"{stage.name}.ipynb"
     runner_values = {"profile": profile, "outputs_root": str(out_root), "output_dir": str(work_dir)}
     injected = {key: value for key, value in runner_values.items() if key in stage.declared}
