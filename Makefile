@@ -23,5 +23,8 @@ run: $(STAMP)  ## the whole study on $(PROFILE) (default cpu); resumes, skipping
 test: $(STAMP)  ## unit tests plus the notebooks executed on the test profile
 	$(PY) -m pytest
 
+figures: $(STAMP)  ## rebuild Figure 2 from the saved Exp1 scores of $(PROFILE) (runs no model)
+	$(PY) -m udg_lib.plots --profile $(PROFILE)
+
 clean-outputs:  ## remove outputs/$(PROFILE)
 	rm -rf outputs/$(PROFILE)
