@@ -275,8 +275,14 @@ def rebuild_figure2(outputs_dir: str | Path, out_dir: str | Path | None = None) 
     `out_dir` defaults to `<outputs_dir>/06_llm_baselines/figures/`. The CSV holds every system's histogram;
     `in_figure` marks the bars drawn. Each file is written atomically.
     """
-    scores = load_scores(outputs_dir)
     out_dir = Path(out_dir) if out_dir else stage_dir(outputs_dir, LLM_STAGE) / "figures"
+    return write_figure2(load_scores(outputs_dir), out_dir)
+
+
+def write_figure2(scores: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Figure 2 (PNG, PDF) and its histogram CSV from per-sample scores already in memory (notebook 06)."""
+    scores = check_scores(scores)
+    out_dir = Path(out_dir)
     histogram = similarity_histogram(scores)
     drawn = {(d, s) for d, names in figure2_systems(scores).items() for s in names}
     histogram["in_figure"] = [(str(d), s) in drawn for d, s in zip(histogram["dataset"], histogram["system"])]
