@@ -1,0 +1,347 @@
+"""Per-user runs through udg_lib.executors: Ray vs local, kill -9 and resume, canary isolation, determinism.
+
+A tiny T5 (preset "test") and a tokenizer trained here on a few dozen sentences, saved as the base folder
+that train_users loads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from udg_lib import finetuning
+from udg_lib.data.schema import PROFILE_FIELDS
+from udg_lib.executors import EXECUTORS, UserTrainingError, load_base_model, train_users
+from udg_lib.finetuning import (
+    ADAPTER_DIR,
+    DONE_FILE,
+    FinetuneConfig,
+    load_user_adapter,
+    user_dir,
+)
+from udg_lib.pretraining import LABEL_PAD_ID, build_model, t5_config
+from udg_lib.tokenizer import train_sentencepiece_tokenizer
+
+WORDS = ("hello how are you today i like movies on weekends what is your hobby the weather is nice "
+         "i am a student and live in tokyo cooking music games sports reading travel cats dogs").split()
+USERS = ["u0", "u1", "u2", "u3"]
+CANARY = "ZQXCANARY"
+CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=3, patience=1, max_source_length=32,
+                        max_target_length=16)
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; the subprocess and the Ray tasks use one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A saved tiny base model with its tokenizer, as a domain-adaptation stage would leave it."""
+    corpus = sentences(60) + ["[USER] 20s, female [SEP] hello", "[USER1] 30s [USER2] 40s [SEP] hi", CANARY]
+    tokenizer = train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer",
+                                              vocab_size=300, extra_ids=10, num_threads=1)
+    folder = tmp_path_factory.mktemp("base") / "model"
+    build_model(t5_config("test", len(tokenizer)), tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One split set's eval pairs: per user 6 train_ft, 3 dev, 2 test rows; and the users."""
+    rows = []
+    texts = iter(sentences(400, seed=1))
+    for user in USERS:
+        partner = USERS[(USERS.index(user) + 1) % len(USERS)]
+        for split, n in (("train_ft", 6), ("dev", 3), ("test", 2)):
+            for i in range(n):
+                rows.append({"pair_id": f"{user}-{split}-{i}", "dialogue_id": f"d-{user}-{i}", "turn_index": 1,
+                             "speaker_id": user, "partner_id": partner, "context": [next(texts), next(texts)],
+                             "response": next(texts), "split": split, "split_set": 0})
+    users = pd.DataFrame({"user_id": USERS, "one_id": ["aB3x", "Qz9k", "m0Np", "T7wq"],
+                          **{f: ["20s", "female", "unknown", "student", "Kanto"][j] for j, f in
+                             enumerate(PROFILE_FIELDS)}})
+    return pd.DataFrame(rows), users
+
+
+def adapter_tensors(out_dir: Path, user: str) -> dict[str, torch.Tensor]:
+    return load_file(str(user_dir(out_dir, user) / ADAPTER_DIR / "adapter_model.safetensors"))
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def done_record(out_dir: Path, user: str) -> dict:
+    """A user's done.json without its timing field (wall seconds differ between runs)."""
+    record = json.loads((user_dir(out_dir, user) / DONE_FILE).read_text())
+    del record["summary"]["seconds"]
+    return record
+
+
+def leftovers(out_dir: Path) -> list[str]:
+    return sorted(p.name for p in out_dir.iterdir() if p.name.startswith("."))
+
+
+# --- input checks ----------------------------------------------------------------------------------------------
+
+
+def test_bad_input_gets_clear_errors(base_dir, data, tmp_path):
+    pairs, users = data
+    with pytest.raises(ValueError, match=r"unknown executor 'dask'.*'local', 'ray'"):
+        train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG, executor="dask")
+    assert EXECUTORS == ("local", "ray")
+    with pytest.raises(ValueError, match=r"unknown method 'one_id'.*'lora', 'full'"):
+        train_users("one_id", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG)
+    with pytest.raises(ValueError, match=r"not in users\['user_id'\]: \['nobody'\]"):
+        train_users("lora", base_dir, pairs, users, ["u0", "nobody"], "psp", tmp_path, CONFIG)
+    with pytest.raises(ValueError, match=r"more than once: \['u0'\]"):
+        train_users("lora", base_dir, pairs, users, ["u0", "u0"], "psp", tmp_path, CONFIG)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        train_users("lora", tmp_path / "missing", pairs, users, ["u0"], "psp", tmp_path, CONFIG)
+    with pytest.raises(ValueError, match="users_per_task"):
+        train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG, executor="ray",
+                    users_per_task=0)
+    assert not any(tmp_path.iterdir())  # nothing trained or written by a rejected call
+
+
+# --- determinism ------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_adapters_and_another_seed_does_not(base_dir, data, tmp_path):
+    pairs, users = data
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        table = train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path / name,
+                            replace(CONFIG, seed=seed), progress=False)
+        assert table["status"].tolist() == ["trained"]
+        runs[name] = adapter_tensors(tmp_path / name, "u0")
+    assert same_tensors(runs["a"], runs["b"])
+    assert done_record(tmp_path / "a", "u0") == done_record(tmp_path / "b", "u0")
+    assert not same_tensors(runs["a"], runs["c"])  # the comparison can tell runs apart
+
+
+# --- kill -9 and resume ------------------------------------------------------------------------------------------
+
+RUNNER = textwrap.dedent('''
+    """Train every user of the test data locally; sleep in after_user so the test can kill us mid-run."""
+    import json, sys, time
+    import pandas as pd
+    import torch
+    from udg_lib.executors import train_users
+    from udg_lib.finetuning import FinetuneConfig
+
+    torch.set_num_threads(1)
+    args = json.loads(open(sys.argv[1]).read())
+    config = FinetuneConfig(**args["config"])
+    pause = args["pause"]
+
+    def slow_down(user, model, folder):  # runs before done.json: the staging folder exists meanwhile
+        time.sleep(pause)
+
+    table = train_users("lora", args["base_dir"], pd.read_pickle(args["pairs"]), pd.read_pickle(args["users"]),
+                        args["user_ids"], "psp", args["out_dir"], config, device="cpu",
+                        after_user=slow_down if pause else None, progress=False)
+    table.to_json(args["table"], orient="records")
+''')
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(base_dir, data, tmp_path):
+    pairs, users = data
+    pairs.to_pickle(tmp_path / "pairs.pkl")
+    users.to_pickle(tmp_path / "users.pkl")
+    (tmp_path / "runner.py").write_text(RUNNER)
+    out_dir = tmp_path / "killed"
+    config = CONFIG.as_dict()
+
+    def start(pause: float, table: str) -> subprocess.Popen:
+        args = {"base_dir": str(base_dir), "pairs": str(tmp_path / "pairs.pkl"), "users": str(tmp_path / "users.pkl"),
+                "user_ids": USERS, "out_dir": str(out_dir), "config": config, "pause": pause,
+                "table": str(tmp_path / table)}
+        (tmp_path / f"{table}.args.json").write_text(json.dumps(args))
+        return subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / f"{table}.args.json")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def done_users() -> list[str]:
+        return [u for u in USERS if (user_dir(out_dir, u) / DONE_FILE).is_file()]
+
+    # Each user sleeps 1 s before its marker, so once one user is done the others take >= 3 s more. Kill while
+    # a later user's staging folder exists, so the restart also has a killed run's temp folder to clear.
+    process = start(pause=1.0, table="first.json")
+    deadline = time.monotonic() + 120
+    while not (done_users() and out_dir.is_dir() and leftovers(out_dir)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"runner ended or hung before the kill window: {process.communicate()[0][-2000:]}")
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    finished = done_users()
+    assert process.returncode == -signal.SIGKILL and 1 <= len(finished) < len(USERS)
+    assert leftovers(out_dir)  # the killed user's temp folder is still there
+
+    process = start(pause=0.0, table="second.json")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-2000:]
+    table = pd.read_json(tmp_path / "second.json", orient="records")
+    assert table["user_id"].tolist() == USERS
+    assert table["status"].tolist() == ["skipped" if u in finished else "trained" for u in USERS]
+    assert leftovers(out_dir) == []
+
+    reference = tmp_path / "uninterrupted"
+    train_users("lora", base_dir, pairs, users, USERS, "psp", reference, CONFIG, device="cpu", progress=False)
+    for user in USERS:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert ((user_dir(out_dir, user) / ADAPTER_DIR / name).read_bytes()
+                    == (user_dir(reference, user) / ADAPTER_DIR / name).read_bytes()), (user, name)
+        assert done_record(out_dir, user) == done_record(reference, user)
+
+
+# --- canary isolation --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_another_users_canary_never_reaches_a_users_batches(base_dir, data, tmp_path, method, monkeypatch):
+    pairs, users = data
+    pairs = pairs.copy()
+    owner = "u1"
+    planted = (pairs["speaker_id"] == owner) & pairs["split"].isin(["train_ft", "dev"])
+    # First in the reply (cut on the right) and last in the newest context turn (prompts lose their oldest
+    # tokens): truncation never drops it.
+    pairs.loc[planted, "response"] = f"{CANARY} " + pairs.loc[planted, "response"]
+    pairs["context"] = [[*c[:-1], f"{c[-1]} {CANARY}"] if plant else c for c, plant in zip(pairs["context"], planted)]
+    # The test tokenizer spells most words by characters: room for the profile and the canary's turn.
+    config = replace(CONFIG, max_source_length=128, max_target_length=48)
+    _, tokenizer = load_base_model(base_dir, "cpu")
+    canary_ids = tokenizer(CANARY, add_special_tokens=False)["input_ids"]
+
+    seen: list[tuple[str, torch.Tensor]] = []  # (input_ids | labels, tensor) of every forward pass
+    real_forward = finetuning.T5ForConditionalGeneration.forward
+
+    def recording_forward(self, *args, **kwargs):
+        for key in ("input_ids", "labels"):
+            if kwargs.get(key) is not None:
+                seen.append((key, kwargs[key].detach().clone()))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(finetuning.T5ForConditionalGeneration, "forward", recording_forward)
+
+    def batches_of(user: str) -> tuple[list[str], list[list[int]]]:
+        seen.clear()
+        train_users(method, base_dir, pairs, users, [user], "psp", tmp_path / user, config, device="cpu",
+                    progress=False)
+        texts, rows = [], []
+        for key, ids in seen:
+            ids = ids.clone()
+            ids[ids == LABEL_PAD_ID] = tokenizer.pad_token_id
+            rows.extend(ids.tolist())
+            texts.extend(t.replace(" ", "") for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
+        return texts, rows
+
+    def holds_canary_ids(row: list[int]) -> bool:
+        n = len(canary_ids)
+        return any(row[i:i + n] == canary_ids for i in range(len(row) - n + 1))
+
+    texts, rows = batches_of("u0")
+    # training (6 train_ft rows per epoch) and dev batches (3 dev rows) were both recorded
+    assert len(rows) >= 2 * (6 + 3) and {key for key, _ in seen} == {"input_ids", "labels"}
+    assert not any(CANARY in t for t in texts) and not any(holds_canary_ids(r) for r in rows)
+    # control: the owner's own batches do carry it, in prompts and in replies, so the detector can fire
+    texts, rows = batches_of(owner)
+    prompts = [ids.tolist() for key, ids in seen if key == "input_ids"]
+    replies = [ids.tolist() for key, ids in seen if key == "labels"]
+    assert any(CANARY in t for t in texts) and any(holds_canary_ids(r) for r in rows)
+    assert any(holds_canary_ids(r) for batch in prompts for r in batch)
+    assert any(holds_canary_ids(r) for batch in replies for r in batch)
+
+
+# --- Ray ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU local Ray instance for this module, quiet and without dashboard; shut down afterwards."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no usage report (and no network attempt)
+        assert not ray.is_initialized()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
+
+
+def test_ray_tasks_give_the_local_executors_adapters(base_dir, data, tmp_path, local_ray):
+    pairs, users = data
+    local = train_users("lora", base_dir, pairs, users, USERS[:2], "ppp", tmp_path / "local", CONFIG,
+                        progress=False)
+    remote = train_users("lora", base_dir, pairs, users, USERS[:2], "ppp", tmp_path / "ray", CONFIG,
+                         executor="ray", users_per_task=1, num_cpus_per_task=1, progress=False)
+    assert local_ray.is_initialized()  # a Ray the caller started is left running
+    assert remote["status"].tolist() == ["trained", "trained"] and remote["user_id"].tolist() == USERS[:2]
+    assert remote.drop(columns=["dir", "seconds"]).equals(local.drop(columns=["dir", "seconds"]))
+    base, _ = load_base_model(base_dir, "cpu")
+    for user in USERS[:2]:
+        assert same_tensors(adapter_tensors(tmp_path / "local", user), adapter_tensors(tmp_path / "ray", user))
+        assert done_record(tmp_path / "local", user) == done_record(tmp_path / "ray", user)
+        model = load_user_adapter(base, user_dir(tmp_path / "ray", user) / ADAPTER_DIR)  # PEFT's loader
+        assert any("lora_" in name for name, _ in model.named_parameters())
+        base = model.unload()
+    # a rerun through Ray trains nothing
+    again = train_users("lora", base_dir, pairs, users, USERS[:2], "ppp", tmp_path / "ray", CONFIG,
+                        executor="ray", progress=False)
+    assert again["status"].tolist() == ["skipped", "skipped"]
+    assert leftovers(tmp_path / "ray") == []
+
+
+def test_failed_ray_task_names_its_users_and_keeps_finished_ones(base_dir, data, tmp_path, local_ray):
+    pairs, users = data
+
+    def fail_on_u1(user, model, folder):  # a closure: cloudpickle ships it to the workers by value
+        if user == "u1":
+            raise RuntimeError("planted failure")
+
+    with pytest.raises(UserTrainingError,
+                       match=r"^1 of 2 Ray tasks failed \(users: u0, u1\).*\['u1'\].*RuntimeError: planted failure$") \
+            as caught:
+        train_users("full", base_dir, pairs, users, USERS[:3], "psp", tmp_path, CONFIG, executor="ray",
+                    users_per_task=2, after_user=fail_on_u1, progress=False)
+    assert caught.value.failed_users == ["u1"]
+    # u0 (before the failure, same task) and u2 (the other task) stay done; nothing of u1 is left
+    assert all((user_dir(tmp_path, u) / DONE_FILE).is_file() for u in ("u0", "u2"))
+    assert not user_dir(tmp_path, "u1").exists() and leftovers(tmp_path) == []
+    resumed = train_users("full", base_dir, pairs, users, USERS[:3], "psp", tmp_path, CONFIG, executor="ray",
+                          users_per_task=2, progress=False)
+    assert resumed["status"].tolist() == ["skipped", "trained", "skipped"]
+
+
+def test_a_request_the_local_ray_cannot_meet_fails_instead_of_waiting(base_dir, data, tmp_path, local_ray):
+    pairs, users = data
+    with pytest.raises(ValueError, match="asks for 0.25 GPUs but the local Ray instance has 0"):
+        train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG, executor="ray",
+                    num_gpus_per_task=0.25, progress=False)
+    with pytest.raises(ValueError, match="asks for 3 CPUs but the local Ray instance has 2"):
+        train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG, executor="ray",
+                    num_cpus_per_task=3, progress=False)
