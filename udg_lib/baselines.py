@@ -1,0 +1,546 @@
+"""Prompt-based LLM baselines (§4.2.2): an LLM role-plays the speaker and writes the next utterance.
+
+The prompt holds the speaker's and the partner's profiles, a self-introduction of the speaker, and
+the dialogue history (the last 10 turns at most), in one of two formats:
+
+    chat:       a system message that casts the model as the speaker, then the history as chat
+                messages (partner turns from the user, speaker turns from the assistant); the
+                GPT-3.5 analog.
+    completion: the same content as a plain transcript that ends with the speaker's label and a
+                colon; the Jp-NeoX-3.6B / Jp-Llama2-7B analog ("the same content ... modified into
+                a completion format").
+
+Two generators run them: `LocalLLM` (a transformers causal LM; greedy; it also scores the reference,
+so perplexity is available) and `OpenAICompatibleClient` (any OpenAI-compatible HTTP endpoint; it
+only returns text, so perplexity is NA, as for GPT-3.5 in the paper's tables).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN, profile_lookup
+
+if TYPE_CHECKING:  # torch and transformers load only when a local model is used
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+FORMATS: tuple[str, ...] = ("chat", "completion")
+LANGUAGES: tuple[str, ...] = ("en", "ja")
+TRAINING_SPLITS: tuple[str, ...] = ("train_da", "train_ft")
+MAX_HISTORY = 10  # §4.2.2: "a dialogue history of up to 10 turns"
+
+# Labels, profile field names and the instruction, per language.
+_TEMPLATES: dict[str, dict[str, Any]] = {
+    "en": {
+        "speaker": "Speaker",
+        "partner": "Partner",
+        "fields": {"age_band": "age", "gender": "gender", "marital": "marital status",
+                   "occupation": "occupation", "region": "lives in"},
+        "not_given": "not given",
+        "system": ("You are role-playing the speaker in a conversation with a partner. Stay in character.\n"
+                   "Your profile: {speaker_profile}\n"
+                   "Your partner's profile: {partner_profile}\n"
+                   "Your self-introduction: {self_intro}\n"
+                   "Reply with the speaker's next utterance only, in one line, without a name or quotes."),
+        "start": "(The conversation starts. Say your first line.)",
+        "header": ("The following is a conversation between the Speaker and the Partner.\n"
+                   "Speaker's profile: {speaker_profile}\n"
+                   "Partner's profile: {partner_profile}\n"
+                   "Speaker's self-introduction: {self_intro}\n"
+                   "Each line is one utterance."),
+    },
+    "ja": {
+        "speaker": "話者",
+        "partner": "相手",
+        "fields": {"age_band": "年代", "gender": "性別", "marital": "婚姻", "occupation": "職業",
+                   "region": "居住地"},
+        "not_given": "不明",
+        "system": ("あなたは、ある対話の話者を演じています。話者になりきって相手と対話してください。\n"
+                   "あなたのプロフィール: {speaker_profile}\n"
+                   "相手のプロフィール: {partner_profile}\n"
+                   "あなたの自己紹介: {self_intro}\n"
+                   "話者の次の発話だけを、名前や鉤括弧を付けずに1行で出力してください。"),
+        "start": "（対話の始まりです。最初の発話をしてください。）",
+        "header": ("以下は話者と相手の対話です。\n"
+                   "話者のプロフィール: {speaker_profile}\n"
+                   "相手のプロフィール: {partner_profile}\n"
+                   "話者の自己紹介: {self_intro}\n"
+                   "1行が1発話です。"),
+    },
+}
+# Japanese words for the profile values of udg_lib.profiles.VOCABULARY; other values pass through.
+_JA_VALUES: dict[str, str] = {
+    "female": "女性", "male": "男性", "married": "既婚", "single": "未婚",
+    "10s": "10代", "20s": "20代", "30s": "30代", "40s": "40代", "50s": "50代", "60s+": "60代以上",
+    "office_worker": "会社員", "college_student": "大学生", "part_time_worker": "パート・アルバイト",
+    "unemployed": "無職", "homemaker": "主婦・主夫", "business_owner": "自営業・経営者",
+    "high_school_student": "高校生", "civil_servant": "公務員", "researcher": "研究者", "engineer": "エンジニア",
+    "entertainer": "芸能人", "professional": "専門職", "service_worker": "サービス業", "retired": "退職者",
+}
+# A reply that starts with one of these labels has it stripped (models often echo the transcript's form).
+_LABEL = re.compile(r"^\s*(?:speaker|partner|you|me|assistant|user|話者|相手|あなた)\s*[:：]\s*", re.IGNORECASE)
+_QUOTES = [('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"), ("「", "」"), ("『", "』")]
+# First-person words mark replies in which a user speaks about themself (English and Japanese).
+_FIRST_PERSON = re.compile(r"\b(?:i|i'm|im|i've|i'd|i'll|my|me|myself)\b|私|わたし|僕|ぼく|俺|おれ|自分",
+                           re.IGNORECASE)
+
+
+def _template(language: str) -> dict[str, Any]:
+    if language not in _TEMPLATES:
+        raise ValueError(f"unknown prompt language {language!r}; expected one of {LANGUAGES}")
+    return _TEMPLATES[language]
+
+
+def describe_profile(profile: Mapping[str, object] | None, language: str = "en") -> str:
+    """A profile in words for an LLM prompt: 'age: 20s, gender: female, ...'; unknown fields are left out.
+
+    With no known field at all, the words for "not given".
+    """
+    template = _template(language)
+    parts = []
+    for field in PROFILE_FIELDS:
+        value = str((profile or {}).get(field, UNKNOWN)).strip()
+        if not value or value == UNKNOWN or value.lower() == "nan":
+            continue
+        value = _JA_VALUES.get(value, value) if language == "ja" else value.replace("_", " ")
+        parts.append(f"{template['fields'][field]}: {value}")
+    return ("、" if language == "ja" else ", ").join(parts) or template["not_given"]
+
+
+def _split_sets(frame: pd.DataFrame) -> list:
+    return sorted(frame["split_set"].unique().tolist()) if "split_set" in frame else []
+
+
+def self_introduction(users: pd.DataFrame, pairs: pd.DataFrame, user_id: str, max_turns: int = 3,
+                      max_chars: int = 300) -> str:
+    """§4.2.2 "a self-introductory sentence created by the speaker".
+
+    The corpus's own `self_intro` when the users frame has a non-empty one for `user_id` (kept whole).
+    Otherwise one is built from the user's own replies (`response` where `speaker_id == user_id`) in
+    TRAINING pairs only (split train_da or train_ft): dev and test replies are the answers the
+    baseline is scored on, so they never enter its prompt. Rule: first-person replies ("I", "my",
+    私, 僕, ...) before the others, then longer before shorter, ties by pair_id; distinct texts only;
+    the first `max_turns` are joined with spaces and cut to `max_chars` at a word boundary. "" when
+    the user has no training reply.
+
+    `pairs` must hold a single split set (a turn trained on in one set can be a test turn in another).
+    """
+    if "user_id" in users and "self_intro" in users:
+        own = users.loc[users["user_id"] == user_id, "self_intro"]
+        for value in own:
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+    missing = {"split", "speaker_id", "response", "pair_id"} - set(pairs.columns)
+    if missing:
+        raise ValueError(f"pairs for the self-introduction lack columns {sorted(missing)}")
+    if len(_split_sets(pairs)) > 1:
+        raise ValueError(f"pairs for the self-introduction of {user_id!r} mix split sets {_split_sets(pairs)}; "
+                         "pass one split set (its training turns can be another set's test turns)")
+    mine = pairs[(pairs["speaker_id"] == user_id) & pairs["split"].isin(TRAINING_SPLITS)]
+    candidates = {}
+    for pair_id, response in sorted(zip(mine["pair_id"].astype(str), mine["response"].astype(str))):
+        text = " ".join(response.split())
+        if text and text not in candidates:
+            candidates[text] = (not _FIRST_PERSON.search(text), -len(text), pair_id)
+    chosen = sorted(candidates, key=candidates.__getitem__)[:max_turns]
+    return _truncate(" ".join(chosen), max_chars)
+
+
+def _truncate(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    # back to the last space when there is one in the second half (Japanese text has none: cut anywhere)
+    space = cut.rfind(" ")
+    return (cut[:space] if space > max_chars // 2 else cut).rstrip()
+
+
+def _history(context: Sequence[str], max_history: int) -> list[tuple[bool, str]]:
+    """(is_speaker, text) for the last `max_history` turns; the last turn is the partner's and the
+    speakers alternate backwards from it (the pairs do not record who spoke each context turn)."""
+    if max_history < 0:
+        raise ValueError(f"max_history must be >= 0, got {max_history}")
+    turns = [" ".join(str(t).split()) for t in list(context)]
+    turns = turns[len(turns) - max_history:] if max_history else []
+    n = len(turns)
+    return [((n - 1 - i) % 2 == 1, text) for i, text in enumerate(turns)]
+
+
+def _fill(template: str, speaker_profile, partner_profile, self_intro: str, language: str) -> str:
+    words = _template(language)
+    return template.format(speaker_profile=describe_profile(speaker_profile, language),
+                           partner_profile=describe_profile(partner_profile, language),
+                           self_intro=" ".join(self_intro.split()) or words["not_given"])
+
+
+def build_chat_messages(context: Sequence[str], speaker_profile: Mapping[str, object] | None,
+                        partner_profile: Mapping[str, object] | None, self_intro: str,
+                        max_history: int = MAX_HISTORY, language: str = "en") -> list[dict]:
+    """§4.2.2 GPT-3.5 prompt: a system message that casts the model as the speaker (both profiles, the
+    self-introduction, the instruction), then the last `max_history` turns, partner turns as "user"
+    and the speaker's own as "assistant"; the last context turn is the partner's.
+    """
+    words = _template(language)
+    messages = [{"role": "system",
+                 "content": _fill(words["system"], speaker_profile, partner_profile, self_intro, language)}]
+    messages += [{"role": "assistant" if is_speaker else "user", "content": text}
+                 for is_speaker, text in _history(context, max_history)]
+    if messages[-1]["role"] != "user":  # no history: the model still needs a turn to answer
+        messages.append({"role": "user", "content": words["start"]})
+    return messages
+
+
+def build_completion_prompt(context: Sequence[str], speaker_profile: Mapping[str, object] | None,
+                            partner_profile: Mapping[str, object] | None, self_intro: str,
+                            max_history: int = MAX_HISTORY, language: str = "en") -> str:
+    """§4.2.2 Jp-NeoX / Jp-Llama2 prompt: the chat prompt's content as a transcript with one
+    "Label: utterance" line per turn, ending with the speaker's label and a colon to be continued."""
+    words = _template(language)
+    lines = [_fill(words["header"], speaker_profile, partner_profile, self_intro, language), ""]
+    lines += [f"{words['speaker'] if is_speaker else words['partner']}: {text}"
+              for is_speaker, text in _history(context, max_history)]
+    lines.append(f"{words['speaker']}:")
+    return "\n".join(lines)
+
+
+def clean_reply(text: str) -> str:
+    """The utterance in a model's reply: its first non-empty line, without a leading speaker label
+    or surrounding quotes; "" when nothing is left."""
+    line = next((l.strip() for l in str(text).splitlines() if l.strip()), "")
+    while True:
+        stripped = _LABEL.sub("", line, count=1).strip()
+        for opening, closing in _QUOTES:
+            if len(stripped) >= 2 and stripped.startswith(opening) and stripped.endswith(closing):
+                stripped = stripped[len(opening):-len(closing)].strip()
+        if stripped == line:
+            return line
+        line = stripped
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown baseline prompt format {fmt!r}; expected one of {FORMATS}")
+
+
+class LocalLLM:
+    """A transformers causal LM as a baseline generator: greedy, batched with left padding.
+
+    Load it by short name (udg_lib.llm.PACKAGED_LLMS), local path or model id, or wrap a model
+    already in memory with `from_model`.
+    """
+
+    def __init__(self, name_or_path: str = "smollm2", *, cache_dir: str | Path | None = None,
+                 dtype: torch.dtype | None = None):
+        import torch
+
+        from udg_lib.llm import load_causal_lm
+
+        model, tokenizer = load_causal_lm(name_or_path, cache_dir=cache_dir, dtype=dtype or torch.float32)
+        self._setup(model, tokenizer, name_or_path)
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None) -> LocalLLM:
+        instance = cls.__new__(cls)
+        instance._setup(model, tokenizer, name or getattr(model, "name_or_path", "") or type(model).__name__)
+        return instance
+
+    def _setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, str(name)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(f"tokenizer of {self.name} has neither a pad nor an eos token to pad batches with")
+        self.pad_token_id = int(pad)
+
+    def __repr__(self) -> str:
+        return f"LocalLLM({self.name!r})"
+
+    # --- encoding ---------------------------------------------------------------------------------
+
+    def prompt_text(self, prompt: str | Sequence[dict], fmt: str) -> str:
+        """The text the model reads: a chat prompt through the tokenizer's chat template."""
+        _check_format(fmt)
+        if fmt == "completion":
+            if not isinstance(prompt, str):
+                raise TypeError(f"a completion prompt is a string, got {type(prompt).__name__}")
+            return prompt
+        if isinstance(prompt, str):
+            prompt = json.loads(prompt)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.name} has no chat template; use the completion format (or set "
+                             "tokenizer.chat_template)")
+        return self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+
+    def encode_prompt(self, prompt: str | Sequence[dict], fmt: str) -> list[int]:
+        # A chat template writes its own special tokens; a completion prompt gets the tokenizer's (e.g. BOS).
+        return list(self.tokenizer(self.prompt_text(prompt, fmt), add_special_tokens=fmt == "completion")["input_ids"])
+
+    def _pad(self, sequences: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            span = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+            ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, span] = 1
+        return ids.to(self.model.device), mask.to(self.model.device)
+
+    @staticmethod
+    def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+        """Indices grouped by similar length (less padding), in a fixed order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    # --- generation and scoring ---------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str | Sequence[dict]], fmt: str, max_new_tokens: int = 40,
+                 batch_size: int = 8, progress: bool = False) -> list[str]:
+        """Greedy continuations of `prompts` (chat: message lists or their JSON; completion: text),
+        decoded without special tokens. A row stops at its first newline (replies are one line) or
+        at EOS; the batching does not change the result."""
+        import torch
+        from tqdm.auto import tqdm
+
+        encoded = [self.encode_prompt(p, fmt) for p in prompts]
+        results: list[str] = [""] * len(encoded)
+        batches = self._batches([len(e) for e in encoded], batch_size)
+        for batch in tqdm(batches, desc=f"generate {self.name}", disable=not progress):
+            ids, mask = self._pad([encoded[i] for i in batch], side="left")
+            with torch.inference_mode():
+                output = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                             do_sample=False, pad_token_id=self.pad_token_id,
+                                             stopping_criteria=[_NewlineStop(self.tokenizer, ids.shape[1])])
+            for row, index in enumerate(batch):
+                # a row that stopped early was filled with padding, which decoding drops
+                results[index] = self.tokenizer.decode(output[row, ids.shape[1]:], skip_special_tokens=True)
+        return results
+
+    def reference_nll(self, prompts: Sequence[str | Sequence[dict]], references: Sequence[str], fmt: str,
+                      batch_size: int = 8) -> list[tuple[float, int]]:
+        """(summed negative log-likelihood in nats, number of tokens) of each reference given its prompt.
+
+        The reference is encoded on its own (after a space in the completion format, whose prompt ends
+        with "Label:") and appended to the prompt's tokens; no end-of-turn token is scored. Perplexity
+        over a set is exp(sum of NLLs / sum of tokens).
+        """
+        import torch
+
+        if len(prompts) != len(references):
+            raise ValueError(f"{len(prompts)} prompts but {len(references)} references")
+        _check_format(fmt)
+        sequences, starts = [], []
+        for prompt, reference in zip(prompts, references):
+            prompt_ids = self.encode_prompt(prompt, fmt)
+            continuation = (" " if fmt == "completion" else "") + " ".join(str(reference).split())
+            reference_ids = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            if not prompt_ids:
+                raise ValueError(f"empty prompt for reference {reference!r}: nothing to condition on")
+            sequences.append(prompt_ids + reference_ids)
+            starts.append(len(prompt_ids))
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+        for batch in self._batches([len(s) for s in sequences], batch_size):
+            # right padding: under the causal mask, padding after a row's end cannot change its logits
+            ids, mask = self._pad([sequences[i] for i in batch], side="right")
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+            token_log_probs = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for row, index in enumerate(batch):
+                start, end = starts[index], len(sequences[index])
+                # logits at position t predict token t + 1
+                nll = -float(token_log_probs[row, start - 1:end - 1].sum())
+                results[index] = (nll, end - start)
+        return results
+
+
+class _NewlineStop:
+    """Stops each row once its generated text holds a newline after some non-newline text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip("\n") for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+class EndpointError(RuntimeError):
+    """A request to an OpenAI-compatible endpoint that failed, naming its URL and HTTP status."""
+
+    def __init__(self, url: str, status: int | None, detail: str):
+        self.url, self.status = url, status
+        super().__init__(f"POST {url} failed: {f'HTTP {status}' if status is not None else 'no response'}: {detail}")
+
+
+class OpenAICompatibleClient:
+    """Greedy replies from an OpenAI-compatible HTTP API (OpenAI, vLLM, llama.cpp server, ...).
+
+    The API key is read from the environment variable named `api_key_env` at each request and is
+    never kept on the object, so repr, pickles and saved configs cannot carry it. Without the
+    variable set, requests go without an Authorization header (local servers need none).
+    Requests answered 429 or 5xx, or not answered at all, are retried `max_retries` times with
+    exponential backoff (or the server's Retry-After). The endpoint gives no token log-probabilities
+    here, so perplexity is NA for it, as for GPT-3.5 in §4.2.4's tables.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60,
+                 max_retries: int = 3, backoff: float = 1.0):
+        if not re.match(r"^https?://", base_url):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff  # seconds before the first retry; doubles after each
+
+    def __repr__(self) -> str:
+        return (f"OpenAICompatibleClient(base_url={self.base_url!r}, model={self.model!r}, "
+                f"api_key_env={self.api_key_env!r})")
+
+    def _post(self, path: str, payload: dict) -> dict:
+        url = f"{self.base_url}/{path}"
+        body = json.dumps(payload).encode("utf-8")
+        for attempt in range(self.max_retries + 1):
+            headers = {"Content-Type": "application/json"}
+            key = os.environ.get(self.api_key_env, "")  # read per request, never stored
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            retry_after = None
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as error:
+                status, detail = error.code, f"{error.reason}: {error.read().decode('utf-8', 'replace')[:500]}"
+                if status != 429 and status < 500:
+                    hint = f" (is ${self.api_key_env} set?)" if status in (401, 403) and not key else ""
+                    raise EndpointError(url, status, detail + hint) from None
+                retry_after = error.headers.get("Retry-After") if error.headers else None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                status, detail = None, str(getattr(error, "reason", error))
+            else:
+                try:
+                    return json.loads(raw)
+                except json.JSONDecodeError as error:
+                    raise EndpointError(url, 200, f"response is not JSON ({error}): {raw[:200]!r}") from None
+            if attempt == self.max_retries:
+                raise EndpointError(url, status, f"{detail} (gave up after {attempt + 1} attempts)")
+            delay = self.backoff * 2 ** attempt
+            if retry_after and retry_after.strip().isdigit():
+                delay = min(float(retry_after), 60.0)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _choice(response: dict, url: str, key: str) -> str:
+        try:
+            choice = response["choices"][0]
+            text = choice["message"]["content"] if key == "message" else choice["text"]
+        except (KeyError, IndexError, TypeError):
+            raise EndpointError(url, 200, f"unexpected response shape: {json.dumps(response)[:300]}") from None
+        return text or ""
+
+    def generate(self, messages_list: Sequence[Sequence[dict] | str], max_new_tokens: int = 40,
+                 progress: bool = False) -> list[str]:
+        """One chat completion per message list (or its JSON), temperature 0: POST /chat/completions."""
+        from tqdm.auto import tqdm
+
+        replies = []
+        for messages in tqdm(messages_list, desc=f"chat {self.model}", disable=not progress):
+            if isinstance(messages, str):
+                messages = json.loads(messages)
+            payload = {"model": self.model, "messages": list(messages), "temperature": 0,
+                       "max_tokens": max_new_tokens}
+            replies.append(self._choice(self._post("chat/completions", payload),
+                                        f"{self.base_url}/chat/completions", "message"))
+        return replies
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int = 40, progress: bool = False) -> list[str]:
+        """One text completion per prompt, temperature 0, stopping at a newline: POST /completions."""
+        from tqdm.auto import tqdm
+
+        replies = []
+        for prompt in tqdm(prompts, desc=f"complete {self.model}", disable=not progress):
+            payload = {"model": self.model, "prompt": prompt, "temperature": 0, "max_tokens": max_new_tokens,
+                       "stop": ["\n"]}
+            replies.append(self._choice(self._post("completions", payload), f"{self.base_url}/completions", "text"))
+        return replies
+
+
+def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.DataFrame, fmt: str,
+                     max_history: int = MAX_HISTORY, language: str = "en", split: str | None = "test") -> pd.DataFrame:
+    """§4.2.2 prompts, one row per pair of `split` in `pairs` (all rows with split=None): pair_id,
+    speaker_id, prompt (chat: the messages as JSON; completion: the text), reference.
+
+    Self-introductions come from `train_pairs` (see `self_introduction`; only its training splits are
+    read), of the same split set as the pair when both frames have `split_set`.
+    """
+    _check_format(fmt)
+    _template(language)
+    missing = {"pair_id", "speaker_id", "partner_id", "context", "response"} - set(pairs.columns)
+    if missing:
+        raise ValueError(f"pairs lack columns {sorted(missing)}")
+    if split is not None:
+        if "split" not in pairs:
+            raise ValueError(f"pairs have no `split` column to pick split {split!r} from (pass split=None)")
+        pairs = pairs[pairs["split"] == split]
+    profiles = profile_lookup(users)
+    by_set = "split_set" in pairs and "split_set" in train_pairs
+    intros: dict[tuple, str] = {}
+    rows = []
+    for row in pairs.itertuples(index=False):
+        key = (row.split_set if by_set else None, row.speaker_id)
+        if key not in intros:
+            train = train_pairs[train_pairs["split_set"] == key[0]] if by_set else train_pairs
+            intros[key] = self_introduction(users, train, row.speaker_id)
+        args = (list(row.context), profiles.get(row.speaker_id), profiles.get(row.partner_id), intros[key],
+                max_history, language)
+        prompt = (json.dumps(build_chat_messages(*args), ensure_ascii=False) if fmt == "chat"
+                  else build_completion_prompt(*args))
+        rows.append({"pair_id": row.pair_id, "speaker_id": row.speaker_id, "prompt": prompt,
+                     "reference": row.response})
+    return pd.DataFrame(rows, columns=["pair_id", "speaker_id", "prompt", "reference"])
+
+
+def run_baseline(generator: LocalLLM | OpenAICompatibleClient, prompts: pd.DataFrame, fmt: str,
+                 max_new_tokens: int = 40, batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+    """`prompts` (from `baseline_prompts`) plus `raw_generated`, `generated` (cleaned by `clean_reply`),
+    and `nll` / `n_tokens` of the reference: from a LocalLLM, NaN from an endpoint (perplexity NA)."""
+    _check_format(fmt)
+    missing = {"prompt", "reference"} - set(prompts.columns)
+    if missing:
+        raise ValueError(f"prompts lack columns {sorted(missing)}")
+    items = prompts["prompt"].tolist()
+    if isinstance(generator, LocalLLM):
+        raw = generator.generate(items, fmt, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        scores = generator.reference_nll(items, prompts["reference"].tolist(), fmt, batch_size=batch_size)
+    elif isinstance(generator, OpenAICompatibleClient):
+        raw = (generator.generate(items, max_new_tokens, progress=progress) if fmt == "chat"
+               else generator.complete(items, max_new_tokens, progress=progress))
+        scores = [(math.nan, math.nan)] * len(items)
+    else:
+        raise TypeError(f"generator must be a LocalLLM or an OpenAICompatibleClient, got {type(generator).__name__}")
+    result = prompts.copy()
+    result["raw_generated"] = raw
+    result["generated"] = [clean_reply(text) for text in raw]
+    result["nll"] = [float(nll) for nll, _ in scores]
+    result["n_tokens"] = pd.array([None if isinstance(n, float) else n for _, n in scores], dtype="Int64")
+    return result
