@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)  ## the whole study on $(PROFILE) (default cpu); resumes, skipping up-to-date stages
 	$(PY) -m udg_lib.pipeline --profile $(PROFILE)
+	$(PY) -m udg_lib.report --profile $(PROFILE)  # report.md again, with stage 06's own time recorded
 
 test: $(STAMP)  ## unit tests plus the notebooks executed on the test profile
 	$(PY) -m pytest

@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,9 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, T5ForC
 from udg_lib import io
 from udg_lib.pretraining import LABEL_PAD_ID, Seq2SeqExamples, t5_config, tokenize_pairs
 from udg_lib.prompts import assign_one_ids, build_prompts
+
+# peft calls transformers' deprecated `is_gradient_checkpointing` once per adapter: one warning per user.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 METHODS: tuple[str, ...] = ("lora", "full")  # per-user methods of `run_users` (One-ID is one shared model)
 DONE_FILE = "done.json"  # per-user completion marker, written last

@@ -1,0 +1,576 @@
+"""The study's conditions end to end: user-specific fine-tuning of one pre-trained model on one dataset and
+split set (notebook 03), and the Exp1 / Exp2 predictions and scores built on it (notebooks 04, 05).
+
+A *condition* is (dataset, split set, pre-trained model). Its folder, under stage 03's output, is
+`<dataset>/set<k>/<pretrained>/`:
+
+    da/model, da/done.json          domain-adapted model (§4.1.3), the base of every method below
+    one_id/model, one_id/done.json  One-ID model (§4.1.3)
+    lora/<user>/adapter, done.json  one LoRA adapter per user (§3.5), PEFT format
+    full/<user>/done.json, predictions.parquet, exp2_replies.parquet
+                                    FULL per user (§4.1.3): evaluated while in memory (`generation.UserPredictor`);
+                                    `model/` too only with save_full_models
+
+Every step is skipped when its `done.json` exists, so a killed notebook picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from udg_lib import finetuning as ft
+from udg_lib import io
+from udg_lib.generation import UserPredictor
+from udg_lib.pretraining import build_model, count_parameters
+
+# The prompt format each pre-trained model was trained with (§3.4); fine-tuning keeps it.
+PRETRAINED_FORMATS: dict[str, str] = {"plain_t5": "plain", "plain_dialogue": "plain", "psp": "psp", "ppp": "ppp"}
+PRETRAINED_LABELS: dict[str, str] = {"plain_t5": "Plain T5", "plain_dialogue": "Plain Dialogue", "psp": "PSP",
+                                     "ppp": "PPP"}
+METHOD_LABELS: dict[str, str] = {"da": "DA (no user)", "one_id": "One-ID", "lora": "LoRA", "full": "FULL",
+                                 "retrieval": "Retrieval (own turns)"}
+MODEL_DIR = "model"
+
+
+def condition_dir(root: str | Path, dataset: str, split_set: int, pretrained: str) -> Path:
+    return Path(root) / dataset / f"set{split_set}" / pretrained
+
+
+def system_label(pretrained: str, method: str) -> str:
+    """Display label of a system, e.g. "PSP / LoRA"; floors without a pre-trained model keep their own."""
+    if pretrained in PRETRAINED_LABELS:
+        return f"{PRETRAINED_LABELS[pretrained]} / {METHOD_LABELS.get(method, method)}"
+    return METHOD_LABELS.get(method, method)
+
+
+def load_dataset_users(prepared_dir: str | Path, users_dir: str | Path, dataset: str) -> pd.DataFrame:
+    """A dataset's evaluation users with their inferred profiles (stage 01) and One-IDs (stage 00)."""
+    eval_users = pd.read_csv(Path(prepared_dir) / dataset / "eval_users.csv", dtype=str, keep_default_na=False)
+    profiles = pd.read_parquet(Path(users_dir) / f"{dataset}.parquet")
+    profiles = profiles.drop(columns=[c for c in ("one_id", "n_turns") if c in profiles.columns])
+    merged = eval_users[["user_id", "one_id", "n_turns"]].merge(profiles, on="user_id", how="left")
+    missing = merged["gender"].isna() if "gender" in merged.columns else pd.Series(True, index=merged.index)
+    if missing.any():
+        raise ValueError(f"{Path(users_dir) / f'{dataset}.parquet'}: no profile for evaluation users "
+                         f"{merged.loc[missing, 'user_id'].tolist()[:5]}")
+    return merged
+
+
+def dataset_language(prepared_dir: str | Path, dataset: str) -> str:
+    """The language stage 00 recorded for a dataset ("en", "ja"): picks questions, tokenizers and embeddings."""
+    meta = Path(prepared_dir) / dataset / "corpus" / "meta.json"
+    return json.loads(meta.read_text(encoding="utf-8")).get("language", "en")
+
+
+@dataclass
+class UserTrainingOptions:
+    """How per-user models are trained: where (executor) and how LoRA is batched. Not part of the method."""
+
+    lora_training: str = "batched"  # "batched": several users' adapters in one pass (multilora); "per_user"
+    users_per_batch: int = 8  # batched LoRA: users trained together
+    executor: str = "local"  # "local" or "ray" (per-user jobs as Ray tasks; LoRA then trains per user)
+    ray_address: str | None = None  # a Ray cluster; None starts a local instance
+    users_per_task: int = 4
+    num_cpus_per_task: float = 1.0
+    num_gpus_per_task: float = 0.0
+    save_full_models: bool = False  # keep each FULL model on disk (a whole model per user)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lora_training not in ("batched", "per_user"):
+            raise ValueError(f"lora_training must be 'batched' or 'per_user', not {self.lora_training!r}")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be 'local' or 'ray', not {self.executor!r}")
+
+
+def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, record: dict) -> None:
+    """model/ (save_pretrained + tokenizer) and done.json, published together (temp folder + rename)."""
+    with io.staged_dir(folder) as staging:
+        model.save_pretrained(staging / MODEL_DIR)
+        tokenizer.save_pretrained(staging / MODEL_DIR)
+        io.write_json(staging / ft.DONE_FILE, record)
+
+
+def _done(folder: Path) -> dict | None:
+    marker = folder / ft.DONE_FILE
+    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+
+
+def _summary_row(record: dict, **keys: Any) -> dict[str, Any]:
+    return {**keys, **record["summary"]}
+
+
+def finetune_condition(pretrained_model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                       users: pd.DataFrame, user_ids: Sequence[str], pretrained: str, out_dir: str | Path,
+                       config: ft.FinetuneConfig, da_config: ft.FinetuneConfig,
+                       options: UserTrainingOptions | None = None, questions: pd.DataFrame | None = None,
+                       predict_settings: dict[str, Any] | None = None, device: str | None = None,
+                       methods: Sequence[str] = ("one_id", "lora", "full")) -> pd.DataFrame:
+    """§4.1.3 for one condition: domain adaptation, then One-ID, LoRA and FULL for every user in `user_ids`.
+
+    `pairs` are one split set's rows of a dataset's eval pairs, `users` its evaluation users (profiles and
+    One-IDs). FULL users are evaluated in memory: their test replies (with reference NLL) and Exp2 answers to
+    `questions` go into their folders (`predict_settings`: UserPredictor's length/batch options).
+    Returns one row per trained unit: method, user_id ("" for DA and One-ID) and the training summary.
+    """
+    options = options or UserTrainingOptions()
+    out_dir = Path(out_dir)
+    fmt = PRETRAINED_FORMATS[pretrained]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows: list[dict[str, Any]] = []
+    user_ids = sorted(user_ids)
+
+    # §4.1.3: domain adaptation on the pooled train_da halves, before any user-specific training.
+    da_dir = out_dir / "da"
+    record = _done(da_dir)
+    if record is None:
+        model = build_model(pretrained_model_dir, tokenizer).to(device)
+        model, summary = ft.domain_adapt(model, tokenizer, pairs, users, fmt, da_config, user_ids)
+        record = {"method": "da", "fmt": fmt, "summary": summary.as_dict(), "config": da_config.as_dict(),
+                  "n_parameters": count_parameters(model)}
+        _save_model(model, tokenizer, da_dir, record)
+        del model
+    rows.append(_summary_row(record, method="da", user_id=""))
+    base_dir = da_dir / MODEL_DIR
+
+    if "one_id" in methods:  # one model for all users, each prompt led by the user's One-ID
+        one_id_dir = out_dir / "one_id"
+        record = _done(one_id_dir)
+        if record is None:
+            model = build_model(base_dir, tokenizer).to(device)
+            model, summary = ft.train_one_id(model, tokenizer, pairs, users, fmt, config, user_ids)
+            record = {"method": "one_id", "fmt": fmt, "summary": summary.as_dict(), "config": config.as_dict()}
+            _save_model(model, tokenizer, one_id_dir, record)
+            del model
+        rows.append(_summary_row(record, method="one_id", user_id=""))
+
+    predictor = None
+    if "full" in methods:
+        test = pairs[pairs["split"] == "test"]
+        predictor = UserPredictor(tokenizer, test, users, fmt, questions, **(predict_settings or {}))
+    for method in ("lora", "full"):
+        if method not in methods:
+            continue
+        table = _train_users(method, base_dir, tokenizer, pairs, users, user_ids, fmt, out_dir / method, config,
+                             options, predictor if method == "full" else None, device)
+        rows += [{**r, "method": method} for r in table.drop(columns=["status", "dir"]).to_dict("records")]
+    return pd.DataFrame(rows)
+
+
+def _train_users(method: str, base_dir: Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                 users: pd.DataFrame, user_ids: list[str], fmt: str, out_dir: Path, config: ft.FinetuneConfig,
+                 options: UserTrainingOptions, after_user: UserPredictor | None, device: str) -> pd.DataFrame:
+    if options.executor == "ray":
+        from udg_lib.executors import train_users
+
+        return train_users(method, base_dir, pairs, users, user_ids, fmt, out_dir, config, executor="ray",
+                           ray_address=options.ray_address, users_per_task=options.users_per_task,
+                           num_cpus_per_task=options.num_cpus_per_task, num_gpus_per_task=options.num_gpus_per_task,
+                           device=device, save_full_models=options.save_full_models, after_user=after_user,
+                           progress=options.progress)
+    from udg_lib.executors import clear_staging_leftovers
+
+    clear_staging_leftovers(out_dir, user_ids)  # half-written user folders of a killed run
+    base = build_model(base_dir, tokenizer).to(device)  # loaded once for all users of this condition
+    if method == "lora" and options.lora_training == "batched":
+        from udg_lib.multilora import run_users_batched
+
+        return run_users_batched(base, tokenizer, pairs, users, user_ids, fmt, out_dir, config,
+                                 users_per_batch=options.users_per_batch, progress=options.progress)
+    return ft.run_users(method, base, tokenizer, pairs, users, user_ids, fmt, out_dir, config,
+                        save_full_models=options.save_full_models, after_user=after_user,
+                        progress=options.progress)
+
+
+def artifact_sizes(condition: Path) -> dict[str, Any]:
+    """Bytes on disk: the DA model (= one FULL or One-ID model), the mean LoRA adapter, and their counts."""
+    def folder_bytes(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    def weights_bytes(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+    adapters = [d / ft.ADAPTER_DIR for d in (condition / "lora").glob("*") if (d / ft.ADAPTER_DIR).is_dir()]
+    return {
+        "model_weights_bytes": weights_bytes(condition / "da" / MODEL_DIR),
+        "model_folder_bytes": folder_bytes(condition / "da" / MODEL_DIR),
+        "adapter_weights_bytes_mean": (sum(weights_bytes(a) for a in adapters) / len(adapters)) if adapters else None,
+        "adapter_folder_bytes_mean": (sum(folder_bytes(a) for a in adapters) / len(adapters)) if adapters else None,
+        "n_adapters": len(adapters),
+    }
+
+
+def finetune_config(base: ft.FinetuneConfig, **overrides: Any) -> ft.FinetuneConfig:
+    """`base` with the given fields replaced (None values ignored), e.g. the DA config from the user config."""
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exp1 (§4.2): next-utterance predictions of every system of one condition
+
+
+def _prediction_settings(tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame, users: pd.DataFrame, fmt: str,
+                         settings: dict[str, Any] | None, one_ids: dict[str, str] | None = None) -> UserPredictor:
+    return UserPredictor(tokenizer, test, users, fmt, None, one_ids=one_ids, **(settings or {}))
+
+
+def adapter_names_for(user_ids: Sequence[str]) -> dict[str, str]:
+    """Module-safe adapter names (`u0`, `u1`, ...) for user ids, in sorted id order."""
+    return {user: f"u{k}" for k, user in enumerate(sorted(set(user_ids)))}
+
+
+def load_condition_lora(condition: Path, tokenizer: PreTrainedTokenizerBase, user_ids: Sequence[str],
+                        device: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The DA model with every user's adapter loaded (names from `adapter_names_for`)."""
+    from udg_lib.generation import load_user_adapters
+
+    names = adapter_names_for(user_ids)
+    base = build_model(condition / "da" / MODEL_DIR, tokenizer).to(device)
+    dirs = {names[u]: ft.user_dir(condition / "lora", u) / ft.ADAPTER_DIR for u in sorted(names)}
+    missing = [str(d) for d in dirs.values() if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"LoRA adapters missing (rerun notebook 03): {missing[:3]}")
+    return load_user_adapters(base, dirs), names
+
+
+def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                     users: pd.DataFrame, user_ids: Sequence[str], pretrained: str,
+                     settings: dict[str, Any] | None = None, device: str = "cpu",
+                     methods: Sequence[str] = ("da", "one_id", "lora", "full")) -> pd.DataFrame:
+    """Greedy replies and reference NLLs on the `test` pairs of `user_ids` for each method of a condition.
+
+    DA (the floor with no user information) and One-ID run their saved models, LoRA runs every user's
+    adapter in mixed batches on the DA model, FULL is read from the replies notebook 03 wrote while each
+    FULL model was in memory. Columns: pair_id, speaker_id, generated, nll, n_tokens, method.
+    """
+    from udg_lib.generation import PREDICTIONS_FILE, predict_pairs
+
+    condition = Path(condition)
+    fmt = PRETRAINED_FORMATS[pretrained]
+    test = pairs[(pairs["split"] == "test") & pairs["speaker_id"].isin(set(user_ids))]
+    test = test.sort_values(["speaker_id", "pair_id"]).reset_index(drop=True)
+    frames = []
+    if "da" in methods:
+        model = build_model(condition / "da" / MODEL_DIR, tokenizer).to(device)
+        frames.append(predict_pairs(model, test, _prediction_settings(tokenizer, test, users, fmt, settings))
+                      .assign(method="da"))
+    if "one_id" in methods:
+        model = build_model(condition / "one_id" / MODEL_DIR, tokenizer).to(device)
+        settings_one_id = _prediction_settings(tokenizer, test, users, fmt, settings, ft.one_ids_of(users))
+        frames.append(predict_pairs(model, test, settings_one_id).assign(method="one_id"))
+    if "lora" in methods:
+        model, names = load_condition_lora(condition, tokenizer, user_ids, device)
+        frames.append(predict_pairs(model, test, _prediction_settings(tokenizer, test, users, fmt, settings),
+                                    adapter_names=[names[u] for u in test["speaker_id"]]).assign(method="lora"))
+    if "full" in methods:
+        full = []
+        for user in sorted(set(user_ids)):
+            path = ft.user_dir(condition / "full", user) / PREDICTIONS_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: FULL predictions missing (rerun notebook 03)")
+            full.append(pd.read_parquet(path))
+        frames.append(pd.concat(full, ignore_index=True).assign(method="full"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def join_context(context: Sequence[str]) -> str:
+    """A context as one string for retrieval embeddings (turns in order, newest last)."""
+    return " \n ".join(context)
+
+
+def retrieval_predictions(embedder: Any, pairs: pd.DataFrame, user_ids: Sequence[str]) -> pd.DataFrame:
+    """The retrieval floor: each test context answered with the user's own training response (train_da and
+    train_ft) whose context is most similar (`metrics.retrieve_responses`)."""
+    from udg_lib.metrics import retrieve_responses
+
+    ids = set(user_ids)
+    train = pairs[pairs["split"].isin(["train_da", "train_ft"]) & pairs["speaker_id"].isin(ids)]
+    test = pairs[(pairs["split"] == "test") & pairs["speaker_id"].isin(ids)]
+    test = test.sort_values(["speaker_id", "pair_id"]).reset_index(drop=True)
+    generated = retrieve_responses(embedder, [join_context(c) for c in train["context"]], train["response"].tolist(),
+                                   train["speaker_id"].tolist(), [join_context(c) for c in test["context"]],
+                                   test["speaker_id"].tolist())
+    return pd.DataFrame({"pair_id": test["pair_id"], "speaker_id": test["speaker_id"], "generated": generated,
+                         "nll": float("nan"), "n_tokens": float("nan"), "method": "retrieval"})
+
+
+def score_predictions(predictions: pd.DataFrame, pairs: pd.DataFrame, embedder: Any, language: str) -> pd.DataFrame:
+    """Per-sample Exp1 scores (§4.2.3): the reference joined in, cosine similarity of sentence embeddings and
+    ROUGE-L F x100 (language-aware tokens); nll/n_tokens kept for perplexity."""
+    from udg_lib.metrics import cosine_similarities, rouge_l
+
+    references = pairs.drop_duplicates("pair_id").set_index("pair_id")["response"]
+    scored = predictions.rename(columns={"speaker_id": "user_id"}).copy()
+    scored["reference"] = references.reindex(scored["pair_id"]).to_numpy()
+    if scored["reference"].isna().any():
+        raise ValueError(f"predictions for unknown pair ids {scored.loc[scored['reference'].isna(), 'pair_id'].tolist()[:3]}")
+    scored["generated"] = scored["generated"].fillna("").astype(str)
+    scored["similarity"] = cosine_similarities(embedder, scored["generated"].tolist(), scored["reference"].tolist())
+    scored["rouge_l"] = rouge_l(scored["generated"].tolist(), scored["reference"].tolist(), language)
+    return scored
+
+
+EXP1_METRICS: tuple[str, ...] = ("similarity", "acc_at_sim", "rouge_l", "perplexity")
+EXP1_FORMATS: dict[str, str] = {"similarity": ".3f", "acc_at_sim": ".3g", "rouge_l": ".1f", "perplexity": ".1f",
+                                "n_users": "d"}
+
+
+def exp1_comparisons(pretrained: Sequence[str]) -> list[tuple[dict, dict]]:
+    """The paired tests of Exp1: LoRA vs One-ID and FULL vs LoRA per pre-trained model; PSP and PPP vs Plain
+    Dialogue per method; each fine-tuned system vs its DA floor and vs the retrieval floor."""
+    comparisons: list[tuple[dict, dict]] = []
+    for name in pretrained:
+        comparisons += [({"pretrain": name, "method": "lora"}, {"pretrain": name, "method": "one_id"}),
+                        ({"pretrain": name, "method": "full"}, {"pretrain": name, "method": "lora"})]
+    for profiled in ("psp", "ppp"):
+        if profiled in pretrained and "plain_dialogue" in pretrained:
+            comparisons += [({"pretrain": profiled, "method": m}, {"pretrain": "plain_dialogue", "method": m})
+                            for m in ("one_id", "lora", "full")]
+    for name in pretrained:
+        for method in ("one_id", "lora", "full"):
+            comparisons += [({"pretrain": name, "method": method}, {"pretrain": name, "method": "da"}),
+                            ({"pretrain": name, "method": method}, {"pretrain": "none", "method": "retrieval"})]
+    return comparisons
+
+
+def leakage_table(scores: pd.DataFrame, pairs_by_dataset: dict[str, pd.DataFrame], embedder: Any,
+                  methods: Sequence[str] = ("da", "one_id", "lora", "full")) -> pd.DataFrame:
+    """Per sample: is the generated reply closer to another evaluation user's training responses than to the
+    user's own, and is it a near copy (>= 0.9) of another user's? (`metrics.leakage_scores`; §4.1.3 and
+    §4.3.4 name the risk for One-ID but do not measure it.) DA, which sees no user, gives the chance level."""
+    from udg_lib.metrics import leakage_scores
+
+    frames = []
+    for (dataset, split_set), group in scores[scores["method"].isin(methods)].groupby(["dataset", "split_set"]):
+        pairs = pairs_by_dataset[dataset]
+        users = set(group["user_id"])
+        train = pairs[(pairs["split_set"] == split_set) & pairs["split"].isin(["train_da", "train_ft"])
+                      & pairs["speaker_id"].isin(users)]
+        leak = leakage_scores(embedder.encode(group["generated"].tolist()), group["user_id"].tolist(),
+                              embedder.encode(train["response"].tolist()), train["speaker_id"].tolist())
+        frames.append(pd.concat([group[["dataset", "split_set", "user_id", "pair_id", "pretrain", "method"]]
+                                 .reset_index(drop=True), leak.drop(columns=["target_user"])], axis=1))
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exp2 (§4.3): every user's model answers the personal questions
+
+
+def exp2_replies(condition: str | Path, tokenizer: PreTrainedTokenizerBase, questions: pd.DataFrame,
+                 users: pd.DataFrame, user_ids: Sequence[str], pretrained: str, settings: dict[str, Any] | None = None,
+                 device: str = "cpu", methods: Sequence[str] = ("one_id", "lora", "full")) -> pd.DataFrame:
+    """Greedy answers (§4.3.2) of each user's One-ID, LoRA and FULL model to every question.
+
+    Columns: user_id, question_id, reply, method. FULL answers come from notebook 03's files."""
+    from udg_lib.generation import EXP2_FILE, greedy_generate, question_pairs
+    from udg_lib.prompts import build_prompts
+
+    condition = Path(condition)
+    fmt = PRETRAINED_FORMATS[pretrained]
+    options = {k: v for k, v in (settings or {}).items() if k in ("max_new_tokens", "batch_size", "max_source_length")}
+    asked = pd.concat([question_pairs(questions, u) for u in sorted(set(user_ids))], ignore_index=True)
+    frames = []
+    if "one_id" in methods:
+        model = build_model(condition / "one_id" / MODEL_DIR, tokenizer).to(device)
+        sources = build_prompts(asked, users, fmt, ft.one_ids_of(users)).tolist()
+        frames.append(asked.assign(reply=greedy_generate(model, tokenizer, sources, **options), method="one_id"))
+    if "lora" in methods:
+        model, names = load_condition_lora(condition, tokenizer, user_ids, device)
+        sources = build_prompts(asked, users, fmt).tolist()
+        replies = greedy_generate(model, tokenizer, sources, adapter_names=[names[u] for u in asked["speaker_id"]],
+                                  **options)
+        frames.append(asked.assign(reply=replies, method="lora"))
+    if "full" in methods:
+        for user in sorted(set(user_ids)):
+            path = ft.user_dir(condition / "full", user) / EXP2_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: FULL Exp2 replies missing (rerun notebook 03)")
+            frames.append(pd.read_parquet(path).assign(speaker_id=user, method="full")
+                          .rename(columns={"question_id": "pair_id"}))
+    replies = pd.concat(frames, ignore_index=True)
+    return replies.rename(columns={"speaker_id": "user_id", "pair_id": "question_id"})[
+        ["user_id", "question_id", "reply", "method"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table 6: models, size on disk, response time
+
+
+def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                   users: pd.DataFrame, user_ids: Sequence[str], pretrained: str, n_users: int = 5,
+                   device: str = "cpu", max_new_tokens: int = 48) -> pd.DataFrame:
+    """Table 6's "response time": load the user's model, then generate one reply, per method; cold (the model
+    read from disk) and warm (already in memory), averaged over `n_users` users' first test contexts.
+
+    One-ID: one model for everyone (cold: read it; warm: generate). LoRA: the DA base stays in memory
+    (cold: read the user's adapter onto it; warm: the adapter already loaded, switch to it). FULL: a whole
+    model per user (cold: read it; warm: generate). FULL models are kept on disk only with save_full_models;
+    otherwise the DA model folder stands in for them (same architecture and file size, so the same read time).
+    """
+    import time
+
+    from peft import PeftModel
+    from transformers import T5ForConditionalGeneration
+
+    from udg_lib.generation import greedy_generate
+    from udg_lib.prompts import build_prompts
+
+    condition = Path(condition)
+    fmt = PRETRAINED_FORMATS[pretrained]
+    one_ids = ft.one_ids_of(users)
+    chosen = sorted(set(user_ids))[:n_users]
+    test = pairs[pairs["split"] == "test"]
+    firsts = test[test["speaker_id"].isin(chosen)].sort_values("pair_id").drop_duplicates("speaker_id")
+
+    def reply(model: torch.nn.Module, row: pd.DataFrame, with_id: bool) -> None:
+        source = build_prompts(row, users, fmt, one_ids if with_id else None).tolist()
+        greedy_generate(model, tokenizer, source, max_new_tokens=max_new_tokens)
+
+    def timed(action) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        action()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def load(folder: Path) -> torch.nn.Module:
+        return T5ForConditionalGeneration.from_pretrained(folder).to(device).eval()
+
+    rows = []
+    warm_one_id = load(condition / "one_id" / MODEL_DIR)
+    base = load(condition / "da" / MODEL_DIR)
+    peft_model: PeftModel | None = None
+    for k, row in enumerate(firsts.itertuples(index=False)):
+        frame = pd.DataFrame([row._asdict()])
+        user = row.speaker_id
+        rows.append({"method": "one_id", "mode": "cold",
+                     "seconds": timed(lambda: reply(load(condition / "one_id" / MODEL_DIR), frame, True))})
+        rows.append({"method": "one_id", "mode": "warm", "seconds": timed(lambda: reply(warm_one_id, frame, True))})
+        adapter = ft.user_dir(condition / "lora", user) / ft.ADAPTER_DIR
+        name = f"u{k}"
+
+        def load_adapter() -> None:
+            nonlocal peft_model
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(base, str(adapter), adapter_name=name)
+            else:
+                peft_model.load_adapter(str(adapter), adapter_name=name)
+            peft_model.set_adapter(name)
+            peft_model.eval()
+            reply(peft_model, frame, False)
+
+        rows.append({"method": "lora", "mode": "cold", "seconds": timed(load_adapter)})
+        rows.append({"method": "lora", "mode": "warm",
+                     "seconds": timed(lambda: (peft_model.set_adapter(name), reply(peft_model, frame, False)))})
+        saved = ft.user_dir(condition / "full", user) / ft.MODEL_DIR
+        folder = saved if saved.is_dir() else condition / "da" / MODEL_DIR
+        full_model = None
+
+        def load_full() -> None:
+            nonlocal full_model
+            full_model = load(folder)
+            reply(full_model, frame, False)
+
+        rows.append({"method": "full", "mode": "cold", "seconds": timed(load_full)})
+        rows.append({"method": "full", "mode": "warm", "seconds": timed(lambda: reply(full_model, frame, False))})
+    return pd.DataFrame(rows)
+
+
+def table6(times: pd.DataFrame, sizes: dict[str, Any], n_users: int) -> pd.DataFrame:
+    """Table 6 analog: number of models, size on disk per model, mean response time cold and warm."""
+    mean = times.groupby(["method", "mode"])["seconds"].mean().unstack()
+    model_mb = sizes["model_weights_bytes"] / 1e6
+    adapter_mb = (sizes["adapter_weights_bytes_mean"] or float("nan")) / 1e6
+    spec = {"one_id": (1, model_mb), "lora": (n_users, adapter_mb), "full": (n_users, model_mb)}
+    return pd.DataFrame([{"model": METHOD_LABELS[m], "models": spec[m][0], "size_MB": spec[m][1],
+                          "response_s_cold": mean.loc[m, "cold"], "response_s_warm": mean.loc[m, "warm"]}
+                         for m in ("one_id", "lora", "full") if m in mean.index])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presentation: Tables 3-5 analogs and their significance notes
+
+
+def exp1_table(per_user: pd.DataFrame, metrics: Sequence[str] = EXP1_METRICS) -> pd.DataFrame:
+    """One dataset's Exp1 table: rows grouped by pre-trained model (paper order), then the floors; mean over
+    users and split sets (`metrics.results_table`)."""
+    from udg_lib.metrics import results_table
+
+    table = results_table(per_user, metrics)
+    pretrain_order = [*PRETRAINED_FORMATS, "none", "llm"]
+    method_order = ["da", "one_id", "lora", "full", "retrieval"]
+    table["_p"] = table["pretrain"].map(lambda p: pretrain_order.index(p) if p in pretrain_order else 99)
+    table["_m"] = table["method"].map(lambda m: method_order.index(m) if m in method_order else 99)
+    table = table.sort_values(["_p", "_m", "method"], kind="stable").drop(columns=["_p", "_m"])
+    table.insert(0, "model", [PRETRAINED_LABELS.get(p, "Floor" if p == "none" else "Prompt LLM") for p in table["pretrain"]])
+    table.insert(1, "fine-tuning", [METHOD_LABELS.get(m, m) for m in table["method"]])
+    return table.drop(columns=["pretrain", "method"]).reset_index(drop=True)
+
+
+def significance_notes(significance: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+    """One line per test: "a vs b: mean diff, p (test, n users)", significant ones marked."""
+    lines = []
+    for row in significance.itertuples(index=False):
+        mark = " *" if row.p_value < alpha else ""
+        lines.append(f"- {_selector_label(row.label_a)} vs {_selector_label(row.label_b)} ({row.metric}): "
+                     f"diff {row.mean_diff:+.4f}, p = {row.p_value:.3g}{mark} ({row.method}, n = {row.n})")
+    return lines
+
+
+def _selector_label(label: str) -> str:
+    pretrain, _, method = label.partition("/")
+    return system_label(pretrain, method)
+
+
+def per_user_over_sets(per_user: pd.DataFrame, metric_cols: Sequence[str]) -> pd.DataFrame:
+    """Per-user values averaged over split sets: the unit of the significance tests (a user appears in every
+    split set, so the sets are not independent samples)."""
+    keys = ["dataset", "user_id", "pretrain", "method"]
+    return per_user.groupby(keys, sort=False)[list(metric_cols)].mean().reset_index()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt-based LLM baselines (§4.2.2): naming and context sampling
+
+
+LLM_DISPLAY_NAMES: dict[str, str] = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
+
+
+def llm_short_name(name_or_path: str) -> str:
+    """A method name for an LLM: the packaged short name, or the last path / id component, lower-cased."""
+    return Path(name_or_path.rstrip("/")).name.lower() or "llm"
+
+
+def llm_display_name(name_or_path: str) -> str:
+    return LLM_DISPLAY_NAMES.get(name_or_path, Path(name_or_path.rstrip("/")).name)
+
+
+def local_llm(name_or_path: str, device: str = "cpu") -> Any:
+    """A `baselines.LocalLLM` on `device`."""
+    from udg_lib.baselines import LocalLLM
+
+    generator = LocalLLM(name_or_path)
+    generator.model.to(device)
+    return generator
+
+
+def sample_test_contexts(pairs: pd.DataFrame, user_ids: Sequence[str], per_user: int, seed: int = 0) -> pd.DataFrame:
+    """The `test` pairs of `user_ids` (one split set), or a seeded sample of `per_user` of each user's (0: all),
+    sorted by user and pair id."""
+    test = pairs[(pairs["split"] == "test") & pairs["speaker_id"].isin(set(user_ids))]
+    if per_user:
+        test = test.sort_values(["speaker_id", "pair_id"])
+        keep = [i for _, g in test.groupby("speaker_id") for i in g.sample(min(per_user, len(g)), random_state=seed).index]
+        test = test.loc[keep]
+    return test.sort_values(["speaker_id", "pair_id"]).reset_index(drop=True)
