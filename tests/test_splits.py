@@ -130,3 +130,15 @@ def test_table2_row_averages_per_user(split):
     assert row["N users"] == len(eval_users)
     assert row["N all train"] == round(per_set.mean())
     assert row["N train / user"] == pytest.approx(per_set.mean() / len(eval_users), abs=0.06)
+
+
+def test_max_pairs_per_split_caps_each_users_split_with_a_seeded_sample(turns):
+    full = split_corpus(turns, SplitConfig(min_turns=1, max_turns=None))[1]
+    capped = split_corpus(turns, SplitConfig(min_turns=1, max_turns=None, max_pairs_per_split=2))[1]
+    sizes = capped.groupby(["split_set", "speaker_id", "split"]).size()
+    assert sizes.max() <= 2 and len(capped) < len(full)
+    # a sample of the uncapped rows (same pair ids, same splits), and the same sample on a rerun
+    merged = capped.merge(full, on=["split_set", "pair_id"], suffixes=("", "_full"))
+    assert len(merged) == len(capped) and (merged["split"] == merged["split_full"]).all()
+    again = split_corpus(turns, SplitConfig(min_turns=1, max_turns=None, max_pairs_per_split=2))[1]
+    assert again.equals(capped)

@@ -31,6 +31,9 @@ class SplitConfig:
     n_sets: int = 3  # §4.2.1: three seeded sets
     context_turns: int = 5  # up to N previous turns as context
     seed: int = 0
+    # At most this many pairs per user in each split of a set (a seeded sample; None keeps all). Small
+    # profiles use it to bring sitcom leads (~500 pairs per split) to the scale of chat users (~50).
+    max_pairs_per_split: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +154,10 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
         labelled = labelled[labelled["split"].notna()]
         leaky = _context_shows_heldout(labelled)
         dropped[split_set] = int(leaky.sum())
-        frames.append(labelled[~leaky].assign(split_set=split_set))
+        kept = labelled[~leaky]
+        if config.max_pairs_per_split:
+            kept = _cap_pairs(kept, config.max_pairs_per_split, rng)
+        frames.append(kept.assign(split_set=split_set))
     eval_pairs = pd.concat(frames, ignore_index=True) if frames else user_pairs.assign(split=[], split_set=[])
     report = {
         "n_pairs": int(len(pairs)),
@@ -163,6 +169,15 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
         "dropped_leaky_training_pairs": dropped,
     }
     return pretrain, eval_pairs, eval_users, report
+
+
+def _cap_pairs(labelled: pd.DataFrame, cap: int, rng: np.random.Generator) -> pd.DataFrame:
+    """At most `cap` pairs per (user, split), drawn with `rng`; original order kept."""
+    keep = []
+    for _, group in labelled.groupby(["speaker_id", "split"], sort=True):
+        index = group.index.to_numpy()
+        keep.append(index if len(index) <= cap else np.sort(rng.choice(index, size=cap, replace=False)))
+    return labelled.loc[np.sort(np.concatenate(keep))] if keep else labelled
 
 
 def _context_shows_heldout(labelled: pd.DataFrame) -> pd.Series:
