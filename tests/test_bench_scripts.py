@@ -1,0 +1,40 @@
+"""Smoke tests for the benchmark scripts in benchmarks/: each runs end to end at tiny sizes (timings unchecked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_user_training_smoke(tmp_path, capsys):
+    bench = load_script("bench_user_training")
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.main(["--shapes", "test", "--users", "3", "--steps", "2", "--users-per-batch", "2",
+                           "--repeats", "2", "--threads", "1", "--out", str(tmp_path / "bench.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["variant"] for r in rows] == list(bench.VARIANTS)
+    assert all(r["users"] == 3 and r["steps_per_user"] == 2 and r["repeats"] == 2 and r["seconds"] > 0 for r in rows)
+    assert rows[0]["speedup_vs_a"] == 1.0 and rows[2]["users_per_batch"] == 2
+    # (a) and (b) run the same training from the same seeds: the same adapters, whatever the overheads
+    assert rows[1]["max_adapter_diff_vs_a"] < 1e-5
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["rows"] == rows and "packages" in written["provenance"]
+    printed = capsys.readouterr().out
+    assert "users_per_hour" in printed and "c: run_users_batched" in printed
