@@ -93,6 +93,77 @@ def test_pretrain_models_save_four_reloadable_models(test_run: Path):
         assert conditioning["swap_change_rate"] is None or 0 <= conditioning["swap_change_rate"] <= 1
 
 
+def test_finetune_users_writes_reloadable_adapters_and_one_id_models(test_run: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    from udg_lib.finetuning import DONE_FILE, user_dir
+
+    stage = test_run / "03_finetune_users"
+    result = metrics(test_run, "03_finetune_users")["metrics"]
+    assert result["users_per_dataset"] == {"chitchat": 4, "seinfeld": 4, "tbbt": 4}
+    assert result["lora_trainable_parameters_t5_base"] == 1_769_472  # §4.1.3: "1.8 million"
+    summaries = pd.read_parquet(stage / "training_summaries.parquet")
+    # per condition: DA + One-ID + 4 users x (LoRA, FULL)
+    assert summaries.groupby(["dataset", "pretrained"]).size().eq(10).all() and len(summaries) == 120
+    assert (summaries["epochs_run"] >= 1).all() and summaries["best_dev_loss"].notna().all()
+    users = pd.read_csv(test_run / "00_prepare_corpus" / "tbbt" / "eval_users.csv", dtype=str)
+    condition = stage / "tbbt" / "set0" / "psp"
+    for user in users["user_id"]:
+        assert (user_dir(condition / "lora", user) / DONE_FILE).is_file()
+        assert (user_dir(condition / "full", user) / "predictions.parquet").is_file()
+    adapter = user_dir(condition / "lora", users["user_id"].iloc[0]) / "adapter"
+    PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(condition / "da" / "model"), adapter)
+    AutoModelForSeq2SeqLM.from_pretrained(condition / "one_id" / "model")
+    assert result["sizes"]["adapter_weights_bytes_mean"] < result["sizes"]["model_weights_bytes"] / 5
+
+
+def test_exp1_writes_tables_scores_significance_leakage_and_table6(test_run: Path):
+    stage = test_run / "04_exp1_next_utterance"
+    scores = pd.read_parquet(stage / "scores.parquet")
+    systems = set(zip(scores["pretrain"], scores["method"]))
+    assert {("psp", "lora"), ("ppp", "full"), ("plain_t5", "one_id"), ("plain_dialogue", "da"),
+            ("none", "retrieval")} <= systems and len(systems) == 17
+    # every system answers every test context of every user, once
+    assert scores.groupby(["pretrain", "method"])["pair_id"].nunique().nunique() == 1
+    assert scores["similarity"].between(-1.0001, 1.0001).all() and (scores["rouge_l"] >= 0).all()
+    for number, name in ((3, "chitchat"), (4, "seinfeld"), (5, "tbbt")):
+        table = pd.read_csv(stage / f"table{number}_{name}.csv")
+        assert len(table) == 17 and (table["perplexity"].dropna() > 1).all()
+        assert "**" in (stage / f"table{number}_{name}.md").read_text()
+    significance = pd.read_csv(stage / "significance.csv")
+    assert {"psp/lora", "ppp/full"} <= set(significance["label_a"]) and significance["p_value"].between(0, 1).all()
+    assert set(pd.read_csv(stage / "leakage_by_method.csv")["method"]) == {"da", "one_id", "lora", "full"}
+    table6 = pd.read_csv(stage / "table6.csv").set_index("model")
+    assert table6.loc["LoRA", "size_MB"] < table6.loc["FULL", "size_MB"] and (table6["response_s_cold"] > 0).all()
+
+
+def test_exp2_writes_table7(test_run: Path):
+    stage = test_run / "05_exp2_diversity"
+    table7 = pd.read_csv(stage / "table7.csv", index_col=0)
+    assert len(table7) == 9 and table7.to_numpy().min() >= 0 and table7.to_numpy().max() <= 1
+    replies = pd.read_parquet(stage / "replies.parquet")
+    assert replies["question_id"].nunique() == 5  # params/test: max_questions 5
+    assert pd.read_csv(stage / "significance.csv")["metric"].isin(["dist_s", "dist_2"]).all()
+
+
+def test_llm_baselines_figure2_and_the_report(test_run: Path, tmp_path: Path):
+    from udg_lib.plots import rebuild_figure2
+
+    stage = test_run / "06_llm_baselines"
+    scores = pd.read_parquet(stage / "scores.parquet")
+    assert set(scores["method"]) == {"smollm2-chat", "gemma3-270m-completion"} and scores["generated"].str.len().gt(0).any()
+    assert scores.groupby("method")["user_id"].nunique().eq(12).all()  # one context per user (params/test)
+    assert "Prompt LLM" in (stage / "table3_chitchat.md").read_text()
+    assert (stage / "figures" / "figure2.png").stat().st_size > 0 and (stage / "figures" / "figure2.pdf").exists()
+    rebuilt = rebuild_figure2(test_run, tmp_path)  # from the saved scores alone
+    assert {p.name for p in rebuilt} == {"figure2.png", "figure2.pdf", "figure2_histogram.csv"}
+    report = (test_run / "report.md").read_text()
+    for needed in ("Table 1 analog", "Table 2 analog", "Table 3 analog: chitchat", "Table 6 analog", "Table 7 analog",
+                   "figure2.png", "**C1**", "**C5**", "of wall time"):
+        assert needed in report, needed
+
+
 def test_second_run_skips_up_to_date_stages(test_run: Path):
     results = run_pipeline("test", outputs_root=test_run)
     assert {r.status for r in results} == {"skipped"}

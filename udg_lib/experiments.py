@@ -17,7 +17,7 @@ Every step is skipped when its `done.json` exists, so a killed notebook picks up
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -502,9 +502,11 @@ def table6(times: pd.DataFrame, sizes: dict[str, Any], n_users: int) -> pd.DataF
 # Presentation: Tables 3-5 analogs and their significance notes
 
 
-def exp1_table(per_user: pd.DataFrame, metrics: Sequence[str] = EXP1_METRICS) -> pd.DataFrame:
-    """One dataset's Exp1 table: rows grouped by pre-trained model (paper order), then the floors; mean over
-    users and split sets (`metrics.results_table`)."""
+def exp1_table(per_user: pd.DataFrame, metrics: Sequence[str] = EXP1_METRICS,
+               method_labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One dataset's Exp1 table: rows grouped by pre-trained model (paper order), then the floors and the
+    prompt LLMs; mean over users and split sets (`metrics.results_table`). `method_labels` names methods
+    METHOD_LABELS does not know (the LLMs)."""
     from udg_lib.metrics import results_table
 
     table = results_table(per_user, metrics)
@@ -514,7 +516,8 @@ def exp1_table(per_user: pd.DataFrame, metrics: Sequence[str] = EXP1_METRICS) ->
     table["_m"] = table["method"].map(lambda m: method_order.index(m) if m in method_order else 99)
     table = table.sort_values(["_p", "_m", "method"], kind="stable").drop(columns=["_p", "_m"])
     table.insert(0, "model", [PRETRAINED_LABELS.get(p, "Floor" if p == "none" else "Prompt LLM") for p in table["pretrain"]])
-    table.insert(1, "fine-tuning", [METHOD_LABELS.get(m, m) for m in table["method"]])
+    labels = {**METHOD_LABELS, **(method_labels or {})}
+    table.insert(1, "fine-tuning", [labels.get(m, m) for m in table["method"]])
     return table.drop(columns=["pretrain", "method"]).reset_index(drop=True)
 
 
