@@ -106,7 +106,9 @@ def test_finetune_users_writes_reloadable_adapters_and_one_id_models(test_run: P
     summaries = pd.read_parquet(stage / "training_summaries.parquet")
     # per condition: DA + One-ID + 4 users x (LoRA, FULL)
     assert summaries.groupby(["dataset", "pretrained"]).size().eq(10).all() and len(summaries) == 120
-    assert (summaries["epochs_run"] >= 1).all() and summaries["best_dev_loss"].notna().all()
+    trained = summaries[summaries["n_train"] > 0]  # a user may lack training pairs in a set (kept as DA)
+    assert len(trained) >= 100 and (trained["epochs_run"] >= 1).all()
+    assert trained.loc[trained["n_dev"] > 0, "best_dev_loss"].notna().all()
     users = pd.read_csv(test_run / "00_prepare_corpus" / "tbbt" / "eval_users.csv", dtype=str)
     condition = stage / "tbbt" / "set0" / "psp"
     for user in users["user_id"]:
