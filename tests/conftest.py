@@ -6,6 +6,27 @@ import random
 
 import pandas as pd
 import pytest
+import torch
+
+# Words of the tiny generated dialogues the model tests train on.
+WORDS = ("hello how are you today i like movies on weekends what is your hobby the weather is nice "
+         "i am a student and live in tokyo cooking music games sports reading travel cats dogs").split()
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    """`n` random sentences of 3-8 WORDS, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine they can run 20x slower with them;
+    subprocesses and Ray tasks of the tests use one thread too. (Notebook kernels are not affected.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def synthetic_turns(n_users: int = 12, n_dialogues: int = 120, turns_per_dialogue: int = 8, seed: int = 0) -> pd.DataFrame:

@@ -4,7 +4,6 @@ FULL-model prediction hook."""
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
 import pandas as pd
@@ -12,6 +11,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
+from conftest import sentences
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.finetuning import FinetuneConfig, lora_config
 from udg_lib.generation import (
@@ -28,21 +28,8 @@ from udg_lib.pretraining import build_model, reply_perplexity, t5_config
 from udg_lib.prompts import build_prompts
 from udg_lib.tokenizer import train_sentencepiece_tokenizer
 
-WORDS = ("hello how are you today i like movies on weekends what is your hobby the weather is nice "
-         "i am a student and live in tokyo cooking music games sports reading travel cats dogs").split()
 
 
-def sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

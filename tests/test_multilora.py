@@ -6,7 +6,6 @@ Tiny models (preset "test") and a tokenizer trained here on a few dozen sentence
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import replace
 
 import pandas as pd
@@ -15,6 +14,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from conftest import sentences
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.finetuning import (
     ADAPTER_DIR,
@@ -31,15 +31,9 @@ from udg_lib.multilora import MultiLora, lora_target_names, run_users_batched
 from udg_lib.pretraining import build_model, t5_config
 from udg_lib.tokenizer import train_sentencepiece_tokenizer
 
-WORDS = ("hello how are you today i like movies on weekends what is your hobby the weather is nice "
-         "i am a student and live in tokyo cooking music games sports reading travel cats dogs").split()
 USERS = ["u0", "u1", "u2", "u3"]
 CANARY = "ZQXCANARY"
 
-
-def sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +66,6 @@ def make_data() -> tuple[pd.DataFrame, pd.DataFrame]:
 def data() -> tuple[pd.DataFrame, pd.DataFrame]:
     return make_data()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine they can run 20x slower with them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(tokenizer, dropout: float = 0.1):

@@ -7,7 +7,6 @@ that train_users loads.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import sentences
 from udg_lib import finetuning
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.executors import EXECUTORS, UserTrainingError, load_base_model, train_users
@@ -34,26 +34,12 @@ from udg_lib.finetuning import (
 from udg_lib.pretraining import LABEL_PAD_ID, build_model, t5_config
 from udg_lib.tokenizer import train_sentencepiece_tokenizer
 
-WORDS = ("hello how are you today i like movies on weekends what is your hobby the weather is nice "
-         "i am a student and live in tokyo cooking music games sports reading travel cats dogs").split()
 USERS = ["u0", "u1", "u2", "u3"]
 CANARY = "ZQXCANARY"
 CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=3, patience=1, max_source_length=32,
                         max_target_length=16)
 
 
-def sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; the subprocess and the Ray tasks use one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

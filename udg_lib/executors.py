@@ -33,10 +33,9 @@ from udg_lib.finetuning import (
     AfterUser,
     FinetuneConfig,
     is_user_done,
-    read_user_summary,
     run_users,
-    user_dir,
     user_dir_name,
+    user_table,
 )
 from udg_lib.pretraining import build_model
 from udg_lib.tokenizer import load_tokenizer
@@ -87,16 +86,6 @@ def clear_staging_leftovers(out_dir: str | Path, user_ids: Sequence[str]) -> lis
                 shutil.rmtree(leftover, ignore_errors=True)
                 removed.append(leftover)
     return removed
-
-
-def user_table(out_dir: str | Path, user_ids: Sequence[str], statuses: dict[str, str]) -> pd.DataFrame:
-    """run_users' table (user_id, status, dir, the summary's fields) read back from the done.json files."""
-    rows = []
-    for user in user_ids:
-        record = read_user_summary(out_dir, user)
-        rows.append({"user_id": user, "status": statuses[user], "dir": str(user_dir(out_dir, user)),
-                     **record["summary"]})
-    return pd.DataFrame(rows)
 
 
 def _check_inputs(method: str, executor: str, users: pd.DataFrame, user_ids: Sequence[str],

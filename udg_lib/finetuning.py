@@ -347,6 +347,17 @@ def read_user_summary(out_dir: str | Path, user_id: str) -> dict[str, Any]:
     return json.loads((user_dir(out_dir, user_id) / DONE_FILE).read_text(encoding="utf-8"))
 
 
+def user_table(out_dir: str | Path, user_ids: Sequence[str], statuses: Mapping[str, str]) -> pd.DataFrame:
+    """The per-user result table (user_id, status, dir, the summary's fields) read back from done.json files,
+    in `user_ids` order: what `run_users`, `multilora.run_users_batched` and `executors.train_users` return."""
+    rows = []
+    for user in user_ids:
+        record = read_user_summary(out_dir, user)
+        rows.append({"user_id": user, "status": statuses[user], "dir": str(user_dir(out_dir, user)),
+                     **record["summary"]})
+    return pd.DataFrame(rows)
+
+
 AfterUser = Callable[[str, torch.nn.Module, Path], None]
 
 
@@ -428,9 +439,4 @@ def run_users(method: str, base_model: T5ForConditionalGeneration, tokenizer: Pr
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         base_model.eval()
 
-    rows = []
-    for user in user_ids:
-        record = read_user_summary(out_dir, user)
-        rows.append({"user_id": user, "status": statuses[user], "dir": str(user_dir(out_dir, user)),
-                     **record["summary"]})
-    return pd.DataFrame(rows)
+    return user_table(out_dir, user_ids, statuses)

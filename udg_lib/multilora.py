@@ -68,11 +68,11 @@ from udg_lib.finetuning import (
     encode_pairs,
     is_user_done,
     lora_config,
-    read_user_summary,
     seq2seq_collator,
     user_dir,
     user_examples,
     user_seed,
+    user_table,
 )
 from udg_lib.pretraining import LABEL_PAD_ID
 
@@ -505,9 +505,4 @@ def run_users_batched(base_model: T5ForConditionalGeneration, tokenizer: PreTrai
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         base_model.eval()
 
-    rows = []
-    for user in user_ids:
-        record = read_user_summary(out_dir, user)
-        rows.append({"user_id": user, "status": statuses[user], "dir": str(user_dir(out_dir, user)),
-                     **record["summary"]})
-    return pd.DataFrame(rows)
+    return user_table(out_dir, user_ids, statuses)
