@@ -353,7 +353,7 @@ def test_chat_prompts_use_the_chat_template_and_completion_prompts_get_bos(tiny_
 def test_reference_nll_is_the_summed_log_softmax_of_the_reference(tiny_llm, fmt):
     prompts = _prompt_set(fmt)[:3]
     references = ["I think so too.", "hiking on weekends", "ok"]
-    scores = tiny_llm.reference_nll(prompts, references, fmt, batch_size=2)
+    scores = tiny_llm.reference_nll(prompts, references, fmt)
     tokenizer = tiny_llm.tokenizer
     for prompt, reference, (nll, n_tokens) in zip(prompts, references, scores):
         prompt_ids = tiny_llm.encode_prompt(prompt, fmt)
