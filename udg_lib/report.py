@@ -81,9 +81,12 @@ def _verdict(all_hold: bool, most_hold: bool) -> str:
     return "supported" if all_hold else ("partly supported" if most_hold else "not supported")
 
 
-def _tests_line(frame: pd.DataFrame) -> str:
-    return "; ".join(f"{r.dataset}: {r.label_a} vs {r.label_b} {r.mean_diff:+.3f} (p = {r.p_value:.2g})"
-                     for r in frame.itertuples(index=False))
+def _tests_line(frame: pd.DataFrame, most: int = 8) -> str:
+    """The tests as "dataset: a vs b diff (p)", the `most` smallest p-values first when there are more."""
+    shown = frame.sort_values("p_value").head(most) if len(frame) > most else frame
+    line = "; ".join(f"{r.dataset}: {r.label_a} vs {r.label_b} {r.mean_diff:+.3f} (p = {r.p_value:.2g})"
+                     for r in shown.itertuples(index=False))
+    return line + (f"; ... {len(frame) - most} more in the stage's significance file" if len(frame) > most else "")
 
 
 def judge_claims(exp1_significance: pd.DataFrame | None, exp2_significance: pd.DataFrame | None,
