@@ -19,6 +19,20 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
 
 
+CANARY = "ZQXCANARY"  # a string planted in one user's data that must never reach another user's batches
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A small SentencePiece T5 tokenizer over the generated sentences, the prompt markers and CANARY
+    (modules that need another tokenizer define their own fixture of this name)."""
+    from udg_lib.tokenizer import train_sentencepiece_tokenizer
+
+    corpus = sentences(60) + ["[USER] 20s, female [SEP] hello", "[USER1] 30s [USER2] 40s [SEP] hi", CANARY]
+    return train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=300,
+                                         extra_ids=10, num_threads=1)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from threads, and on a loaded machine they can run 20x slower with them;

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import sentences
+from conftest import CANARY, sentences
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.finetuning import (
     ADAPTER_DIR,
@@ -35,18 +35,8 @@ from udg_lib.finetuning import (
     user_seed,
 )
 from udg_lib.pretraining import LABEL_PAD_ID, build_model, t5_config
-from udg_lib.tokenizer import train_sentencepiece_tokenizer
 
 USERS = ["u0", "u1", "u2"]
-CANARY = "ZQXCANARY"
-
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    corpus = sentences(60) + ["[USER] 20s, female [SEP] hello", "[USER1] 30s [USER2] 40s [SEP] hi", CANARY]
-    return train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=300,
-                                         extra_ids=10, num_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,6 @@ def data() -> tuple[pd.DataFrame, pd.DataFrame]:
                           **{f: ["20s", "female", "unknown", "student", "Kanto"][j] for j, f in
                              enumerate(PROFILE_FIELDS)}})
     return pd.DataFrame(rows), users
-
 
 
 def tiny_model(tokenizer, seed: int = 0):

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from conftest import sentences
+from conftest import CANARY, sentences
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.finetuning import (
     ADAPTER_DIR,
@@ -29,18 +29,8 @@ from udg_lib.finetuning import (
 )
 from udg_lib.multilora import MultiLora, lora_target_names, run_users_batched
 from udg_lib.pretraining import build_model, t5_config
-from udg_lib.tokenizer import train_sentencepiece_tokenizer
 
 USERS = ["u0", "u1", "u2", "u3"]
-CANARY = "ZQXCANARY"
-
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    corpus = sentences(60) + ["[USER] 20s, female [SEP] hello", "[USER1] 30s [USER2] 40s [SEP] hi", CANARY]
-    return train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=300,
-                                         extra_ids=10, num_threads=1)
 
 
 def make_data() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -65,7 +55,6 @@ def make_data() -> tuple[pd.DataFrame, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def data() -> tuple[pd.DataFrame, pd.DataFrame]:
     return make_data()
-
 
 
 def tiny_model(tokenizer, dropout: float = 0.1):
