@@ -255,8 +255,7 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
 
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]
-    test = pairs[(pairs["split"] == "test") & pairs["speaker_id"].isin(set(user_ids))]
-    test = test.sort_values(["speaker_id", "pair_id"]).reset_index(drop=True)
+    test = sample_test_contexts(pairs, user_ids, 0)  # every test pair of these users
     frames = []
     if "da" in methods:
         model = build_model(condition / "da" / MODEL_DIR, tokenizer).to(device)
@@ -293,8 +292,7 @@ def retrieval_predictions(embedder: Any, pairs: pd.DataFrame, user_ids: Sequence
 
     ids = set(user_ids)
     train = pairs[pairs["split"].isin(["train_da", "train_ft"]) & pairs["speaker_id"].isin(ids)]
-    test = pairs[(pairs["split"] == "test") & pairs["speaker_id"].isin(ids)]
-    test = test.sort_values(["speaker_id", "pair_id"]).reset_index(drop=True)
+    test = sample_test_contexts(pairs, user_ids, 0)
     generated = retrieve_responses(embedder, [join_context(c) for c in train["context"]], train["response"].tolist(),
                                    train["speaker_id"].tolist(), [join_context(c) for c in test["context"]],
                                    test["speaker_id"].tolist())
