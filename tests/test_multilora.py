@@ -35,10 +35,10 @@ USERS = ["u0", "u1", "u2", "u3"]
 
 def make_data() -> tuple[pd.DataFrame, pd.DataFrame]:
     """One split set's eval pairs. Users differ in train size (6, 9, 12, 5: partial and full last batches of 4,
-    so users' epochs end at different steps) and u3 has no dev pairs (trains max_epochs, keeps the last)."""
+    so users' epochs end at different steps); u3 has one dev pair only."""
     rows = []
     texts = iter(sentences(500, seed=1))
-    sizes = {"u0": (6, 3), "u1": (9, 3), "u2": (12, 4), "u3": (5, 0)}
+    sizes = {"u0": (6, 3), "u1": (9, 3), "u2": (12, 4), "u3": (5, 1)}
     for user in USERS:
         partner = USERS[(USERS.index(user) + 1) % len(USERS)]
         n_train, n_dev = sizes[user]
@@ -218,9 +218,9 @@ def test_batched_run_saves_peft_adapters_and_leaves_base_unchanged(tokenizer, da
     assert same_state(before, state(base)) and has_no_hooks(base) and not base.training
     assert grads == {n: p.requires_grad for n, p in base.named_parameters()}
     assert (table["trainable_parameters"] == 2 * 32 * 12 * 4 * 2).all()  # as run_users: r 12, q/k/v/o x 2 stacks
-    assert list(table["n_train"]) == [6, 9, 12, 5] and list(table["n_dev"]) == [3, 3, 4, 0]
-    u3 = table.set_index("user_id").loc["u3"]  # no dev pairs: max_epochs, the last weights
-    assert u3["epochs_run"] == u3["best_epoch"] == CONFIG.max_epochs and u3["steps"] == 2 * CONFIG.max_epochs
+    assert list(table["n_train"]) == [6, 9, 12, 5] and list(table["n_dev"]) == [3, 3, 4, 1]
+    u3 = table.set_index("user_id").loc["u3"]  # 5 training pairs at batch 4: two steps an epoch
+    assert u3["steps"] == 2 * u3["epochs_run"] and u3["epochs_run"] >= 1
 
     # the same files as run_users("lora") writes, and adapter_config.json identical to PEFT's own
     reference = run_users("lora", tiny_model(tokenizer), tokenizer, pairs, users, ["u0"], "psp", tmp_path / "loop",
@@ -343,3 +343,11 @@ def test_bad_arguments(tokenizer, data, tmp_path):
         with pytest.raises(ValueError, match="2 rows but 1 were routed"), multi.routed(["u0"]):
             multi.model(**batch)
     assert has_no_hooks(multi.model)
+
+
+def test_a_user_without_dev_pairs_is_refused_not_trained_on_nothing(tokenizer, data, tmp_path):
+    pairs, users = data
+    without_dev = pairs[~((pairs["speaker_id"] == "u3") & (pairs["split"] == "dev"))]
+    with pytest.raises(ValueError, match="'u3' has no dev pairs"):
+        run_users_batched(tiny_model(tokenizer), tokenizer, without_dev, users, ["u3"], "psp", tmp_path / "b",
+                          CONFIG)

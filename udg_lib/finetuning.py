@@ -232,6 +232,15 @@ def user_examples(pairs: pd.DataFrame, user_id: str, split: str) -> pd.DataFrame
     return pairs[(pairs["speaker_id"] == user_id) & (pairs["split"] == split)]
 
 
+def check_evaluation_unit(pairs: pd.DataFrame, user_id: str) -> None:
+    """A user is fine-tuned only on real data: fine-tuning and dev pairs in this split set, or ValueError."""
+    own = pairs.loc[pairs["speaker_id"] == user_id, "split"]
+    missing = [s for s in ("train_ft", "dev") if not (own == s).any()]
+    if missing:
+        raise ValueError(f"user {user_id!r} has no {' or '.join(missing)} pairs in this split set; stage 00 leaves "
+                         "such users out of the set, so pass only the users with pairs there")
+
+
 def pooled_examples(pairs: pd.DataFrame, user_ids: Iterable[str], split: str) -> pd.DataFrame:
     """`split` pairs of all `user_ids`, pooled (domain adaptation, One-ID)."""
     _check_one_split_set(pairs)
@@ -240,6 +249,8 @@ def pooled_examples(pairs: pd.DataFrame, user_ids: Iterable[str], split: str) ->
 
 def one_ids_of(users: pd.DataFrame, seed: int = 0) -> dict[str, str]:
     """Users' One-IDs: stage 00's `one_id` column where present, else `prompts.assign_one_ids`."""
+    if "evaluation" in users.columns:  # a load_dataset_users table: One-IDs belong to evaluation users only
+        users = users[users["evaluation"]]
     if "one_id" in users.columns:
         ids = dict(zip(users["user_id"], users["one_id"]))
         bad = {u: i for u, i in ids.items() if not isinstance(i, str)}
@@ -254,11 +265,13 @@ def encode_pairs(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, tokenizer: 
     """Prompts (`fmt`, optionally with One-IDs) -> replies, tokenized as in pre-training."""
     sources = build_prompts(pairs, users, fmt, one_ids).tolist()
     return tokenize_pairs(sources, pairs["response"].tolist(), tokenizer, config.max_source_length,
-                          config.max_target_length)
+                          config.max_target_length, one_id_prefix=one_ids is not None)
 
 
 def _eval_user_ids(users: pd.DataFrame, user_ids: Iterable[str] | None) -> list[str]:
-    return sorted(users["user_id"] if user_ids is None else user_ids)
+    if user_ids is not None:
+        return sorted(user_ids)
+    return sorted(users.loc[users["evaluation"], "user_id"] if "evaluation" in users.columns else users["user_id"])
 
 
 def domain_adapt(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
@@ -395,6 +408,7 @@ def run_users(method: str, base_model: T5ForConditionalGeneration, tokenizer: Pr
                 statuses[user] = "skipped"
                 continue
             user_config = replace(config, seed=user_seed(config.seed, user))
+            check_evaluation_unit(pairs, user)
             train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config)
             dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config)
             with io.staged_dir(user_dir(out_dir, user)) as staging:  # renamed into place once done.json is in

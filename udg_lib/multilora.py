@@ -65,6 +65,7 @@ from udg_lib.finetuning import (
     AfterUser,
     FinetuneConfig,
     TrainingSummary,
+    check_evaluation_unit,
     encode_pairs,
     is_user_done,
     lora_config,
@@ -427,6 +428,7 @@ def run_users_batched(base_model: T5ForConditionalGeneration, tokenizer: PreTrai
 
     def start(multi: MultiLora, user: str) -> _UserRun:
         seed = user_seed(config.seed, user)
+        check_evaluation_unit(pairs, user)
         train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config)
         dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config)
         params = multi.add_user(user, seed)  # seeds torch with `seed`, as run_users before get_peft_model

@@ -330,15 +330,20 @@ class Seq2SeqExamples(Dataset):
         return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
 
 
-def split_prompt_head(prompt: str) -> tuple[str, str]:
-    """(profile head through the first [SEP], dialogue context) for PSP/PPP prompts; ("", prompt) otherwise."""
+def split_prompt_head(prompt: str, one_id_prefix: bool = False) -> tuple[str, str]:
+    """(head, dialogue context): the head is the One-ID (its first word, when `one_id_prefix`) and the
+    profile head through the first [SEP] (PSP/PPP); ("", prompt) for a plain prompt without an id."""
+    id_head = ""
+    if one_id_prefix:
+        one_id, _, prompt = prompt.partition(" ")
+        id_head = one_id + " "
     position = prompt.find(SEP)
     if position < 0:
-        return "", prompt
+        return id_head, prompt
     head = prompt[:position]
     if USER in head or USER1 in head:
-        return prompt[: position + len(SEP)], prompt[position + len(SEP):]
-    return "", prompt
+        return id_head + prompt[: position + len(SEP)], prompt[position + len(SEP):]
+    return id_head, prompt
 
 
 def _truncate_context(head: list[int], body: list[int], budget: int, sep_id: int) -> list[int]:
@@ -356,17 +361,18 @@ def _truncate_context(head: list[int], body: list[int], budget: int, sep_id: int
 
 
 def encode_sources(sources: Sequence[str], tokenizer: PreTrainedTokenizerBase,
-                   max_source_length: int) -> list[list[int]]:
+                   max_source_length: int, one_id_prefix: bool = False) -> list[list[int]]:
     """Token ids of prompts, at most `max_source_length` with `</s>`.
 
-    Too-long prompts lose their oldest context, never the profile head (PSP/PPP, up to the first [SEP]) nor
-    the newest turns the reply answers: right truncation would cut exactly those (29% of chitchat's 5-turn
-    contexts exceed 128 tokens). A One-ID prefix on a *plain* prompt is not protected.
+    Too-long prompts lose their oldest context turns first, never the head — the One-ID (`one_id_prefix`:
+    every prompt starts with a user's id, §4.1.3) and the profile head (PSP/PPP, up to the first [SEP]) —
+    nor the newest turns the reply answers: right truncation would cut exactly those (29% of chitchat's
+    5-turn contexts exceed 128 tokens), left truncation the id that One-ID is about.
     """
     if len(sources) == 0:
         return []
     sep_id = tokenizer.convert_tokens_to_ids(SEP)
-    heads, bodies = zip(*(split_prompt_head(s) for s in sources))
+    heads, bodies = zip(*(split_prompt_head(s, one_id_prefix) for s in sources))
     head_ids = tokenizer(list(heads), add_special_tokens=False)["input_ids"]
     body_ids = tokenizer(list(bodies), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -384,11 +390,11 @@ def encode_targets(targets: Sequence[str], tokenizer: PreTrainedTokenizerBase,
 
 
 def tokenize_pairs(sources: Sequence[str], targets: Sequence[str], tokenizer: PreTrainedTokenizerBase,
-                   max_source_length: int, max_target_length: int) -> Seq2SeqExamples:
+                   max_source_length: int, max_target_length: int, one_id_prefix: bool = False) -> Seq2SeqExamples:
     """Prompts and replies as a torch Dataset (see `encode_sources` for how long prompts are cut)."""
     if len(sources) != len(targets):
         raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-    return Seq2SeqExamples(encode_sources(sources, tokenizer, max_source_length),
+    return Seq2SeqExamples(encode_sources(sources, tokenizer, max_source_length, one_id_prefix),
                            encode_targets(targets, tokenizer, max_target_length))
 
 

@@ -160,7 +160,7 @@ OCCUPATION_NOUNS: dict[str, tuple[str, ...]] = {
     "entertainer": ("actor", "actress", "comedian", "entertainer", "俳優", "女優", "芸人", "タレント"),
     "professional": ("lawyer", "attorney", "doctor", "physician", "surgeon", "dentist", "nurse", "pharmacist",
                      "accountant", "therapist", "psychiatrist", "psychologist", "architect", "teacher",
-                     "gynecologist", "veterinarian", "医師", "医者", "弁護士", "看護師", "教師", "教員", "薬剤師",
+                     "gynecologist", "veterinarian", "(?:airline )?pilot", "医師", "医者", "弁護士", "看護師", "教師", "教員", "薬剤師",
                      "税理士"),
     "service_worker": ("waiter", "waitress", "server", "bartender", "barista", "cashier", "mechanic", "chef",
                        "janitor", "cab driver", "taxi driver", "truck driver", "hairdresser", "hairstylist",
@@ -907,3 +907,58 @@ def users_across_corpora(corpora: Mapping[str, object], user_ids: Mapping[str, S
               .assign(user_id=lambda frame, name=name: name + "/" + frame["user_id"])
               for name, ids in user_ids.items()]
     return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profiles without test information (§3.3 applied per split set)
+
+
+def fill_profiles(users: pd.DataFrame, inferred: pd.DataFrame) -> pd.DataFrame:
+    """`users` with the profile fields of `inferred` (an `infer_profiles` table) for the users it covers; every
+    other user keeps the corpus' own values (blank -> unknown), so supplied profiles are never dropped."""
+    table = inferred.set_index("user_id")
+    filled = users.copy()
+    for field_name in PROFILE_FIELDS:
+        own = filled[field_name].map(unknown_if_blank)
+        filled[field_name] = [table.at[u, field_name] if u in table.index else v
+                              for u, v in zip(filled["user_id"], own)]
+    return filled
+
+
+def turns_outside_heldout(turns: pd.DataFrame, heldout: pd.DataFrame) -> pd.DataFrame:
+    """`turns` without each user's own turns in their held-out dialogues (`heldout`: user_id, dialogue_id)."""
+    if heldout.empty:
+        return turns
+    hidden = pd.MultiIndex.from_frame(heldout[["user_id", "dialogue_id"]].astype(str))
+    keys = pd.MultiIndex.from_arrays([turns["speaker_id"].astype(str), turns["dialogue_id"].astype(str)])
+    return turns[~keys.isin(hidden)]
+
+
+def profiles_by_split_set(turns: pd.DataFrame, users: pd.DataFrame, inferrer: UnitInferrer,
+                          heldout: pd.DataFrame, *, unit_size: int, threshold: float,
+                          user_ids: Iterable[str] | None = None, progress: bool = True
+                          ) -> tuple[pd.DataFrame, pd.DataFrame, dict[int, pd.DataFrame]]:
+    """Users tables whose inferred profiles never read a dev/test turn (§3.3, §4.2.1).
+
+    `heldout` (stage 00's heldout_dialogues: split_set, user_id, dialogue_id) lists each evaluation user's
+    dev/test dialogues per set. Returns (inference, base, by_set):
+    - `base`: every user; an evaluation user's profile is inferred without their dev/test dialogues of *any*
+      set (safe for pre-training and Table 1);
+    - `by_set[k]`: `base` with each evaluation user's profile inferred again from all their turns outside
+      set k's dev/test dialogues (more data, still nothing that set scores). PSP/PPP prompts of set k, speaker
+      and partner alike, use this table;
+    - `inference`: the `infer_profiles` table behind `base`.
+    Corpus-supplied values are kept for every user (`fill_profiles`); inference fills only what is missing.
+    `user_ids` limits inference to those users (evaluation users are always added).
+    """
+    evaluation = sorted(set(heldout["user_id"].astype(str)))
+    ids = None if user_ids is None else sorted(set(map(str, user_ids)) | set(evaluation))
+    inference = infer_profiles(turns_outside_heldout(turns, heldout), users, inferrer, unit_size=unit_size,
+                               threshold=threshold, user_ids=ids, progress=progress)
+    base = fill_profiles(users, inference)
+    by_set = {}
+    for split_set, hidden in heldout.groupby("split_set", sort=True):
+        per_set = infer_profiles(turns_outside_heldout(turns, hidden), users, inferrer, unit_size=unit_size,
+                                 threshold=threshold, user_ids=evaluation, progress=False)
+        by_set[int(split_set)] = fill_profiles(base, per_set)
+    return inference, base, by_set

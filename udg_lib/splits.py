@@ -1,6 +1,7 @@
 """Reply pairs and the paper's splits (§4.2.1, §4.1.3).
 
-- Evaluation users: users with enough turns (UPC scale: about 100-300 each).
+- Evaluation users: users with enough turns (UPC scale: about 100-300 each) and at least three partners,
+  so that every split set has a dev partner, a test partner and training dialogues.
 - Per evaluation user and per seeded set: the dialogues with a random 30% of their partners are
   held out (half dev, half test), the rest is train.
 - Each user's train part is halved: one half is pooled over all users for domain adaptation
@@ -9,6 +10,8 @@
 - A training pair whose context shows a turn held out for another evaluation user is dropped,
   so no dev/test reply ever appears in training inputs (this matters where evaluation users share
   dialogues, as sitcom characters do).
+- Evaluation units are real: a user left without fine-tuning, dev or test pairs in a set (after the
+  leakage guard) is left out of that set, and the count is reported; no model is "fine-tuned on nothing".
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ import numpy as np
 import pandas as pd
 
 SPLITS: tuple[str, ...] = ("train_da", "train_ft", "dev", "test")
+# One dev partner, one test partner and at least one partner whose dialogues are for training (§4.2.1).
+MIN_PARTNERS = 3
+# The splits a user needs in a set to be an evaluation unit there: own training data, early stopping, test.
+REQUIRED_SPLITS: tuple[str, ...] = ("train_ft", "dev", "test")
 
 
 @dataclass(frozen=True)
@@ -67,21 +74,51 @@ def build_reply_pairs(turns: pd.DataFrame, context_turns: int) -> pd.DataFrame:
                                        "context", "context_first_turn", "response"])
 
 
-def select_eval_users(turns: pd.DataFrame, config: SplitConfig, partners: pd.DataFrame | None = None) -> list[str]:
-    """Users with min_turns..max_turns turns and at least two partners (one dev, one test).
+def eligibility(turns: pd.DataFrame, config: SplitConfig, partners: pd.DataFrame | None = None
+                ) -> tuple[list[str], dict[str, int]]:
+    """Evaluation users and how many speakers each rule excluded (Table 2).
 
-    `partners` is `dialogue_partners(turns)` when the caller has it already."""
+    Eligible: `min_turns`..`max_turns` turns and at least `MIN_PARTNERS` partners (one dev, one test, one
+    for training). Counts: `speakers`, `excluded_below_min_turns`, `excluded_above_max_turns`,
+    `excluded_few_partners` (each speaker counted once, by the first rule that excludes them),
+    `eligible`, and `not_sampled` (eligible users outside the `max_users` sample)."""
     counts = turns.groupby("speaker_id").size()
-    eligible = counts[counts >= config.min_turns]
-    if config.max_turns is not None:
-        eligible = eligible[eligible <= config.max_turns]
     partners = dialogue_partners(turns) if partners is None else partners
     n_partners = partners[partners["partner_id"] != ""].groupby("user_id")["partner_id"].nunique()
-    users = sorted(u for u in eligible.index if n_partners.get(u, 0) >= 2)
+    below = counts < config.min_turns
+    above = ~below & (counts > config.max_turns if config.max_turns is not None else False)
+    in_range = counts[~below & ~above]
+    few = [u for u in in_range.index if n_partners.get(u, 0) < MIN_PARTNERS]
+    users = sorted(set(in_range.index) - set(few))
+    eligible = len(users)
     if config.max_users is not None and len(users) > config.max_users:
         rng = np.random.default_rng(config.seed)
         users = sorted(rng.choice(users, size=config.max_users, replace=False).tolist())
-    return users
+    return users, {
+        "speakers": int(len(counts)),
+        "excluded_below_min_turns": int(below.sum()),
+        "excluded_above_max_turns": int(np.sum(above)),
+        "excluded_few_partners": len(few),
+        "eligible": eligible,
+        "not_sampled": eligible - len(users),
+    }
+
+
+def select_eval_users(turns: pd.DataFrame, config: SplitConfig, partners: pd.DataFrame | None = None) -> list[str]:
+    """Users with min_turns..max_turns turns and at least `MIN_PARTNERS` partners (see `eligibility`).
+
+    `partners` is `dialogue_partners(turns)` when the caller has it already."""
+    return eligibility(turns, config, partners)[0]
+
+
+def no_eval_users_message(name: str, config: SplitConfig, counts: dict[str, int]) -> str:
+    """One line: why a corpus has no evaluation user, rule by rule."""
+    max_turns = "no maximum" if config.max_turns is None else f"at most {config.max_turns}"
+    return (f"{name}: no evaluation user: of {counts['speakers']} speakers, {counts['excluded_below_min_turns']} "
+            f"have fewer than min_turns={config.min_turns} turns, {counts['excluded_above_max_turns']} more than "
+            f"max_turns ({max_turns}), {counts['excluded_few_partners']} fewer than {MIN_PARTNERS} partners "
+            f"(one dev, one test, one for training); lower min_turns or raise max_turns in the corpus' split "
+            f"settings")
 
 
 def dialogue_partners(turns: pd.DataFrame) -> pd.DataFrame:
@@ -114,7 +151,7 @@ def assign_user_dialogues(partner_of_dialogue: dict[str, str], pair_counts: dict
     train = [d for d in sorted(partner_of_dialogue) if d not in assignment]
     halves = {"train_da": 0, "train_ft": 0}
     for dialogue in rng.permutation(train).tolist():  # greedy: the lighter half takes the next dialogue
-        half = min(halves, key=lambda h: (halves[h], h))
+        half = min(halves, key=lambda h: (halves[h], h != "train_ft"))  # a tie goes to the user's own half
         assignment[dialogue] = half
         halves[half] += pair_counts.get(dialogue, 0)
     return assignment
@@ -125,11 +162,12 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
 
     Returns (pretrain_pairs, eval_pairs, eval_users, report). `eval_pairs` has one row per pair,
     set and split (`split_set`, `split`); pre-training pairs come only from dialogues without any
-    evaluation user.
+    evaluation user. `report["heldout_dialogues"]` (a frame: split_set, user_id, dialogue_id, split) lists
+    every user's dev/test dialogues per set: stage 01 infers no evaluation user's profile from them (§3.3).
     """
     pairs = build_reply_pairs(turns, config.context_turns)
     partners = dialogue_partners(turns)
-    eval_users = select_eval_users(turns, config, partners)
+    eval_users, eligibility_counts = eligibility(turns, config, partners)
     eval_set = set(eval_users)
     with_eval = set(turns.loc[turns["speaker_id"].isin(eval_set), "dialogue_id"])
     pretrain = pairs[~pairs["dialogue_id"].isin(with_eval)].reset_index(drop=True)
@@ -140,7 +178,7 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
     for (user, dialogue), n in user_pairs.groupby(["speaker_id", "dialogue_id"]).size().items():
         pair_counts.setdefault(user, {})[dialogue] = int(n)
 
-    frames, dropped = [], {}
+    frames, dropped, left_out, heldout = [], {}, {}, []
     for split_set in range(config.n_sets):
         rng = np.random.default_rng([config.seed, split_set])
         split_of = {}
@@ -149,6 +187,8 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
                                                pair_counts.get(user, {}),
                                                config.heldout_partner_fraction, rng)
             split_of.update({(user, d): s for d, s in assignment.items()})
+        heldout.extend({"split_set": split_set, "user_id": u, "dialogue_id": d, "split": s}
+                       for (u, d), s in split_of.items() if s in ("dev", "test"))
         labelled = user_pairs.assign(split=[split_of.get((u, d)) for u, d in
                                             zip(user_pairs["speaker_id"], user_pairs["dialogue_id"])])
         labelled = labelled[labelled["split"].notna()]
@@ -157,6 +197,7 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
         kept = labelled[~leaky]
         if config.max_pairs_per_split:
             kept = _cap_pairs(kept, config.max_pairs_per_split, rng)
+        kept, left_out[split_set] = _real_units(kept, eval_users)
         frames.append(kept.assign(split_set=split_set))
     eval_pairs = pd.concat(frames, ignore_index=True) if frames else user_pairs.assign(split=[], split_set=[])
     report = {
@@ -167,8 +208,20 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
         "n_eval_users": len(eval_users),
         "n_eval_dialogues": len(with_eval),
         "dropped_leaky_training_pairs": dropped,
+        "eligibility": eligibility_counts,
+        # per set: users left out of that set for lack of train_ft / dev / test pairs, with the missing splits
+        "users_left_out": left_out,
     }
+    report["heldout_dialogues"] = pd.DataFrame(heldout, columns=["split_set", "user_id", "dialogue_id", "split"])
     return pretrain, eval_pairs, eval_users, report
+
+
+def _real_units(labelled: pd.DataFrame, users: list[str]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Drop the pairs of users who lack any of `REQUIRED_SPLITS` in this set; {user: missing splits}."""
+    present = labelled.groupby("speaker_id")["split"].agg(set).to_dict()
+    missing = {u: [s for s in REQUIRED_SPLITS if s not in present.get(u, set())] for u in users}
+    missing = {u: m for u, m in missing.items() if m}
+    return labelled[~labelled["speaker_id"].isin(set(missing))], missing
 
 
 def _cap_pairs(labelled: pd.DataFrame, cap: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -193,8 +246,9 @@ def _context_shows_heldout(labelled: pd.DataFrame) -> pd.Series:
     return pd.Series(flags, index=labelled.index, dtype=bool)
 
 
-def table2_row(name: str, meta: dict, eval_pairs: pd.DataFrame, n_users: int) -> dict:
-    """The Table 2 analog for one dataset, averaged over split sets (§4.2.1 Table 2)."""
+def table2_row(name: str, meta: dict, eval_pairs: pd.DataFrame, n_users: int, report: dict | None = None) -> dict:
+    """The Table 2 analog for one dataset, averaged over split sets (§4.2.1 Table 2), with the speakers each
+    eligibility rule excluded when `report` (split_corpus's) is given."""
     per_user = (eval_pairs.groupby(["split_set", "speaker_id", "split"]).size().unstack("split", fill_value=0)
                 .reindex(columns=list(SPLITS), fill_value=0))
     train = per_user["train_da"] + per_user["train_ft"]
@@ -210,4 +264,18 @@ def table2_row(name: str, meta: dict, eval_pairs: pd.DataFrame, n_users: int) ->
         "N fine-tune / user": round(float(per_user["train_ft"].mean()), 1) if len(per_user) else 0.0,
         "N dev / user": round(float(per_user["dev"].mean()), 1) if len(per_user) else 0.0,
         "N test / user": round(float(per_user["test"].mean()), 1) if len(per_user) else 0.0,
+        **(_exclusion_columns(report) if report is not None else {}),
+    }
+
+
+def _exclusion_columns(report: dict) -> dict[str, int]:
+    counts = report["eligibility"]
+    left_out = report["users_left_out"]
+    return {
+        "speakers": counts["speakers"],
+        "excl. few turns": counts["excluded_below_min_turns"],
+        "excl. many turns": counts["excluded_above_max_turns"],
+        f"excl. < {MIN_PARTNERS} partners": counts["excluded_few_partners"],
+        "not sampled": counts["not_sampled"],
+        "user-sets left out (no train/dev/test)": sum(len(v) for v in left_out.values()),
     }

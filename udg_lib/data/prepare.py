@@ -4,6 +4,7 @@
 <out>/<name>/pretrain_pairs.parquet   reply pairs from dialogues without evaluation users
 <out>/<name>/eval_pairs.parquet       reply pairs of evaluation users, per split set and split
 <out>/<name>/eval_users.csv           evaluation users: One-ID, turn counts, profile
+<out>/<name>/heldout_dialogues.parquet  per set, each evaluation user's dev/test dialogues (kept out of profiles)
 <out>/<name>/prompts.parquet          eval pairs rendered as Plain / PSP / PPP (+ one_id column)
 """
 
@@ -16,14 +17,18 @@ import pandas as pd
 from udg_lib import io
 from udg_lib.data.schema import PROFILE_FIELDS, Corpus, save_corpus
 from udg_lib.prompts import PROMPT_FORMATS, assign_one_ids, build_prompts
-from udg_lib.splits import SplitConfig, split_corpus, table2_row
+from udg_lib.splits import SplitConfig, no_eval_users_message, split_corpus, table2_row
 
 
 def prepare_corpus(corpus: Corpus, config: SplitConfig, out_dir: str | Path) -> dict:
-    """Save the corpus, split it, write pairs, evaluation users and prompts; return its report."""
+    """Save the corpus, split it, write pairs, evaluation users and prompts; return its report.
+
+    A corpus without evaluation users still gives pre-training pairs; its report carries `warning`, the
+    one line saying which eligibility rule excluded everyone (`require_eval_users` fails on it)."""
     out_dir = Path(out_dir) / corpus.name
     save_corpus(corpus, out_dir / "corpus")
     pretrain, eval_pairs, eval_users, report = split_corpus(corpus.turns, config)
+    io.write_parquet(out_dir / "heldout_dialogues.parquet", report.pop("heldout_dialogues"))
     one_ids = assign_one_ids(eval_users, seed=config.seed)
 
     io.write_parquet(out_dir / "pretrain_pairs.parquet", pretrain.assign(dataset=corpus.name))
@@ -45,9 +50,29 @@ def prepare_corpus(corpus: Corpus, config: SplitConfig, out_dir: str | Path) -> 
         "meta": corpus.meta,
         "split_config": config.as_dict(),
         "split_report": report,
-        "table2": table2_row(corpus.name, corpus.meta, eval_pairs, len(eval_users)),
+        "table2": table2_row(corpus.name, corpus.meta, eval_pairs, len(eval_users), report),
+        "warning": None if eval_users else no_eval_users_message(corpus.name, config, report["eligibility"]),
         "files": sorted(str(p.relative_to(out_dir.parent)) for p in out_dir.rglob("*") if p.is_file()),
     }
+
+
+def require_eval_users(reports: list[dict]) -> list[str]:
+    """The one-line warnings of corpora without evaluation users; ValueError when no corpus has any."""
+    warnings = [r["warning"] for r in reports if r.get("warning")]
+    if reports and len(warnings) == len(reports):
+        raise ValueError(warnings[0] if len(warnings) == 1 else
+                         "no corpus has an evaluation user: " + " | ".join(warnings))
+    return warnings
+
+
+def eval_corpus_names(prepared_dir: str | Path) -> list[str]:
+    """The corpora stage 00 prepared that have evaluation users (the others only give pre-training pairs)."""
+    names = []
+    for name in corpus_names(prepared_dir):
+        users = pd.read_csv(Path(prepared_dir) / name / "eval_users.csv", dtype=str, keep_default_na=False)
+        if len(users):
+            names.append(name)
+    return names
 
 
 def pretraining_texts(out_dir: str | Path, names: list[str]) -> pd.Series:
