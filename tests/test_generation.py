@@ -67,7 +67,7 @@ def test_mixed_adapter_batches_equal_one_by_one(tokenizer, adapters):
     names[5] = BASE_ADAPTER
     mixed_model = load_user_adapters(tiny_model(tokenizer), adapters)
     mixed = greedy_generate(mixed_model, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=5)
-    mixed_nll, mixed_n = reference_nll(mixed_model, tokenizer, sources, sentences(12, seed=4),
+    mixed_nll, mixed_n, *_ = reference_nll(mixed_model, tokenizer, sources, sentences(12, seed=4),
                                        adapter_names=names, batch_size=5)
     one_by_one, nll_one = [], []
     for source, reference, name in zip(sources, sentences(12, seed=4), names):
@@ -87,13 +87,34 @@ def test_mixed_adapter_batches_equal_one_by_one(tokenizer, adapters):
 def test_reference_nll_matches_corpus_perplexity(tokenizer):
     model = tiny_model(tokenizer)
     sources, references = sentences(7, seed=5), sentences(7, seed=6)
-    nll, n = reference_nll(model, tokenizer, sources, references, batch_size=3)
+    nll, n, *_ = reference_nll(model, tokenizer, sources, references, batch_size=3)
     assert math.isclose(math.exp(nll.sum() / n.sum()), reply_perplexity(model, tokenizer, sources, references),
                         rel_tol=1e-5)
     # a random model: about uniform over the vocabulary, so per-token NLL is near log V
     assert 0.5 * math.log(len(tokenizer)) < nll.sum() / n.sum() < 2 * math.log(len(tokenizer))
     with pytest.raises(ValueError, match="2 sources but 1 references"):
         reference_nll(model, tokenizer, sources[:2], references[:1])
+
+
+def test_reference_text_nll_leaves_out_eos_and_counts_the_scored_characters(tokenizer):
+    model = tiny_model(tokenizer)
+    short, long = "  i like   cats ", " ".join(sentences(6, seed=8))
+    sources = sentences(2, seed=9)
+    kept = len(tokenizer(short, add_special_tokens=False)["input_ids"])  # the short reply just fits
+    scores = reference_nll(model, tokenizer, sources, [short, long], max_target_length=kept + 1)
+    assert scores.n_tokens.tolist() == [kept + 1] * 2  # the long one cut: `kept` text tokens + </s>
+    # the text part is the full sum minus -log p(</s> | the reply's tokens), computed here by hand
+    for i, reference in enumerate((short, long)):
+        ids = tokenizer(reference, add_special_tokens=False)["input_ids"][:kept] + [tokenizer.eos_token_id]
+        source = tokenizer(sources[i], return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**source, labels=torch.tensor([ids])).logits[0]
+        eos_nll = -torch.log_softmax(logits[len(ids) - 1].double(), dim=-1)[tokenizer.eos_token_id].item()
+        assert scores.nll[i] - scores.text_nll[i] == pytest.approx(eos_nll, rel=1e-4)
+    assert scores.text_chars[0] == len("i like cats")  # whitespace runs count once
+    first = tokenizer(long, add_special_tokens=False)["input_ids"][:kept]
+    assert scores.text_chars[1] == len(" ".join(tokenizer.decode(first).split()))
+    assert scores.text_chars[1] < len(long)
 
 
 def test_user_predictor_writes_the_users_rows_only(tokenizer, tmp_path):
@@ -107,7 +128,7 @@ def test_user_predictor_writes_the_users_rows_only(tokenizer, tmp_path):
     predictor("a", tiny_model(tokenizer), tmp_path)
     predictions = pd.read_parquet(tmp_path / PREDICTIONS_FILE)
     assert predictions["pair_id"].tolist() == ["a0", "a1", "a2"]
-    assert set(predictions.columns) >= {"generated", "nll", "n_tokens"}
+    assert set(predictions.columns) >= {"generated", "nll", "n_tokens", "text_nll", "text_chars"}
     answers = pd.read_parquet(tmp_path / EXP2_FILE)
     assert answers["question_id"].tolist() == ["q01", "q02"]
     prompts = build_prompts(question_pairs(questions, "a"), users, "ppp")

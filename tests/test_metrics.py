@@ -13,23 +13,28 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
+from udg_lib import experiments as ex
 from udg_lib.metrics import (
     EMBEDDERS,
     HIGHER_IS_BETTER,
     SentenceEmbedder,
     acc_at_sim,
+    bits_per_char,
     bold_best,
     compare_systems,
     cosine_similarities,
     distinct_n,
     distinct_s,
     diversity_scores,
+    generation_health,
+    is_repetition,
     leakage_scores,
     load_embedder,
     markdown_table,
     paired_test,
     per_user_means,
     perplexity,
+    reference_chars,
     results_table,
     retrieve_responses,
     rouge_l,
@@ -161,6 +166,34 @@ def test_perplexity_of_uniform_distribution():
     assert math.isnan(perplexity([1.0, float("nan")], [1, 1]))
 
 
+def test_bits_per_char_by_hand():
+    assert reference_chars("  hi \n  there  ") == len("hi there")  # whitespace runs count once
+    ln2 = math.log(2)
+    assert bits_per_char([10 * ln2, 6 * ln2], [5, 3]) == pytest.approx(2.0)  # character-weighted
+    assert bits_per_char([3 * ln2, 1 * ln2], [1, 3]) == pytest.approx(1.0)  # not the mean of 3.0 and 1/3
+    assert math.isnan(bits_per_char([], []))
+    assert math.isnan(bits_per_char([0.0], [0]))
+    assert math.isnan(bits_per_char([1.0, float("nan")], [1, 1]))  # a system without likelihood: NA
+
+
+def test_score_predictions_bits_per_char_for_t5_and_llm_rows():
+    embedder = CountingEmbedder()
+    pairs = pd.DataFrame({"pair_id": ["p1", "p2"], "response": ["ab  cd", "hello there"]})
+    ln2 = math.log(2)
+    # LLM rows: nll covers exactly the whitespace-collapsed reference ("ab cd": 5 characters)
+    llm = ex.score_predictions(pd.DataFrame({"pair_id": ["p1"], "speaker_id": ["u"], "generated": ["ab"],
+                                             "nll": [10 * ln2], "n_tokens": [4.0]}), pairs, embedder, "en")
+    assert llm.loc[0, "text_nll"] == pytest.approx(10 * ln2) and llm.loc[0, "text_chars"] == 5
+    assert llm.loc[0, "bits_per_char"] == pytest.approx(2.0)
+    # T5 rows bring their own text part (no </s>) and covered characters; the retrieval floor has none
+    t5 = pd.DataFrame({"pair_id": ["p1", "p2"], "speaker_id": ["u", "u"], "generated": ["ab", ""],
+                       "nll": [12 * ln2, float("nan")], "n_tokens": [5, float("nan")],
+                       "text_nll": [9 * ln2, float("nan")], "text_chars": [3, float("nan")]})
+    scored = ex.score_predictions(t5, pairs, embedder, "en")
+    assert scored.loc[0, "bits_per_char"] == pytest.approx(3.0)
+    assert math.isnan(scored.loc[1, "bits_per_char"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Diversity
 
@@ -175,6 +208,48 @@ def test_distinct_n_and_s_by_hand():
     assert distinct_s([]) == 0.0
     with pytest.raises(ValueError):
         distinct_n(replies, 0)
+
+
+def test_distinct_s_normalises_like_distinct_n():
+    # case and punctuation do not make a reply distinct, as for Distinct-1/2's tokens
+    assert distinct_s(["Hi!", "hi", "hi there", "Hi, there."]) == pytest.approx(2 / 4)
+    assert distinct_s(["", "?!", "ok"]) == pytest.approx(2 / 3)  # no tokens at all: one "reply"
+    # Japanese: fugashi surface forms, punctuation kept (as Distinct-1/2 keep it)
+    assert distinct_s(["はい。", "はい", "はい"], language="ja") == pytest.approx(2 / 3)
+    replies = pd.DataFrame({"question_id": "q1", "reply": ["Hi!", "hi", "I like cats."], "method": "m"})
+    assert diversity_scores(replies, group_cols=["method"])["dist_s"].iloc[0] == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation health
+
+
+def test_is_repetition():
+    for reply in ("))))))))", "k k k k k k", "K k  k", "no no", "k", ".", "  ...  ", "ええ"):
+        assert is_repetition(reply), reply
+    for reply in ("", "   ", "yes", "ok ok fine", "hello", "no, no"):
+        assert not is_repetition(reply), reply
+
+
+def test_generation_health_by_hand():
+    scores = pd.DataFrame({
+        "system": ["A"] * 5 + ["B"] * 4 + ["C"] * 4,
+        "generated": ["i see.", " i see.", "", "k k k", "i like cats",  # A: common 2, empty 1, repeat 1
+                      "yes", "no", "maybe", "sure",  # B: healthy; every reply appears once
+                      "no", "maybe", "no", "ok sure"],  # C: "no" twice and "maybe" once
+    })
+    health = generation_health(scores, ["system"])
+    a, b = health.iloc[0], health.iloc[1]
+    assert (a["n"], a["empty_share"], a["repeat_share"]) == (5, 0.2, 0.2)
+    assert a["most_common_reply"] == "i see." and a["most_common_share"] == pytest.approx(0.4)
+    assert a["degenerate_share"] == pytest.approx(0.8) and a["degenerate"]  # each reply counted once
+    assert pd.isna(b["most_common_reply"]) and b["most_common_share"] == 0.0  # no reply occurs twice
+    assert b["degenerate_share"] == 0.0 and not b["degenerate"]
+    c = health.iloc[2]
+    assert c["most_common_reply"] == "no" and c["degenerate_share"] == pytest.approx(0.5) and c["degenerate"]
+    assert not generation_health(scores, ["system"], threshold=0.5).iloc[2]["degenerate"]  # not over 50%
+    with pytest.raises(KeyError, match="method"):
+        generation_health(scores, ["method"])
 
 
 def test_diversity_scores_average_over_questions():
@@ -368,3 +443,53 @@ def test_bold_best_and_markdown():
     assert lines[-2:] == ["Bold: best per column.", "PPL: NA for LLMs."]
     with pytest.raises(KeyError, match="rouge_l"):
         bold_best(table, {"rouge_l": True})
+
+
+def test_perplexity_is_bold_only_among_rows_of_one_tokenizer():
+    table = pd.DataFrame({"system": ["t5 a", "t5 b", "floor", "llm x", "llm y"],
+                          "bits_per_char": [3.1, 3.0, float("nan"), 1.5, 1.9],
+                          "perplexity": [40.0, 35.0, float("nan"), 9.0, 7.0],
+                          "tokenizer": ["T5", "T5", "", "X", "Y"]})
+    higher = {"bits_per_char": False, "perplexity": False}
+    formatted = bold_best(table, higher)
+    assert formatted["perplexity"].tolist() == ["40", "**35**", "NA", "9", "7"]  # LLMs alone: never bold
+    assert formatted["bits_per_char"].tolist() == ["3.1", "3", "NA", "**1.5**", "1.9"]  # one scale: all rows
+    assert bold_best(table.drop(columns="tokenizer"), higher)["perplexity"].tolist()[-1] == "**7**"
+    two_each = bold_best(table, higher, tokenizers=["T5", "T5", "", "X", "X"])["perplexity"].tolist()
+    assert two_each == ["40", "**35**", "NA", "9", "**7**"]  # best within each tokenizer
+    text = markdown_table(table, higher, notes=["my note"])
+    assert "comparable only among rows that share a tokenizer" in text and text.strip().endswith("my note")
+    single = table[table["tokenizer"].isin(["T5", ""])]
+    assert "share a tokenizer" not in markdown_table(single, higher)  # one tokenizer: nothing to warn about
+
+
+def test_exp1_table_marks_degenerate_systems_and_names_tokenizers(tmp_path):
+    rows = []
+    for user in ("a", "b"):
+        for pretrain, method, generated in (("psp", "lora", ["i like cats", "we went hiking"]),
+                                            ("psp", "da", ["i see.", "i see."]),
+                                            ("llm", "smollm2-chat", ["sure thing", "))))"] if user == "a"
+                                             else ["i am fine", "we could go out"])):
+            for k, reply in enumerate(generated):
+                rows.append({"dataset": "d", "split_set": 0, "user_id": user, "pair_id": f"{user}{k}",
+                             "pretrain": pretrain, "method": method, "system": ex.system_label(pretrain, method),
+                             "generated": reply, "similarity": 0.5, "rouge_l": 1.0, "nll": 4.0, "n_tokens": 2,
+                             "text_nll": 3.0, "text_chars": 4})
+    scores = pd.DataFrame(rows)
+    health = ex.write_generation_health(scores, tmp_path)
+    saved = pd.read_csv(tmp_path / "generation_health.csv")
+    assert {"dataset", "system", "pretrain", "method", "n", "empty_share", "repeat_share", "most_common_share",
+            "degenerate_share", "degenerate"} <= set(saved.columns)
+    assert saved.set_index("method")["degenerate"].to_dict() == {"lora": True, "da": True, "smollm2-chat": True}
+    assert "⚠" in (tmp_path / "generation_health.md").read_text(encoding="utf-8")
+    health.loc[health["method"] == "lora", "degenerate"] = False  # a healthy system keeps its plain label
+    table = ex.exp1_table(per_user_means(scores, ex.EXP1_METRICS), health=health)
+    assert table["fine-tuning"].tolist() == ["DA-pooled (no per-user training) ⚠ degenerate 100%", "LoRA",
+                                             "smollm2-chat ⚠ degenerate 25%"]  # "))))": 1 of 4
+    assert table["tokenizer"].tolist() == ["T5 (ours)", "T5 (ours)", "SmolLM2-135M-Instruct"]
+    assert table.columns.tolist()[-3:] == ["perplexity", "tokenizer", "n_users"]
+    assert table["bits_per_char"].tolist() == pytest.approx([3.0 / math.log(2) / 4] * 3)
+    notes = ex.health_notes(health, "d")
+    assert any("more than 20% degenerate" in line for line in notes)
+    assert ex.exp1_table(per_user_means(scores, ex.EXP1_METRICS))["fine-tuning"].tolist()[0] == \
+        "DA-pooled (no per-user training)"

@@ -3,7 +3,8 @@
 - `greedy_generate`: greedy decoding (§4.3.2 uses greedy search "to avoid the influence of the sampling
   probability"; Exp1 uses it too), batched by prompt length.
 - `reference_nll`: per-sample summed negative log-likelihood of the reference reply and its token count, from
-  which `metrics.perplexity` derives the paper's perplexity (§4.2.3).
+  which `metrics.perplexity` derives the paper's perplexity (§4.2.3), and the NLL of the reply's text alone
+  with the characters it covers, from which `metrics.bits_per_char` compares our T5s with the prompt LLMs.
 - Both take `adapter_names`: with a `PeftModel` holding many users' LoRA adapters, each row runs through its
   own user's adapter inside one batch (peft's mixed-adapter batches), so evaluating 100 users costs about as
   much as evaluating one model on the same number of contexts.
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,10 +27,11 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from udg_lib import io
+from udg_lib.metrics import reference_chars
 from udg_lib.pretraining import LABEL_PAD_ID, encode_sources, encode_targets
 from udg_lib.prompts import build_prompts
 
-PREDICTIONS_FILE = "predictions.parquet"  # a user's Exp1 test replies: pair_id, generated, nll, n_tokens
+PREDICTIONS_FILE = "predictions.parquet"  # a user's Exp1 test replies: pair_id, generated, ReferenceScores' fields
 EXP2_FILE = "exp2_replies.parquet"  # a user's Exp2 answers: question_id, reply
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" inside a mixed batch
 
@@ -50,7 +53,7 @@ def _check_lengths(name: str, values: Sequence | None, n: int) -> None:
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
                     adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
-                    max_source_length: int = 128) -> list[str]:
+                    max_source_length: int = 128, one_id_prefix: bool = False) -> list[str]:
     """Greedy replies in the order of `sources`; prompts are cut as in training (`encode_sources`).
 
     `adapter_names[i]` picks the LoRA adapter of row i (a `PeftModel` with those adapters loaded;
@@ -59,7 +62,7 @@ def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     _check_lengths("adapter names", adapter_names, len(sources))
     was_training = model.training
     model.eval()
-    encoded = encode_sources(list(sources), tokenizer, max_source_length)
+    encoded = encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
     replies = [""] * len(encoded)
     device = next(model.parameters()).device
     for batch in _length_batches([len(e) for e in encoded], batch_size):
@@ -72,22 +75,55 @@ def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     return replies
 
 
+class ReferenceScores(NamedTuple):
+    """`reference_nll`'s per-sample arrays (nats; tokens of our T5 tokenizer)."""
+
+    nll: np.ndarray  # summed NLL of the scored reference tokens, `</s>` included (the paper's perplexity)
+    n_tokens: np.ndarray  # those tokens, `</s>` included
+    text_nll: np.ndarray  # the same sum without `</s>`: the NLL of the reply's text alone
+    text_chars: np.ndarray  # characters of the reference those text tokens cover (`metrics.reference_chars`)
+
+
+def _covered_chars(tokenizer: PreTrainedTokenizerBase, references: Sequence[str], kept: Sequence[int]) -> np.ndarray:
+    """`reference_chars` of the part of each reference that its first `kept[i]` tokens cover."""
+    chars = np.array([reference_chars(r) for r in references], dtype=np.int64)
+    if not references:
+        return chars
+    encoded = tokenizer(list(references), add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    for i, reference in enumerate(references):
+        ids = encoded["input_ids"][i]
+        if len(ids) <= kept[i]:
+            continue  # not truncated: the whole reference is scored
+        if kept[i] == 0:
+            chars[i] = 0
+        elif tokenizer.is_fast:
+            chars[i] = reference_chars(reference[: encoded["offset_mapping"][i][kept[i] - 1][1]])
+        else:
+            chars[i] = reference_chars(tokenizer.decode(ids[: kept[i]], skip_special_tokens=True))
+    return chars
+
+
 @torch.no_grad()
 def reference_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                   references: Sequence[str], *, adapter_names: Sequence[str] | None = None, batch_size: int = 32,
-                  max_source_length: int = 128, max_target_length: int = 48) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: summed NLL (nats) of the reference reply's tokens (`</s>` included) and their count.
+                  max_source_length: int = 128, max_target_length: int = 48,
+                  one_id_prefix: bool = False) -> ReferenceScores:
+    """Per sample: summed NLL (nats) of the reference reply's tokens and their count, with and without `</s>`.
 
-    Perplexity over any set of samples is then exp(sum nll / sum n_tokens) (`metrics.perplexity`).
+    References longer than `max_target_length - 1` tokens are cut as in training (`encode_targets`), so
+    `text_chars` counts only the characters the kept tokens cover. Perplexity over any set of samples is
+    exp(sum nll / sum n_tokens) (`metrics.perplexity`), bits per character sum text_nll / ln 2 / sum
+    text_chars (`metrics.bits_per_char`).
     """
     if len(sources) != len(references):
         raise ValueError(f"{len(sources)} sources but {len(references)} references")
     _check_lengths("adapter names", adapter_names, len(sources))
     was_training = model.training
     model.eval()
-    inputs = encode_sources(list(sources), tokenizer, max_source_length)
+    inputs = encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
     targets = encode_targets(list(references), tokenizer, max_target_length)
     nll = np.zeros(len(inputs), dtype=np.float64)
+    text_nll = np.zeros(len(inputs), dtype=np.float64)
     counts = np.array([len(t) for t in targets], dtype=np.int64)
     device = next(model.parameters()).device
     for batch in _length_batches([len(e) for e in inputs], batch_size):
@@ -98,10 +134,13 @@ def reference_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, so
         labels = labels.to(device)
         logits = model(**padded, labels=labels, **_adapter_kwargs(adapter_names, batch)).logits.float()
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=LABEL_PAD_ID,
-                                                      reduction="none")
-        nll[batch] = token_nll.sum(dim=1).double().cpu().numpy()
+                                                      reduction="none").double().cpu()
+        nll[batch] = token_nll.sum(dim=1).numpy()
+        eos_nll = token_nll[torch.arange(len(batch)), torch.tensor([len(targets[i]) - 1 for i in batch])]
+        text_nll[batch] = (token_nll.sum(dim=1) - eos_nll).numpy()  # encode_targets ends every target with </s>
     model.train(was_training)
-    return nll, counts
+    text_chars = _covered_chars(tokenizer, list(references), (counts - 1).tolist())
+    return ReferenceScores(nll, counts, text_nll, text_chars)
 
 
 def load_user_adapters(base_model: torch.nn.Module, adapter_dirs: Mapping[str, str | Path]) -> PeftModel:
@@ -151,22 +190,27 @@ class UserPredictor:
             asked = question_pairs(self.questions, user_id)
             sources = build_prompts(asked, self.users, self.fmt, self.one_ids).tolist()
             replies = greedy_generate(model, self.tokenizer, sources, max_new_tokens=self.max_new_tokens,
-                                      batch_size=self.batch_size, max_source_length=self.max_source_length)
+                                      batch_size=self.batch_size, max_source_length=self.max_source_length,
+                                      one_id_prefix=self.one_ids is not None)
             io.write_parquet(Path(folder) / EXP2_FILE, pd.DataFrame({"question_id": asked["pair_id"].to_numpy(),
                                                                      "reply": replies}))
 
 
 def predict_pairs(model: torch.nn.Module, pairs: pd.DataFrame, settings: UserPredictor,
                   adapter_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """Greedy replies and reference NLLs for reply pairs, prompts built as `settings` says."""
+    """Greedy replies and reference NLLs for reply pairs, prompts built as `settings` says.
+
+    Columns: pair_id, speaker_id, generated and `ReferenceScores`' fields (nll, n_tokens, text_nll, text_chars)."""
     tokenizer = settings.tokenizer
     sources = build_prompts(pairs, settings.users, settings.fmt, settings.one_ids).tolist()
     generated = greedy_generate(model, tokenizer, sources, adapter_names=adapter_names,
                                 max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                                max_source_length=settings.max_source_length)
-    nll, n_tokens = reference_nll(model, tokenizer, sources, pairs["response"].tolist(),
-                                  adapter_names=adapter_names, batch_size=settings.batch_size,
-                                  max_source_length=settings.max_source_length,
-                                  max_target_length=settings.max_target_length)
+                                max_source_length=settings.max_source_length,
+                                one_id_prefix=settings.one_ids is not None)
+    scored = reference_nll(model, tokenizer, sources, pairs["response"].tolist(),
+                           adapter_names=adapter_names, batch_size=settings.batch_size,
+                           max_source_length=settings.max_source_length,
+                           max_target_length=settings.max_target_length,
+                           one_id_prefix=settings.one_ids is not None)
     return pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(), "speaker_id": pairs["speaker_id"].to_numpy(),
-                         "generated": generated, "nll": nll, "n_tokens": n_tokens})
+                         "generated": generated, **scored._asdict()})

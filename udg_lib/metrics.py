@@ -7,23 +7,31 @@
 - `cosine_similarities`, `acc_at_sim` (Acc@sim0.9), `rouge_l` (ROUGE-L F x100 with a language-aware
   tokenizer: fugashi/unidic-lite for Japanese, since rouge-score's own tokenizer drops non-ASCII text),
   `perplexity` (corpus-level, token-weighted, from per-sample summed NLL and token counts).
+- `bits_per_char` (beyond the paper): the reference's NLL in bits per character of its text. Token
+  perplexity depends on the tokenizer, so it compares systems of one tokenizer family only; bits per
+  character compares our T5s with the prompt LLMs. `bold_best` never bolds a tokenizer-dependent column
+  (`TOKENIZER_METRICS`) across rows of different tokenizers.
+- `generation_health` (beyond the paper): shares of empty replies, one-unit repetitions and copies of a
+  system's most common reply; a system above `DEGENERATE_THRESHOLD` is flagged.
 - `distinct_n`, `distinct_s`, `diversity_scores`: Distinct-N of Li et al. (2016) and Table 7's Dist-S,
-  computed per question over all users' replies and averaged over questions (§4.3.3).
+  computed per question over all users' replies and averaged over questions (§4.3.3). Dist-S compares
+  whole replies as token sequences of the same tokenizer as Distinct-1/2 (see `distinct_s`).
 - Beyond the paper: `paired_test` / `compare_systems` (paired tests across users, which the paper does not
   report), `leakage_scores` (is a user's reply closer to another user's training responses than to their
   own? §4.1.3 and §4.3.4 warn that One-ID may produce other users' utterances) and `retrieve_responses`
   (a retrieval floor for Exp1: the user's own training response whose context is most similar).
 - Tables: `per_user_means` -> `results_table` -> `bold_best` / `markdown_table` (Tables 3-5 and 7 analogs).
 
-Per-sample score frames use the columns `similarity`, `rouge_l`, `nll`, `n_tokens` plus unit columns
-(`dataset`, `split_set`, `user_id`) and system columns (`pretrain`, `method`).
+Per-sample score frames use the columns `similarity`, `rouge_l`, `nll`, `n_tokens`, `text_nll`, `text_chars`,
+`bits_per_char` plus unit columns (`dataset`, `split_set`, `user_id`) and system columns (`pretrain`,
+`method`); `experiments.score_predictions` defines the likelihood columns.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -44,12 +52,15 @@ EMBEDDERS: dict[str, str] = {
 }
 ACC_SIM_THRESHOLD = 0.9  # §4.2.3 Acc@sim0.9: generated and reference "nearly identical"
 LANGUAGES: tuple[str, ...] = ("en", "ja")  # tokenizers of rouge_tokenize
-EXP1_METRICS: tuple[str, ...] = ("similarity", "acc_at_sim", "rouge_l", "perplexity")  # Tables 3-5 columns
+EXP1_METRICS: tuple[str, ...] = ("similarity", "acc_at_sim", "rouge_l", "bits_per_char", "perplexity")  # Tables 3-5
 EXP2_METRICS: tuple[str, ...] = ("dist_1", "dist_2", "dist_s")  # Table 7 columns
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "similarity": True, "acc_at_sim": True, "rouge_l": True, "perplexity": False,
+    "similarity": True, "acc_at_sim": True, "rouge_l": True, "bits_per_char": False, "perplexity": False,
     "dist_1": True, "dist_2": True, "dist_s": True,
 }
+TOKENIZER_METRICS: tuple[str, ...] = ("perplexity",)  # per token: comparable only under one tokenizer
+TOKENIZER_COLUMN = "tokenizer"  # a table column naming each row's tokenizer (see bold_best)
+DEGENERATE_THRESHOLD = 0.2  # generation_health: a system with more degenerate replies than this is flagged
 PAIRED_TEST_METHODS: tuple[str, ...] = ("wilcoxon", "bootstrap")
 DEFAULT_UNIT_COLS: tuple[str, ...] = ("dataset", "split_set", "user_id")
 DEFAULT_SYSTEM_COLS: tuple[str, ...] = ("pretrain", "method")
@@ -281,6 +292,33 @@ def perplexity(nll: Sequence[float] | np.ndarray, n_tokens: Sequence[float] | np
     return float(math.exp(nll.sum() / total))
 
 
+def reference_chars(text: str) -> int:
+    """Characters of a reference as the models score it: whitespace runs count as one space, ends stripped."""
+    if not isinstance(text, str):
+        raise TypeError(f"text is {type(text).__name__} ({text!r}), expected str")
+    return len(" ".join(text.split()))
+
+
+def bits_per_char(text_nll: Sequence[float] | np.ndarray, text_chars: Sequence[float] | np.ndarray) -> float:
+    """sum(text_nll) / ln 2 / sum(text_chars) over the samples (character-weighted, corpus level).
+
+    `text_nll` is each reference's summed NLL in nats over the tokens of its text (no end-of-sequence
+    token), `text_chars` the characters those tokens cover (`reference_chars`). Unlike perplexity this
+    does not depend on the tokenizer. NaN when there are no characters or any input is NaN.
+    """
+    text_nll = np.asarray(text_nll, dtype=np.float64).ravel()
+    text_chars = np.asarray(text_chars, dtype=np.float64).ravel()
+    _check_same_length(text_nll, text_chars, "text_nll values", "text_chars values")
+    if np.isnan(text_nll).any() or np.isnan(text_chars).any():
+        return float("nan")
+    if (text_chars < 0).any():
+        raise ValueError(f"text_chars must be >= 0; got {text_chars[text_chars < 0][:5].tolist()}")
+    total = text_chars.sum()
+    if total <= 0:
+        return float("nan")
+    return float(text_nll.sum() / math.log(2) / total)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Diversity (§4.3.3, Table 7)
 
@@ -306,12 +344,22 @@ def _distinct_of_tokens(token_lists: Sequence[Sequence[str]], n: int) -> float:
     return len(seen) / total if total else 0.0
 
 
-def distinct_s(replies: Sequence[str]) -> float:
-    """Table 7 Dist-S: distinct replies (exact string after strip) / replies; 0.0 for no replies."""
+def distinct_s(replies: Sequence[str], language: str = "en") -> float:
+    """Table 7 Dist-S: distinct replies / replies; 0.0 for no replies.
+
+    The paper calls Dist-S "an extension of Distinct-N to utterance sentence units" and defines no more.
+    Our unit is the whole reply (one utterance), compared as its `rouge_tokenize` token sequence, the tokens
+    Distinct-1/2 count: in English case and punctuation do not make a reply distinct ("Hi!" = "hi"); in
+    Japanese the fugashi surface forms are compared, punctuation included, as for Distinct-1/2.
+    """
     replies = _check_texts(replies, "replies")
-    if not replies:
+    return _distinct_sequences([rouge_tokenize(r, language) for r in replies])
+
+
+def _distinct_sequences(token_lists: Sequence[Sequence[str]]) -> float:
+    if not token_lists:
         return 0.0
-    return len({r.strip() for r in replies}) / len(replies)
+    return len({tuple(tokens) for tokens in token_lists}) / len(token_lists)
 
 
 def diversity_scores(replies: pd.DataFrame, language: str = "en", *, group_cols: Sequence[str]) -> pd.DataFrame:
@@ -340,12 +388,70 @@ def diversity_scores(replies: pd.DataFrame, language: str = "en", *, group_cols:
         per_question = []
         for _, question in group.groupby("question_id", sort=False, dropna=False):
             texts = question["reply"].tolist()
-            tokens = [rouge_tokenize(t, language) for t in texts]  # once for both n
-            per_question.append((_distinct_of_tokens(tokens, 1), _distinct_of_tokens(tokens, 2), distinct_s(texts)))
+            tokens = [rouge_tokenize(t, language) for t in texts]  # once for Dist-1, Dist-2 and Dist-S
+            per_question.append((_distinct_of_tokens(tokens, 1), _distinct_of_tokens(tokens, 2),
+                                 _distinct_sequences(tokens)))
         values = np.array(per_question, dtype=np.float64)
         rows.append({**dict(zip(group_cols, key)), "dist_1": values[:, 0].mean(), "dist_2": values[:, 1].mean(),
                      "dist_s": values[:, 2].mean(), "n_questions": len(per_question)})
     return pd.DataFrame(rows, columns=[*group_cols, "dist_1", "dist_2", "dist_s", "n_questions"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation health (not in the paper): collapsed systems must be visible beside their scores
+
+
+def is_repetition(reply: str) -> bool:
+    """A reply that is one unit repeated: after stripping, two or more whitespace tokens all identical
+    ("k k k k", "no no"), or all non-space characters identical ("))))))", "...", and any one-character
+    reply such as "k"). Case is ignored. An empty reply is not a repetition (it is counted as empty)."""
+    if not isinstance(reply, str):
+        raise TypeError(f"reply is {type(reply).__name__} ({reply!r}), expected str")
+    tokens = reply.casefold().split()
+    if not tokens:
+        return False
+    if len(tokens) >= 2 and len(set(tokens)) == 1:
+        return True
+    return len(set("".join(tokens))) == 1
+
+
+def generation_health(scores: pd.DataFrame, group_cols: Sequence[str],
+                      threshold: float = DEGENERATE_THRESHOLD) -> pd.DataFrame:
+    """Per group of `scores` (one system, e.g. dataset, system, pretrain, method): how many replies collapsed.
+
+    Replies (`generated`) are compared after stripping. Columns: `n` replies; `empty_share` (nothing left);
+    `repeat_share` (`is_repetition`); `most_common_share` (identical to the group's most common reply,
+    `most_common_reply`; 0 and missing when no reply occurs twice, so a small healthy group is not flagged);
+    `degenerate_share`, the share of replies that are empty OR a repetition OR the most common reply (each
+    reply counted once); `degenerate` = degenerate_share > `threshold`. Groups keep their first-appearance order.
+    """
+    group_cols = list(group_cols)
+    _require_columns(scores, ["generated", *group_cols], "generation_health scores")
+    bad = scores.index[~scores["generated"].map(lambda r: isinstance(r, str))]
+    if len(bad):
+        raise TypeError(f"generation_health: generated is not a string in rows {list(bad[:5])} "
+                        f"(values {scores.loc[bad[:5], 'generated'].tolist()})")
+    columns = [*group_cols, "n", "empty_share", "repeat_share", "most_common_share", "most_common_reply",
+               "degenerate_share", "degenerate"]
+    if scores.empty:
+        return pd.DataFrame(columns=columns)
+    groups = scores.groupby(group_cols, sort=False, dropna=False) if group_cols else [((), scores)]
+    rows = []
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        replies = group["generated"].str.strip()
+        empty = (replies == "").to_numpy()
+        repeat = replies.map(is_repetition).to_numpy(dtype=bool)
+        counts = Counter(replies)
+        top: str | None = max(counts, key=counts.__getitem__)  # ties: the reply that appears first
+        if counts[top] < 2:
+            top = None  # every reply unique: no most common reply
+        common = (replies == top).to_numpy() if top is not None else np.zeros(len(group), dtype=bool)
+        degenerate = float((empty | repeat | common).mean())
+        rows.append({**dict(zip(group_cols, key)), "n": len(group), "empty_share": float(empty.mean()),
+                     "repeat_share": float(repeat.mean()), "most_common_share": float(common.mean()),
+                     "most_common_reply": top, "degenerate_share": degenerate, "degenerate": degenerate > threshold})
+    return pd.DataFrame(rows, columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,18 +689,20 @@ def per_user_means(scores: pd.DataFrame, metrics: Sequence[str], system_cols: Se
     """One row per (unit, system): the mean of each per-sample metric, plus `n_samples`.
 
     Derived metrics: "perplexity" = `perplexity(nll, n_tokens)` of the group's samples (NaN when the frame
-    has no nll/n_tokens columns, e.g. prompt-based LLMs); "acc_at_sim" = share of `similarity` >= 0.9.
-    Rows keep their first-appearance order.
+    has no nll/n_tokens columns, e.g. prompt-based LLMs); "bits_per_char" = `bits_per_char(text_nll,
+    text_chars)` of the group's samples (character-weighted, not the mean of per-sample values; NaN
+    without those columns); "acc_at_sim" = share of `similarity` >= 0.9. Rows keep their first-appearance order.
     """
     keys = [*unit_cols, *system_cols]
     needed = list(keys)
     for m in metrics:
         if m == "acc_at_sim":
             needed.append("similarity")
-        elif m != "perplexity":
+        elif m not in ("perplexity", "bits_per_char"):
             needed.append(m)
     _require_columns(scores, needed, "per_user_means scores")
     has_nll = "nll" in scores.columns and "n_tokens" in scores.columns
+    has_text_nll = "text_nll" in scores.columns and "text_chars" in scores.columns
     rows = []
     for key, group in scores.groupby(keys, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -602,6 +710,8 @@ def per_user_means(scores: pd.DataFrame, metrics: Sequence[str], system_cols: Se
         for m in metrics:
             if m == "perplexity":
                 row[m] = perplexity(group["nll"], group["n_tokens"]) if has_nll else float("nan")
+            elif m == "bits_per_char":
+                row[m] = bits_per_char(group["text_nll"], group["text_chars"]) if has_text_nll else float("nan")
             elif m == "acc_at_sim":
                 sims = group["similarity"].to_numpy(dtype=np.float64)
                 row[m] = acc_at_sim(sims[~np.isnan(sims)])
@@ -645,35 +755,82 @@ def _format_value(value: Any, spec: str | None) -> str:
     return str(value)
 
 
+def _row_tokenizers(table: pd.DataFrame, tokenizers: Sequence[Any] | None) -> np.ndarray:
+    if tokenizers is None:
+        if TOKENIZER_COLUMN not in table.columns:
+            return np.zeros(len(table), dtype=object)  # one tokenizer for all rows
+        tokenizers = table[TOKENIZER_COLUMN].tolist()
+    labels = np.asarray(list(tokenizers), dtype=object)
+    if len(labels) != len(table):
+        raise ValueError(f"{len(labels)} tokenizer labels for {len(table)} table rows")
+    return labels
+
+
+def _mixed_tokenizer_columns(table: pd.DataFrame, higher_is_better: Mapping[str, bool],
+                             tokenizers: np.ndarray) -> list[str]:
+    """Tokenizer-dependent metric columns whose values come from more than one tokenizer."""
+    mixed = []
+    for col in higher_is_better:
+        if col in TOKENIZER_METRICS:
+            has_value = ~np.isnan(table[col].astype(np.float64).to_numpy())
+            if len(set(tokenizers[has_value].tolist())) > 1:
+                mixed.append(col)
+    return mixed
+
+
 def bold_best(table: pd.DataFrame, higher_is_better: Mapping[str, bool],
-              fmt: Mapping[str, str] | None = None) -> pd.DataFrame:
+              fmt: Mapping[str, str] | None = None, tokenizers: Sequence[Any] | None = None) -> pd.DataFrame:
     """A string copy of `table` with the best value of each metric column in `**...**` (ties all bold).
 
     `higher_is_better` names the metric columns; `fmt` maps columns to format specs (default ".3g" for
     floats). Best is decided on the raw values (equal within 1e-9 relative counts as a tie); NaN is "NA".
+    Columns in `TOKENIZER_METRICS` (per-token perplexity) are compared only among rows of one tokenizer:
+    `tokenizers` names each row's tokenizer (default: the table's `TOKENIZER_COLUMN` if it has one, else
+    all rows share one). When the column's values come from several tokenizers, the best is bolded within
+    each tokenizer that has two or more values, and a row alone with its tokenizer is never bold.
     """
     fmt = dict(fmt or {})
     _require_columns(table, list(higher_is_better), "bold_best table")
+    row_tokenizers = _row_tokenizers(table, tokenizers)
+    mixed = _mixed_tokenizer_columns(table, higher_is_better, row_tokenizers)
     out = pd.DataFrame(index=table.index)
     for col in table.columns:
         out[col] = [_format_value(v, fmt.get(col)) for v in table[col]]
         if col not in higher_is_better:
             continue
         values = table[col].astype(np.float64).to_numpy()
-        if np.isnan(values).all():
-            continue
-        best = np.nanmax(values) if higher_is_better[col] else np.nanmin(values)
-        is_best = np.isclose(values, best, rtol=1e-9, atol=0.0)
+        if col in mixed:
+            groups = [row_tokenizers == t for t in dict.fromkeys(row_tokenizers.tolist())]
+            groups = [g for g in groups if (~np.isnan(values[g])).sum() >= 2]
+        else:
+            groups = [np.ones(len(values), dtype=bool)]
+        is_best = np.zeros(len(values), dtype=bool)
+        for rows in groups:
+            if np.isnan(values[rows]).all():
+                continue
+            best = np.nanmax(values[rows]) if higher_is_better[col] else np.nanmin(values[rows])
+            is_best |= rows & np.isclose(values, best, rtol=1e-9, atol=0.0)
         out[col] = [f"**{s}**" if b else s for s, b in zip(out[col], is_best)]
     return out
 
 
 def markdown_table(table: pd.DataFrame, higher_is_better: Mapping[str, bool], fmt: Mapping[str, str] | None = None,
-                   notes: Sequence[str] = ()) -> str:
-    """GitHub markdown of `bold_best(table)` with `notes` as lines below it."""
-    formatted = bold_best(table, higher_is_better, fmt)
+                   notes: Sequence[str] = (), tokenizers: Sequence[Any] | None = None) -> str:
+    """GitHub markdown of `bold_best(table)` with `notes` as lines below it.
+
+    When a tokenizer-dependent column mixes tokenizers (see `bold_best`), a note saying so comes first.
+    """
+    formatted = bold_best(table, higher_is_better, fmt, tokenizers)
     keep_index = not isinstance(table.index, pd.RangeIndex)
     text = formatted.to_markdown(index=keep_index, disable_numparse=True)  # keep our formatting of numbers
+    mixed = _mixed_tokenizer_columns(table, higher_is_better, _row_tokenizers(table, tokenizers))
+    if mixed:
+        where = f" (column `{TOKENIZER_COLUMN}`)" if tokenizers is None else ""
+        note = (f"{', '.join(mixed)}: per token of each row's own tokenizer{where}, so comparable only among rows "
+                "that share a tokenizer; bold marks the best among such rows only.")
+        if "bits_per_char" in table.columns:
+            note += " bits_per_char (per character of the reference) compares all rows."
+        notes = [note, *notes]
     if notes:
         text += "\n\n" + "\n".join(notes)
     return text + "\n"
