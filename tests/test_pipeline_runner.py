@@ -375,6 +375,16 @@ def test_an_input_file_cut_at_the_same_path_makes_its_stage_stale(tmp_path: Path
     assert run(notebooks, outputs) == [("00_count_lines", "skipped")]
 
 
+def test_input_paths_are_regular_files_and_folders_named_by_a_path(tmp_path: Path) -> None:
+    from udg_lib.pipeline import input_paths
+
+    corpus = tmp_path / "turns.jsonl"
+    corpus.write_text("turn\n")
+    params = {"corpora": [{"format": "generic", "turns": str(corpus)}], "llm": "smollm2",
+              "checkpoint": "sonoisa/t5-base-japanese", "fill_target": "/dev/full", "folder": str(tmp_path)}
+    assert input_paths(params) == {str(corpus): corpus, str(tmp_path): tmp_path}  # never a device
+
+
 # --- faults end with one line and lose nothing ------------------------------------------------------
 
 def _mount(*args: str) -> bool:
@@ -465,6 +475,20 @@ def test_a_full_disk_fails_in_one_line_naming_the_outputs_and_keeps_earlier_stag
         assert read_metrics(outputs, "00_make_number")["metrics"] == {"x": 1}
     for kept in Path(tempfile.gettempdir()).glob("udg-failed-*/01_fill.ipynb"):
         shutil.rmtree(kept.parent)
+
+
+def test_a_failure_on_a_full_disk_says_so_when_the_error_hides_its_errno(tmp_path: Path, monkeypatch) -> None:
+    from udg_lib import pipeline
+
+    full = shutil._ntuple_diskusage(total=100 << 30, used=100 << 30, free=4096)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    error = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    assert pipeline._failure_message("02_pretrain_models", error, None, tmp_path) == (
+        "stage 02_pretrain_models failed: RuntimeError: [enforce fail at inline_container.cc:664] . unexpected "
+        f"pos 64 vs 0 (the disk of {tmp_path} is full; no executed notebook)"
+    )
+    read_only_error = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))  # its own cause
+    assert "is full" not in pipeline._failure_message("00_prepare_corpus", read_only_error, None, tmp_path)
 
 
 def test_sentencepiece_on_a_full_disk_raises_the_os_error_naming_the_folder(tmp_path: Path) -> None:

@@ -194,7 +194,7 @@ def check_corpus_specs(source: Path, corpora: Any) -> None:
 
 def input_paths(params: dict[str, Any]) -> dict[str, Path]:
     """The files and folders that the params' strings name (nested lists and dicts included): a string
-    with a `/` or a file suffix that exists, relative ones read from the repository root as
+    with a `/` or a file suffix naming a regular file or a folder, relative ones read from the repository root as
     `udg_lib.data.load_from_spec` reads them. Hub ids and names that are not paths do not exist, so they
     are left out."""
     root, found = paths.repo_root(), {}
@@ -209,7 +209,7 @@ def input_paths(params: dict[str, Any]) -> dict[str, Path]:
         elif isinstance(value, str) and value and ("/" in value or os.sep in value or Path(value).suffix):
             path = Path(value).expanduser()
             path = path if path.is_absolute() else root / path
-            if path.exists():
+            if path.is_file() or path.is_dir():  # regular files: never a device such as /dev/full
                 found[value] = path
 
     visit({key: value for key, value in params.items() if key not in LOCATION_PARAMS})
@@ -465,23 +465,25 @@ def _failure_message(stage: str, exc: Exception, kept: Path | None, out_root: Pa
     else:
         cause = f": {type(exc).__name__}: {_one_line(exc)}"
         os_errno = exc.errno if isinstance(exc, OSError) else None
+    notes = []
     if out_root is not None:  # a full disk's error seldom names the file, and some libraries hide its errno
         if os_errno in _DISK_FULL:
-            cause += f" (writing under {out_root})"
-        elif _free_bytes(out_root) < _FULL_DISK_BYTES:
-            cause += f" (the disk of {out_root} is full)"
-    where = f"executed notebook kept at {kept}" if kept else "no executed notebook"
-    return f"stage {stage} failed{cause} ({where})"
+            notes.append(f"writing under {out_root}")
+        elif os_errno is None and _disk_full(out_root):
+            notes.append(f"the disk of {out_root} is full")
+    notes.append(f"executed notebook kept at {kept}" if kept else "no executed notebook")
+    return f"stage {stage} failed{cause} ({'; '.join(notes)})"
 
 
-def _free_bytes(folder: Path) -> float:
-    """Free bytes on the disk of `folder` (or its nearest existing parent); infinite if unknown."""
+def _disk_full(folder: Path) -> bool:
+    """Whether the disk of `folder` (or of its nearest existing parent) has next to no space left."""
     for candidate in (folder, *folder.parents):
         try:
-            return shutil.disk_usage(candidate).free
+            usage = shutil.disk_usage(candidate)
         except OSError:
             continue
-    return float("inf")
+        return usage.free < min(_FULL_DISK_BYTES, usage.total // 100)
+    return False
 
 
 def _one_line(text: object) -> str:
