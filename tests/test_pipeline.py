@@ -65,6 +65,9 @@ def test_infer_profiles_writes_users_table1_and_accuracy(test_run: Path):
         users = pd.read_parquet(stage / "users" / f"{name}.parquet")
         corpus_users = pd.read_parquet(test_run / "00_prepare_corpus" / name / "corpus" / "users.parquet")
         assert set(users["user_id"]) == set(corpus_users["user_id"]) and set(PROFILE_FIELDS) <= set(users.columns)
+        for split_set in (0, 1, 2):  # one table per split set: profiles without that set's dev/test turns
+            per_set = pd.read_parquet(stage / "users" / f"{name}.set{split_set}.parquet")
+            assert set(per_set["user_id"]) == set(users["user_id"])
     sitcom = pd.read_parquet(stage / "users" / "seinfeld.parquet").set_index("user_id")
     assert sitcom.loc["JERRY", "occupation"] == "entertainer"  # corpus profiles are kept as they are
     scores = pd.read_csv(stage / "inference_accuracy.csv")
@@ -104,11 +107,13 @@ def test_finetune_users_writes_reloadable_adapters_and_one_id_models(test_run: P
     assert result["users_per_dataset"] == {"chitchat": 4, "seinfeld": 4, "tbbt": 4}
     assert result["lora_trainable_parameters_t5_base"] == 1_769_472  # §4.1.3: "1.8 million"
     summaries = pd.read_parquet(stage / "training_summaries.parquet")
-    # per condition: DA + One-ID + 4 users x (LoRA, FULL)
-    assert summaries.groupby(["dataset", "pretrained"]).size().eq(10).all() and len(summaries) == 120
-    trained = summaries[summaries["n_train"] > 0]  # a user may lack training pairs in a set (kept as DA)
-    assert len(trained) >= 100 and (trained["epochs_run"] >= 1).all()
-    assert trained.loc[trained["n_dev"] > 0, "best_dev_loss"].notna().all()
+    # per condition: DA + One-ID + each user of that set x (LoRA, FULL)
+    sizes = summaries.groupby(["dataset", "split_set", "pretrained"]).size()
+    for (dataset, split_set, _), n in sizes.items():
+        assert n == 2 + 2 * len(result["trained_users"][dataset][str(split_set)])
+    # evaluation units are real: every model trained on data, at least one step, early stopping on dev pairs
+    assert (summaries["n_train"] > 0).all() and (summaries["n_dev"] > 0).all()
+    assert (summaries["epochs_run"] >= 1).all() and summaries["best_dev_loss"].notna().all()
     users = pd.read_csv(test_run / "00_prepare_corpus" / "tbbt" / "eval_users.csv", dtype=str)
     condition = stage / "tbbt" / "set0" / "psp"
     for user in users["user_id"]:
@@ -193,3 +198,43 @@ def test_every_notebook_is_committed_clean():
         code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
         assert not any(c.get("outputs") or c.get("execution_count") for c in code), path.name
         assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1, path.name
+
+
+def _generic_corpus(folder: Path, n_users: int, n_dialogues: int) -> Path:
+    from conftest import synthetic_turns
+
+    path = folder / f"turns_{n_users}x{n_dialogues}.jsonl"
+    turns = synthetic_turns(n_users=n_users, n_dialogues=n_dialogues, turns_per_dialogue=8, seed=n_users)
+    path.write_text("".join(json.dumps(r) + "\n" for r in turns.drop(columns="timestamp").to_dict("records")),
+                    encoding="utf-8")
+    return path
+
+
+def test_a_corpus_without_evaluation_users_is_one_clear_line(tmp_path: Path, capsys):
+    params = tmp_path / "params"
+    params.mkdir()
+    few = _generic_corpus(tmp_path, 6, 10)  # ~13 turns per speaker: nobody reaches min_turns
+    (params / "00_prepare_corpus.yaml").write_text(yaml.safe_dump(
+        {"corpora": [{"format": "generic", "turns": str(few), "name": "few"}], "vocab_size": 400}))
+    code = main(["--profile", "few", "--params-dir", str(params), "--outputs-root", str(tmp_path / "out"),
+                 "--only", "00"])
+    assert code == 1
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("udg pipeline:")]
+    assert "few: no evaluation user: of 6 speakers, 6 have fewer than min_turns=100 turns" in line
+
+
+def test_a_corpus_without_evaluation_users_beside_another_warns_and_counts(tmp_path: Path, capsys):
+    params = tmp_path / "params"
+    params.mkdir()
+    few, many = _generic_corpus(tmp_path, 6, 10), _generic_corpus(tmp_path, 12, 160)
+    (params / "00_prepare_corpus.yaml").write_text(yaml.safe_dump(
+        {"corpora": [{"format": "generic", "turns": str(many), "name": "many"},
+                     {"format": "generic", "turns": str(few), "name": "few"}], "vocab_size": 400}))
+    outputs = tmp_path / "out"
+    code = main(["--profile", "mix", "--params-dir", str(params), "--outputs-root", str(outputs), "--only", "00"])
+    assert code == 0
+    table2 = pd.read_csv(outputs / "00_prepare_corpus" / "table2.csv").set_index("dataset")
+    assert table2.loc["few", "N users"] == 0 and table2.loc["few", "excl. few turns"] == 6
+    assert table2.loc["many", "N users"] > 0 and table2.loc["many", "speakers"] == 12
+    log = (outputs / "00_prepare_corpus" / "00_prepare_corpus.ipynb").read_text()
+    assert "WARNING few: no evaluation user" in log

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -19,6 +23,7 @@ from udg_lib.pipeline import (
     notebook_source_hash,
     run_pipeline,
     stage_index,
+    stage_statuses,
     stage_work_dir,
 )
 
@@ -48,11 +53,14 @@ FAIL = 'raise ValueError("bad input\\non two lines")'
 NO_METRICS = "print('forgot to write metrics')"
 
 
-def write_notebook(path: Path, *cells: str) -> None:
-    """A notebook whose first cell is PARAMETERS (tagged) followed by `cells`."""
+def write_notebook(path: Path, *cells: str, parameters: str = PARAMETERS) -> None:
+    """A notebook whose first cell is `parameters` (tagged) followed by `cells`.
+
+    Its metadata names a kernel that no machine has registered: the runner must not depend on it (the
+    project's notebooks name `udg`, which exists only where `make lab` registered it)."""
     notebook = nbformat.v4.new_notebook()
-    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
-    parameters = nbformat.v4.new_code_cell(PARAMETERS)
+    notebook.metadata["kernelspec"] = {"name": "udg-unregistered", "language": "python", "display_name": "udg"}
+    parameters = nbformat.v4.new_code_cell(parameters)
     parameters.metadata["tags"] = ["parameters"]
     notebook.cells = [parameters, *(nbformat.v4.new_code_cell(source) for source in cells)]
     nbformat.write(notebook, path)
@@ -264,3 +272,266 @@ def test_a_killed_stage_resumes_in_its_work_folder(notebooks: Path, first_run: t
     (forced / "user-b.done").write_text("x")
     run(notebooks, outputs, only="00", force=True)
     assert not (outputs / "00_make_number" / "user-b.done").exists()
+
+
+# --- parameters checked before anything runs ---------------------------------------------------------
+
+TYPED_PARAMETERS = PARAMETERS + """
+rate: float = 0.5  # a float
+names: list = []  # a list
+flag: bool = False  # a bool
+corpora: list = []  # corpus specs, as stage 00 takes them
+label: str = None  # a parameter that may be null"""
+
+
+@pytest.fixture(scope="module")
+def typed_notebooks(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("typed_notebooks")
+    write_notebook(folder / "00_make_number.ipynb", MAKE_NUMBER, parameters=TYPED_PARAMETERS)
+    write_notebook(folder / "01_add_one.ipynb", ADD_ONE)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"x": "four"}, "parameter 'x' expects int, got str 'four'"),
+        ({"x": 2.5}, "parameter 'x' expects int, got float 2.5"),
+        ({"x": "1000"}, "parameter 'x' expects int, got str '1000'"),
+        ({"x": True}, "parameter 'x' expects int, got bool True"),  # a bool is not an int
+        ({"rate": "0.1"}, "parameter 'rate' expects float, got str '0.1'"),
+        ({"flag": 1}, "parameter 'flag' expects bool, got int 1"),
+        ({"corpora": {"format": "chitchat"}}, "parameter 'corpora' expects list, got dict {'format': 'chitchat'}"),
+        (
+            {"corpora": [{"format": "generic", "path": "data/turns.jsonl", "name": "lab"}]},
+            "corpus 'lab': unknown key 'path' for format 'generic'; it accepts: "
+            "format, name, split, turns, users, language, domain, style, user_kind",
+        ),
+    ],
+)
+def test_a_wrong_value_in_any_stage_fails_before_any_stage_runs(
+    typed_notebooks: Path, tmp_path: Path, capsys, values: dict, complaint: str
+) -> None:
+    params_file = tmp_path / "params" / "00_make_number.yaml"
+    write_yaml(params_file, values)
+    outputs = tmp_path / "outputs"
+    assert cli(typed_notebooks, outputs, "--only", "01") == 1  # the bad value is in a stage --only leaves out
+    [report] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("udg pipeline:")]
+    assert report == f"udg pipeline: {params_file}: {complaint}"
+    with pytest.raises(PipelineError, match="expects|unknown key"):
+        run(typed_notebooks, outputs, from_stage="01")
+    assert not outputs.exists()
+
+
+def test_an_int_is_a_float_and_nulls_pass_where_the_default_is_none(typed_notebooks: Path, tmp_path: Path) -> None:
+    write_yaml(tmp_path / "params" / "00_make_number.yaml", {"rate": 1, "names": ["a"], "flag": True, "label": None})
+    assert cli(typed_notebooks, tmp_path / "outputs", "--list") == 0
+
+
+@pytest.mark.parametrize("profile", ["test", "cpu", "full"])
+def test_the_project_profiles_pass_the_parameter_checks(profile: str, tmp_path: Path) -> None:
+    statuses = stage_statuses(profile, outputs_root=tmp_path / "outputs")
+    assert [status for _, status in statuses] == ["missing"] * 7
+
+
+def test_the_project_notebooks_name_the_udg_kernel() -> None:
+    from udg_lib.pipeline import stage_notebooks
+    from udg_lib.paths import repo_root
+
+    for notebook in stage_notebooks(repo_root() / "notebooks"):
+        assert nbformat.read(notebook, as_version=4).metadata["kernelspec"]["name"] == "udg", notebook.name
+
+
+# --- input files enter the run key by content ------------------------------------------------------
+
+COUNT_LINES = """\
+from pathlib import Path
+from udg_lib.provenance import write_metrics
+write_metrics(output_dir, {"lines": len(Path(corpus).read_text().splitlines())})"""
+
+
+def test_an_input_file_cut_at_the_same_path_makes_its_stage_stale(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the hash cache of this test only
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    parameters = PARAMETERS + '\ncorpus: str = ""  # a text file whose lines this stage counts'
+    write_notebook(notebooks / "00_count_lines.ipynb", COUNT_LINES, parameters=parameters)
+    corpus = tmp_path / "data" / "turns.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("turn\n" * 3352)
+    write_yaml(tmp_path / "params" / "00_count_lines.yaml", {"corpus": str(corpus)})
+    outputs = tmp_path / "outputs"
+    assert run(notebooks, outputs) == [("00_count_lines", "ran")]
+    assert cli(notebooks, outputs, "--list") == 0
+    assert capsys.readouterr().out.strip().endswith("up to date")
+
+    corpus.write_text("turn\n" * 1000)  # same path, fewer lines
+    assert cli(notebooks, outputs, "--list") == 0
+    assert capsys.readouterr().out.split()[-1] == "stale"
+    assert run(notebooks, outputs) == [("00_count_lines", "ran")]
+    record = read_metrics(outputs, "00_count_lines")
+    assert record["metrics"] == {"lines": 1000}
+    assert record["stage"]["inputs"] == {str(corpus): hashlib.sha256(b"turn\n" * 1000).hexdigest()}
+    assert run(notebooks, outputs) == [("00_count_lines", "skipped")]
+
+
+# --- faults end with one line and lose nothing ------------------------------------------------------
+
+def _mount(*args: str) -> bool:
+    return os.geteuid() == 0 and subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@contextmanager
+def read_only(folder: Path):
+    """`folder` made read-only: a read-only bind mount where root may mount (chmod does not stop root), else
+    chmod. Yields the OS error text writing there gives."""
+    if _mount("--bind", str(folder), str(folder)):
+        try:
+            assert _mount("-o", "remount,bind,ro", str(folder))
+            yield "[Errno 30] Read-only file system"
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+    folders = [folder, *(p for p in folder.rglob("*") if p.is_dir())]
+    for path in folders:
+        path.chmod(0o555)
+    try:
+        try:
+            (folder / ".probe").mkdir()
+        except PermissionError:
+            yield "[Errno 13] Permission denied"
+        else:
+            (folder / ".probe").rmdir()
+            pytest.skip("root that may not mount: cannot make a folder read-only")
+    finally:
+        for path in folders:
+            path.chmod(0o755)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_read_only_outputs_fail_in_one_line_naming_the_path_and_keep_the_old_outputs(
+    notebooks: Path, outputs: Path, capsys
+) -> None:
+    before = _files(outputs)
+    with read_only(outputs) as os_error:
+        assert cli(notebooks, outputs, "--force") == 1
+    err = capsys.readouterr().err
+    [report] = [line for line in err.splitlines() if line.startswith("udg pipeline:")]
+    assert report.startswith(f"udg pipeline: stage 00_make_number failed: ")
+    assert os_error in report and f"'{outputs}/.00_make_number.tmp-" in report
+    assert "Traceback" not in err
+    assert _files(outputs) == before
+
+
+FILL = """\
+with open(fill_target or f"{output_dir}/filler.bin", "wb") as handle:
+    for _ in range(64):
+        handle.write(b"x" * (1 << 16))
+        handle.flush()"""
+
+
+@contextmanager
+def full_disk(folder: Path, size: str):
+    """A small tmpfs at `folder` (root only); yields False where it cannot be mounted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder))
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_fails_in_one_line_naming_the_outputs_and_keeps_earlier_stages(tmp_path: Path, capsys) -> None:
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks / "00_make_number.ipynb", MAKE_NUMBER)
+    parameters = PARAMETERS + '\nfill_target: str = ""  # empty: a file in output_dir'
+    write_notebook(notebooks / "01_fill.ipynb", FILL, parameters=parameters)
+    outputs = tmp_path / "outputs"
+    with full_disk(outputs, "1m") as real:
+        if not real:  # not root: the kernel's own ENOSPC from /dev/full takes the same path
+            write_yaml(tmp_path / "params" / "01_fill.yaml", {"fill_target": "/dev/full"})
+        assert cli(notebooks, outputs) == 1
+        err = capsys.readouterr().err
+        [report] = [line for line in err.splitlines() if line.startswith("udg pipeline:")]
+        assert report.startswith("udg pipeline: stage 01_fill failed")
+        assert "[Errno 28] No space left on device" in report and f"(writing under {outputs}" in report
+        assert "Traceback" not in err
+        assert sorted(p.name for p in outputs.iterdir()) == ["00_make_number"]
+        assert read_metrics(outputs, "00_make_number")["metrics"] == {"x": 1}
+    for kept in Path(tempfile.gettempdir()).glob("udg-failed-*/01_fill.ipynb"):
+        shutil.rmtree(kept.parent)
+
+
+def test_sentencepiece_on_a_full_disk_raises_the_os_error_naming_the_folder(tmp_path: Path) -> None:
+    from conftest import sentences
+    from udg_lib.tokenizer import train_sentencepiece_tokenizer
+
+    texts = sentences(200)
+    disk = tmp_path / "disk"
+    with full_disk(disk, "512k") as real:
+        if not real:
+            pytest.skip("needs root to mount a small tmpfs")
+        # Leave room for the training text but not for the model (its NFKC table alone is ~240 KB).
+        free = shutil.disk_usage(disk).free - len("\n".join(texts).encode()) - (16 << 10)
+        (disk / "filler.bin").write_bytes(b"\0" * (free // 4096 * 4096))
+        with pytest.raises(OSError) as failure:
+            train_sentencepiece_tokenizer(texts, disk / "tokenizer", vocab_size=300, extra_ids=2, num_threads=1)
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(disk / "tokenizer")
+    assert str(failure.value) == f"[Errno 28] No space left on device: '{disk / 'tokenizer'}'"
+
+
+def test_the_runner_log_carries_no_kernel_noise(notebooks: Path, tmp_path: Path, capfd, monkeypatch) -> None:
+    from jupyter_client import AsyncKernelManager
+
+    interrupts = []
+
+    async def record_interrupt(self) -> None:
+        interrupts.append(self)
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", record_interrupt)
+    assert cli(notebooks, tmp_path / "outputs", "--only", "00") == 0
+    log = capfd.readouterr()
+    for noise in ("Kernel is running over TCP without encryption", "KeyboardInterrupt caught in kernel"):
+        assert noise not in log.out + log.err
+    assert interrupts == []  # jupyter_client would SIGINT the finished kernel before its shutdown request
+
+
+# --- artifacts that work outside the pipeline ------------------------------------------------------
+
+SAVE_ADAPTER = """\
+from pathlib import Path
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import T5Config, T5ForConditionalGeneration
+from udg_lib.provenance import write_metrics
+torch.manual_seed(0)
+base_dir = Path(output_dir) / "ds" / "da" / "model"
+config = T5Config(vocab_size=32, d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2, decoder_start_token_id=0)
+T5ForConditionalGeneration(config).save_pretrained(base_dir)
+base = T5ForConditionalGeneration.from_pretrained(base_dir)  # as stage 03 loads its domain-adapted model
+lora = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=2, target_modules=["q", "v"]))
+lora.save_pretrained(Path(output_dir) / "ds" / "users" / "u1" / "adapter")
+write_metrics(output_dir, {"adapters": 1})"""
+
+
+def test_a_saved_adapter_loads_with_auto_peft_model_alone_after_the_stage_folder_is_renamed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from peft import AutoPeftModelForSeq2SeqLM, PeftModel
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks / "00_save_adapter.ipynb", SAVE_ADAPTER)
+    outputs = tmp_path / "outputs"
+    assert run(notebooks, outputs) == [("00_save_adapter", "ran")]
+    adapter_dir = outputs / "00_save_adapter" / "ds" / "users" / "u1" / "adapter"
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(outputs / "00_save_adapter" / "ds" / "da" / "model")
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForSeq2SeqLM.from_pretrained(adapter_dir)
+    assert isinstance(model, PeftModel)

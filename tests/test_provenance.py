@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from datetime import datetime
 from pathlib import Path
 
+from udg_lib import provenance
 from udg_lib.provenance import (
     device_info,
+    fingerprint_cached,
     fingerprint_file,
     fingerprint_files,
     git_commit,
@@ -67,3 +70,25 @@ def test_write_metrics_merges_repeated_calls(tmp_path: Path) -> None:
     assert provenance["seeds"] == {"torch": 0, "numpy": 1}
     assert provenance["data"] == {"turns.jsonl": hashlib.sha256(b'{"text": "hi"}\n').hexdigest()}
     assert datetime.fromisoformat(provenance["timestamp"]).utcoffset().total_seconds() == 0
+
+
+def test_fingerprint_cached_reads_a_file_again_only_when_it_changes(tmp_path: Path, monkeypatch) -> None:
+    path, cache = tmp_path / "corpus.jsonl", tmp_path / "cache" / "hashes.json"
+    path.write_text("3352 turns")
+    reads = []
+    monkeypatch.setattr(provenance, "fingerprint_file", lambda p: reads.append(p) or fingerprint_file(p))
+    key = str(path.resolve())
+    assert fingerprint_cached([path], cache) == {key: hashlib.sha256(b"3352 turns").hexdigest()}
+    assert fingerprint_cached([path], cache) == {key: hashlib.sha256(b"3352 turns").hexdigest()}
+    assert len(reads) == 1  # the second call took the hash from the cache
+    path.write_text("1000 turns")  # same size, new content: the modification time tells
+    stat = path.stat()  # (a coarse filesystem clock could give both writes one time; a later write does not)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert fingerprint_cached([path], cache) == {key: hashlib.sha256(b"1000 turns").hexdigest()}
+    assert len(reads) == 2
+    assert json.loads(cache.read_text())[key]["sha256"] == hashlib.sha256(b"1000 turns").hexdigest()
+
+
+def test_hash_cache_lives_under_xdg_cache_home(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert provenance.hash_cache_file() == tmp_path / "udg" / "file-hashes.json"

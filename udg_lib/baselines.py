@@ -4,11 +4,19 @@ The prompt holds the speaker's and the partner's profiles, a self-introduction o
 the dialogue history (the last 10 turns at most), in one of two formats:
 
     chat:       a system message that casts the model as the speaker, then the history as chat
-                messages (partner turns from the user, speaker turns from the assistant); the
-                GPT-3.5 analog.
+                messages (the speaker's own turns from the assistant, everyone else's from the user);
+                the GPT-3.5 analog.
     completion: the same content as a plain transcript that ends with the speaker's label and a
                 colon; the Jp-NeoX-3.6B / Jp-Llama2-7B analog ("the same content ... modified into
                 a completion format").
+
+The history is read from the corpus's own turns (`dialogue_history`), not from the 5-turn context the
+fine-tuned models see: up to `max_history` turns right before the reply, each with its real speaker.
+Speakers are labelled by their role, as in the paper's prompt, which names a speaker and a partner:
+the speaker is "Speaker" (the assistant in chat), the pair's partner (the last other person who spoke)
+is "Partner", and anyone else in a multi-party scene is "Person 1", "Person 2", ... in order of first
+appearance in the shown history. User ids are not shown: in the sitcoms they are character names, which
+would let an LLM draw on scripts it may have read, information no fine-tuned model gets.
 
 Two generators run them: `LocalLLM` (a transformers causal LM; greedy; it also scores the reference,
 so perplexity is available) and `OpenAICompatibleClient` (any OpenAI-compatible HTTP endpoint; it
@@ -17,6 +25,7 @@ only returns text, so perplexity is NA, as for GPT-3.5 in the paper's tables).
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -25,6 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +56,7 @@ _TEMPLATES: dict[str, dict[str, Any]] = {
     "en": {
         "speaker": "Speaker",
         "partner": "Partner",
+        "other": "Person {n}",
         "fields": {"age_band": "age", "gender": "gender", "marital": "marital status",
                    "occupation": "occupation", "region": "lives in"},
         "not_given": "not given",
@@ -55,6 +66,8 @@ _TEMPLATES: dict[str, dict[str, Any]] = {
                    "Your self-introduction: {self_intro}\n"
                    "Reply with the speaker's next utterance only, in one line, without a name or quotes."),
         "start": "(The conversation starts. Say your first line.)",
+        "continue": "(Go on: say your next line.)",
+        "others": "Other people in the conversation: {labels} (no profiles given).",
         "header": ("The following is a conversation between the Speaker and the Partner.\n"
                    "Speaker's profile: {speaker_profile}\n"
                    "Partner's profile: {partner_profile}\n"
@@ -64,6 +77,7 @@ _TEMPLATES: dict[str, dict[str, Any]] = {
     "ja": {
         "speaker": "話者",
         "partner": "相手",
+        "other": "人物{n}",
         "fields": {"age_band": "年代", "gender": "性別", "marital": "婚姻", "occupation": "職業",
                    "region": "居住地"},
         "not_given": "不明",
@@ -73,6 +87,8 @@ _TEMPLATES: dict[str, dict[str, Any]] = {
                    "あなたの自己紹介: {self_intro}\n"
                    "話者の次の発話だけを、名前や鉤括弧を付けずに1行で出力してください。"),
         "start": "（対話の始まりです。最初の発話をしてください。）",
+        "continue": "（続けて、次の発話をしてください。）",
+        "others": "対話の他の参加者: {labels}（プロフィールなし）",
         "header": ("以下は話者と相手の対話です。\n"
                    "話者のプロフィール: {speaker_profile}\n"
                    "相手のプロフィール: {partner_profile}\n"
@@ -90,7 +106,8 @@ _JA_VALUES: dict[str, str] = {
     "entertainer": "芸能人", "professional": "専門職", "service_worker": "サービス業", "retired": "退職者",
 }
 # A reply that starts with one of these labels has it stripped (models often echo the transcript's form).
-_LABEL = re.compile(r"^\s*(?:speaker|partner|you|me|assistant|user|話者|相手|あなた)\s*[:：]\s*", re.IGNORECASE)
+_LABEL = re.compile(r"^\s*(?:speaker|partner|person\s*\d+|you|me|assistant|user|話者|相手|人物\d+|あなた)\s*[:：]\s*",
+                    re.IGNORECASE)
 _QUOTES = [('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"), ("「", "」"), ("『", "』")]
 # First-person words mark replies in which a user speaks about themself (English and Japanese).
 _FIRST_PERSON = re.compile(r"\b(?:i|i'm|im|i've|i'd|i'll|my|me|myself)\b|私|わたし|僕|ぼく|俺|おれ|自分",
@@ -167,50 +184,120 @@ def _truncate(text: str, max_chars: int) -> str:
     return (cut[:space] if space > max_chars // 2 else cut).rstrip()
 
 
-def _history(context: Sequence[str], max_history: int) -> list[tuple[bool, str]]:
-    """(is_speaker, text) for the last `max_history` turns; the last turn is the partner's and the
-    speakers alternate backwards from it (the pairs do not record who spoke each context turn)."""
+def dialogue_history(turns: pd.DataFrame, pairs: pd.DataFrame, max_turns: int = MAX_HISTORY) -> pd.Series:
+    """§4.2.2 "a dialogue history of up to 10 turns", per pair: the (speaker_id, text) of the `max_turns`
+    turns right before the pair's reply in its dialogue (turn_index order), oldest first.
+
+    `turns` are stage 00's canonical turns (`udg_lib.data.load_corpus(...).turns`); pairs are found by
+    their dialogue_id and turn_index. Only earlier turns: never the reply itself or a later turn. A
+    Series aligned with `pairs`; an error names the first pair whose turn is missing or was spoken by
+    someone else than its speaker_id.
+    """
+    if max_turns < 0:
+        raise ValueError(f"max_turns must be >= 0, got {max_turns}")
+    for name, frame, needed in (("turns", turns, {"dialogue_id", "turn_index", "speaker_id", "text"}),
+                                ("pairs", pairs, {"pair_id", "dialogue_id", "turn_index", "speaker_id"})):
+        missing = needed - set(frame.columns)
+        if missing:
+            raise ValueError(f"{name} for the dialogue history lack columns {sorted(missing)}")
+    dialogues = {}
+    wanted = set(pairs["dialogue_id"])
+    for dialogue_id, dialogue in turns[turns["dialogue_id"].isin(wanted)].groupby("dialogue_id", sort=False):
+        dialogue = dialogue.sort_values("turn_index", kind="stable")
+        dialogues[dialogue_id] = (dialogue["turn_index"].astype("int64").tolist(),
+                                  list(zip(dialogue["speaker_id"].astype(str), dialogue["text"].astype(str))))
+    histories = []
+    for row in pairs[["pair_id", "dialogue_id", "turn_index", "speaker_id"]].itertuples(index=False):
+        indices, spoken = dialogues.get(row.dialogue_id, ([], []))
+        position = bisect.bisect_left(indices, int(row.turn_index))
+        if position == len(indices) or indices[position] != int(row.turn_index):
+            raise ValueError(f"pair {row.pair_id!r}: turn {row.turn_index} of dialogue {row.dialogue_id!r} is not "
+                             "in the corpus turns (stage 00's turns.parquet of another corpus or run?)")
+        if spoken[position][0] != str(row.speaker_id):
+            raise ValueError(f"pair {row.pair_id!r}: its turn was spoken by {spoken[position][0]!r} in the corpus "
+                             f"turns, not by its speaker {row.speaker_id!r}")
+        histories.append(spoken[max(0, position - max_turns):position])
+    return pd.Series(histories, index=pairs.index, dtype=object)
+
+
+@dataclass(frozen=True)
+class RolePlay:
+    """What §4.2.2's prompt says about one reply: who speaks, to whom, and what was said before it."""
+
+    speaker_id: str
+    history: Sequence[tuple[str, str]]  # (speaker_id, text) of the turns before the reply, oldest first
+    partner_id: str = ""  # the person the speaker answers; their profile is shown
+    speaker_profile: Mapping[str, object] | None = None
+    partner_profile: Mapping[str, object] | None = None
+    self_intro: str = ""
+
+
+def _labelled_history(play: RolePlay, max_history: int, language: str) -> list[tuple[str, bool, str]]:
+    """(label, is_speaker, text) for the last `max_history` turns: "Speaker", "Partner", "Person 1", ...
+    (see the module docstring)."""
     if max_history < 0:
         raise ValueError(f"max_history must be >= 0, got {max_history}")
-    turns = [" ".join(str(t).split()) for t in list(context)]
-    turns = turns[len(turns) - max_history:] if max_history else []
-    n = len(turns)
-    return [((n - 1 - i) % 2 == 1, text) for i, text in enumerate(turns)]
-
-
-def _fill(template: str, speaker_profile, partner_profile, self_intro: str, language: str) -> str:
     words = _template(language)
-    return template.format(speaker_profile=describe_profile(speaker_profile, language),
-                           partner_profile=describe_profile(partner_profile, language),
-                           self_intro=" ".join(self_intro.split()) or words["not_given"])
+    history = list(play.history)[-max_history:] if max_history else []
+    labels: dict[str, str] = {play.speaker_id: words["speaker"]}
+    if play.partner_id:
+        labels.setdefault(play.partner_id, words["partner"])
+    result, others = [], 0
+    for speaker, text in history:
+        if speaker not in labels:
+            others += 1
+            labels[speaker] = words["other"].format(n=others)
+        result.append((labels[speaker], speaker == play.speaker_id, " ".join(str(text).split())))
+    return result
 
 
-def build_chat_messages(context: Sequence[str], speaker_profile: Mapping[str, object] | None,
-                        partner_profile: Mapping[str, object] | None, self_intro: str,
-                        max_history: int = MAX_HISTORY, language: str = "en") -> list[dict]:
+def _others(history: list[tuple[str, bool, str]], language: str) -> list[str]:
+    """Labels of people other than the speaker and the partner, in order of appearance."""
+    words = _template(language)
+    return list(dict.fromkeys(label for label, is_speaker, _ in history
+                              if not is_speaker and label != words["partner"]))
+
+
+def _fill(template: str, play: RolePlay, others: list[str], language: str) -> str:
+    words = _template(language)
+    text = template.format(speaker_profile=describe_profile(play.speaker_profile, language),
+                           partner_profile=describe_profile(play.partner_profile, language),
+                           self_intro=" ".join(play.self_intro.split()) or words["not_given"])
+    if others:
+        text += "\n" + words["others"].format(labels=", ".join(others))
+    return text
+
+
+def build_chat_messages(play: RolePlay, max_history: int = MAX_HISTORY, language: str = "en") -> list[dict]:
     """§4.2.2 GPT-3.5 prompt: a system message that casts the model as the speaker (both profiles, the
-    self-introduction, the instruction), then the last `max_history` turns, partner turns as "user"
-    and the speaker's own as "assistant"; the last context turn is the partner's.
+    self-introduction, the instruction), then the last `max_history` turns: the speaker's own as
+    "assistant", everyone else's as "user". When people other than the partner speak, each user line
+    starts with its label ("Partner: ...", "Person 1: ..."). Consecutive turns of the same role are one
+    message (some chat templates require alternation); the last message is always the user's.
     """
     words = _template(language)
-    messages = [{"role": "system",
-                 "content": _fill(words["system"], speaker_profile, partner_profile, self_intro, language)}]
-    messages += [{"role": "assistant" if is_speaker else "user", "content": text}
-                 for is_speaker, text in _history(context, max_history)]
-    if messages[-1]["role"] != "user":  # no history: the model still needs a turn to answer
-        messages.append({"role": "user", "content": words["start"]})
+    history = _labelled_history(play, max_history, language)
+    others = _others(history, language)
+    messages = [{"role": "system", "content": _fill(words["system"], play, others, language)}]
+    for label, is_speaker, text in history:
+        role = "assistant" if is_speaker else "user"
+        content = f"{label}: {text}" if others and not is_speaker else text
+        if messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":  # the model still needs a turn to answer
+        messages.append({"role": "user", "content": words["continue" if history else "start"]})
     return messages
 
 
-def build_completion_prompt(context: Sequence[str], speaker_profile: Mapping[str, object] | None,
-                            partner_profile: Mapping[str, object] | None, self_intro: str,
-                            max_history: int = MAX_HISTORY, language: str = "en") -> str:
+def build_completion_prompt(play: RolePlay, max_history: int = MAX_HISTORY, language: str = "en") -> str:
     """§4.2.2 Jp-NeoX / Jp-Llama2 prompt: the chat prompt's content as a transcript with one
     "Label: utterance" line per turn, ending with the speaker's label and a colon to be continued."""
     words = _template(language)
-    lines = [_fill(words["header"], speaker_profile, partner_profile, self_intro, language), ""]
-    lines += [f"{words['speaker'] if is_speaker else words['partner']}: {text}"
-              for is_speaker, text in _history(context, max_history)]
+    history = _labelled_history(play, max_history, language)
+    lines = [_fill(words["header"], play, _others(history, language), language), ""]
+    lines += [f"{label}: {text}" for label, _, text in history]
     lines.append(f"{words['speaker']}:")
     return "\n".join(lines)
 
@@ -488,39 +575,61 @@ class OpenAICompatibleClient:
         return replies
 
 
-def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.DataFrame, fmt: str,
-                     max_history: int = MAX_HISTORY, language: str = "en", split: str | None = "test") -> pd.DataFrame:
-    """§4.2.2 prompts, one row per pair of `split` in `pairs` (all rows with split=None): pair_id,
-    speaker_id, prompt (chat: the messages as JSON; completion: the text), reference.
+def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.DataFrame, turns: pd.DataFrame,
+                     fmt: str, max_history: int = MAX_HISTORY, language: str = "en",
+                     split: str | None = "test") -> pd.DataFrame:
+    """§4.2.2 prompts, one row per pair of `split` in `pairs` (all rows with split=None): split_set (NA when
+    `pairs` has none), pair_id, speaker_id, prompt (chat: the messages as JSON; completion: the text),
+    reference. A pair_id can recur across split sets; (split_set, pair_id) is the key.
 
-    Self-introductions come from `train_pairs` (see `self_introduction`; only its training splits are
-    read), of the same split set as the pair when both frames have `split_set`.
+    The history is the `max_history` corpus turns before each reply (`dialogue_history` on `turns`, stage
+    00's canonical turns), each labelled by its speaker's role. Self-introductions come from `train_pairs`
+    (see `self_introduction`; only its training splits are read), of the same split set as the pair when
+    both frames have `split_set`.
     """
     _check_format(fmt)
     _template(language)
-    missing = {"pair_id", "speaker_id", "partner_id", "context", "response"} - set(pairs.columns)
+    missing = {"pair_id", "dialogue_id", "turn_index", "speaker_id", "partner_id", "response"} - set(pairs.columns)
     if missing:
         raise ValueError(f"pairs lack columns {sorted(missing)}")
     if split is not None:
         if "split" not in pairs:
             raise ValueError(f"pairs have no `split` column to pick split {split!r} from (pass split=None)")
         pairs = pairs[pairs["split"] == split]
+    histories = dialogue_history(turns, pairs, max_history)
     profiles = profile_lookup(users)
     by_set = "split_set" in pairs and "split_set" in train_pairs
     intros: dict[tuple, str] = {}
     rows = []
-    for row in pairs.itertuples(index=False):
-        key = (row.split_set if by_set else None, row.speaker_id)
+    for row, history in zip(pairs.itertuples(index=False), histories):
+        split_set = getattr(row, "split_set", pd.NA)
+        key = (split_set if by_set else None, row.speaker_id)
         if key not in intros:
             train = train_pairs[train_pairs["split_set"] == key[0]] if by_set else train_pairs
             intros[key] = self_introduction(users, train, row.speaker_id)
-        args = (list(row.context), profiles.get(row.speaker_id), profiles.get(row.partner_id), intros[key],
-                max_history, language)
-        prompt = (json.dumps(build_chat_messages(*args), ensure_ascii=False) if fmt == "chat"
-                  else build_completion_prompt(*args))
-        rows.append({"pair_id": row.pair_id, "speaker_id": row.speaker_id, "prompt": prompt,
+        play = RolePlay(speaker_id=str(row.speaker_id), history=history, partner_id=str(row.partner_id or ""),
+                        speaker_profile=profiles.get(row.speaker_id), partner_profile=profiles.get(row.partner_id),
+                        self_intro=intros[key])
+        prompt = (json.dumps(build_chat_messages(play, max_history, language), ensure_ascii=False) if fmt == "chat"
+                  else build_completion_prompt(play, max_history, language))
+        rows.append({"split_set": split_set, "pair_id": row.pair_id, "speaker_id": row.speaker_id, "prompt": prompt,
                      "reference": row.response})
-    return pd.DataFrame(rows, columns=["pair_id", "speaker_id", "prompt", "reference"])
+    return pd.DataFrame(rows, columns=["split_set", "pair_id", "speaker_id", "prompt", "reference"])
+
+
+def on_contexts(scores: pd.DataFrame, contexts: pd.DataFrame,
+                keys: Sequence[str] = ("dataset", "split_set", "pair_id")) -> pd.DataFrame:
+    """The rows of `scores` whose (dataset, split_set, pair_id) is among `contexts`' (e.g. the fine-tuned
+    systems' scores on the contexts the LLMs answered). A pair_id alone is not a context: the same pair is
+    a test pair of several split sets, answered by different fine-tuned models (and ids can recur across
+    datasets)."""
+    keys = list(keys)
+    for name, frame in (("scores", scores), ("contexts", contexts)):
+        missing = set(keys) - set(frame.columns)
+        if missing:
+            raise ValueError(f"{name} lack the key columns {sorted(missing)} of a test context")
+    wanted = pd.MultiIndex.from_frame(contexts[keys].drop_duplicates())
+    return scores[pd.MultiIndex.from_frame(scores[keys]).isin(wanted)]
 
 
 def run_baseline(generator: LocalLLM | OpenAICompatibleClient, prompts: pd.DataFrame, fmt: str,

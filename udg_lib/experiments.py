@@ -17,6 +17,7 @@ Every step is skipped when its `done.json` exists, so a killed notebook picks up
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +36,8 @@ from udg_lib.pretraining import build_model, count_parameters
 PRETRAINED_FORMATS: dict[str, str] = {"plain_t5": "plain", "plain_dialogue": "plain", "psp": "psp", "ppp": "ppp"}
 PRETRAINED_LABELS: dict[str, str] = {"plain_t5": "Plain T5", "plain_dialogue": "Plain Dialogue", "psp": "PSP",
                                      "ppp": "PPP"}
-METHOD_LABELS: dict[str, str] = {"da": "DA (no user)", "one_id": "One-ID", "lora": "LoRA", "full": "FULL",
+METHOD_LABELS: dict[str, str] = {"da": "DA-pooled (no per-user training)",  # §4.1.3 DA model: pooled users' halves
+                                 "one_id": "One-ID", "lora": "LoRA", "full": "FULL",
                                  "retrieval": "Retrieval (own turns)"}
 MODEL_DIR = "model"
 
@@ -51,17 +53,46 @@ def system_label(pretrained: str, method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
-def load_dataset_users(prepared_dir: str | Path, users_dir: str | Path, dataset: str) -> pd.DataFrame:
-    """A dataset's evaluation users with their inferred profiles (stage 01) and One-IDs (stage 00)."""
+def users_table_path(users_dir: str | Path, dataset: str, split_set: int) -> Path:
+    """Stage 01's users table for one split set: profiles that read none of that set's dev/test turns."""
+    return Path(users_dir) / f"{dataset}.set{int(split_set)}.parquet"
+
+
+def load_dataset_users(prepared_dir: str | Path, users_dir: str | Path, dataset: str, split_set: int) -> pd.DataFrame:
+    """Every user of a dataset with the profiles of split set `split_set` (stage 01), so PPP finds partners'
+    profiles too; `evaluation` marks the evaluation users, which carry their One-ID (stage 00; "" elsewhere)."""
     eval_users = pd.read_csv(Path(prepared_dir) / dataset / "eval_users.csv", dtype=str, keep_default_na=False)
-    profiles = pd.read_parquet(Path(users_dir) / f"{dataset}.parquet")
-    profiles = profiles.drop(columns=[c for c in ("one_id", "n_turns") if c in profiles.columns])
-    merged = eval_users[["user_id", "one_id", "n_turns"]].merge(profiles, on="user_id", how="left")
-    missing = merged["gender"].isna() if "gender" in merged.columns else pd.Series(True, index=merged.index)
-    if missing.any():
-        raise ValueError(f"{Path(users_dir) / f'{dataset}.parquet'}: no profile for evaluation users "
-                         f"{merged.loc[missing, 'user_id'].tolist()[:5]}")
-    return merged
+    path = users_table_path(users_dir, dataset, split_set)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no users table for split set {split_set}; rerun stage 01 (--from 01)")
+    profiles = pd.read_parquet(path)
+    profiles = profiles.drop(columns=[c for c in ("one_id", "n_turns", "evaluation") if c in profiles.columns])
+    missing = sorted(set(eval_users["user_id"]) - set(profiles["user_id"]))
+    if missing:
+        raise ValueError(f"{path}: no profile for {len(missing)} evaluation users, first {missing[:5]}")
+    merged = profiles.merge(eval_users[["user_id", "one_id", "n_turns"]], on="user_id", how="left")
+    merged["evaluation"] = merged["one_id"].notna()
+    merged["one_id"] = merged["one_id"].fillna("")
+    merged["n_turns"] = pd.to_numeric(merged["n_turns"]).fillna(0).astype(int)
+    return merged.sort_values(["evaluation", "user_id"], ascending=[False, True]).reset_index(drop=True)
+
+
+def evaluation_user_ids(users: pd.DataFrame) -> list[str]:
+    """The evaluation users of a `load_dataset_users` table (all rows of a table without `evaluation`)."""
+    rows = users[users["evaluation"]] if "evaluation" in users.columns else users
+    return sorted(rows["user_id"])
+
+
+def set_user_ids(users: pd.DataFrame, pairs: pd.DataFrame, max_users: int = 0) -> list[str]:
+    """The users fine-tuned in one split set: the first `max_users` evaluation users by id (0: all) that have
+    pairs in this set's `pairs` (stage 00 leaves a user out of a set without fine-tuning, dev or test pairs)."""
+    present = set(pairs["speaker_id"])
+    return [u for u in evaluation_user_ids(users)[: max_users or None] if u in present]
+
+
+def trained_user_ids(trained_metrics: Mapping[str, Any], dataset: str, split_set: int) -> list[str]:
+    """The users stage 03 fine-tuned for a dataset and split set (its metrics' `trained_users`)."""
+    return list(trained_metrics["trained_users"][dataset][str(split_set)])
 
 
 def dataset_language(prepared_dir: str | Path, dataset: str) -> str:
@@ -259,9 +290,11 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
                      lora_eval: str = "routed") -> pd.DataFrame:
     """Greedy replies and reference NLLs on the `test` pairs of `user_ids` for each method of a condition.
 
-    DA (the floor with no user information) and One-ID run their saved models, LoRA runs every user's
-    adapter in mixed batches on the DA model (`lora_eval`: see `load_condition_lora`), FULL is read from the
-    replies notebook 03 wrote while each FULL model was in memory. Columns: pair_id, speaker_id, generated, nll, n_tokens, method.
+    DA (the floor: domain-adapted on the users' pooled halves, no per-user training, no One-ID) and One-ID
+    run their saved models, LoRA runs every user's adapter on the DA model (`lora_eval`: see
+    `load_condition_lora`), FULL is read from the replies notebook 03 wrote while each FULL model was in
+    memory. Columns: pair_id, speaker_id, generated, nll, n_tokens, text_nll, text_chars
+    (`generation.ReferenceScores`), method.
     """
     from udg_lib.generation import PREDICTIONS_FILE, predict_pairs
 
@@ -287,7 +320,10 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
             path = ft.user_dir(condition / "full", user) / PREDICTIONS_FILE
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: FULL predictions missing (rerun notebook 03)")
-            full.append(pd.read_parquet(path))
+            saved = pd.read_parquet(path)
+            if "text_nll" not in saved.columns:
+                raise ValueError(f"{path}: no text_nll column (written by an older notebook 03); rerun notebook 03")
+            full.append(saved)
         frames.append(pd.concat(full, ignore_index=True).assign(method="full"))
     return pd.concat(frames, ignore_index=True)
 
@@ -313,9 +349,19 @@ def retrieval_predictions(embedder: Any, pairs: pd.DataFrame, user_ids: Sequence
 
 
 def score_predictions(predictions: pd.DataFrame, pairs: pd.DataFrame, embedder: Any, language: str) -> pd.DataFrame:
-    """Per-sample Exp1 scores (§4.2.3): the reference joined in, cosine similarity of sentence embeddings and
-    ROUGE-L F x100 (language-aware tokens); nll/n_tokens kept for perplexity."""
-    from udg_lib.metrics import cosine_similarities, rouge_l
+    """Per-sample Exp1 scores (§4.2.3): the reference joined in, cosine similarity of sentence embeddings,
+    ROUGE-L F x100 (language-aware tokens), and the reference likelihood columns:
+
+    - nll / n_tokens (perplexity, per token of the system's own tokenizer): summed NLL in nats of the
+      reference tokens and their count; T5 (`generation.reference_nll`): the reply cut to
+      max_target_length - 1 tokens plus `</s>`; LLMs (`baselines.LocalLLM.reference_nll`): the whole
+      reply, no end-of-turn token. NaN where a system gives no likelihood (retrieval, endpoints).
+    - text_nll / text_chars: the NLL of the reply's text alone (no `</s>`) and the characters it covers
+      (`metrics.reference_chars`: whitespace runs count as one). Kept when `predictions` has them (T5);
+      otherwise (LLMs, whose nll is exactly that) text_nll = nll and text_chars = the whole reference.
+    - bits_per_char = text_nll / ln 2 / text_chars (NaN for an empty reference), comparable across tokenizers.
+    """
+    from udg_lib.metrics import cosine_similarities, reference_chars, rouge_l
 
     references = pairs.drop_duplicates("pair_id").set_index("pair_id")["response"]
     scored = predictions.rename(columns={"speaker_id": "user_id"}).copy()
@@ -325,12 +371,17 @@ def score_predictions(predictions: pd.DataFrame, pairs: pd.DataFrame, embedder: 
     scored["generated"] = scored["generated"].fillna("").astype(str)
     scored["similarity"] = cosine_similarities(embedder, scored["generated"].tolist(), scored["reference"].tolist())
     scored["rouge_l"] = rouge_l(scored["generated"].tolist(), scored["reference"].tolist(), language)
+    if "text_nll" not in scored.columns or "text_chars" not in scored.columns:
+        scored["text_nll"] = scored["nll"].astype("float64")
+        scored["text_chars"] = [reference_chars(r) for r in scored["reference"]]
+    chars = scored["text_chars"].astype("float64")
+    scored["bits_per_char"] = (scored["text_nll"].astype("float64") / math.log(2) / chars.where(chars > 0))
     return scored
 
 
-EXP1_METRICS: tuple[str, ...] = ("similarity", "acc_at_sim", "rouge_l", "perplexity")
-EXP1_FORMATS: dict[str, str] = {"similarity": ".3f", "acc_at_sim": ".3g", "rouge_l": ".1f", "perplexity": ".1f",
-                                "n_users": "d"}
+EXP1_METRICS: tuple[str, ...] = ("similarity", "acc_at_sim", "rouge_l", "bits_per_char", "perplexity")
+EXP1_FORMATS: dict[str, str] = {"similarity": ".3f", "acc_at_sim": ".3g", "rouge_l": ".1f", "bits_per_char": ".2f",
+                                "perplexity": ".1f", "n_users": "d"}
 
 
 def exp1_comparisons(pretrained: Sequence[str]) -> list[tuple[dict, dict]]:
@@ -355,7 +406,8 @@ def leakage_table(scores: pd.DataFrame, pairs_by_dataset: dict[str, pd.DataFrame
                   methods: Sequence[str] = ("da", "one_id", "lora", "full")) -> pd.DataFrame:
     """Per sample: is the generated reply closer to another evaluation user's training responses than to the
     user's own, and is it a near copy (>= 0.9) of another user's? (`metrics.leakage_scores`; §4.1.3 and
-    §4.3.4 name the risk for One-ID but do not measure it.) DA, which sees no user, gives the chance level."""
+    §4.3.4 name the risk for One-ID but do not measure it.) DA-pooled (no per-user training, no id) gives the
+    level without per-user training."""
     from udg_lib.metrics import leakage_scores
 
     frames = []
@@ -394,7 +446,8 @@ def exp2_replies(condition: str | Path, tokenizer: PreTrainedTokenizerBase, ques
     if "one_id" in methods:
         model = build_model(condition / "one_id" / MODEL_DIR, tokenizer).to(device)
         sources = build_prompts(asked, users, fmt, ft.one_ids_of(users)).tolist()
-        frames.append(asked.assign(reply=greedy_generate(model, tokenizer, sources, **options), method="one_id"))
+        frames.append(asked.assign(reply=greedy_generate(model, tokenizer, sources, one_id_prefix=True, **options),
+                                   method="one_id"))
     if "lora" in methods:
         model, names = load_condition_lora(condition, tokenizer, user_ids, device, lora_eval)
         sources = build_prompts(asked, users, fmt).tolist()
@@ -445,7 +498,7 @@ def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pa
 
     def reply(model: torch.nn.Module, row: pd.DataFrame, with_id: bool) -> None:
         source = build_prompts(row, users, fmt, one_ids if with_id else None).tolist()
-        greedy_generate(model, tokenizer, source, max_new_tokens=max_new_tokens)
+        greedy_generate(model, tokenizer, source, max_new_tokens=max_new_tokens, one_id_prefix=with_id)
 
     def timed(action) -> float:
         if device.startswith("cuda"):
@@ -514,12 +567,34 @@ def table6(times: pd.DataFrame, sizes: dict[str, Any], n_users: int) -> pd.DataF
 # Presentation: Tables 3-5 analogs and their significance notes
 
 
+T5_TOKENIZER_LABEL = "T5 (ours)"  # every fine-tuned system and DA floor shares stage 00's tokenizer
+HEALTH_GROUP_COLS: tuple[str, ...] = ("dataset", "system", "pretrain", "method")  # one system per dataset
+HEALTH_FILE = "generation_health"  # .csv and .md, in stage 04's and stage 06's folders
+
+
+def row_tokenizer(pretrain: str, method: str) -> str:
+    """The tokenizer a system's perplexity is counted in: ours for the T5s, the LLM's own (named after its
+    model: chat and completion rows of one model share it), "" for a system without likelihood."""
+    if pretrain in PRETRAINED_FORMATS:
+        return T5_TOKENIZER_LABEL
+    if pretrain == "llm":
+        base = method.rsplit("-", 1)[0] if method.endswith(("-chat", "-completion", "-endpoint")) else method
+        return LLM_DISPLAY_NAMES.get(base, base)
+    return ""
+
+
 def exp1_table(per_user: pd.DataFrame, metrics: Sequence[str] = EXP1_METRICS,
-               method_labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+               method_labels: Mapping[str, str] | None = None, health: pd.DataFrame | None = None) -> pd.DataFrame:
     """One dataset's Exp1 table: rows grouped by pre-trained model (paper order), then the floors and the
     prompt LLMs; mean over users and split sets (`metrics.results_table`). `method_labels` names methods
-    METHOD_LABELS does not know (the LLMs)."""
-    from udg_lib.metrics import results_table
+    METHOD_LABELS does not know (the LLMs).
+
+    With perplexity among `metrics`, a `tokenizer` column (`row_tokenizer`) follows the metrics, so that
+    `metrics.bold_best` compares perplexity only among rows of one tokenizer. With `health`
+    (`generation_health_table`), a degenerate system's "fine-tuning" label ends with "⚠ degenerate 63%":
+    a table for display; write CSVs without `health`, so labels stay stable row keys across runs.
+    """
+    from udg_lib.metrics import TOKENIZER_COLUMN, results_table
 
     table = results_table(per_user, metrics)
     pretrain_order = [*PRETRAINED_FORMATS, "none", "llm"]
@@ -529,8 +604,75 @@ def exp1_table(per_user: pd.DataFrame, metrics: Sequence[str] = EXP1_METRICS,
     table = table.sort_values(["_p", "_m", "method"], kind="stable").drop(columns=["_p", "_m"])
     table.insert(0, "model", [PRETRAINED_LABELS.get(p, "Floor" if p == "none" else "Prompt LLM") for p in table["pretrain"]])
     labels = {**METHOD_LABELS, **(method_labels or {})}
-    table.insert(1, "fine-tuning", [labels.get(m, m) for m in table["method"]])
+    flags = _degenerate_flags(per_user, health)
+    table.insert(1, "fine-tuning", [labels.get(m, m) + flags.get((p, m), "")
+                                    for p, m in zip(table["pretrain"], table["method"])])
+    if "perplexity" in metrics:
+        table.insert(table.columns.get_loc("n_users"), TOKENIZER_COLUMN,
+                     [row_tokenizer(p, m) for p, m in zip(table["pretrain"], table["method"])])
     return table.drop(columns=["pretrain", "method"]).reset_index(drop=True)
+
+
+def _degenerate_flags(per_user: pd.DataFrame, health: pd.DataFrame | None) -> dict[tuple[str, str], str]:
+    """(pretrain, method) -> " ⚠ degenerate 63%" for the degenerate systems of per_user's dataset."""
+    if health is None or health.empty:
+        return {}
+    if "dataset" in health.columns and "dataset" in per_user.columns:
+        health = health[health["dataset"].isin(set(per_user["dataset"]))]
+    flagged = health[health["degenerate"].astype(str).str.lower() == "true"]  # bools, or read back from CSV
+    return {(p, m): f" ⚠ degenerate {share:.0%}"
+            for p, m, share in zip(flagged["pretrain"], flagged["method"], flagged["degenerate_share"])}
+
+
+def generation_health_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """`metrics.generation_health` of per-sample Exp1 scores, one row per dataset and system, pooled over
+    users and split sets (the most common reply is the system's over all its replies on that dataset)."""
+    from udg_lib.metrics import generation_health
+
+    return generation_health(scores, list(HEALTH_GROUP_COLS))
+
+
+def write_generation_health(scores: pd.DataFrame, folder: str | Path) -> pd.DataFrame:
+    """`generation_health_table(scores)` written to `<folder>/generation_health.csv` and `.md`; returns it.
+
+    Stage 04 writes its systems' (T5s and retrieval), stage 06 its prompt LLMs'."""
+    health = generation_health_table(scores)
+    folder = Path(folder)
+    health.to_csv(folder / f"{HEALTH_FILE}.csv", index=False)
+    lines = ["### Generation health", ""]
+    for dataset in dict.fromkeys(health["dataset"]):
+        lines += [f"#### {dataset}", *health_notes(health, dataset)[1:], ""]
+    (folder / f"{HEALTH_FILE}.md").write_text("\n".join(lines), encoding="utf-8")
+    return health
+
+
+def health_notes(health: pd.DataFrame, dataset: str) -> list[str]:
+    """Lines for below an Exp1 table: the generation health of the dataset's systems and what ⚠ means."""
+    from udg_lib.metrics import DEGENERATE_THRESHOLD
+
+    rows = health[health["dataset"] == dataset]
+    if rows.empty:
+        return []
+    shown = pd.DataFrame({
+        "system": rows["system"], "n": rows["n"].astype(int),
+        "empty": rows["empty_share"].map("{:.0%}".format), "repeat": rows["repeat_share"].map("{:.0%}".format),
+        "most common": rows["most_common_share"].map("{:.0%}".format),
+        "most common reply": rows["most_common_reply"].map(_short_reply),
+        "degenerate": [f"{share:.0%}{' ⚠' if flag else ''}" for share, flag in zip(rows["degenerate_share"],
+                                                                                  rows["degenerate"])],
+    })
+    return ["", f"Generation health (n replies per system, pooled over users and split sets). Degenerate: a reply "
+            f"that is empty, one token or character repeated (\"k k k\", \"))))\", any one-character reply), or "
+            f"identical to the system's most common reply; ⚠ marks a system with more than "
+            f"{DEGENERATE_THRESHOLD:.0%} degenerate replies, whose scores describe a collapsed model.", "",
+            shown.to_markdown(index=False)]
+
+
+def _short_reply(reply: str | None, width: int = 40) -> str:
+    if reply is None or pd.isna(reply):
+        return "(none repeated)"
+    reply = " ".join(str(reply).split()).replace("|", "\\|")
+    return f'"{reply if len(reply) <= width else reply[: width - 1] + "…"}"'
 
 
 def significance_notes(significance: pd.DataFrame, alpha: float = 0.05) -> list[str]:

@@ -6,18 +6,24 @@
 
 Stage `notebooks/NN_name.ipynb` runs with the overrides in `params/<profile>/NN_name.yaml` and writes
 `outputs/<profile>/NN_name/` (the executed notebook, `metrics.json`, its data files). A stage is skipped
-when its `run_key` (params, notebook source, the run keys of earlier stages) matches the one it last
-recorded, unless forced. A stage runs in a hidden temp folder that replaces the final one only on
-success, so a failed or interrupted stage leaves nothing under outputs/.
+when its `run_key` (params, notebook source, the content of the input files its params name, the run keys
+of earlier stages) matches the one it last recorded, unless forced. A stage runs in a hidden temp folder that
+replaces the final one only on success, so a failed or interrupted stage leaves nothing under outputs/.
+
+Before any stage runs, every stage's yaml values are checked against the types annotated in its notebook's
+parameters cell (int, float, str, bool, list, dict), and stage 00's corpus specs against their formats.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -30,15 +36,24 @@ from typing import Any
 import nbformat
 import papermill
 import yaml
+from jupyter_client import AsyncKernelManager
+from traitlets.config import Config
 
 from udg_lib import paths
 from udg_lib.io import replace_dir, write_json
-from udg_lib.provenance import METRICS_FILE
+from udg_lib.provenance import METRICS_FILE, fingerprint_cached
 
 # Parameters the runner sets itself, injected only into notebooks that declare them.
 RUNNER_PARAMS = ("profile", "outputs_root", "output_dir")
 # Where a stage writes is not part of its configuration: left out of the recorded params and run key.
 LOCATION_PARAMS = ("outputs_root", "output_dir")
+# Annotations of a parameters cell and the yaml values each accepts (an int is a float; a bool is not an int).
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)
+}
+# Errors of a full disk: the exception rarely names the file, so the failure line names the outputs folder.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_DISK_BYTES = 1 << 20  # less free space than this after a failure: the disk is taken to be full
 
 
 class PipelineError(RuntimeError):
@@ -55,6 +70,7 @@ class Stage:
     overrides: dict[str, Any]  # from the profile's yaml file
     params: dict[str, Any]  # notebook defaults <- yaml <- profile: what the notebook runs with
     source_hash: str
+    inputs: dict[str, str]  # sha256 of each input file (or folder) a param names, keyed as written
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,31 @@ class StageResult:
     seconds: float
     run_key: str
     output_dir: Path
+
+
+class StageKernelManager(AsyncKernelManager):
+    """Starts and stops the kernel of a stage without alarming log lines from normal operation.
+
+    jupyter_client interrupts (SIGINT) every kernel before asking it to shut down, and ipykernel logs
+    "KeyboardInterrupt caught in kernel" when the signal lands; a stage's kernel has finished (or failed) by
+    then, so the shutdown request alone stops it (a kernel that does not stop is killed after
+    `shutdown_wait_time`). The transport is set by `kernel_config`.
+    """
+
+    async def _async_interrupt_kernel(self) -> None:
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
+
+
+def kernel_config(socket_dir: str | Path) -> Config:
+    """Kernel manager settings: local IPC sockets in `socket_dir` on POSIX (no TCP port is opened, so
+    ipykernel has no reason to warn "Kernel is running over TCP without encryption"); TCP elsewhere."""
+    config = Config()
+    if os.name == "posix":
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = str(Path(socket_dir) / "kernel")
+    return config
 
 
 def stage_notebooks(notebooks_dir: Path) -> list[Path]:
@@ -114,11 +155,83 @@ def load_stage(notebook: Path, params_dir: Path, profile: str) -> Stage:
         if key not in defaults:
             known = ", ".join(defaults) or "none"
             raise PipelineError(f"{params_file}: unknown parameter '{key}' ({notebook.name} declares: {known})")
+    check_param_types(params_file, declared, overrides)
     params = {name: value for name, value in defaults.items() if name not in LOCATION_PARAMS}
     params.update(overrides)
     if "profile" in defaults:
         params["profile"] = profile
-    return Stage(notebook.stem, notebook, frozenset(defaults), overrides, params, notebook_source_hash(notebook))
+    check_corpus_specs(params_file if "corpora" in overrides else notebook, params.get("corpora"))
+    return Stage(notebook.stem, notebook, frozenset(defaults), overrides, params, notebook_source_hash(notebook),
+                 input_fingerprints(params, params_file))
+
+
+def check_param_types(params_file: Path, declared: dict[str, dict], overrides: dict[str, Any]) -> None:
+    """Each yaml value must have the type its parameter is annotated with (see PARAM_TYPES); parameters
+    annotated otherwise (or not at all) are not checked. A null is accepted only where the default is None."""
+    for key, value in overrides.items():
+        annotation = declared[key].get("inferred_type_name", "None")
+        accepted = PARAM_TYPES.get(annotation)
+        if accepted is None or (value is None and declared[key].get("default") == "None"):
+            continue
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            given = "null" if value is None else type(value).__name__
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise PipelineError(f"{params_file}: parameter '{key}' expects {annotation}, got {given} {shown}")
+
+
+def check_corpus_specs(source: Path, corpora: Any) -> None:
+    """Stage 00's corpus specs, checked against their formats' keys before anything runs."""
+    if not isinstance(corpora, list):
+        return  # a stage without corpora, or a wrong type that check_param_types reported
+    from udg_lib.data import CorpusError, check_corpus_spec  # pandas and the loaders: only when needed
+
+    for spec in corpora:
+        try:
+            check_corpus_spec(spec, where=str(source))
+        except CorpusError as exc:
+            raise PipelineError(str(exc)) from exc
+
+
+def input_paths(params: dict[str, Any]) -> dict[str, Path]:
+    """The files and folders that the params' strings name (nested lists and dicts included): a string
+    with a `/` or a file suffix that exists, relative ones read from the repository root as
+    `udg_lib.data.load_from_spec` reads them. Hub ids and names that are not paths do not exist, so they
+    are left out."""
+    root, found = paths.repo_root(), {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item)
+        elif isinstance(value, str) and value and ("/" in value or os.sep in value or Path(value).suffix):
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else root / path
+            if path.exists():
+                found[value] = path
+
+    visit({key: value for key, value in params.items() if key not in LOCATION_PARAMS})
+    return found
+
+
+def input_fingerprints(params: dict[str, Any], params_file: Path) -> dict[str, str]:
+    """sha256 of every input file the params name (a folder: of its files' names and hashes), from the
+    cache of `provenance.fingerprint_cached`, so a file cut or replaced at the same path makes the stage stale."""
+    fingerprints = {}
+    for value, path in sorted(input_paths(params).items()):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        try:
+            digests = fingerprint_cached(files)
+        except OSError as exc:
+            raise PipelineError(f"{params_file}: cannot read input {value!r}: {_one_line(exc)}") from exc
+        if path.is_file():
+            fingerprints[value] = digests[str(path.resolve())]
+        else:
+            listing = [(str(f.relative_to(path)), digests[str(f.resolve())]) for f in files]
+            fingerprints[value] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return fingerprints
 
 
 def _default_value(source: str) -> Any:
@@ -136,11 +249,16 @@ def notebook_source_hash(notebook: Path) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def compute_run_key(params: dict[str, Any], source_hash: str, upstream_keys: list[str | None]) -> str:
-    """Identity of a stage's result: its params, its notebook, and the results of every earlier stage."""
-    payload = json.dumps(
-        {"params": params, "notebook": source_hash, "upstream": upstream_keys}, sort_keys=True, default=str
-    )
+def compute_run_key(
+    params: dict[str, Any], source_hash: str, upstream_keys: list[str | None], inputs: dict[str, str] | None = None
+) -> str:
+    """Identity of a stage's result: its params, its notebook, the content of the input files its params
+    name, and the results of every earlier stage. (A stage naming no input file keeps the key it had
+    before inputs counted.)"""
+    identity = {"params": params, "notebook": source_hash, "upstream": upstream_keys}
+    if inputs:
+        identity["inputs"] = inputs
+    payload = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -193,11 +311,12 @@ def run_pipeline(
     names = [notebook.stem for notebook in notebooks]
     selected = [stage_index(names, only)] if only else list(range(len(names)))
     first_forced = stage_index(names, from_stage) if from_stage else None
-    # Resolve every stage before running any, so a typo in a late yaml file fails in seconds, not hours.
-    stages = {index: load_stage(notebooks[index], params_root, profile) for index in selected}
+    # Resolve and check every stage (also those --only/--from leave out) before running any, so a typo in a
+    # late yaml file fails in seconds, not hours.
+    all_stages = [load_stage(notebook, params_root, profile) for notebook in notebooks]
+    stages = {index: all_stages[index] for index in selected}
 
-    created_root = not out_root.exists()
-    out_root.mkdir(parents=True, exist_ok=True)
+    created_root = not out_root.exists()  # created by the first stage that runs (a failure names the path)
     for stale in out_root.glob(".*.tmp-*"):  # left by a killed run of a stage that no longer exists
         if not any(stale.name.startswith(f".{name}.tmp-") for name in names):
             shutil.rmtree(stale, ignore_errors=True)
@@ -209,7 +328,7 @@ def run_pipeline(
                 _run_stage(stage, _upstream_keys(names, index, out_root), out_root, profile, forced, verbose)
             )
     finally:
-        if created_root and not any(out_root.iterdir()):
+        if created_root and out_root.is_dir() and not any(out_root.iterdir()):
             out_root.rmdir()  # a first run that failed leaves no trace
     return results
 
@@ -217,7 +336,7 @@ def run_pipeline(
 def _run_stage(
     stage: Stage, upstream_keys: list[str | None], out_root: Path, profile: str, forced: bool, verbose: bool
 ) -> StageResult:
-    run_key = compute_run_key(stage.params, stage.source_hash, upstream_keys)
+    run_key = compute_run_key(stage.params, stage.source_hash, upstream_keys, stage.inputs)
     final_dir = paths.stage_dir(out_root, stage.name)
     work_dir = stage_work_dir(out_root, stage.name, run_key)
     for stale in out_root.glob(f".{stage.name}.tmp-*"):  # a killed run's folder is kept only for resuming
@@ -247,31 +366,39 @@ def stage_work_dir(out_root: Path, stage_name: str, run_key: str) -> Path:
 
 def execute_stage(stage: Stage, run_key: str, out_root: Path, profile: str, verbose: bool) -> float:
     """Execute one notebook in its work folder and swap that in as the stage folder; return wall seconds."""
-    # Not mkdtemp: its 0700 mode would carry over to the final folder; mkdir honours the umask.
     work_dir = stage_work_dir(out_root, stage.name, run_key)
     if work_dir.exists():
         print(f"resuming {stage.name} in {work_dir.name} (left by an interrupted run)")
-    work_dir.mkdir(exist_ok=True)
     executed = work_dir / f"{stage.name}.ipynb"
     runner_values = {"profile": profile, "outputs_root": str(out_root), "output_dir": str(work_dir)}
     injected = {key: value for key, value in runner_values.items() if key in stage.declared}
+    final_dir = paths.stage_dir(out_root, stage.name)
     try:
+        # Not mkdtemp: its 0700 mode would carry over to the final folder; mkdir honours the umask.
+        work_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        papermill.execute_notebook(
-            stage.notebook,
-            executed,
-            parameters={**stage.overrides, **injected},
-            kernel_name="python3",
-            cwd=stage.notebook.parent,
-            progress_bar=True,
-            log_output=verbose,
-        )
+        # A short private folder for the kernel's sockets (a Unix socket path has ~100 characters at most).
+        with tempfile.TemporaryDirectory(prefix="udg-kernel-") as socket_dir:
+            papermill.execute_notebook(
+                stage.notebook,
+                executed,
+                parameters={**stage.overrides, **injected},
+                # The interpreter running the pipeline (jupyter_client's native kernel), whatever kernel the
+                # notebook's metadata names: `udg` exists only where `make lab` registered it.
+                kernel_name="python3",
+                cwd=stage.notebook.parent,
+                progress_bar=True,
+                log_output=verbose,
+                kernel_manager_class=StageKernelManager,
+                config=kernel_config(socket_dir),
+            )
         seconds = time.perf_counter() - started
         _record_stage(work_dir / METRICS_FILE, stage, run_key, profile, seconds)
-        replace_dir(work_dir, paths.stage_dir(out_root, stage.name))
+        relocate_adapter_configs(work_dir, final_dir)
+        replace_dir(work_dir, final_dir)
         return seconds
     except Exception as exc:
-        raise PipelineError(_failure_message(stage.name, exc, _keep_failed_notebook(executed))) from exc
+        raise PipelineError(_failure_message(stage.name, exc, _keep_failed_notebook(executed), out_root)) from exc
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)  # gone already after a success
 
@@ -287,6 +414,7 @@ def _record_stage(metrics_path: Path, stage: Stage, run_key: str, profile: str, 
         "name": stage.name,
         "profile": profile,
         "params": stage.params,
+        "inputs": stage.inputs,
         "run_key": run_key,
         "wall_seconds": round(seconds, 2),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -294,25 +422,66 @@ def _record_stage(metrics_path: Path, stage: Stage, run_key: str, profile: str, 
     write_json(metrics_path, record)
 
 
+def relocate_adapter_configs(work_dir: Path, final_dir: Path) -> list[Path]:
+    """Point saved PEFT adapters at their base model's final place before the work folder is renamed.
+
+    An adapter trained on a base loaded from the work folder records that folder in `adapter_config.json`'s
+    `base_model_name_or_path`; after the rename only `final_dir` exists, and
+    `AutoPeftModelForSeq2SeqLM.from_pretrained(adapter_dir)` must find the base there. Returns the files changed.
+    """
+    changed = []
+    old = str(work_dir)
+    for config_file in sorted(work_dir.rglob("adapter_config.json")):
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        base = config.get("base_model_name_or_path")
+        if isinstance(base, str) and (base == old or base.startswith(old + os.sep)):
+            config["base_model_name_or_path"] = str(final_dir) + base[len(old):]
+            write_json(config_file, config)
+            changed.append(config_file)
+    return changed
+
+
 def _keep_failed_notebook(executed: Path) -> Path | None:
-    """Move a failed run's executed notebook out of outputs/ into a fresh folder under the system temp dir."""
+    """Move a failed run's executed notebook out of outputs/ into a fresh folder under the system temp dir;
+    None when there is none or it cannot be moved (a full disk)."""
     if not executed.exists():
         return None
-    kept = Path(tempfile.mkdtemp(prefix="udg-failed-")) / executed.name
-    shutil.move(executed, kept)
+    try:
+        kept = Path(tempfile.mkdtemp(prefix="udg-failed-")) / executed.name
+        shutil.move(executed, kept)
+    except OSError:
+        return None
     return kept
 
 
-def _failure_message(stage: str, exc: Exception, kept: Path | None) -> str:
+def _failure_message(stage: str, exc: Exception, kept: Path | None, out_root: Path | None = None) -> str:
     if isinstance(exc, papermill.PapermillExecutionError):
         # exec_count is the "In [n]" label the cell carries in the kept notebook.
         cause = f" in cell {exc.exec_count}: {exc.ename}: {_one_line(exc.evalue)}"
+        found = re.match(r"\[Errno (\d+)\]", str(exc.evalue))
+        os_errno = int(found[1]) if found else None
     elif isinstance(exc, PipelineError):
-        cause = f": {_one_line(exc)}"
+        cause, os_errno = f": {_one_line(exc)}", None
     else:
         cause = f": {type(exc).__name__}: {_one_line(exc)}"
+        os_errno = exc.errno if isinstance(exc, OSError) else None
+    if out_root is not None:  # a full disk's error seldom names the file, and some libraries hide its errno
+        if os_errno in _DISK_FULL:
+            cause += f" (writing under {out_root})"
+        elif _free_bytes(out_root) < _FULL_DISK_BYTES:
+            cause += f" (the disk of {out_root} is full)"
     where = f"executed notebook kept at {kept}" if kept else "no executed notebook"
     return f"stage {stage} failed{cause} ({where})"
+
+
+def _free_bytes(folder: Path) -> float:
+    """Free bytes on the disk of `folder` (or its nearest existing parent); infinite if unknown."""
+    for candidate in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return float("inf")
 
 
 def _one_line(text: object) -> str:
@@ -337,7 +506,9 @@ def stage_statuses(
     for index, notebook in enumerate(notebooks):
         stage = load_stage(notebook, params_root, profile)
         recorded = recorded_run_key(paths.stage_dir(out_root, stage.name))
-        expected = compute_run_key(stage.params, stage.source_hash, _upstream_keys(names, index, out_root))
+        expected = compute_run_key(
+            stage.params, stage.source_hash, _upstream_keys(names, index, out_root), stage.inputs
+        )
         if recorded is None:
             status = "missing"
         elif upstream_current and recorded == expected:

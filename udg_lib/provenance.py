@@ -115,6 +115,47 @@ def fingerprint_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def hash_cache_file() -> Path:
+    """Where `fingerprint_cached` keeps its hashes: `$XDG_CACHE_HOME/udg/file-hashes.json` (~/.cache by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "udg" / "file-hashes.json"
+
+
+def fingerprint_cached(paths: Iterable[str | Path], cache_file: str | Path | None = None) -> dict[str, str]:
+    """sha256 of each file, keyed by its absolute path; a file whose size and modification times (mtime,
+    ctime, in ns) match the cache entry is not read again, so a large corpus is hashed once, not every run.
+
+    The cache (default `hash_cache_file()`) is a small JSON file of path -> size, times, sha256; entries of
+    files that no longer exist are dropped. An unreadable or unwritable cache only costs re-reading.
+    """
+    cache_path = Path(cache_file) if cache_file else hash_cache_file()
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    digests, changed = {}, False
+    for path in paths:
+        path = Path(path).resolve()
+        stat = path.stat()
+        key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+        entry = cache.get(str(path))
+        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key.items()) and entry.get("sha256"):
+            digests[str(path)] = entry["sha256"]
+            continue
+        digests[str(path)] = fingerprint_file(path)
+        cache[str(path)] = {**key, "sha256": digests[str(path)]}
+        changed = True
+    if changed:
+        kept = {name: entry for name, entry in cache.items() if Path(name).is_file()}
+        try:
+            write_json(cache_path, kept)
+        except OSError:
+            pass  # a read-only home or a full disk: the hashes are still right, only not remembered
+    return digests
+
+
 def fingerprint_files(paths: Iterable[str | Path], root: str | Path | None = None) -> dict[str, str]:
     """sha256 of each file, keyed by the path as given; relative paths are read under `root` (default: cwd).
 

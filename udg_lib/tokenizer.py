@@ -8,8 +8,10 @@ reloads with `transformers.AutoTokenizer.from_pretrained` alone, offline.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -92,6 +94,23 @@ def _wrap_sentencepiece_model(model_file: Path, extra_ids: int) -> TokenizersBac
     )
 
 
+def _write_failure(staging: Path, output_dir: Path) -> OSError | None:
+    """The OS error behind a failed SentencePiece run, if writing in `staging` fails now (a full disk);
+    None when the folder takes a small write, so the trainer's own error stands."""
+    probe = staging / ".write-probe"
+    try:
+        with probe.open("wb") as handle:
+            handle.write(b"\0" * (64 << 10))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        code = err.errno or errno.EIO
+        return OSError(code, os.strerror(code), str(output_dir))
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
 def train_sentencepiece_tokenizer(
     texts: Iterable[str],
     output_dir: str | Path,
@@ -123,28 +142,38 @@ def train_sentencepiece_tokenizer(
             raise ValueError("no non-empty texts to train the tokenizer on")
         # Seeds the sentence sampling and shuffling used when the corpus exceeds input_sentence_size.
         spm.set_random_generator_seed(seed)
-        spm.SentencePieceTrainer.train(
-            input=str(corpus_file),
-            model_prefix=str(staging / Path(SPIECE_MODEL_FILE).stem),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            normalization_rule_name=normalization_rule_name,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            pad_id=0,
-            eos_id=1,
-            unk_id=2,
-            bos_id=-1,
-            user_defined_symbols=list(SPECIAL_TOKENS),  # §3.4: each marker is one piece, never split
-            byte_fallback=True,  # unseen characters become UTF-8 byte pieces, never <unk>
-            hard_vocab_limit=False,  # a small corpus yields fewer pieces instead of failing
-            num_threads=num_threads,
-            minloglevel=1,  # keep warnings (e.g. over-long lines skipped), drop the progress log
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(corpus_file),
+                model_prefix=str(staging / Path(SPIECE_MODEL_FILE).stem),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                normalization_rule_name=normalization_rule_name,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                pad_id=0,
+                eos_id=1,
+                unk_id=2,
+                bos_id=-1,
+                user_defined_symbols=list(SPECIAL_TOKENS),  # §3.4: each marker is one piece, never split
+                byte_fallback=True,  # unseen characters become UTF-8 byte pieces, never <unk>
+                hard_vocab_limit=False,  # a small corpus yields fewer pieces instead of failing
+                num_threads=num_threads,
+                minloglevel=1,  # keep warnings (e.g. over-long lines skipped), drop the progress log
+            )
+            # Parsed before the training text is deleted, so that a full disk is still full if this fails.
+            wrapped = _wrap_sentencepiece_model(staging / SPIECE_MODEL_FILE, extra_ids)
+        except Exception as err:
+            # A full disk shows as SentencePiece's "INTERNAL: ...WriteLine..." or, when the model file was
+            # cut short without an error, as a protobuf DecodeError: report the OS error instead.
+            failure = _write_failure(staging, output_dir)
+            if failure is None:
+                raise
+            raise failure from err
         corpus_file.unlink()
         (staging / "spiece.vocab").unlink()  # the same pieces are in tokenizer.json
-        _wrap_sentencepiece_model(staging / SPIECE_MODEL_FILE, extra_ids).save_pretrained(staging)
+        wrapped.save_pretrained(staging)
     return AutoTokenizer.from_pretrained(output_dir)
 
 

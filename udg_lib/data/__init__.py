@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from udg_lib.data.chitchat import load_chitchat
@@ -20,19 +21,52 @@ from udg_lib.data.schema import (
 from udg_lib.data.sitcoms import load_seinfeld, load_tbbt
 
 FORMATS = ("chitchat", "seinfeld", "tbbt", "personachat_json", "japanese_xlsx", "generic")
+_LOADERS = {"chitchat": load_chitchat, "seinfeld": load_seinfeld, "tbbt": load_tbbt,
+            "personachat_json": load_personachat_json, "japanese_xlsx": load_japanese_xlsx, "generic": load_generic}
+# Spec keys that name files (resolved from the repository root) in place of the loader's path arguments.
+_PATH_KEYS = {"chitchat": ("path",), "personachat_json": ("path",), "japanese_xlsx": ("path",),
+              "generic": ("turns", "users")}
+_REQUIRED_KEYS = {"personachat_json": "path", "japanese_xlsx": "path", "generic": "turns"}
+# Every format takes these: `split` is read by stage 00 (per-corpus split settings), not by the loader.
+_COMMON_KEYS = ("format", "name", "split")
+
+
+def spec_keys(fmt: str) -> tuple[str, ...]:
+    """The keys a corpus spec of format `fmt` accepts."""
+    options = [name for name, p in inspect.signature(_LOADERS[fmt]).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and name not in _COMMON_KEYS]
+    return (*_COMMON_KEYS, *_PATH_KEYS.get(fmt, ()), *options)
+
+
+def check_corpus_spec(spec: object, where: str = "parameters") -> None:
+    """Raise CorpusError for a spec that is not a mapping, names an unknown format or carries a key its
+    format does not accept (e.g. `path:` for a generic corpus, which takes `turns:`)."""
+    if not isinstance(spec, dict):
+        raise CorpusError(where, "corpus spec", f"expected a mapping such as {{format: generic, turns: ...}}, "
+                                                f"got {type(spec).__name__} {spec!r}")
+    fmt, name = spec.get("format"), spec.get("name", spec.get("format", "?"))
+    if fmt not in FORMATS:
+        raise CorpusError(where, f"corpus {name!r}", f"unknown format {fmt!r}; expected one of {FORMATS}")
+    unknown = [key for key in spec if key not in spec_keys(fmt)]
+    if unknown:
+        raise CorpusError(where, f"corpus {name!r}", f"unknown key {unknown[0]!r} for format {fmt!r}; "
+                                                     f"it accepts: {', '.join(spec_keys(fmt))}")
+    required = _REQUIRED_KEYS.get(fmt)
+    if required and required not in spec:
+        raise CorpusError(where, f"corpus {name!r}", f"format {fmt!r} needs the key {required!r} (a file path)")
 
 
 def load_from_spec(spec: dict) -> Corpus:
     """Load one corpus described by a parameter-file entry, e.g.
     `{"format": "generic", "turns": "data/turns.jsonl", "users": "data/users.csv", "name": "mylab"}`.
-    Relative paths are taken from the repository root.
+    Relative paths are taken from the repository root. Stage 00 reads the `split` key before this is called.
     """
     from udg_lib.paths import repo_root
 
+    check_corpus_spec(spec)
     spec = dict(spec)
+    spec.pop("split", None)
     fmt = spec.pop("format", None)
-    if fmt not in FORMATS:
-        raise CorpusError("parameters", f"corpus {spec.get('name', '?')!r}", f"unknown format {fmt!r}; expected one of {FORMATS}")
 
     def resolve(key: str) -> Path | None:
         value = spec.pop(key, None)
@@ -60,7 +94,8 @@ def load_from_spec(spec: dict) -> Corpus:
 
 
 __all__ = [
-    "FORMATS", "PROFILE_FIELDS", "SCHEMA_VERSION", "UNKNOWN", "Corpus", "CorpusError", "load_chitchat",
+    "FORMATS", "PROFILE_FIELDS", "SCHEMA_VERSION", "UNKNOWN", "Corpus", "CorpusError", "check_corpus_spec",
+    "load_chitchat", "spec_keys",
     "load_corpus", "load_from_spec", "load_generic", "load_japanese_xlsx", "load_personachat_json",
     "load_seinfeld", "load_tbbt", "save_corpus", "validate_corpus",
 ]

@@ -170,8 +170,12 @@ def validate_corpus(turns: pd.DataFrame, users: pd.DataFrame, source: str | Path
     absent = ~turns["speaker_id"].isin(set(users["user_id"]))
     if absent.any():
         position = int(absent.to_numpy().argmax())
-        raise CorpusError(source, _locate(turns, position),
-                          f"speaker {turns['speaker_id'].iloc[position]!r} is not in the users table ({users_source})")
+        missing_speakers = list(dict.fromkeys(turns.loc[absent, "speaker_id"]))  # in order of first turn
+        n, names = len(missing_speakers), ", ".join(repr(s) for s in missing_speakers[:5])
+        fault = (f"speaker {names} is not in the users table ({users_source})" if n == 1 else
+                 f"{n} speakers are not in the users table ({users_source}), "
+                 f"{'first five' if n > 5 else 'all'}: {names}")
+        raise CorpusError(source, _locate(turns, position), fault)
 
     turns = turns.sort_values(["dialogue_id", "turn_index"], kind="stable")[list(TURN_COLUMNS)].reset_index(drop=True)
     users = users.sort_values("user_id", kind="stable")[list(USER_COLUMNS)].reset_index(drop=True)
