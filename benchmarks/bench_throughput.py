@@ -2,8 +2,10 @@
 
 For each torch thread count (`--threads`, default 1 and 2), in one run:
 
-- roofline: the best of a few `torch.matmul` timings of two n x n matrices (n = 2048), fp32 and bf16,
-  as 2 n^3 / seconds: what this CPU's math library reaches on dense matrix products;
+- roofline: the best of a few timings of an n x n matrix product (n = 1024), fp32 and bf16, as
+  2 n^3 / seconds, in two layouts: `torch.matmul` (a @ b) and `F.linear` (a @ b.T, nn.Linear's layout);
+  their kernels can differ by 10x (bf16 here), and the roofline is the faster: what this CPU's math
+  library reaches on dense products;
 - one optimizer step (forward + backward + Adam, the step of `finetuning.train_with_early_stopping`) of
   each family's model, for LoRA (r = 12 on the family's q, k, v, o: `families.ModelFamily.lora_config`) and
   FULL (every weight), in fp32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`.
@@ -15,7 +17,8 @@ if that fails. The batch is the same for both: `--batch` examples of `--source-t
 `--reply-tokens` reply tokens (random ids; the loss on the reply only). Seq2seq: the prompt goes through the
 encoder, the reply through the decoder. Causal: one sequence of source + reply.
 
-Reported per step: seconds (median of `--steps` timed steps after one untimed warm-up step), CPU seconds,
+Reported per step: seconds (median of `--steps` timed steps after one warm-up step; a configuration whose
+warm-up takes over `--slow-step-seconds` is timed by its warm-up alone, `timed_steps` 0), CPU seconds,
 tokens/s (all source + reply tokens of the batch), and two GFLOP/s figures:
 
 - `gflops_6N` = 6 x parameters x tokens / seconds: the usual training estimate (2N forward + 4N backward
@@ -23,7 +26,7 @@ tokens/s (all source + reply tokens of the batch), and two GFLOP/s figures:
   a T5 step computes (each token passes through only the encoder or the decoder half);
 - `gflops_counted` = the FLOPs that `torch.utils.flop_counter.FlopCounterMode` counts in the warm-up step
   (every matmul, attention and convolution actually run, backward included) / seconds, and `roofline_share`
-  = gflops_counted / this dtype's matmul roofline at the same thread count.
+  = gflops_counted / this dtype's roofline at the same thread count.
 
 bf16 speed depends on the CPU: with AVX512-BF16 or AMX, oneDNN multiplies bf16 natively; without them
 (this project's 2-core AVX2 machine) bf16 products are converted and may be slower than fp32. The script
@@ -117,18 +120,24 @@ def cpu_flags() -> dict[str, Any]:
             **{flag: flag in flags for flag in ("avx2", "avx512f", *BF16_FLAGS)}}
 
 
-def matmul_roofline(n: int, dtype: torch.dtype, repeats: int) -> float:
-    """GFLOP/s of the fastest of `repeats` n x n matrix products (after one warm-up product)."""
+def matmul_roofline(n: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """GFLOP/s (2 n^3 / seconds, the fastest of `repeats`) of an n x n product in two layouts: `matmul`
+    (a @ b) and `linear` (a @ b.T, the layout of `nn.Linear`, which is what training multiplies). Their
+    kernels can differ by 10x (bf16 without native support), so both are reported; the roofline is the faster."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator).to(dtype)
     b = torch.randn(n, n, generator=generator).to(dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * n**3 / best / 1e9
+    products = {"matmul": torch.matmul, "linear": torch.nn.functional.linear}
+    result = {}
+    for name, product in products.items():
+        product(a[:128, :128], b[:128, :128])  # warm-up: library initialisation, not the timing of a big product
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            product(a, b)
+            best = min(best, time.perf_counter() - started)
+        result[name] = 2 * n**3 / best / 1e9
+    return result
 
 
 def training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -140,23 +149,33 @@ def training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimi
     optimizer.step()
 
 
-def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: str, steps: int) -> dict[str, Any]:
-    """One warm-up step with its FLOPs counted, then `steps` timed steps (Adam on the trainable weights)."""
+def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: str, steps: int,
+            slow_step_seconds: float) -> dict[str, Any]:
+    """One timed warm-up step with its FLOPs counted, then `steps` timed steps (Adam on the trainable weights).
+
+    When the warm-up took longer than `slow_step_seconds` (e.g. bf16 on a CPU without bf16 units), its own
+    time is reported instead (`timed_steps` 0): it includes the optimizer's first allocation and the
+    counter's bookkeeping, both small beside such a step, so it is a slight overestimate.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-6)  # tiny lr: the weights barely drift across configurations
     counter = FlopCounterMode(display=False)
+    wall, cpu = time.perf_counter(), time.process_time()
     with counter:
         training_step(model, batch, optimizer, dtype)
-    seconds, cpu_seconds = [], []
-    for _ in range(steps):
-        wall, cpu = time.perf_counter(), time.process_time()
-        training_step(model, batch, optimizer, dtype)
-        seconds.append(time.perf_counter() - wall)
-        cpu_seconds.append(time.process_time() - cpu)
+    seconds, cpu_seconds = [time.perf_counter() - wall], [time.process_time() - cpu]
+    timed_steps = 0
+    if seconds[0] <= slow_step_seconds:
+        seconds, cpu_seconds, timed_steps = [], [], steps
+        for _ in range(steps):
+            wall, cpu = time.perf_counter(), time.process_time()
+            training_step(model, batch, optimizer, dtype)
+            seconds.append(time.perf_counter() - wall)
+            cpu_seconds.append(time.process_time() - cpu)
     return {"trainable_parameters": sum(p.numel() for p in params), "flops_counted": counter.get_total_flops(),
             "seconds": statistics.median(seconds), "min_seconds": min(seconds),
-            "cpu_seconds": statistics.median(cpu_seconds)}
+            "cpu_seconds": statistics.median(cpu_seconds), "timed_steps": timed_steps}
 
 
 def bench_family(name: str, model: torch.nn.Module, description: str, args: argparse.Namespace,
@@ -178,13 +197,14 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
                 p.requires_grad_(True)
         try:
             for dtype in DTYPES:
-                result = measure(target, batch, dtype, args.steps)
+                result = measure(target, batch, dtype, args.steps, args.slow_step_seconds)
                 gflops_counted = result["flops_counted"] / result["seconds"] / 1e9
                 rows.append({
                     "threads": threads, "family": name, "model": description, "mode": mode, "dtype": dtype,
                     "parameters": n_parameters, "trainable_parameters": result["trainable_parameters"],
                     "batch": args.batch, "tokens_per_step": tokens, "seconds": round(result["seconds"], 4),
                     "min_seconds": round(result["min_seconds"], 4), "cpu_seconds": round(result["cpu_seconds"], 4),
+                    "timed_steps": result["timed_steps"],
                     "tokens_per_s": round(tokens / result["seconds"], 1),
                     "gflops_6N": round(6 * n_parameters * tokens / result["seconds"] / 1e9, 2),
                     "flops_counted": result["flops_counted"], "gflops_counted": round(gflops_counted, 2),
@@ -194,7 +214,7 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
                 row = rows[-1]
                 print(f"  {name:8s} {mode:4s} {dtype}: {row['seconds']:8.3f} s/step  {row['tokens_per_s']:9.1f} "
                       f"tokens/s  {row['gflops_counted']:7.2f} GFLOP/s counted ({row['roofline_share']:.1%} of "
-                      f"the {dtype} matmul roofline)", flush=True)
+                      f"the {dtype} roofline)", flush=True)
         finally:
             if mode == "lora":
                 target.unload()  # the plain model back for FULL
@@ -213,8 +233,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--source-tokens", type=int, default=64, help="prompt tokens per example (default 64)")
     parser.add_argument("--reply-tokens", type=int, default=16, help="reply tokens per example (default 16)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (median; default 2)")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n roofline products")
-    parser.add_argument("--matmul-repeats", type=int, default=3)
+    parser.add_argument("--slow-step-seconds", type=float, default=10.0,
+                        help="a configuration whose warm-up step takes longer is timed by that step alone")
+    parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n roofline products")
+    parser.add_argument("--matmul-repeats", type=int, default=2)
     parser.add_argument("--families", default="seq2seq,causal", help="comma-separated: seq2seq, causal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
@@ -225,6 +247,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.threads, args.batch, args.source_tokens, args.reply_tokens = [1], 2, 12, 4
         args.steps, args.matmul_size, args.matmul_repeats = 1, 128, 1
+        args.slow_step_seconds = float("inf")
     for name in ("batch", "source_tokens", "reply_tokens", "steps", "matmul_size", "matmul_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -233,7 +256,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-COLUMNS = ["threads", "family", "mode", "dtype", "trainable_parameters", "tokens_per_step", "seconds",
+COLUMNS = ["threads", "family", "mode", "dtype", "trainable_parameters", "tokens_per_step", "seconds", "timed_steps",
            "tokens_per_s", "gflops_6N", "gflops_counted", "roofline_gflops", "roofline_share"]
 
 
@@ -262,12 +285,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            roofline = {dtype: matmul_roofline(args.matmul_size, torch_dtype, args.matmul_repeats)
+            products = {dtype: matmul_roofline(args.matmul_size, torch_dtype, args.matmul_repeats)
                         for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+            roofline = {dtype: max(by_layout.values()) for dtype, by_layout in products.items()}
             roofline_rows.append({"threads": threads, "matmul_size": args.matmul_size,
-                                  **{f"{d}_gflops": round(v, 1) for d, v in roofline.items()}})
-            print(f"\n{threads} thread(s): matmul {args.matmul_size}^2 roofline fp32 {roofline['fp32']:.1f} "
-                  f"GFLOP/s, bf16 {roofline['bf16']:.1f} GFLOP/s", flush=True)
+                                  **{f"{d}_{layout}_gflops": round(v, 2) for d, by_layout in products.items()
+                                     for layout, v in by_layout.items()},
+                                  **{f"{d}_gflops": round(v, 2) for d, v in roofline.items()}})
+            print(f"\n{threads} thread(s): {args.matmul_size}^2 products, GFLOP/s: " + "; ".join(
+                f"{d} matmul {p['matmul']:.2f}, linear {p['linear']:.2f}" for d, p in products.items()), flush=True)
             for name, (model, description) in models.items():
                 rows.extend(bench_family(name, model, description, args, threads, roofline))
     finally:
