@@ -133,6 +133,33 @@ def test_causal_examples_are_source_separator_reply_eos_with_the_loss_on_the_rep
         assert target[-1] == tokenizer.eos_token_id and len(target) <= 5
 
 
+class BosFirst:
+    """The fixture tokenizer as Gemma's behaves: bos (here id 2) in front of every text it encodes."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.bos_token_id = tokenizer, 2
+
+    def __call__(self, texts, add_special_tokens=True):
+        encoded = self.inner(texts, add_special_tokens=False)
+        if add_special_tokens:
+            encoded["input_ids"] = [[2, *ids] for ids in encoded["input_ids"]] if isinstance(texts, list) \
+                else [2, *encoded["input_ids"]]
+        return encoded
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_causal_sources_start_with_bos_only_where_the_tokenizer_adds_one(tokenizer):
+    sources = toy_pairs(3)[0]
+    assert CAUSAL.bos_ids(tokenizer) == [] and CAUSAL.bos_ids(BosFirst(tokenizer)) == [2]
+    long_enough = CAUSAL.encode_sources(sources, tokenizer, 128)
+    assert CAUSAL.encode_sources(sources, BosFirst(tokenizer), 128) == [[2, *ids] for ids in long_enough]
+    head = tokenizer("[USER] 20s, female [SEP]", add_special_tokens=False)["input_ids"]
+    for ids in CAUSAL.encode_sources(sources, BosFirst(tokenizer), 16):  # cut: bos and head still first
+        assert len(ids) <= 16 and ids[: 1 + len(head)] == [2, *head] and ids[-1] == long_enough[0][-1]
+
+
 def test_causal_batch_loss_covers_reply_tokens_only(tokenizer):
     sources, replies = toy_pairs(5)
     examples = CAUSAL.tokenize_pairs(sources, replies, tokenizer, 48, 16)

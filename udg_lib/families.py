@@ -16,7 +16,8 @@ stands in for (`pretraining.tokenize_pairs` / `encode_sources`, `generation.gree
   already join turns with it, so the reply is simply the next turn. It takes the place of the source's
   `</s>`, so with a one-token separator both families keep the same source tokens: the One-ID and profile
   head always, the newest turns, oldest turns cut first (`pretraining.split_prompt_head` /
-  `_truncate_context`). Replies are capped at `max_target_length` tokens, eos included, in both.
+  `_truncate_context`). Replies are capped at `max_target_length` tokens, eos included, in both. A
+  tokenizer that starts every text with bos (Gemma, Llama) gets it in front of the source.
 - `collator`: right-padded training batches, labels padded with -100 (both work unchanged with
   `finetuning.train_with_early_stopping` and `dev_loss`, which only call `model(**batch).loss`).
 - `generate`: greedy replies in length-sorted batches. Causal batches are LEFT-padded (positions from the
@@ -289,19 +290,27 @@ class CausalFamily(ModelFamily):
             raise ValueError(f"separator {self.separator!r} encodes to no tokens")
         return ids
 
+    @staticmethod
+    def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """[bos] when the tokenizer itself starts every text with it (Gemma, Llama 2/3), else [] (SmolLM2 and
+        the project's SentencePiece tokenizers): the model sees the start it was trained with."""
+        bos = tokenizer.bos_token_id
+        return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
     def encode_sources(self, sources, tokenizer, max_source_length, one_id_prefix=False):
-        """As `pretraining.encode_sources`, with the separator where T5's source ends with `</s>`."""
+        """As `pretraining.encode_sources`, with the separator where T5's source ends with `</s>` (and the
+        tokenizer's bos first, if it adds one)."""
         if len(sources) == 0:
             return []
-        end = self.separator_ids(tokenizer)
-        if max_source_length <= len(end):
+        start, end = self.bos_ids(tokenizer), self.separator_ids(tokenizer)
+        if max_source_length <= len(start) + len(end):
             raise ValueError(f"max_source_length={max_source_length} leaves no room beside the separator")
         sep_id = tokenizer.convert_tokens_to_ids(SEP)
         heads, bodies = zip(*(split_prompt_head(s, one_id_prefix) for s in sources))
         head_ids = tokenizer(list(heads), add_special_tokens=False)["input_ids"]
         body_ids = tokenizer(list(bodies), add_special_tokens=False)["input_ids"]
-        budget = max_source_length - len(end)
-        return [_truncate_context(h, b, budget, sep_id) + end for h, b in zip(head_ids, body_ids)]
+        budget = max_source_length - len(start) - len(end)
+        return [start + _truncate_context(h, b, budget, sep_id) + end for h, b in zip(head_ids, body_ids)]
 
     def tokenize_pairs(self, sources, targets, tokenizer, max_source_length, max_target_length,
                        one_id_prefix=False):
