@@ -186,6 +186,18 @@ def test_causal_batch_loss_covers_reply_tokens_only(tokenizer):
     assert (batch["labels"] != LABEL_PAD_ID).sum() == count
 
 
+@pytest.mark.parametrize("family", [SEQ2SEQ, CAUSAL], ids=lambda f: f.name)
+def test_token_losses_average_to_the_models_own_loss(tokenizer, family):
+    sources, replies = toy_pairs(5)
+    examples = family.tokenize_pairs(sources, replies, tokenizer, 48, 16)
+    batch = family.collator(tokenizer)([examples[i] for i in range(len(examples))])
+    model = tiny_t5(tokenizer) if family is SEQ2SEQ else tiny_llama(tokenizer)
+    model.eval()
+    losses, mask = family.token_losses(model, batch)
+    assert mask.sum(dim=1).tolist() == [len(t) for t in encode_targets(replies, tokenizer, 16)]
+    assert (losses[mask].mean() - model(**batch).loss).abs() < 1e-5 and (losses[~mask] == 0).all()
+
+
 def test_pad_sequences_pads_either_side():
     ids, mask = pad_sequences([[5, 6], [7]], 0, side="left")
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]

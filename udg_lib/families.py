@@ -19,7 +19,8 @@ stands in for (`pretraining.tokenize_pairs` / `encode_sources`, `generation.gree
   `_truncate_context`). Replies are capped at `max_target_length` tokens, eos included, in both. A
   tokenizer that starts every text with bos (Gemma, Llama) gets it in front of the source.
 - `collator`: right-padded training batches, labels padded with -100 (both work unchanged with
-  `finetuning.train_with_early_stopping` and `dev_loss`, which only call `model(**batch).loss`).
+  `finetuning.train_with_early_stopping` and `dev_loss`, which only call `model(**batch).loss`);
+  `token_losses` gives the per-token losses behind that mean, for per-row (per-user) losses.
 - `generate`: greedy replies in length-sorted batches. Causal batches are LEFT-padded (positions from the
   attention mask, as `generate` derives them), only the new tokens are decoded, and a reply ends at eos,
   at the separator (the start of a next turn) or at a newline (pretrained LMs end lines with one); the
@@ -142,6 +143,12 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "
     return ids, mask
 
 
+def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=LABEL_PAD_ID,
+                                               reduction="none")
+    return losses, labels != LABEL_PAD_ID
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The families
 
@@ -168,6 +175,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[Sequence[Mapping[str, Any]]], dict]:
         """Examples -> a right-padded training batch (labels padded with -100)."""
+
+    @abstractmethod
+    def token_losses(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+        """(per-token cross-entropy, mask of the scored tokens) of a collated batch, one row per example:
+        `model(**batch).loss` is their masked mean. For per-row losses (`multilora`'s per-user means)."""
 
     @abstractmethod
     def generate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
@@ -243,6 +256,12 @@ class Seq2SeqFamily(ModelFamily):
 
     def collator(self, tokenizer):
         return seq2seq_collator(tokenizer)
+
+    def token_losses(self, model, batch):
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels)).logits
+        return _token_cross_entropy(logits, labels)
 
     def generate(self, model, tokenizer, sources, **kwargs):
         return greedy_generate(model, tokenizer, sources, **kwargs)
@@ -327,6 +346,11 @@ class CausalFamily(ModelFamily):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: call CAUSAL.prepare(model, tokenizer) first")
         return CausalCollator(tokenizer.pad_token_id)
+
+    def token_losses(self, model, batch):
+        """Position t predicts token t + 1 (transformers' shift): rows are one shorter than the batch."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return _token_cross_entropy(logits[:, :-1], batch["labels"][:, 1:])
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """Ids that end a reply: eos, a one-token separator, and every token whose text holds a newline."""
