@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging as hf_logging
 
 from udg_lib import io
-from udg_lib.families import CAUSAL, SEQ2SEQ, SMOLLM2_VOCAB, ModelFamily, llama_config, load_model
+from udg_lib.families import CAUSAL, SEQ2SEQ, SMOLLM2_VOCAB, ModelFamily, get_family, llama_config, load_model
 from udg_lib.finetuning import FinetuneConfig
 from udg_lib.pretraining import LABEL_PAD_ID, count_parameters, t5_config
 from udg_lib.provenance import provenance
@@ -180,7 +180,7 @@ def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: str, 
 
 def bench_family(name: str, model: torch.nn.Module, description: str, args: argparse.Namespace,
                  threads: int, roofline: dict[str, float]) -> list[dict[str, Any]]:
-    family = {"seq2seq": SEQ2SEQ, "causal": CAUSAL}[name]
+    family = get_family(name)
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = synthetic_batch(family, args.batch, args.source_tokens, args.reply_tokens, vocab, args.seed)
     tokens = args.batch * (args.source_tokens + args.reply_tokens)
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     models = {name: MODELS[name](args.smoke, args.seed) for name in args.families}
     lora_counts = {}
     for name, (model, description) in models.items():
-        family = {"seq2seq": SEQ2SEQ, "causal": CAUSAL}[name]
+        family = get_family(name)
         lora_counts[name] = family.lora_trainable_parameters(model.config, FinetuneConfig())
         print(f"{name}: {description}; {count_parameters(model):,} parameters; LoRA r=12 on q,k,v,o: "
               f"{lora_counts[name]:,} trainable (the paper's t5-base: {PAPER_LORA_PARAMETERS / 1e6:.1f} M)",

@@ -52,7 +52,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from torch.utils.data import Dataset
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
