@@ -1,19 +1,22 @@
-"""Benchmark: Exp1 evaluation (§4.2) of every user's LoRA model, one user at a time vs mixed-adapter batches.
+"""Benchmark: Exp1 evaluation (§4.2) of every user's LoRA model, one user at a time vs mixed-user batches.
 
 Exp1 generates, for every user, greedy replies (§4.3.2) from that user's own LoRA model on that user's test
-contexts. Two ways to do it on one base model:
+contexts. Three ways to do it on one base model:
 
 - one user at a time: the `PeftModel` runs with only that user's adapter active, and the user's contexts go
   through `greedy_generate` in one batch. Timed twice: "load per user" (`load_adapter` + `set_adapter`, the
   previous user's adapter deleted) and "switch per user" (all adapters loaded beforehand, `set_adapter`).
-- mixed batches (what `udg_lib.generation` does): all users' adapters loaded once, and every context goes
-  through `greedy_generate(..., adapter_names=...)` in batches of `--batch-size` rows from different users.
+- peft's mixed batches (`lora_eval="peft"`, the reference): all users' adapters loaded once into the
+  `PeftModel`, and every context goes through `greedy_generate(..., adapter_names=...)` in batches of
+  `--batch-size` rows from different users; peft loops over the batch's adapters at every LoRA layer.
+- routed batches (what `udg_lib.experiments` does by default): the same batches through a
+  `generation.RoutedAdapters` on the plain base, each row through its own user's adapter in one pass per layer.
 
 Everything is synthetic and made on the fly: a SentencePiece tokenizer trained on pseudo-word sentences, a
 randomly initialised T5 of a `udg_lib.pretraining` preset shape, random non-zero adapters saved in PEFT's own
 format with `udg_lib.finetuning.lora_config(FinetuneConfig())`, and PPP prompts (§3.4) of ~20-60 tokens.
-The replies of the two ways must be identical, context by context; the script prints OK or the mismatches
-and exits 1 on any mismatch. Timings are printed (and written with `--out`), never asserted.
+The replies of every way must be identical to peft's mixed batches, context by context; the script prints OK
+or the mismatches and exits 1 on any mismatch. Timings are printed (and written with `--out`), never asserted.
 
     .venv/bin/python benchmarks/bench_mixed_adapters.py                      # cpu shape, 32 users x 8
     .venv/bin/python benchmarks/bench_mixed_adapters.py --shape t5-base --device cuda --out results.json
@@ -40,7 +43,7 @@ from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 from udg_lib import io
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.finetuning import FinetuneConfig, lora_config
-from udg_lib.generation import greedy_generate, load_user_adapters
+from udg_lib.generation import RoutedAdapters, greedy_generate, load_routed_adapters, load_user_adapters
 from udg_lib.pretraining import T5_PRESETS, build_model, count_parameters, t5_config
 from udg_lib.prompts import build_ppp_prompt
 from udg_lib.provenance import provenance
@@ -190,6 +193,13 @@ def generate_mixed(model: PeftModel, tokenizer: PreTrainedTokenizerBase, sources
                            batch_size=batch_size)
 
 
+def generate_routed(routed: RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+                    owners: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Many users per batch, each row routed through its own user's adapter in one pass per layer."""
+    return greedy_generate(routed, tokenizer, sources, adapter_names=owners, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
+
+
 @dataclass
 class Mismatch:
     index: int
@@ -267,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         base = base.to(device)
         all_adapters, load_all_s = timed(lambda: load_user_adapters(copy.deepcopy(base), adapter_dirs), device)
+        routed, load_routed_s = timed(lambda: load_routed_adapters(copy.deepcopy(base), adapter_dirs), device)
         # Warm-up (allocator, kernels, peft's adapter bookkeeping): the first user's contexts, each way.
         first = [i for i, owner in enumerate(owners) if owner == owners[0]]
         warm_sources, warm_owners = [sources[i] for i in first], [owners[i] for i in first]
@@ -274,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                    args.max_new_tokens)
         generate_switching_users(all_adapters, tokenizer, warm_sources, warm_owners, args.max_new_tokens)
         generate_mixed(all_adapters, tokenizer, warm_sources, warm_owners, args.max_new_tokens, args.batch_size)
+        generate_routed(routed, tokenizer, warm_sources, warm_owners, args.max_new_tokens, args.batch_size)
 
         replies: dict[str, list[str]] = {}
         seconds: dict[str, float] = {}
@@ -290,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                   owners, args.max_new_tokens))
             record(f"(b) mixed, batch {args.batch_size}", partial(generate_mixed, all_adapters, tokenizer, sources,
                                                                   owners, args.max_new_tokens, args.batch_size))
+            record(f"(c) routed, batch {args.batch_size}", partial(generate_routed, routed, tokenizer, sources,
+                                                                   owners, args.max_new_tokens, args.batch_size))
             # A floor for (b): the same batches through the base model alone. Its replies also show that the
             # adapters matter, without which identical replies would prove nothing.
             with all_adapters.disable_adapter():
@@ -297,10 +311,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                           max_new_tokens=args.max_new_tokens,
                                                           batch_size=args.batch_size))
 
-    loaded, switched, mixed, base_replies = replies.values()
-    load_s, switch_s, mixed_s, _ = seconds.values()
+        routed.close()
+
+    loaded, switched, mixed, routed_replies, base_replies = replies.values()
+    load_s, switch_s, mixed_s, routed_s, _ = seconds.values()
     mismatches = {"load per user": find_mismatches(loaded, mixed, owners),
-                  "switch per user": find_mismatches(switched, mixed, owners)}
+                  "switch per user": find_mismatches(switched, mixed, owners),
+                  "routed": find_mismatches(routed_replies, mixed, owners)}
     n = len(sources)
     reply_tokens = [len(ids) for ids in tokenizer(mixed, add_special_tokens=False)["input_ids"]]
     report: dict[str, Any] = {
@@ -315,9 +332,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "replies_differing_from_base": sum(a != b for a, b in zip(mixed, base_replies)),
         "setup_seconds": setup_s,
         "load_all_adapters_seconds": load_all_s,
+        "load_routed_adapters_seconds": load_routed_s,
         "seconds": seconds,
         "contexts_per_second": {k: n / s for k, s in seconds.items()},
         "speedup_mixed_over": {"load per user": load_s / mixed_s, "switch per user": switch_s / mixed_s},
+        "speedup_routed_over": {"load per user": load_s / routed_s, "switch per user": switch_s / routed_s,
+                                "mixed": mixed_s / routed_s},
         "mismatches": {k: [vars(m) for m in v] for k, v in mismatches.items()},
         "identical": not any(mismatches.values()),
         "provenance": provenance({"seed": args.seed}),
@@ -339,14 +359,16 @@ def print_report(report: Mapping[str, Any]) -> None:
           f"max_new_tokens {config['max_new_tokens']} (replies average {report['reply_tokens_mean']:.1f} tokens); "
           f"device {config['device']}, {config['threads_used']} threads")
     print(f"setup {report['setup_seconds']:.1f} s; loading all {config['users']} adapters once "
-          f"{report['load_all_adapters_seconds']:.2f} s (not in the switch/mixed times)")
-    print(f"{'variant':<26}{'seconds':>9}{'contexts/s':>12}{'(b) speedup':>13}")
+          f"{report['load_all_adapters_seconds']:.2f} s into peft, {report['load_routed_adapters_seconds']:.2f} s "
+          "routed (not in the switch/mixed/routed times)")
+    print(f"{'variant':<26}{'seconds':>9}{'contexts/s':>12}{'(b) speedup':>13}{'(c) speedup':>13}")
     mixed_s = next(s for v, s in report["seconds"].items() if v.startswith("(b)"))
+    routed_s = next(s for v, s in report["seconds"].items() if v.startswith("(c)"))
     for variant, seconds in report["seconds"].items():
         print(f"{variant:<26}{seconds:>9.2f}{report['contexts_per_second'][variant]:>12.1f}"
-              f"{seconds / mixed_s:>12.2f}x")
-    print("(b) speedup = variant's seconds / (b)'s seconds; the base model shows the cost of the same batches "
-          "with no LoRA at all")
+              f"{seconds / mixed_s:>12.2f}x{seconds / routed_s:>12.2f}x")
+    print("(b)/(c) speedup = variant's seconds / (b)'s or (c)'s seconds; the base model shows the cost of the same "
+          "batches with no LoRA at all")
     print(f"replies changed by the adapters (vs the base model): {report['replies_differing_from_base']}"
           f"/{report['contexts']}")
     for variant, mismatches in report["mismatches"].items():
@@ -355,7 +377,7 @@ def print_report(report: Mapping[str, Any]) -> None:
             continue
         print(f"MISMATCH: {variant} vs mixed batches differ on {len(mismatches)}/{report['contexts']} contexts")
         for m in mismatches[:10]:
-            print(f"  context {m['index']} ({m['user']}): one user {m['expected']!r} / mixed {m['got']!r}")
+            print(f"  context {m['index']} ({m['user']}): {variant} {m['expected']!r} / mixed {m['got']!r}")
 
 
 if __name__ == "__main__":

@@ -37,19 +37,21 @@ def keep_threads():
 def test_mixed_batches_reproduce_one_user_at_a_time(bench, tmp_path, capsys):
     out = tmp_path / "new" / "folder" / "bench.json"
     report = bench.main([*TINY, "--out", str(out)])
-    assert report["identical"] and report["mismatches"] == {"load per user": [], "switch per user": []}
+    assert report["identical"]
+    assert report["mismatches"] == {"load per user": [], "switch per user": [], "routed": []}
     assert report["contexts"] == 6
     # the adapters change the replies, so identical replies are evidence that each row got its own adapter
     assert report["replies_differing_from_base"] > 0
     assert list(report["seconds"]) == ["(a) load per user", "(a) switch per user", "(b) mixed, batch 4",
-                                       "base model, no adapters"]
+                                       "(c) routed, batch 4", "base model, no adapters"]
     assert all(s > 0 for s in report["seconds"].values())
     assert set(report["speedup_mixed_over"]) == {"load per user", "switch per user"}
+    assert set(report["speedup_routed_over"]) == {"load per user", "switch per user", "mixed"}
     written = json.loads(out.read_text())
     assert written["identical"] is True and written["config"]["users"] == 3
     assert "peft" in written["provenance"]["packages"]
     printed = capsys.readouterr().out
-    assert printed.count("OK:") == 2 and "MISMATCH" not in printed and "contexts/s" in printed
+    assert printed.count("OK:") == 3 and "MISMATCH" not in printed and "contexts/s" in printed
 
 
 def test_a_wrong_reply_is_reported(bench, monkeypatch, capsys):
@@ -65,6 +67,21 @@ def test_a_wrong_reply_is_reported(bench, monkeypatch, capsys):
     assert [m["index"] for m in report["mismatches"]["switch per user"]] == [0]
     assert report["mismatches"]["load per user"][0]["user"] == "u0"
     assert "MISMATCH: switch per user vs mixed batches differ on 1/6 contexts" in capsys.readouterr().out
+
+
+def test_a_wrong_routed_reply_is_reported(bench, monkeypatch, capsys):
+    routed = bench.generate_routed
+
+    def last_wrong(*args, **kwargs):
+        replies = routed(*args, **kwargs)
+        return [*replies[:-1], replies[-1] + " extra"] if len(replies) > 2 else replies  # not the warm-up
+
+    monkeypatch.setattr(bench, "generate_routed", last_wrong)
+    report = bench.main(TINY)
+    assert not report["identical"]
+    assert [m["index"] for m in report["mismatches"]["routed"]] == [5]
+    assert report["mismatches"]["switch per user"] == []
+    assert "MISMATCH: routed vs mixed batches differ on 1/6 contexts" in capsys.readouterr().out
 
 
 def test_find_mismatches(bench):

@@ -38,3 +38,23 @@ def test_bench_user_training_smoke(tmp_path, capsys):
     assert written["rows"] == rows and "packages" in written["provenance"]
     printed = capsys.readouterr().out
     assert "users_per_hour" in printed and "c: run_users_batched" in printed
+
+
+def test_bench_throughput_smoke(tmp_path, capsys):
+    bench = load_script("bench_throughput")
+    threads = torch.get_num_threads()
+    result = bench.main(["--smoke", "--out", str(tmp_path / "bench.json")])
+    assert torch.get_num_threads() == threads  # restored
+    rows = result["rows"]
+    assert {(r["family"], r["mode"], r["dtype"]) for r in rows} == \
+        {(f, m, d) for f in ("seq2seq", "causal") for m in bench.MODES for d in bench.DTYPES}
+    assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["flops_counted"] > 0 for r in rows)
+    lora = {r["family"]: r["trainable_parameters"] for r in rows if r["mode"] == "lora"}
+    full = {r["family"]: r["trainable_parameters"] for r in rows if r["mode"] == "full"}
+    assert lora == result["lora_trainable_parameters"] and all(lora[f] < full[f] for f in lora)
+    assert {"fp32_gflops", "bf16_gflops", "bf16_linear_gflops"} <= set(result["roofline"][0])
+    assert "avx512_bf16" in result["cpu"]
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["rows"] == rows and "packages" in written["provenance"]
+    printed = capsys.readouterr().out
+    assert "roofline" in printed and "gflops_counted" in printed and "1.8 M" in printed

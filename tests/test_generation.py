@@ -1,15 +1,18 @@
-"""Unit tests for udg_lib.generation: mixed-adapter batches equal one-by-one decoding, reference NLL, the
-FULL-model prediction hook."""
+"""Unit tests for udg_lib.generation: mixed-adapter batches equal one-by-one decoding, routed adapters equal
+peft's mixed batches, reference NLL, the FULL-model prediction hook."""
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import sentences
 from udg_lib.data.schema import PROFILE_FIELDS
@@ -19,7 +22,9 @@ from udg_lib.generation import (
     EXP2_FILE,
     PREDICTIONS_FILE,
     UserPredictor,
+    RoutedAdapters,
     greedy_generate,
+    load_routed_adapters,
     load_user_adapters,
     question_pairs,
     reference_nll,
@@ -82,6 +87,109 @@ def test_mixed_adapter_batches_equal_one_by_one(tokenizer, adapters):
     base = greedy_generate(tiny_model(tokenizer), tokenizer, sources, max_new_tokens=12)
     assert mixed[5] == base[5] and mixed != base
     assert mixed_n.sum() > len(sources)
+
+
+def test_routed_adapters_equal_peft_mixed_batches_token_for_token(tokenizer, adapters):
+    sources, references = sentences(16, seed=11), sentences(16, seed=12)
+    names = [f"u{(i * 7) % 3}" for i in range(len(sources))]  # users interleaved: every batch mixes them
+    names[2] = names[9] = BASE_ADAPTER
+    peft_model = load_user_adapters(tiny_model(tokenizer), adapters)
+    expected = greedy_generate(peft_model, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=6)
+    expected_scores = reference_nll(peft_model, tokenizer, sources, references, adapter_names=names, batch_size=6)
+    base_model = tiny_model(tokenizer)
+    base = greedy_generate(base_model, tokenizer, sources, max_new_tokens=12)
+    with load_routed_adapters(base_model, adapters) as routed:
+        assert routed.targets == [n for n, _ in base_model.named_modules() if n.endswith(("q", "k", "v", "o"))
+                                  and ".SelfAttention." in n]
+        replies = greedy_generate(routed, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=6)
+        scores = reference_nll(routed, tokenizer, sources, references, adapter_names=names, batch_size=6)
+        assert greedy_generate(routed, tokenizer, sources, max_new_tokens=12) == base  # no names: the base
+    assert replies == expected
+    np.testing.assert_allclose(scores.nll, expected_scores.nll, rtol=1e-5)
+    np.testing.assert_allclose(scores.text_nll, expected_scores.text_nll, rtol=1e-5)
+    assert scores.n_tokens.tolist() == expected_scores.n_tokens.tolist()
+    # the adapters matter, and a base row gets exactly the base model's reply
+    assert replies[2] == base[2] and replies[9] == base[9]
+    assert sum(r != b for r, b in zip(replies, base)) >= len(sources) // 2
+    # closed: the hooks are gone and the base model is what it was
+    assert greedy_generate(base_model, tokenizer, sources, max_new_tokens=12) == base
+
+
+def test_routed_adapters_follow_beams_to_their_row(tokenizer, adapters):
+    sources, names = sentences(4, seed=13), ["u1", BASE_ADAPTER, "u0", "u2"]
+    padded = tokenizer(sources, return_tensors="pt", padding=True)
+    options = dict(do_sample=False, num_beams=3, max_new_tokens=10)
+    one_by_one = []
+    for i, name in enumerate(names):
+        model = tiny_model(tokenizer)
+        if name != BASE_ADAPTER:
+            model = load_user_adapters(model, {name: adapters[name]})
+        one_by_one.append(model.generate(input_ids=padded["input_ids"][i:i + 1][:, : padded["attention_mask"][i].sum()],
+                                         **options)[0])
+    with RoutedAdapters(tiny_model(tokenizer), adapters) as routed, torch.no_grad(), routed.route(names):
+        together = routed.model.generate(**padded, **options)  # beams expand each row 3x
+    assert tokenizer.batch_decode(together, skip_special_tokens=True) == \
+        tokenizer.batch_decode(one_by_one, skip_special_tokens=True)
+
+
+def test_routed_adapters_on_a_causal_lm_with_different_ranks_and_targets(tmp_path):
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    adapter_configs = {"a": LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                       "b": LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, use_rslora=True,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}
+    dirs = {}
+    for k, (name, lora) in enumerate(adapter_configs.items()):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(LlamaForCausalLM(config), lora)
+        torch.manual_seed(k + 1)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3)
+        peft_model.save_pretrained(str(tmp_path / name))
+        dirs[name] = tmp_path / name
+    torch.manual_seed(0)
+    base_model = LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(3, 64, (5, 9), generator=torch.Generator().manual_seed(1))
+    names = ["a", "b", BASE_ADAPTER, "b", "b"]
+    with torch.no_grad():
+        base_logits = base_model(input_ids=input_ids).logits
+        with load_routed_adapters(base_model, dirs) as routed, routed.route(names):
+            routed_logits = base_model(input_ids=input_ids).logits
+            routed_tokens = base_model.generate(input_ids=input_ids, do_sample=False, max_new_tokens=6)
+        peft_model = load_user_adapters(copy.deepcopy(base_model), dirs)
+        peft_logits = peft_model(input_ids=input_ids, adapter_names=names).logits
+        peft_tokens = peft_model.generate(input_ids=input_ids, do_sample=False, max_new_tokens=6, adapter_names=names)
+    assert len(routed.targets) == 2 * 4 and routed.scaling.tolist() == pytest.approx([0.0, 2.0, 16 / math.sqrt(8)])
+    torch.testing.assert_close(routed_logits, peft_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(routed_logits[2], base_logits[2]) and not torch.allclose(routed_logits[0], base_logits[0])
+    assert torch.equal(routed_tokens, peft_tokens)
+
+
+def test_routed_adapters_refuse_what_they_cannot_route(tokenizer, adapters, tmp_path):
+    model = tiny_model(tokenizer)
+    batch = tokenizer(sentences(2, seed=14), return_tensors="pt", padding=True)
+    with RoutedAdapters(model, adapters) as routed:
+        with pytest.raises(KeyError, match="no adapter named"), routed.route(["u0", "nobody"]):
+            pass
+        with pytest.raises(ValueError, match="a batch of 2 rows, but 3 rows were routed"), \
+                routed.route(["u0", "u1", "u2"]):
+            model(**batch, labels=batch["input_ids"])
+        model.train()
+        with pytest.raises(RuntimeError, match="for evaluation"), routed.route(["u0", "u1"]):
+            model(**batch, labels=batch["input_ids"])
+        model.eval()
+    with pytest.raises(RuntimeError, match="closed"), routed.route(["u0"]):
+        pass
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (dora / f).write_bytes((adapters["u0"] / f).read_bytes())
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="does not support use_dora=True"):
+        RoutedAdapters(model, {"u0": dora})
 
 
 def test_reference_nll_matches_corpus_perplexity(tokenizer):

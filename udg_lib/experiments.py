@@ -258,30 +258,43 @@ def adapter_names_for(user_ids: Sequence[str]) -> dict[str, str]:
     return {user: f"u{k}" for k, user in enumerate(sorted(set(user_ids)))}
 
 
-def load_condition_lora(condition: Path, tokenizer: PreTrainedTokenizerBase, user_ids: Sequence[str],
-                        device: str) -> tuple[torch.nn.Module, dict[str, str]]:
-    """The DA model with every user's adapter loaded (names from `adapter_names_for`)."""
-    from udg_lib.generation import load_user_adapters
+LORA_EVAL_MODES: tuple[str, ...] = ("routed", "peft")
 
+
+def load_condition_lora(condition: Path, tokenizer: PreTrainedTokenizerBase, user_ids: Sequence[str],
+                        device: str, lora_eval: str = "routed") -> tuple[Any, dict[str, str]]:
+    """The DA model with every user's adapter loaded (names from `adapter_names_for`), for
+    `generation.greedy_generate` / `reference_nll` with `adapter_names`.
+
+    `lora_eval` "routed": a `RoutedAdapters` (one routed pass per layer for all users of a batch);
+    "peft": a `PeftModel` running peft's mixed-adapter batches (the reference; same replies, slower).
+    """
+    from udg_lib.generation import load_routed_adapters, load_user_adapters
+
+    if lora_eval not in LORA_EVAL_MODES:
+        raise ValueError(f"lora_eval must be one of {LORA_EVAL_MODES}, not {lora_eval!r}")
     names = adapter_names_for(user_ids)
     base = build_model(condition / "da" / MODEL_DIR, tokenizer).to(device)
     dirs = {names[u]: ft.user_dir(condition / "lora", u) / ft.ADAPTER_DIR for u in sorted(names)}
     missing = [str(d) for d in dirs.values() if not d.is_dir()]
     if missing:
         raise FileNotFoundError(f"LoRA adapters missing (rerun notebook 03): {missing[:3]}")
-    return load_user_adapters(base, dirs), names
+    load = load_routed_adapters if lora_eval == "routed" else load_user_adapters
+    return load(base, dirs), names
 
 
 def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                      users: pd.DataFrame, user_ids: Sequence[str], pretrained: str,
                      settings: dict[str, Any] | None = None, device: str = "cpu",
-                     methods: Sequence[str] = ("da", "one_id", "lora", "full")) -> pd.DataFrame:
+                     methods: Sequence[str] = ("da", "one_id", "lora", "full"),
+                     lora_eval: str = "routed") -> pd.DataFrame:
     """Greedy replies and reference NLLs on the `test` pairs of `user_ids` for each method of a condition.
 
     DA (the floor: domain-adapted on the users' pooled halves, no per-user training, no One-ID) and One-ID
-    run their saved models, LoRA runs every user's adapter in mixed batches on the DA model, FULL is read
-    from the replies notebook 03 wrote while each FULL model was in memory. Columns: pair_id, speaker_id, generated,
-    nll, n_tokens, text_nll, text_chars (`generation.ReferenceScores`), method.
+    run their saved models, LoRA runs every user's adapter on the DA model (`lora_eval`: see
+    `load_condition_lora`), FULL is read from the replies notebook 03 wrote while each FULL model was in
+    memory. Columns: pair_id, speaker_id, generated, nll, n_tokens, text_nll, text_chars
+    (`generation.ReferenceScores`), method.
     """
     from udg_lib.generation import PREDICTIONS_FILE, predict_pairs
 
@@ -298,7 +311,7 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
         settings_one_id = _prediction_settings(tokenizer, test, users, fmt, settings, ft.one_ids_of(users))
         frames.append(predict_pairs(model, test, settings_one_id).assign(method="one_id"))
     if "lora" in methods:
-        model, names = load_condition_lora(condition, tokenizer, user_ids, device)
+        model, names = load_condition_lora(condition, tokenizer, user_ids, device, lora_eval)
         frames.append(predict_pairs(model, test, _prediction_settings(tokenizer, test, users, fmt, settings),
                                     adapter_names=[names[u] for u in test["speaker_id"]]).assign(method="lora"))
     if "full" in methods:
@@ -416,10 +429,12 @@ def leakage_table(scores: pd.DataFrame, pairs_by_dataset: dict[str, pd.DataFrame
 
 def exp2_replies(condition: str | Path, tokenizer: PreTrainedTokenizerBase, questions: pd.DataFrame,
                  users: pd.DataFrame, user_ids: Sequence[str], pretrained: str, settings: dict[str, Any] | None = None,
-                 device: str = "cpu", methods: Sequence[str] = ("one_id", "lora", "full")) -> pd.DataFrame:
+                 device: str = "cpu", methods: Sequence[str] = ("one_id", "lora", "full"),
+                 lora_eval: str = "routed") -> pd.DataFrame:
     """Greedy answers (§4.3.2) of each user's One-ID, LoRA and FULL model to every question.
 
-    Columns: user_id, question_id, reply, method. FULL answers come from notebook 03's files."""
+    Columns: user_id, question_id, reply, method. LoRA users share batches (`lora_eval`: see
+    `load_condition_lora`); FULL answers come from notebook 03's files."""
     from udg_lib.generation import EXP2_FILE, greedy_generate, question_pairs
     from udg_lib.prompts import build_prompts
 
@@ -434,7 +449,7 @@ def exp2_replies(condition: str | Path, tokenizer: PreTrainedTokenizerBase, ques
         frames.append(asked.assign(reply=greedy_generate(model, tokenizer, sources, one_id_prefix=True, **options),
                                    method="one_id"))
     if "lora" in methods:
-        model, names = load_condition_lora(condition, tokenizer, user_ids, device)
+        model, names = load_condition_lora(condition, tokenizer, user_ids, device, lora_eval)
         sources = build_prompts(asked, users, fmt).tolist()
         replies = greedy_generate(model, tokenizer, sources, adapter_names=[names[u] for u in asked["speaker_id"]],
                                   **options)

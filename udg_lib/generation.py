@@ -5,9 +5,12 @@
 - `reference_nll`: per-sample summed negative log-likelihood of the reference reply and its token count, from
   which `metrics.perplexity` derives the paper's perplexity (§4.2.3), and the NLL of the reply's text alone
   with the characters it covers, from which `metrics.bits_per_char` compares our T5s with the prompt LLMs.
-- Both take `adapter_names`: with a `PeftModel` holding many users' LoRA adapters, each row runs through its
-  own user's adapter inside one batch (peft's mixed-adapter batches), so evaluating 100 users costs about as
-  much as evaluating one model on the same number of contexts.
+- Both take `adapter_names`: each row runs through its own user's LoRA adapter inside one batch. Pass a
+  `RoutedAdapters` (`load_routed_adapters`) as the model: every user's adapter is applied in one routed pass
+  per layer (`multilora.RoutedAdapters`), so evaluating 32 users costs little more than the base model on the
+  same contexts. A `PeftModel` holding the adapters (`load_user_adapters`) runs peft's mixed-adapter batches
+  instead, which give the same replies but loop over the adapters at every layer (about the cost of one user
+  at a time); it is kept as the reference.
 - `UserPredictor`: the `after_user` hook of `finetuning.run_users`. FULL models are not kept on disk unless
   asked (each is a whole model), so their test replies, reference NLLs and Exp2 answers are written while
   the trained model is still in memory.
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -28,12 +32,13 @@ from transformers import PreTrainedTokenizerBase
 
 from udg_lib import io
 from udg_lib.metrics import reference_chars
+from udg_lib.multilora import BASE_ROUTE, RoutedAdapters
 from udg_lib.pretraining import LABEL_PAD_ID, encode_sources, encode_targets
 from udg_lib.prompts import build_prompts
 
 PREDICTIONS_FILE = "predictions.parquet"  # a user's Exp1 test replies: pair_id, generated, ReferenceScores' fields
 EXP2_FILE = "exp2_replies.parquet"  # a user's Exp2 answers: question_id, reply
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" inside a mixed batch
+BASE_ADAPTER = BASE_ROUTE  # "__base__": no adapter for this row (peft's name inside a mixed batch; routed too)
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -41,8 +46,19 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _adapter_kwargs(adapter_names: Sequence[str] | None, batch: Sequence[int]) -> dict:
-    return {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in batch]}
+def _adapter_routing(model: torch.nn.Module | RoutedAdapters, adapter_names: Sequence[str] | None,
+                     batch: Sequence[int]) -> tuple[AbstractContextManager, dict]:
+    """How a batch's rows reach their adapters: a routing block (`RoutedAdapters`) or peft's `adapter_names`."""
+    if adapter_names is None:
+        return nullcontext(), {}
+    names = [adapter_names[i] for i in batch]
+    if isinstance(model, RoutedAdapters):
+        return model.route(names), {}
+    return nullcontext(), {"adapter_names": names}
+
+
+def _module(model: torch.nn.Module | RoutedAdapters) -> torch.nn.Module:
+    return model.model if isinstance(model, RoutedAdapters) else model
 
 
 def _check_lengths(name: str, values: Sequence | None, n: int) -> None:
@@ -51,15 +67,17 @@ def _check_lengths(name: str, values: Sequence | None, n: int) -> None:
 
 
 @torch.no_grad()
-def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
+def greedy_generate(model: torch.nn.Module | RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
                     adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
                     max_source_length: int = 128, one_id_prefix: bool = False) -> list[str]:
     """Greedy replies in the order of `sources`; prompts are cut as in training (`encode_sources`).
 
-    `adapter_names[i]` picks the LoRA adapter of row i (a `PeftModel` with those adapters loaded;
-    `BASE_ADAPTER` for none). Rows are batched by prompt length, so results do not depend on the order.
+    `adapter_names[i]` picks the LoRA adapter of row i (`BASE_ADAPTER` for none): routed when `model` is a
+    `RoutedAdapters`, peft's mixed batches when it is a `PeftModel` with those adapters loaded. Rows are
+    batched by prompt length, so results do not depend on the order.
     """
     _check_lengths("adapter names", adapter_names, len(sources))
+    routing, model = model, _module(model)
     was_training = model.training
     model.eval()
     encoded = encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
@@ -67,8 +85,9 @@ def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     device = next(model.parameters()).device
     for batch in _length_batches([len(e) for e in encoded], batch_size):
         padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
-        output = model.generate(**padded, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                **_adapter_kwargs(adapter_names, batch))
+        route, kwargs = _adapter_routing(routing, adapter_names, batch)
+        with route:  # the encoder and every decoding step see this batch's rows, in this order
+            output = model.generate(**padded, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **kwargs)
         for i, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
             replies[i] = text.strip()
     model.train(was_training)
@@ -104,7 +123,7 @@ def _covered_chars(tokenizer: PreTrainedTokenizerBase, references: Sequence[str]
 
 
 @torch.no_grad()
-def reference_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+def reference_nll(model: torch.nn.Module | RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                   references: Sequence[str], *, adapter_names: Sequence[str] | None = None, batch_size: int = 32,
                   max_source_length: int = 128, max_target_length: int = 48,
                   one_id_prefix: bool = False) -> ReferenceScores:
@@ -113,11 +132,12 @@ def reference_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, so
     References longer than `max_target_length - 1` tokens are cut as in training (`encode_targets`), so
     `text_chars` counts only the characters the kept tokens cover. Perplexity over any set of samples is
     exp(sum nll / sum n_tokens) (`metrics.perplexity`), bits per character sum text_nll / ln 2 / sum
-    text_chars (`metrics.bits_per_char`).
+    text_chars (`metrics.bits_per_char`). `model` and `adapter_names` as in `greedy_generate`.
     """
     if len(sources) != len(references):
         raise ValueError(f"{len(sources)} sources but {len(references)} references")
     _check_lengths("adapter names", adapter_names, len(sources))
+    routing, model = model, _module(model)
     was_training = model.training
     model.eval()
     inputs = encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
@@ -132,7 +152,9 @@ def reference_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, so
         for row, i in enumerate(batch):
             labels[row, : len(targets[i])] = torch.tensor(targets[i])
         labels = labels.to(device)
-        logits = model(**padded, labels=labels, **_adapter_kwargs(adapter_names, batch)).logits.float()
+        route, kwargs = _adapter_routing(routing, adapter_names, batch)
+        with route:
+            logits = model(**padded, labels=labels, **kwargs).logits.float()
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=LABEL_PAD_ID,
                                                       reduction="none").double().cpu()
         nll[batch] = token_nll.sum(dim=1).numpy()
@@ -154,6 +176,13 @@ def load_user_adapters(base_model: torch.nn.Module, adapter_dirs: Mapping[str, s
         peft_model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
     peft_model.eval()
     return peft_model
+
+
+def load_routed_adapters(base_model: torch.nn.Module, adapter_dirs: Mapping[str, str | Path]) -> RoutedAdapters:
+    """Every user's saved adapter on `base_model`, routed per row (`multilora.RoutedAdapters`; the base is
+    hooked, not wrapped: `close()` gives it back unchanged). Names are free-form, unlike peft's."""
+    base_model.eval()
+    return RoutedAdapters(base_model, adapter_dirs)
 
 
 def question_pairs(questions: pd.DataFrame, user_id: str) -> pd.DataFrame:
@@ -196,7 +225,7 @@ class UserPredictor:
                                                                      "reply": replies}))
 
 
-def predict_pairs(model: torch.nn.Module, pairs: pd.DataFrame, settings: UserPredictor,
+def predict_pairs(model: torch.nn.Module | RoutedAdapters, pairs: pd.DataFrame, settings: UserPredictor,
                   adapter_names: Sequence[str] | None = None) -> pd.DataFrame:
     """Greedy replies and reference NLLs for reply pairs, prompts built as `settings` says.
 

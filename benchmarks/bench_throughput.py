@@ -1,0 +1,316 @@
+"""Benchmark: training throughput of both model families beside this machine's matmul roofline.
+
+For each torch thread count (`--threads`, default 1 and 2), in one run:
+
+- roofline: the best of a few timings of an n x n matrix product (n = 1024), fp32 and bf16, as
+  2 n^3 / seconds, in two layouts: `torch.matmul` (a @ b) and `F.linear` (a @ b.T, nn.Linear's layout);
+  their kernels can differ by 10x (bf16 here), and the roofline is the faster: what this CPU's math
+  library reaches on dense products;
+- one optimizer step (forward + backward + Adam, the step of `finetuning.train_with_early_stopping`) of
+  each family's model, for LoRA (r = 12 on the family's q, k, v, o: `families.ModelFamily.lora_config`) and
+  FULL (every weight), in fp32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`.
+
+Models: seq2seq = a T5 of the cpu profile's shape (`pretraining.t5_config("cpu", 8000)`, from scratch, as
+stage 02 builds it); causal = SmolLM2-135M (`udg_lib.llm.load_causal_lm("smollm2")`, converted from its
+GGUF on first use), or a randomly initialised model of the same shape (`families.llama_config("smollm2-135m")`)
+if that fails. The batch is the same for both: `--batch` examples of `--source-tokens` prompt tokens and
+`--reply-tokens` reply tokens (random ids; the loss on the reply only). Seq2seq: the prompt goes through the
+encoder, the reply through the decoder. Causal: one sequence of source + reply.
+
+Reported per step: seconds (median of `--steps` timed steps after one warm-up step; a configuration whose
+warm-up takes over `--slow-step-seconds` is timed by its warm-up alone, `timed_steps` 0), CPU seconds,
+tokens/s (all source + reply tokens of the batch), and two GFLOP/s figures:
+
+- `gflops_6N` = 6 x parameters x tokens / seconds: the usual training estimate (2N forward + 4N backward
+  per token). It overstates what a LoRA step computes (frozen weights get no weight gradient: ~4N) and what
+  a T5 step computes (each token passes through only the encoder or the decoder half);
+- `gflops_counted` = the FLOPs that `torch.utils.flop_counter.FlopCounterMode` counts in the warm-up step
+  (every matmul, attention and convolution actually run, backward included) / seconds, and `roofline_share`
+  = gflops_counted / this dtype's roofline at the same thread count.
+
+bf16 speed depends on the CPU: with AVX512-BF16 or AMX, oneDNN multiplies bf16 natively; without them
+(this project's 2-core AVX2 machine) bf16 products are converted and may be slower than fp32. The script
+reports what it measures and the CPU's flags beside it. Timings are printed (and written with `--out`),
+never asserted. On a machine shared with other jobs, expect noise; compare rows of one run.
+
+    .venv/bin/python benchmarks/bench_throughput.py --out benchmarks/results/bench_throughput.json
+    .venv/bin/python benchmarks/bench_throughput.py --smoke      # tiny models, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from peft import get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.utils import logging as hf_logging
+
+from udg_lib import io
+from udg_lib.families import CAUSAL, SEQ2SEQ, SMOLLM2_VOCAB, ModelFamily, get_family, llama_config, load_model
+from udg_lib.finetuning import FinetuneConfig
+from udg_lib.pretraining import LABEL_PAD_ID, count_parameters, t5_config
+from udg_lib.provenance import provenance
+
+MODES = ("lora", "full")
+DTYPES = ("fp32", "bf16")
+PAPER_LORA_PARAMETERS = 1_800_000  # §4.1.3: "1.8 million" trainable LoRA parameters on t5-base
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and batches
+
+
+def seq2seq_model(smoke: bool, seed: int) -> tuple[torch.nn.Module, str]:
+    preset, vocab = ("test", 1000) if smoke else ("cpu", 8000)
+    return SEQ2SEQ.from_config(t5_config(preset, vocab), seed=seed), f"T5 preset {preset!r}, vocab {vocab}, random"
+
+
+def causal_model(smoke: bool, seed: int) -> tuple[torch.nn.Module, str]:
+    if smoke:
+        return CAUSAL.from_config(llama_config("test", 1000), seed=seed), "Llama preset 'test', vocab 1000, random"
+    try:
+        return load_model("smollm2"), "SmolLM2-135M (packaged GGUF, dequantized)"
+    except Exception as error:  # no package / conversion failed: the same shape with random weights
+        print(f"loading SmolLM2-135M failed ({error!r}); using its shape with random weights", flush=True)
+        return (CAUSAL.from_config(llama_config("smollm2-135m", SMOLLM2_VOCAB), seed=seed),
+                "SmolLM2-135M shape, random weights")
+
+
+MODELS: dict[str, Callable[[bool, int], tuple[torch.nn.Module, str]]] = {"seq2seq": seq2seq_model,
+                                                                          "causal": causal_model}
+
+
+def synthetic_batch(family: ModelFamily, batch: int, source_tokens: int, reply_tokens: int, vocab: int,
+                    seed: int) -> dict[str, torch.Tensor]:
+    """A training batch of random ids laid out as `family.collator` lays out real ones (no padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    source = torch.randint(2, vocab, (batch, source_tokens), generator=generator)
+    reply = torch.randint(2, vocab, (batch, reply_tokens), generator=generator)
+    if family.name == "seq2seq":  # encoder: source; decoder: reply (T5 shifts the labels in)
+        return {"input_ids": source, "attention_mask": torch.ones_like(source), "labels": reply}
+    input_ids = torch.cat([source, reply], dim=1)  # causal: one sequence, the loss on the reply only
+    labels = input_ids.clone()
+    labels[:, :source_tokens] = LABEL_PAD_ID
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def cpu_flags() -> dict[str, Any]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        flags = []
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    return {"model_name": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{flag: flag in flags for flag in ("avx2", "avx512f", *BF16_FLAGS)}}
+
+
+def matmul_roofline(n: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """GFLOP/s (2 n^3 / seconds, the fastest of `repeats`) of an n x n product in two layouts: `matmul`
+    (a @ b) and `linear` (a @ b.T, the layout of `nn.Linear`, which is what training multiplies). Their
+    kernels can differ by 10x (bf16 without native support), so both are reported; the roofline is the faster."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(dtype)
+    b = torch.randn(n, n, generator=generator).to(dtype)
+    products = {"matmul": torch.matmul, "linear": torch.nn.functional.linear}
+    result = {}
+    for name, product in products.items():
+        product(a[:128, :128], b[:128, :128])  # warm-up: library initialisation, not the timing of a big product
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            product(a, b)
+            best = min(best, time.perf_counter() - started)
+        result[name] = 2 * n**3 / best / 1e9
+    return result
+
+
+def training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                  dtype: str) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext():
+        loss = model(**batch).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: str, steps: int,
+            slow_step_seconds: float) -> dict[str, Any]:
+    """One timed warm-up step with its FLOPs counted, then `steps` timed steps (Adam on the trainable weights).
+
+    When the warm-up took longer than `slow_step_seconds` (e.g. bf16 on a CPU without bf16 units), its own
+    time is reported instead (`timed_steps` 0): it includes the optimizer's first allocation and the
+    counter's bookkeeping, both small beside such a step, so it is a slight overestimate.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-6)  # tiny lr: the weights barely drift across configurations
+    counter = FlopCounterMode(display=False)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with counter:
+        training_step(model, batch, optimizer, dtype)
+    seconds, cpu_seconds = [time.perf_counter() - wall], [time.process_time() - cpu]
+    timed_steps = 0
+    if seconds[0] <= slow_step_seconds:
+        seconds, cpu_seconds, timed_steps = [], [], steps
+        for _ in range(steps):
+            wall, cpu = time.perf_counter(), time.process_time()
+            training_step(model, batch, optimizer, dtype)
+            seconds.append(time.perf_counter() - wall)
+            cpu_seconds.append(time.process_time() - cpu)
+    return {"trainable_parameters": sum(p.numel() for p in params), "flops_counted": counter.get_total_flops(),
+            "seconds": statistics.median(seconds), "min_seconds": min(seconds),
+            "cpu_seconds": statistics.median(cpu_seconds), "timed_steps": timed_steps}
+
+
+def bench_family(name: str, model: torch.nn.Module, description: str, args: argparse.Namespace,
+                 threads: int, roofline: dict[str, float]) -> list[dict[str, Any]]:
+    family = get_family(name)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    batch = synthetic_batch(family, args.batch, args.source_tokens, args.reply_tokens, vocab, args.seed)
+    tokens = args.batch * (args.source_tokens + args.reply_tokens)
+    n_parameters = count_parameters(model)
+    config = FinetuneConfig()  # r = 12, alpha 24, dropout 0.1; the family's own q, k, v, o
+    rows = []
+    for mode in MODES:
+        if mode == "lora":
+            torch.manual_seed(args.seed)
+            target = get_peft_model(model, family.lora_config(config))
+        else:
+            target = model
+            for p in model.parameters():
+                p.requires_grad_(True)
+        try:
+            for dtype in DTYPES:
+                result = measure(target, batch, dtype, args.steps, args.slow_step_seconds)
+                gflops_counted = result["flops_counted"] / result["seconds"] / 1e9
+                rows.append({
+                    "threads": threads, "family": name, "model": description, "mode": mode, "dtype": dtype,
+                    "parameters": n_parameters, "trainable_parameters": result["trainable_parameters"],
+                    "batch": args.batch, "tokens_per_step": tokens, "seconds": round(result["seconds"], 4),
+                    "min_seconds": round(result["min_seconds"], 4), "cpu_seconds": round(result["cpu_seconds"], 4),
+                    "timed_steps": result["timed_steps"],
+                    "tokens_per_s": round(tokens / result["seconds"], 1),
+                    "gflops_6N": round(6 * n_parameters * tokens / result["seconds"] / 1e9, 2),
+                    "flops_counted": result["flops_counted"], "gflops_counted": round(gflops_counted, 2),
+                    "roofline_gflops": round(roofline[dtype], 1),
+                    "roofline_share": round(gflops_counted / roofline[dtype], 3),
+                })
+                row = rows[-1]
+                print(f"  {name:8s} {mode:4s} {dtype}: {row['seconds']:8.3f} s/step  {row['tokens_per_s']:9.1f} "
+                      f"tokens/s  {row['gflops_counted']:7.2f} GFLOP/s counted ({row['roofline_share']:.1%} of "
+                      f"the {dtype} roofline)", flush=True)
+        finally:
+            if mode == "lora":
+                target.unload()  # the plain model back for FULL
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models and matrices: a run of seconds")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
+    parser.add_argument("--batch", type=int, default=8, help="examples per training step (default 8)")
+    parser.add_argument("--source-tokens", type=int, default=64, help="prompt tokens per example (default 64)")
+    parser.add_argument("--reply-tokens", type=int, default=16, help="reply tokens per example (default 16)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (median; default 2)")
+    parser.add_argument("--slow-step-seconds", type=float, default=10.0,
+                        help="a configuration whose warm-up step takes longer is timed by that step alone")
+    parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n roofline products")
+    parser.add_argument("--matmul-repeats", type=int, default=2)
+    parser.add_argument("--families", default="seq2seq,causal", help="comma-separated: seq2seq, causal")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    args.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    if not args.families or any(f not in MODELS for f in args.families):
+        parser.error(f"--families must name some of {list(MODELS)}")
+    if args.smoke:
+        args.threads, args.batch, args.source_tokens, args.reply_tokens = [1], 2, 12, 4
+        args.steps, args.matmul_size, args.matmul_repeats = 1, 128, 1
+        args.slow_step_seconds = float("inf")
+    for name in ("batch", "source_tokens", "reply_tokens", "steps", "matmul_size", "matmul_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if any(t < 1 for t in args.threads):
+        parser.error("--threads must be at least 1")
+    return args
+
+
+COLUMNS = ["threads", "family", "mode", "dtype", "trainable_parameters", "tokens_per_step", "seconds", "timed_steps",
+           "tokens_per_s", "gflops_6N", "gflops_counted", "roofline_gflops", "roofline_share"]
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    return pd.DataFrame(rows)[COLUMNS].to_string(index=False)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    hf_logging.disable_progress_bar()
+    threads_before = torch.get_num_threads()
+    flags = cpu_flags()
+    native_bf16 = any(flags[f] for f in BF16_FLAGS)
+    note = ("this CPU multiplies bf16 natively (AVX512-BF16/AMX)" if native_bf16 else
+            "this CPU has no AVX512-BF16 or AMX: bf16 products are converted, so bf16 may run slower than fp32")
+    print(f"CPU: {flags['model_name']} ({flags['torch_cpu_capability']}); {note}", flush=True)
+    models = {name: MODELS[name](args.smoke, args.seed) for name in args.families}
+    lora_counts = {}
+    for name, (model, description) in models.items():
+        family = get_family(name)
+        lora_counts[name] = family.lora_trainable_parameters(model.config, FinetuneConfig())
+        print(f"{name}: {description}; {count_parameters(model):,} parameters; LoRA r=12 on q,k,v,o: "
+              f"{lora_counts[name]:,} trainable (the paper's t5-base: {PAPER_LORA_PARAMETERS / 1e6:.1f} M)",
+              flush=True)
+    roofline_rows, rows = [], []
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            products = {dtype: matmul_roofline(args.matmul_size, torch_dtype, args.matmul_repeats)
+                        for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+            roofline = {dtype: max(by_layout.values()) for dtype, by_layout in products.items()}
+            roofline_rows.append({"threads": threads, "matmul_size": args.matmul_size,
+                                  **{f"{d}_{layout}_gflops": round(v, 2) for d, by_layout in products.items()
+                                     for layout, v in by_layout.items()},
+                                  **{f"{d}_gflops": round(v, 2) for d, v in roofline.items()}})
+            print(f"\n{threads} thread(s): {args.matmul_size}^2 products, GFLOP/s: " + "; ".join(
+                f"{d} matmul {p['matmul']:.2f}, linear {p['linear']:.2f}" for d, p in products.items()), flush=True)
+            for name, (model, description) in models.items():
+                rows.extend(bench_family(name, model, description, args, threads, roofline))
+    finally:
+        torch.set_num_threads(threads_before)
+    print()
+    print(format_table(rows))
+    result = {"rows": rows, "roofline": roofline_rows, "lora_trainable_parameters": lora_counts,
+              "paper_lora_parameters": PAPER_LORA_PARAMETERS, "cpu": flags, "note": note,
+              "models": {name: description for name, (_, description) in models.items()},
+              "flops_formula": "gflops_6N = 6 * parameters * tokens_per_step / seconds / 1e9; gflops_counted = "
+                               "FlopCounterMode FLOPs of one step (forward + backward) / seconds / 1e9",
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "provenance": provenance(seeds={"seed": args.seed})}
+    if args.out is not None:
+        io.write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,59 @@
+"""Unit tests for udg_lib.experiments' LoRA evaluation: routed users give what peft's mixed batches give."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from peft import get_peft_model
+
+from conftest import sentences
+from udg_lib import experiments as ex
+from udg_lib import finetuning as ft
+from udg_lib.data.schema import PROFILE_FIELDS
+from udg_lib.multilora import RoutedAdapters
+from udg_lib.pretraining import build_model, t5_config
+
+USERS = ("alice", "bob/2", "carol")  # "bob/2": a user id that is no valid module name
+
+
+@pytest.fixture(scope="module")
+def condition(tokenizer, tmp_path_factory):
+    """A condition folder as stage 03 leaves it: da/model and one PEFT adapter per user (random, non-zero)."""
+    folder = tmp_path_factory.mktemp("condition")
+    base = build_model(t5_config("test", len(tokenizer)), tokenizer, seed=0)
+    base.save_pretrained(folder / "da" / ex.MODEL_DIR)
+    tokenizer.save_pretrained(folder / "da" / ex.MODEL_DIR)
+    peft_model = get_peft_model(base, ft.lora_config(ft.FinetuneConfig(lora_dropout=0.0)))
+    for k, user in enumerate(USERS):
+        torch.manual_seed(200 + k)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.5)
+        peft_model.save_pretrained(str(ft.user_dir(folder / "lora", user) / ft.ADAPTER_DIR))
+    return folder
+
+
+def test_routed_lora_evaluation_equals_peft_mixed_batches(tokenizer, condition):
+    users = pd.DataFrame({"user_id": list(USERS), **{f: "unknown" for f in PROFILE_FIELDS}})
+    texts = iter(sentences(40, seed=21))
+    pairs = pd.DataFrame([{"pair_id": f"p{u}{i}", "speaker_id": user, "partner_id": USERS[(u + 1) % 3],
+                           "context": [next(texts)], "response": next(texts), "split": "test"}
+                          for u, user in enumerate(USERS) for i in range(4)])
+    questions = pd.DataFrame({"question_id": ["q01", "q02"], "question": ["what is your hobby", "do you like cats"]})
+    settings = {"max_new_tokens": 10, "batch_size": 5}
+    exp1 = {mode: ex.exp1_predictions(condition, tokenizer, pairs, users, USERS, "ppp", settings, methods=("lora",),
+                                      lora_eval=mode) for mode in ex.LORA_EVAL_MODES}
+    exp2 = {mode: ex.exp2_replies(condition, tokenizer, questions, users, USERS, "ppp", settings, methods=("lora",),
+                                  lora_eval=mode) for mode in ex.LORA_EVAL_MODES}
+    routed, peft = exp1["routed"], exp1["peft"]
+    assert routed["generated"].tolist() == peft["generated"].tolist()
+    assert routed["nll"].to_numpy() == pytest.approx(peft["nll"].to_numpy(), rel=1e-5)
+    pd.testing.assert_frame_equal(exp2["routed"], exp2["peft"])
+    assert len(routed) == 12 and len(exp2["routed"]) == 6 
+    assert routed.groupby("speaker_id")["generated"].first().nunique() == len(USERS)  # each its own adapter
+    model, names = ex.load_condition_lora(condition, tokenizer, USERS, "cpu")
+    assert isinstance(model, RoutedAdapters) and names == ex.adapter_names_for(USERS)
+    with pytest.raises(ValueError, match="lora_eval must be one of"):
+        ex.load_condition_lora(condition, tokenizer, USERS, "cpu", lora_eval="merged")

@@ -1,0 +1,466 @@
+"""Model families: what differs between a seq2seq T5 (the paper's, §3.4) and a decoder-only causal LM.
+
+The rest of the pipeline asks a family, never `if family == ...`. transformers and peft draw the same line:
+the checkpoint's config decides (`config.is_encoder_decoder` -> `AutoModelForSeq2SeqLM`, else
+`AutoModelForCausalLM`), and a LoRA config names its task (`TaskType.SEQ_2_SEQ_LM` / `TaskType.CAUSAL_LM`).
+`family_of(model_or_config)` follows them; `load_model` loads any checkpoint through its family's Auto class.
+
+A family knows, for the same (source, reply) pairs and the same argument lists as the seq2seq functions it
+stands in for (`pretraining.tokenize_pairs` / `encode_sources`, `generation.greedy_generate` /
+`reference_nll`, `finetuning.lora_config`):
+
+- `tokenize_pairs`: training examples with the loss on the reply only. Seq2seq: source -> encoder, reply ->
+  labels (today's code, reused). Causal: one sequence `source + separator + reply + eos`, labels -100 on
+  the source and separator, so `model(**batch).loss` (transformers shifts the labels) covers exactly the
+  reply tokens and its eos, as the seq2seq labels do. The separator is the §3.4 turn marker [SEP]: prompts
+  already join turns with it, so the reply is simply the next turn. It takes the place of the source's
+  `</s>`, so with a one-token separator both families keep the same source tokens: the One-ID and profile
+  head always, the newest turns, oldest turns cut first (`pretraining.split_prompt_head` /
+  `_truncate_context`). Replies are capped at `max_target_length` tokens, eos included, in both. A
+  tokenizer that starts every text with bos (Gemma, Llama) gets it in front of the source.
+- `collator`: right-padded training batches, labels padded with -100 (both work unchanged with
+  `finetuning.train_with_early_stopping` and `dev_loss`, which only call `model(**batch).loss`);
+  `token_losses` gives the per-token losses behind that mean, for per-row (per-user) losses.
+- `generate`: greedy replies in length-sorted batches. Causal batches are LEFT-padded (positions from the
+  attention mask, as `generate` derives them), only the new tokens are decoded, and a reply ends at eos,
+  at the separator (the start of a next turn) or at a newline (pretrained LMs end lines with one); the
+  result equals one-at-a-time generation (tested).
+- `reference_nll`: `generation.ReferenceScores` per sample: summed NLL (nats) over the reply tokens with
+  eos and their count (perplexity), and `text_nll` without eos with the characters those tokens cover
+  (`metrics.bits_per_char`), so bits per character compare across families and tokenizers. The causal
+  family scores left-padded batches and computes logits only for the reply positions (`logits_to_keep`).
+- `lora_targets` / `lora_config` / `lora_trainable_parameters`: T5's self-attention q, k, v, o
+  (`finetuning.SELF_ATTENTION_QKVO`, 1.8 M on t5-base as §4.1.3 reports) and a Llama-style model's
+  q_proj, k_proj, v_proj, o_proj (1.38 M on SmolLM2-135M at r = 12).
+- `prepare`: fit a tokenizer to a model (resize the embeddings when markers were added; a causal model
+  without a pad token pads with eos, which the attention mask and the -100 labels hide).
+
+Both families run any peft `PeftModel` the same way (`adapter_names` routes each row through its user's
+adapter in one batch). Sizes of locally built causal models come from `llama_config` presets, as T5's from
+`pretraining.t5_config`: "test" is tiny, "smollm2-135m" the shape of SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from udg_lib.finetuning import SELF_ATTENTION_QKVO, FinetuneConfig, seq2seq_collator
+from udg_lib.generation import ReferenceScores, _covered_chars, greedy_generate, reference_nll
+from udg_lib.pretraining import (
+    LABEL_PAD_ID,
+    Seq2SeqExamples,
+    _truncate_context,
+    encode_sources,
+    encode_targets,
+    split_prompt_head,
+    tokenize_pairs,
+)
+from udg_lib.prompts import SEP
+
+# Llama-style shapes built from a config. "test": a tiny model for unit tests (GQA as SmolLM2: 4 query heads
+# share 2 key/value heads). "smollm2-135m": HuggingFaceTB/SmolLM2-135M's shape (134.5M parameters with its
+# 49,152-row vocabulary, tied embeddings), for size accounting and benchmarks without its weights.
+LLAMA_PRESETS: dict[str, dict[str, Any]] = {
+    "test": dict(hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=48),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}),
+}
+SMOLLM2_VOCAB = 49152
+
+
+def llama_config(preset: str, vocab_size: int, **overrides: Any) -> LlamaConfig:
+    """A Llama-style causal LM configuration at a preset size; `overrides` replace any field.
+
+    Token ids default to the project tokenizer's (pad 0, eos 1, no bos), as `pretraining.t5_config`'s do.
+    """
+    if preset not in LLAMA_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(LLAMA_PRESETS)}")
+    fields: dict[str, Any] = dict(vocab_size=vocab_size, **LLAMA_PRESETS[preset], max_position_embeddings=2048,
+                                  tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _adapter_kwargs(adapter_names: Sequence[str] | None, batch: Sequence[int]) -> dict:
+    return {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in batch]}
+
+
+def _check_lengths(name: str, values: Sequence | None, n: int) -> None:
+    if values is not None and len(values) != n:
+        raise ValueError(f"{len(values)} {name} for {n} prompts")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+                  length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask): `sequences` padded with `pad_id` on `side` to `length` (default: the longest); mask 1 on
+    the real tokens."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    length = max(len(s) for s in sequences) if length is None else length
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if not sequence:
+            continue
+        span = slice(0, len(sequence)) if side == "right" else slice(length - len(sequence), length)
+        ids[row, span] = torch.tensor(list(sequence), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=LABEL_PAD_ID,
+                                               reduction="none")
+    return losses, labels != LABEL_PAD_ID
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The families
+
+
+class ModelFamily(ABC):
+    """What one model family does differently; one instance per family (`SEQ2SEQ`, `CAUSAL`)."""
+
+    name: ClassVar[str]
+    task_type: ClassVar[TaskType]  # peft's task for LoraConfig / get_peft_model
+    auto_class: ClassVar[type]  # transformers' Auto class that loads and builds the family's models
+    lora_targets: ClassVar[tuple[str, ...] | str]  # peft target_modules: suffixes, or one full-match regex
+
+    @abstractmethod
+    def encode_sources(self, sources: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_source_length: int,
+                       one_id_prefix: bool = False) -> list[list[int]]:
+        """Prompt token ids as the model reads them, at most `max_source_length` (end marker included)."""
+
+    @abstractmethod
+    def tokenize_pairs(self, sources: Sequence[str], targets: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+                       max_source_length: int, max_target_length: int,
+                       one_id_prefix: bool = False) -> Seq2SeqExamples:
+        """Training examples (items: input_ids, labels) with the loss on the reply tokens only."""
+
+    @abstractmethod
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[Sequence[Mapping[str, Any]]], dict]:
+        """Examples -> a right-padded training batch (labels padded with -100)."""
+
+    @abstractmethod
+    def token_losses(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+        """(per-token cross-entropy, mask of the scored tokens) of a collated batch, one row per example:
+        `model(**batch).loss` is their masked mean. For per-row losses (`multilora`'s per-user means)."""
+
+    @abstractmethod
+    def generate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
+                 adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
+                 max_source_length: int = 128, one_id_prefix: bool = False) -> list[str]:
+        """Greedy replies in the order of `sources` (`generation.greedy_generate`'s contract)."""
+
+    @abstractmethod
+    def reference_nll(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+                      references: Sequence[str], *, adapter_names: Sequence[str] | None = None,
+                      batch_size: int = 32, max_source_length: int = 128, max_target_length: int = 48,
+                      one_id_prefix: bool = False) -> ReferenceScores:
+        """Per-sample reply NLLs (`generation.reference_nll`'s contract)."""
+
+    # --- shared by both families -----------------------------------------------------------------------------
+
+    def lora_config(self, config: FinetuneConfig) -> LoraConfig:
+        """peft's LoraConfig for `config` (r, alpha, dropout) on this family's targets.
+
+        `config.lora_target_modules` overrides the targets, except for its default (T5's self-attention
+        regex), which stands for "the family's own": it matches no module of a causal LM.
+        """
+        targets = config.lora_target_modules
+        if targets is None or targets == SELF_ATTENTION_QKVO:
+            targets = self.lora_targets
+        return LoraConfig(task_type=self.task_type, r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, bias="none",
+                          target_modules=targets if isinstance(targets, str) else list(targets))
+
+    def lora_trainable_parameters(self, model_config: PretrainedConfig, config: FinetuneConfig) -> int:
+        """Trainable LoRA parameters for a model of `model_config`, counted by peft on a weightless (meta) model."""
+        with torch.device("meta"):
+            model = self.auto_class.from_config(model_config)
+        peft_model = get_peft_model(model, self.lora_config(config), low_cpu_mem_usage=True)
+        return peft_model.get_nb_trainable_parameters()[0]
+
+    def from_config(self, model_config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
+        """A model with random weights drawn with `seed`."""
+        set_seed(seed)
+        return self.auto_class.from_config(model_config)
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+        """Fit `tokenizer` and `model` to each other, in place: embeddings resized when the tokenizer has more
+        ids than rows (markers added; spare rows are kept), the tokenizer's eos and pad ids checked or set."""
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{self.name} models need a tokenizer with an eos token (replies end with it)")
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        self._align_special_ids(model, tokenizer)
+        return model
+
+    @abstractmethod
+    def _align_special_ids(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None: ...
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name!r}>"
+
+
+class Seq2SeqFamily(ModelFamily):
+    """T5 and other encoder-decoders: today's code paths, unchanged."""
+
+    name = "seq2seq"
+    task_type = TaskType.SEQ_2_SEQ_LM
+    auto_class = AutoModelForSeq2SeqLM
+    lora_targets = SELF_ATTENTION_QKVO  # §4.1.3: r = 12 on self-attention q, k, v, o = 1.8M on t5-base
+
+    def encode_sources(self, sources, tokenizer, max_source_length, one_id_prefix=False):
+        return encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+
+    def tokenize_pairs(self, sources, targets, tokenizer, max_source_length, max_target_length,
+                       one_id_prefix=False):
+        return tokenize_pairs(sources, targets, tokenizer, max_source_length, max_target_length, one_id_prefix)
+
+    def collator(self, tokenizer):
+        return seq2seq_collator(tokenizer)
+
+    def token_losses(self, model, batch):
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels)).logits
+        return _token_cross_entropy(logits, labels)
+
+    def generate(self, model, tokenizer, sources, **kwargs):
+        return greedy_generate(model, tokenizer, sources, **kwargs)
+
+    def reference_nll(self, model, tokenizer, sources, references, **kwargs):
+        return reference_nll(model, tokenizer, sources, references, **kwargs)
+
+    def _align_special_ids(self, model, tokenizer):
+        # T5 derives decoder inputs from pad (decoder_start_token_id): ids are the checkpoint's, never reset.
+        for name in ("pad_token_id", "eos_token_id"):
+            expected, actual = getattr(tokenizer, name), getattr(model.config, name)
+            if expected is not None and actual != expected:
+                raise ValueError(f"tokenizer {name}={expected} but model config has {actual}")
+
+
+@dataclass(frozen=True)
+class CausalCollator:
+    """Causal examples -> input_ids, attention_mask, labels; right-padded (pad id / -100) for training."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_sequences([f["input_ids"] for f in features], self.pad_token_id)
+        labels, _ = pad_sequences([f["labels"] for f in features], LABEL_PAD_ID, length=input_ids.shape[1])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+_STOP_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its stop ids)
+
+
+class CausalFamily(ModelFamily):
+    """Decoder-only LMs (Llama, SmolLM2, Gemma, ...): source + separator + reply + eos in one sequence."""
+
+    name = "causal"
+    task_type = TaskType.CAUSAL_LM
+    auto_class = AutoModelForCausalLM
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama-style attention projections
+
+    def __init__(self, separator: str = SEP):
+        self.separator = separator  # between source and reply: the §3.4 turn marker (the reply is the next turn)
+
+    def separator_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        ids = tokenizer(self.separator, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"separator {self.separator!r} encodes to no tokens")
+        return ids
+
+    @staticmethod
+    def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """[bos] when the tokenizer itself starts every text with it (Gemma, Llama 2/3), else [] (SmolLM2 and
+        the project's SentencePiece tokenizers): the model sees the start it was trained with."""
+        bos = tokenizer.bos_token_id
+        return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+    def encode_sources(self, sources, tokenizer, max_source_length, one_id_prefix=False):
+        """As `pretraining.encode_sources`, with the separator where T5's source ends with `</s>` (and the
+        tokenizer's bos first, if it adds one)."""
+        if len(sources) == 0:
+            return []
+        start, end = self.bos_ids(tokenizer), self.separator_ids(tokenizer)
+        if max_source_length <= len(start) + len(end):
+            raise ValueError(f"max_source_length={max_source_length} leaves no room beside the separator")
+        sep_id = tokenizer.convert_tokens_to_ids(SEP)
+        heads, bodies = zip(*(split_prompt_head(s, one_id_prefix) for s in sources))
+        head_ids = tokenizer(list(heads), add_special_tokens=False)["input_ids"]
+        body_ids = tokenizer(list(bodies), add_special_tokens=False)["input_ids"]
+        budget = max_source_length - len(start) - len(end)
+        return [start + _truncate_context(h, b, budget, sep_id) + end for h, b in zip(head_ids, body_ids)]
+
+    def tokenize_pairs(self, sources, targets, tokenizer, max_source_length, max_target_length,
+                       one_id_prefix=False):
+        """input_ids = source + separator + reply + eos; labels = -100 over source and separator, then the
+        reply and eos (at most `max_target_length` tokens, as `pretraining.encode_targets`)."""
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        prompts = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+        replies = encode_targets(list(targets), tokenizer, max_target_length)
+        return Seq2SeqExamples([p + r for p, r in zip(prompts, replies)],
+                               [[LABEL_PAD_ID] * len(p) + r for p, r in zip(prompts, replies)])
+
+    def collator(self, tokenizer):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: call CAUSAL.prepare(model, tokenizer) first")
+        return CausalCollator(tokenizer.pad_token_id)
+
+    def token_losses(self, model, batch):
+        """Position t predicts token t + 1 (transformers' shift): rows are one shorter than the batch."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return _token_cross_entropy(logits[:, :-1], batch["labels"][:, 1:])
+
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Ids that end a reply: eos, a one-token separator, and every token whose text holds a newline."""
+        cached = _STOP_IDS.get(tokenizer)
+        if cached is not None and cached[0] == len(tokenizer):
+            return cached[1]
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        stops = {tokenizer.eos_token_id, *(i for i, text in enumerate(texts) if "\n" in text)}
+        separator = self.separator_ids(tokenizer)
+        if len(separator) == 1:
+            stops.add(separator[0])
+        ids = sorted(stops)
+        _STOP_IDS[tokenizer] = (len(tokenizer), ids)
+        return ids
+
+    @torch.no_grad()
+    def generate(self, model, tokenizer, sources, *, adapter_names=None, max_new_tokens=48, batch_size=32,
+                 max_source_length=128, one_id_prefix=False):
+        _check_lengths("adapter names", adapter_names, len(sources))
+        was_training = model.training
+        model.eval()
+        encoded = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+        stops = self.stop_token_ids(tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        device = _device(model)
+        replies = [""] * len(encoded)
+        for batch in _length_batches([len(e) for e in encoded], batch_size):
+            input_ids, attention_mask = pad_sequences([encoded[i] for i in batch], pad, side="left")
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                    eos_token_id=stops, pad_token_id=pad, **_adapter_kwargs(adapter_names, batch))
+            new_tokens = output[:, input_ids.shape[1]:]
+            for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                replies[i] = text.split("\n", 1)[0].strip()
+        model.train(was_training)
+        return replies
+
+    @torch.no_grad()
+    def reference_nll(self, model, tokenizer, sources, references, *, adapter_names=None, batch_size=32,
+                      max_source_length=128, max_target_length=48, one_id_prefix=False):
+        """Left-padded batches: every row ends with its reply's eos, so the logits of the last
+        (longest reply + 1) positions cover every row's reply tokens; only those are computed."""
+        if len(sources) != len(references):
+            raise ValueError(f"{len(sources)} sources but {len(references)} references")
+        _check_lengths("adapter names", adapter_names, len(sources))
+        was_training = model.training
+        model.eval()
+        prompts = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+        targets = encode_targets(list(references), tokenizer, max_target_length)
+        counts = np.array([len(t) for t in targets], dtype=np.int64)
+        nll = np.zeros(len(prompts), dtype=np.float64)
+        text_nll = np.zeros(len(prompts), dtype=np.float64)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        device = _device(model)
+        for batch in _length_batches([len(p) + len(t) for p, t in zip(prompts, targets)], batch_size):
+            input_ids, attention_mask = pad_sequences([prompts[i] + targets[i] for i in batch], pad, side="left")
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` does for left padding
+            longest = max(len(targets[i]) for i in batch)
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           position_ids=position_ids.to(device), logits_to_keep=longest + 1,
+                           **_adapter_kwargs(adapter_names, batch)).logits.float()
+            labels = input_ids[:, -longest:].clone()  # the tokens that logits[:, :-1] predict
+            for row, i in enumerate(batch):
+                labels[row, : longest - len(targets[i])] = LABEL_PAD_ID  # source (or padding), not scored
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[:, -longest - 1:-1].transpose(1, 2), labels.to(device), ignore_index=LABEL_PAD_ID,
+                reduction="none").double().cpu()
+            nll[batch] = token_nll.sum(dim=1).numpy()
+            text_nll[batch] = (token_nll.sum(dim=1) - token_nll[:, -1]).numpy()  # the last token is each eos
+        model.train(was_training)
+        text_chars = _covered_chars(tokenizer, list(references), (counts - 1).tolist())
+        return ReferenceScores(nll, counts, text_nll, text_chars)
+
+    def _align_special_ids(self, model, tokenizer):
+        # Causal LMs pad only to batch: without a pad token, eos pads (hidden by the mask and the -100 labels).
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None:
+                config.pad_token_id = tokenizer.pad_token_id
+                config.eos_token_id = tokenizer.eos_token_id
+
+
+SEQ2SEQ = Seq2SeqFamily()
+CAUSAL = CausalFamily()
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SEQ2SEQ, CAUSAL)}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family named `name` ("seq2seq" or "causal"), e.g. from a notebook parameter."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; expected one of {tuple(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(model_or_config: torch.nn.Module | PretrainedConfig) -> ModelFamily:
+    """The family of a model (a peft `PeftModel` too) or config, read as transformers does: encoder-decoder
+    configs are seq2seq, every other one causal."""
+    config = model_or_config if isinstance(model_or_config, PretrainedConfig) else getattr(model_or_config,
+                                                                                           "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"{type(model_or_config).__name__} has no transformers config to read the family from")
+    return SEQ2SEQ if getattr(config, "is_encoder_decoder", False) else CAUSAL
+
+
+def load_model(path_or_id: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A checkpoint (folder, hub id, or a packaged LLM's short name such as "smollm2", see
+    `udg_lib.llm.PACKAGED_LLMS`) through its family's Auto class, in eval mode."""
+    from udg_lib.llm import PACKAGED_LLMS, load_causal_lm  # imported here: llm is only needed for short names
+
+    if str(path_or_id) in PACKAGED_LLMS:
+        return load_causal_lm(str(path_or_id), dtype=dtype)[0]
+    family = family_of(AutoConfig.from_pretrained(str(path_or_id)))
+    return family.auto_class.from_pretrained(str(path_or_id), dtype=dtype).eval()
