@@ -106,7 +106,35 @@ def _peft_key(module_name: str, matrix: str) -> str:
     return f"{PEFT_KEY_PREFIX}{module_name}.{matrix}.weight"
 
 
-class MultiLora:
+class _TargetHooks:
+    """Forward hooks on a base model's LoRA target modules; `close()` (or leaving a `with` block) removes them
+    and `_reset()` drops the subclass' per-batch state."""
+
+    _handles: list
+
+    def _hook(self, name: str) -> Callable:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _hook_targets(self, base_model: nn.Module, targets: Sequence[str]) -> None:
+        self._handles = [base_model.get_submodule(name).register_forward_hook(self._hook(name)) for name in targets]
+
+    def __enter__(self) -> _TargetHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._reset()
+
+
+class MultiLora(_TargetHooks):
     """Per-row LoRA on a plain base model: each batch row goes through its own user's adapter.
 
     Use as a context manager (the hooks are removed on exit, leaving the base model as it was). Outside
@@ -123,19 +151,9 @@ class MultiLora:
         self.adapters: dict[str, dict[str, tuple[nn.Parameter, nn.Parameter]]] = {}
         self._rows: tuple[list[str], torch.Tensor] | None = None  # (users in stack order, each row's position)
         self._single: str | None = None
-        self._handles = [base_model.get_submodule(name).register_forward_hook(self._hook(name))
-                         for name in self.targets]
+        self._hook_targets(base_model, self.targets)
 
-    def __enter__(self) -> MultiLora:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _reset(self) -> None:
         self._rows, self._single = None, None
 
     # -- adapters --
@@ -523,7 +541,7 @@ def run_users_batched(base_model: T5ForConditionalGeneration, tokenizer: PreTrai
 BASE_ROUTE = "__base__"  # a row routed to no adapter (peft's own name for it in mixed batches)
 
 
-class RoutedAdapters:
+class RoutedAdapters(_TargetHooks):
     """Many users' saved LoRA adapters on one plain base model, each batch row through its own user's adapter.
 
     Evaluation's counterpart of `MultiLora`: peft's mixed batches (`adapter_names=`) loop in Python over the
@@ -593,19 +611,9 @@ class RoutedAdapters:
         self.scaling = self.scaling.to(self._device)
         self._index: torch.Tensor | None = None
         self._gathered: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._handles = [base_model.get_submodule(name).register_forward_hook(self._hook(name))
-                         for name in self.targets]
+        self._hook_targets(base_model, self.targets)
 
-    def __enter__(self) -> RoutedAdapters:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _reset(self) -> None:
         self._index, self._gathered = None, {}
 
     @contextmanager
