@@ -38,6 +38,11 @@ stands in for (`pretraining.tokenize_pairs` / `encode_sources`, `generation.gree
 Both families run any peft `PeftModel` the same way (`adapter_names` routes each row through its user's
 adapter in one batch). Sizes of locally built causal models come from `llama_config` presets, as T5's from
 `pretraining.t5_config`: "test" is tiny, "smollm2-135m" the shape of SmolLM2-135M.
+
+Status (issue #11): tested on its own; stages 02-06 still call the seq2seq functions directly. Wiring it in
+means `finetuning` (encode_pairs, domain_adapt, One-ID, run_users), `generation`, `multilora`'s per-user
+losses (`token_losses`) and stage 02's trainer asking `family_of(model)`, plus the cpu / cpu-t5 / test
+profiles and the causal family's safety tests.
 """
 
 from __future__ import annotations
