@@ -279,17 +279,21 @@ def perplexity(nll: Sequence[float] | np.ndarray, n_tokens: Sequence[float] | np
 
     NaN when there are no tokens or any input is NaN (e.g. prompt-based LLMs, shown as NA in the paper).
     """
-    nll = np.asarray(nll, dtype=np.float64).ravel()
-    n_tokens = np.asarray(n_tokens, dtype=np.float64).ravel()
-    _check_same_length(nll, n_tokens, "nll values", "n_tokens values")
-    if np.isnan(nll).any() or np.isnan(n_tokens).any():
+    return math.exp(_pooled_ratio(nll, n_tokens, "nll", "n_tokens"))
+
+
+def _pooled_ratio(numerators: Sequence[float] | np.ndarray, counts: Sequence[float] | np.ndarray,
+                  numerator_name: str, count_name: str) -> float:
+    """sum(numerators) / sum(counts); NaN when any input is NaN or there is nothing to count."""
+    numerators = np.asarray(numerators, dtype=np.float64).ravel()
+    counts = np.asarray(counts, dtype=np.float64).ravel()
+    _check_same_length(numerators, counts, f"{numerator_name} values", f"{count_name} values")
+    if np.isnan(numerators).any() or np.isnan(counts).any():
         return float("nan")
-    if (n_tokens < 0).any():
-        raise ValueError(f"n_tokens must be >= 0; got {n_tokens[n_tokens < 0][:5].tolist()}")
-    total = n_tokens.sum()
-    if total <= 0:
-        return float("nan")
-    return float(math.exp(nll.sum() / total))
+    if (counts < 0).any():
+        raise ValueError(f"{count_name} must be >= 0; got {counts[counts < 0][:5].tolist()}")
+    total = counts.sum()
+    return float(numerators.sum() / total) if total > 0 else float("nan")
 
 
 def reference_chars(text: str) -> int:
@@ -306,17 +310,7 @@ def bits_per_char(text_nll: Sequence[float] | np.ndarray, text_chars: Sequence[f
     token), `text_chars` the characters those tokens cover (`reference_chars`). Unlike perplexity this
     does not depend on the tokenizer. NaN when there are no characters or any input is NaN.
     """
-    text_nll = np.asarray(text_nll, dtype=np.float64).ravel()
-    text_chars = np.asarray(text_chars, dtype=np.float64).ravel()
-    _check_same_length(text_nll, text_chars, "text_nll values", "text_chars values")
-    if np.isnan(text_nll).any() or np.isnan(text_chars).any():
-        return float("nan")
-    if (text_chars < 0).any():
-        raise ValueError(f"text_chars must be >= 0; got {text_chars[text_chars < 0][:5].tolist()}")
-    total = text_chars.sum()
-    if total <= 0:
-        return float("nan")
-    return float(text_nll.sum() / math.log(2) / total)
+    return _pooled_ratio(text_nll, text_chars, "text_nll", "text_chars") / math.log(2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
