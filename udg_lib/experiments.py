@@ -77,17 +77,11 @@ def load_dataset_users(prepared_dir: str | Path, users_dir: str | Path, dataset:
     return merged.sort_values(["evaluation", "user_id"], ascending=[False, True]).reset_index(drop=True)
 
 
-def evaluation_user_ids(users: pd.DataFrame) -> list[str]:
-    """The evaluation users of a `load_dataset_users` table (all rows of a table without `evaluation`)."""
-    rows = users[users["evaluation"]] if "evaluation" in users.columns else users
-    return sorted(rows["user_id"])
-
-
 def set_user_ids(users: pd.DataFrame, pairs: pd.DataFrame, max_users: int = 0) -> list[str]:
     """The users fine-tuned in one split set: the first `max_users` evaluation users by id (0: all) that have
     pairs in this set's `pairs` (stage 00 leaves a user out of a set without fine-tuning, dev or test pairs)."""
     present = set(pairs["speaker_id"])
-    return [u for u in evaluation_user_ids(users)[: max_users or None] if u in present]
+    return [u for u in ft.evaluation_user_ids(users)[: max_users or None] if u in present]
 
 
 def trained_user_ids(trained_metrics: Mapping[str, Any], dataset: str, split_set: int) -> list[str]:

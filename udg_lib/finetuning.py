@@ -249,8 +249,7 @@ def pooled_examples(pairs: pd.DataFrame, user_ids: Iterable[str], split: str) ->
 
 def one_ids_of(users: pd.DataFrame, seed: int = 0) -> dict[str, str]:
     """Users' One-IDs: stage 00's `one_id` column where present, else `prompts.assign_one_ids`."""
-    if "evaluation" in users.columns:  # a load_dataset_users table: One-IDs belong to evaluation users only
-        users = users[users["evaluation"]]
+    users = evaluation_rows(users)  # One-IDs belong to evaluation users only
     if "one_id" in users.columns:
         ids = dict(zip(users["user_id"], users["one_id"]))
         bad = {u: i for u, i in ids.items() if not isinstance(i, str)}
@@ -268,10 +267,18 @@ def encode_pairs(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, tokenizer: 
                           config.max_target_length, one_id_prefix=one_ids is not None)
 
 
+def evaluation_rows(users: pd.DataFrame) -> pd.DataFrame:
+    """The evaluation users' rows of a users table (`experiments.load_dataset_users` marks them in
+    `evaluation`; a table without that column holds evaluation users only)."""
+    return users[users["evaluation"]] if "evaluation" in users.columns else users
+
+
+def evaluation_user_ids(users: pd.DataFrame) -> list[str]:
+    return sorted(evaluation_rows(users)["user_id"])
+
+
 def _eval_user_ids(users: pd.DataFrame, user_ids: Iterable[str] | None) -> list[str]:
-    if user_ids is not None:
-        return sorted(user_ids)
-    return sorted(users.loc[users["evaluation"], "user_id"] if "evaluation" in users.columns else users["user_id"])
+    return sorted(user_ids) if user_ids is not None else evaluation_user_ids(users)
 
 
 def domain_adapt(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
