@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import CANARY, sentences
 from udg_lib.data.schema import PROFILE_FIELDS
+from udg_lib.families import SEQ2SEQ
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
@@ -269,7 +270,7 @@ def test_no_other_users_rows_reach_a_users_batches(tokenizer, data, tmp_path, me
 
     decoded: dict[str, list[str]] = {}
     current = {"user": None}
-    real_collator = finetuning.seq2seq_collator
+    real_collator = SEQ2SEQ.collator
 
     def recording_collator(tok):
         inner = real_collator(tok)
@@ -290,7 +291,7 @@ def test_no_other_users_rows_reach_a_users_batches(tokenizer, data, tmp_path, me
         current["user"] = frame["speaker_id"].iloc[0] if len(frame) else current["user"]
         return real_encode(frame, *args, **kwargs)
 
-    monkeypatch.setattr(finetuning, "seq2seq_collator", recording_collator)
+    monkeypatch.setattr(SEQ2SEQ, "collator", recording_collator)
     monkeypatch.setattr(finetuning, "encode_pairs", tracking_encode)
     run_users(method, tiny_model(tokenizer), tokenizer, pairs, users, ["u0", "u1"], "psp", tmp_path, CONFIG)
     assert decoded["u0"] and not any(CANARY in text for text in decoded["u0"])

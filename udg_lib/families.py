@@ -50,9 +50,10 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    DataCollatorForSeq2Seq,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -68,8 +70,7 @@ from transformers import (
     set_seed,
 )
 
-from udg_lib.finetuning import SELF_ATTENTION_QKVO, FinetuneConfig, seq2seq_collator
-from udg_lib.generation import ReferenceScores, _covered_chars, greedy_generate, reference_nll
+from udg_lib.metrics import reference_chars
 from udg_lib.pretraining import (
     LABEL_PAD_ID,
     Seq2SeqExamples,
@@ -80,6 +81,19 @@ from udg_lib.pretraining import (
     tokenize_pairs,
 )
 from udg_lib.prompts import SEP
+
+if TYPE_CHECKING:
+    from udg_lib.finetuning import FinetuneConfig
+
+# LoRA targets. §4.1.3 reports r = 12 and 1.8M trainable parameters on t5-base (d_model 768, 12+12 layers).
+# With r = 12 each 768x768 projection adds 2 * 768 * 12 = 18,432 parameters, so on t5-base:
+#   q, v in all attention (peft's T5 default)            72 matrices  1,327,104  (1.3M)
+#   q, k, v in all attention                            108 matrices  1,990,656  (2.0M)
+#   q, k, v, o in all attention                         144 matrices  2,654,208  (2.7M)
+#   q, k, v, o in self-attention only (no cross-attn)    96 matrices  1,769,472  (1.8M)  <- the default
+# Only the last rounds to the reported 1.8M, so it is T5's default; pass ("q", "v") for peft's usual choice.
+# (`ModelFamily.lora_trainable_parameters` recomputes these from a config on the meta device.)
+SELF_ATTENTION_QKVO = r".*\.SelfAttention\.(q|k|v|o)"  # a regex: peft full-matches a str against module names
 
 # Llama-style shapes built from a config. "test": a tiny model for unit tests (GQA as SmolLM2: 4 query heads
 # share 2 key/value heads). "smollm2-135m": HuggingFaceTB/SmolLM2-135M's shape (134.5M parameters with its
@@ -116,8 +130,21 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _adapter_kwargs(adapter_names: Sequence[str] | None, batch: Sequence[int]) -> dict:
-    return {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in batch]}
+def _module(model: Any) -> torch.nn.Module:
+    """The model itself, or the base model under a router (`multilora.RoutedAdapters`, not an `nn.Module`)."""
+    return model if isinstance(model, torch.nn.Module) else model.model
+
+
+def _routing(model: Any, adapter_names: Sequence[str] | None,
+             batch: Sequence[int]) -> tuple[AbstractContextManager, dict]:
+    """How a batch's rows reach their LoRA adapters: a router's `route` block (`multilora.RoutedAdapters`: one
+    routed pass per layer) or peft's mixed-batch `adapter_names` (a `PeftModel` holding the adapters)."""
+    if adapter_names is None:
+        return nullcontext(), {}
+    names = [adapter_names[i] for i in batch]
+    if not isinstance(model, torch.nn.Module):
+        return model.route(names), {}
+    return nullcontext(), {"adapter_names": names}
 
 
 def _check_lengths(name: str, values: Sequence | None, n: int) -> None:
@@ -151,6 +178,39 @@ def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=LABEL_PAD_ID,
                                                reduction="none")
     return losses, labels != LABEL_PAD_ID
+
+
+class ReferenceScores(NamedTuple):
+    """`reference_nll`'s per-sample arrays (nats; tokens of the model's tokenizer)."""
+
+    nll: np.ndarray  # summed NLL of the scored reference tokens, eos included (the paper's perplexity)
+    n_tokens: np.ndarray  # those tokens, eos included
+    text_nll: np.ndarray  # the same sum without eos: the NLL of the reply's text alone
+    text_chars: np.ndarray  # characters of the reference those text tokens cover (`metrics.reference_chars`)
+
+
+def _covered_chars(tokenizer: PreTrainedTokenizerBase, references: Sequence[str], kept: Sequence[int]) -> np.ndarray:
+    """`reference_chars` of the part of each reference that its first `kept[i]` tokens cover."""
+    chars = np.array([reference_chars(r) for r in references], dtype=np.int64)
+    if not references:
+        return chars
+    encoded = tokenizer(list(references), add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    for i, reference in enumerate(references):
+        ids = encoded["input_ids"][i]
+        if len(ids) <= kept[i]:
+            continue  # not truncated: the whole reference is scored
+        if kept[i] == 0:
+            chars[i] = 0
+        elif tokenizer.is_fast:
+            chars[i] = reference_chars(reference[: encoded["offset_mapping"][i][kept[i] - 1][1]])
+        else:
+            chars[i] = reference_chars(tokenizer.decode(ids[: kept[i]], skip_special_tokens=True))
+    return chars
+
+
+def seq2seq_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Pads inputs with the pad id and labels with -100; T5 derives decoder inputs from the labels."""
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=LABEL_PAD_ID, return_tensors="pt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,13 +247,13 @@ class ModelFamily(ABC):
         `model(**batch).loss` is their masked mean. For per-row losses (`multilora`'s per-user means)."""
 
     @abstractmethod
-    def generate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
+    def generate(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
                  adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
                  max_source_length: int = 128, one_id_prefix: bool = False) -> list[str]:
         """Greedy replies in the order of `sources` (`generation.greedy_generate`'s contract)."""
 
     @abstractmethod
-    def reference_nll(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+    def reference_nll(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                       references: Sequence[str], *, adapter_names: Sequence[str] | None = None,
                       batch_size: int = 32, max_source_length: int = 128, max_target_length: int = 48,
                       one_id_prefix: bool = False) -> ReferenceScores:
@@ -267,11 +327,57 @@ class Seq2SeqFamily(ModelFamily):
                        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels)).logits
         return _token_cross_entropy(logits, labels)
 
-    def generate(self, model, tokenizer, sources, **kwargs):
-        return greedy_generate(model, tokenizer, sources, **kwargs)
+    @torch.no_grad()
+    def generate(self, model, tokenizer, sources, *, adapter_names=None, max_new_tokens=48, batch_size=32,
+                 max_source_length=128, one_id_prefix=False):
+        _check_lengths("adapter names", adapter_names, len(sources))
+        router, model = model, _module(model)
+        was_training = model.training
+        model.eval()
+        encoded = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+        replies = [""] * len(encoded)
+        device = _device(model)
+        for batch in _length_batches([len(e) for e in encoded], batch_size):
+            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
+            route, kwargs = _routing(router, adapter_names, batch)
+            with route:  # the encoder and every decoding step see this batch's rows, in this order
+                output = model.generate(**padded, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                        **kwargs)
+            for i, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
+                replies[i] = text.strip()
+        model.train(was_training)
+        return replies
 
-    def reference_nll(self, model, tokenizer, sources, references, **kwargs):
-        return reference_nll(model, tokenizer, sources, references, **kwargs)
+    @torch.no_grad()
+    def reference_nll(self, model, tokenizer, sources, references, *, adapter_names=None, batch_size=32,
+                      max_source_length=128, max_target_length=48, one_id_prefix=False):
+        if len(sources) != len(references):
+            raise ValueError(f"{len(sources)} sources but {len(references)} references")
+        _check_lengths("adapter names", adapter_names, len(sources))
+        router, model = model, _module(model)
+        was_training = model.training
+        model.eval()
+        inputs = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+        targets = encode_targets(list(references), tokenizer, max_target_length)
+        nll = np.zeros(len(inputs), dtype=np.float64)
+        text_nll = np.zeros(len(inputs), dtype=np.float64)
+        counts = np.array([len(t) for t in targets], dtype=np.int64)
+        device = _device(model)
+        for batch in _length_batches([len(e) for e in inputs], batch_size):
+            padded = tokenizer.pad({"input_ids": [inputs[i] for i in batch]}, return_tensors="pt").to(device)
+            labels, _ = pad_sequences([targets[i] for i in batch], LABEL_PAD_ID)
+            labels = labels.to(device)
+            route, kwargs = _routing(router, adapter_names, batch)
+            with route:
+                logits = model(**padded, labels=labels, **kwargs).logits.float()
+            token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=LABEL_PAD_ID,
+                                                          reduction="none").double().cpu()
+            nll[batch] = token_nll.sum(dim=1).numpy()
+            eos_nll = token_nll[torch.arange(len(batch)), torch.tensor([len(targets[i]) - 1 for i in batch])]
+            text_nll[batch] = (token_nll.sum(dim=1) - eos_nll).numpy()  # encode_targets ends every target with eos
+        model.train(was_training)
+        text_chars = _covered_chars(tokenizer, list(references), (counts - 1).tolist())
+        return ReferenceScores(nll, counts, text_nll, text_chars)
 
     def _align_special_ids(self, model, tokenizer):
         # T5 derives decoder inputs from pad (decoder_start_token_id): ids are the checkpoint's, never reset.
@@ -374,6 +480,7 @@ class CausalFamily(ModelFamily):
     def generate(self, model, tokenizer, sources, *, adapter_names=None, max_new_tokens=48, batch_size=32,
                  max_source_length=128, one_id_prefix=False):
         _check_lengths("adapter names", adapter_names, len(sources))
+        router, model = model, _module(model)
         was_training = model.training
         model.eval()
         encoded = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
@@ -383,9 +490,11 @@ class CausalFamily(ModelFamily):
         replies = [""] * len(encoded)
         for batch in _length_batches([len(e) for e in encoded], batch_size):
             input_ids, attention_mask = pad_sequences([encoded[i] for i in batch], pad, side="left")
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                    eos_token_id=stops, pad_token_id=pad, **_adapter_kwargs(adapter_names, batch))
+            route, kwargs = _routing(router, adapter_names, batch)
+            with route:
+                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                        eos_token_id=stops, pad_token_id=pad, **kwargs)
             new_tokens = output[:, input_ids.shape[1]:]
             for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 replies[i] = text.split("\n", 1)[0].strip()
@@ -400,6 +509,7 @@ class CausalFamily(ModelFamily):
         if len(sources) != len(references):
             raise ValueError(f"{len(sources)} sources but {len(references)} references")
         _check_lengths("adapter names", adapter_names, len(sources))
+        router, model = model, _module(model)
         was_training = model.training
         model.eval()
         prompts = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
@@ -413,9 +523,11 @@ class CausalFamily(ModelFamily):
             input_ids, attention_mask = pad_sequences([prompts[i] + targets[i] for i in batch], pad, side="left")
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` does for left padding
             longest = max(len(targets[i]) for i in batch)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                           position_ids=position_ids.to(device), logits_to_keep=longest + 1,
-                           **_adapter_kwargs(adapter_names, batch)).logits.float()
+            route, kwargs = _routing(router, adapter_names, batch)
+            with route:
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                               position_ids=position_ids.to(device), logits_to_keep=longest + 1,
+                               **kwargs).logits.float()
             labels = input_ids[:, -longest:].clone()  # the tokens that logits[:, :-1] predict
             for row, i in enumerate(batch):
                 labels[row, : longest - len(targets[i])] = LABEL_PAD_ID  # source (or padding), not scored

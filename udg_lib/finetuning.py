@@ -8,6 +8,9 @@
   and stopped early on that user's `dev` pairs; saved in PEFT's own format.
 - FULL: every weight updated per user; the base weights come back from an in-memory copy between users.
 
+Every function works for both model families (`families.family_of(model)`: T5, the paper's, or a causal
+LM): the family tokenizes the pairs (loss on the reply only), pads the batches and names the LoRA targets.
+
 Training is a small plain loop (`train_with_early_stopping`) rather than the HF Trainer: per-user runs are
 tiny and need exact control of early stopping and of restoring the best weights. Adam with lr 1e-4 and
 stopping "when the validation loss began to rise" are §4.1.3's; batch size, epoch cap and the LoRA
@@ -38,10 +41,17 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
 from udg_lib import io
-from udg_lib.pretraining import LABEL_PAD_ID, Seq2SeqExamples, t5_config, tokenize_pairs
+from udg_lib.families import (  # SELF_ATTENTION_QKVO and seq2seq_collator are re-exported for callers of old
+    SELF_ATTENTION_QKVO,
+    SEQ2SEQ,
+    ModelFamily,
+    family_of,
+    seq2seq_collator,
+)
+from udg_lib.pretraining import LABEL_PAD_ID, Seq2SeqExamples, t5_config
 from udg_lib.prompts import assign_one_ids, build_prompts
 
 # peft calls transformers' deprecated `is_gradient_checkpointing` once per adapter: one warning per user.
@@ -52,17 +62,6 @@ DONE_FILE = "done.json"  # per-user completion marker, written last
 ADAPTER_DIR = "adapter"  # per-user LoRA adapter (adapter_config.json + adapter_model.safetensors)
 MODEL_DIR = "model"  # per-user FULL model (save_pretrained), only with save_full_models=True
 ADAPTER_NAME = "default"  # PEFT saves a "default" adapter at the folder's top level, any other in a subfolder
-
-# LoRA targets. §4.1.3 reports r = 12 and 1.8M trainable parameters on t5-base (d_model 768, 12+12 layers).
-# With r = 12 each 768x768 projection adds 2 * 768 * 12 = 18,432 parameters, so on t5-base:
-#   q, v in all attention (peft's T5 default)            72 matrices  1,327,104  (1.3M)
-#   q, k, v in all attention                            108 matrices  1,990,656  (2.0M)
-#   q, k, v, o in all attention                         144 matrices  2,654,208  (2.7M)
-#   q, k, v, o in self-attention only (no cross-attn)    96 matrices  1,769,472  (1.8M)  <- the default
-# Only the last rounds to the reported 1.8M, so it is the default; pass ("q", "v") for peft's usual choice.
-# (`lora_trainable_parameters` recomputes these from a config on the meta device.)
-SELF_ATTENTION_QKVO = r".*\.SelfAttention\.(q|k|v|o)"  # a regex: peft full-matches a str against module names
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration and the training loop
@@ -111,11 +110,6 @@ class TrainingSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def seq2seq_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
-    """Pads inputs with the pad id and labels with -100; T5 derives decoder inputs from the labels."""
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=LABEL_PAD_ID, return_tensors="pt")
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -260,11 +254,13 @@ def one_ids_of(users: pd.DataFrame, seed: int = 0) -> dict[str, str]:
 
 
 def encode_pairs(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, tokenizer: PreTrainedTokenizerBase,
-                 config: FinetuneConfig, one_ids: Mapping[str, str] | None = None) -> Seq2SeqExamples:
-    """Prompts (`fmt`, optionally with One-IDs) -> replies, tokenized as in pre-training."""
+                 config: FinetuneConfig, one_ids: Mapping[str, str] | None = None,
+                 family: ModelFamily = SEQ2SEQ) -> Seq2SeqExamples:
+    """Prompts (`fmt`, optionally with One-IDs) -> replies, tokenized as in pre-training for `family`
+    (T5: source -> labels; causal LM: one sequence with the loss on the reply only)."""
     sources = build_prompts(pairs, users, fmt, one_ids).tolist()
-    return tokenize_pairs(sources, pairs["response"].tolist(), tokenizer, config.max_source_length,
-                          config.max_target_length, one_id_prefix=one_ids is not None)
+    return family.tokenize_pairs(sources, pairs["response"].tolist(), tokenizer, config.max_source_length,
+                                 config.max_target_length, one_id_prefix=one_ids is not None)
 
 
 def evaluation_rows(users: pd.DataFrame) -> pd.DataFrame:
@@ -281,22 +277,22 @@ def _eval_user_ids(users: pd.DataFrame, user_ids: Iterable[str] | None) -> list[
     return sorted(user_ids) if user_ids is not None else evaluation_user_ids(users)
 
 
-def domain_adapt(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+def domain_adapt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                  users: pd.DataFrame, fmt: str, config: FinetuneConfig,
-                 user_ids: Iterable[str] | None = None) -> tuple[T5ForConditionalGeneration, TrainingSummary]:
+                 user_ids: Iterable[str] | None = None) -> tuple[PreTrainedModel, TrainingSummary]:
     """§4.1.3 domain adaptation: all parameters, on the pooled `train_da` pairs of the evaluation users
     (`user_ids`, default every user in `users`) with the model's pre-training prompt format `fmt`;
     early stopping on their pooled `dev` pairs. Trains `model` in place and returns it with the summary."""
-    ids = _eval_user_ids(users, user_ids)
-    train = encode_pairs(pooled_examples(pairs, ids, "train_da"), users, fmt, tokenizer, config)
-    dev = encode_pairs(pooled_examples(pairs, ids, "dev"), users, fmt, tokenizer, config)
-    summary = train_with_early_stopping(model, train, dev, seq2seq_collator(tokenizer), config)
+    ids, family = _eval_user_ids(users, user_ids), family_of(model)
+    train = encode_pairs(pooled_examples(pairs, ids, "train_da"), users, fmt, tokenizer, config, family=family)
+    dev = encode_pairs(pooled_examples(pairs, ids, "dev"), users, fmt, tokenizer, config, family=family)
+    summary = train_with_early_stopping(model, train, dev, family.collator(tokenizer), config)
     return model, summary
 
 
-def train_one_id(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+def train_one_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                  users: pd.DataFrame, fmt: str, config: FinetuneConfig, user_ids: Iterable[str] | None = None,
-                 one_ids: Mapping[str, str] | None = None) -> tuple[T5ForConditionalGeneration, TrainingSummary]:
+                 one_ids: Mapping[str, str] | None = None) -> tuple[PreTrainedModel, TrainingSummary]:
     """§4.1.3 One-ID: one model on every user's `train_ft` pairs, each prompt prefixed with its speaker's
     One-ID (default: `one_ids_of(users)`); early stopping on the pooled `dev` pairs (with ids too)."""
     ids = _eval_user_ids(users, user_ids)
@@ -304,9 +300,10 @@ def train_one_id(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokeniz
     missing = [u for u in ids if u not in one_ids]
     if missing:
         raise ValueError(f"no One-ID for users {missing[:5]}")
-    train = encode_pairs(pooled_examples(pairs, ids, "train_ft"), users, fmt, tokenizer, config, one_ids)
-    dev = encode_pairs(pooled_examples(pairs, ids, "dev"), users, fmt, tokenizer, config, one_ids)
-    summary = train_with_early_stopping(model, train, dev, seq2seq_collator(tokenizer), config)
+    family = family_of(model)
+    train = encode_pairs(pooled_examples(pairs, ids, "train_ft"), users, fmt, tokenizer, config, one_ids, family)
+    dev = encode_pairs(pooled_examples(pairs, ids, "dev"), users, fmt, tokenizer, config, one_ids, family)
+    summary = train_with_early_stopping(model, train, dev, family.collator(tokenizer), config)
     return model, summary
 
 
@@ -314,11 +311,9 @@ def train_one_id(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokeniz
 # LoRA
 
 
-def lora_config(config: FinetuneConfig) -> LoraConfig:
-    targets = config.lora_target_modules
-    return LoraConfig(task_type="SEQ_2_SEQ_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, bias="none",
-                      target_modules=targets if isinstance(targets, str) else list(targets))
+def lora_config(config: FinetuneConfig, family: ModelFamily = SEQ2SEQ) -> LoraConfig:
+    """peft's LoraConfig for `config` on `family`'s targets (`ModelFamily.lora_config`)."""
+    return family.lora_config(config)
 
 
 def lora_trainable_parameters(config: FinetuneConfig, preset: str = "t5-base", vocab_size: int = 32128) -> int:
@@ -329,7 +324,7 @@ def lora_trainable_parameters(config: FinetuneConfig, preset: str = "t5-base", v
     return peft_model.get_nb_trainable_parameters()[0]
 
 
-def load_user_adapter(base_model: T5ForConditionalGeneration, adapter_dir: str | Path,
+def load_user_adapter(base_model: PreTrainedModel, adapter_dir: str | Path,
                       is_trainable: bool = False) -> PeftModel:
     """A saved user adapter on `base_model` (PEFT's own loader; `base_model` is wrapped in place).
 
@@ -381,7 +376,7 @@ def user_table(out_dir: str | Path, user_ids: Sequence[str], statuses: Mapping[s
 AfterUser = Callable[[str, torch.nn.Module, Path], None]
 
 
-def run_users(method: str, base_model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+def run_users(method: str, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
               pairs: pd.DataFrame, users: pd.DataFrame, user_ids: Sequence[str], fmt: str, out_dir: str | Path,
               config: FinetuneConfig, save_full_models: bool = False, after_user: AfterUser | None = None,
               progress: bool = True) -> pd.DataFrame:
@@ -403,7 +398,8 @@ def run_users(method: str, base_model: T5ForConditionalGeneration, tokenizer: Pr
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    collator = seq2seq_collator(tokenizer)
+    family = family_of(base_model)
+    collator = family.collator(tokenizer)
     requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
     base_state = ({k: v.detach().clone() for k, v in base_model.state_dict().items()} if method == "full"
                   else None)
@@ -416,15 +412,15 @@ def run_users(method: str, base_model: T5ForConditionalGeneration, tokenizer: Pr
                 continue
             user_config = replace(config, seed=user_seed(config.seed, user))
             check_evaluation_unit(pairs, user)
-            train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config)
-            dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config)
+            train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config, family=family)
+            dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config, family=family)
             with io.staged_dir(user_dir(out_dir, user)) as staging:  # renamed into place once done.json is in
                 if method == "lora":
                     torch.manual_seed(user_config.seed)  # the adapter's initial A matrices
                     if peft_model is None:
-                        peft_model = get_peft_model(base_model, lora_config(config), adapter_name=ADAPTER_NAME)
+                        peft_model = get_peft_model(base_model, family.lora_config(config), adapter_name=ADAPTER_NAME)
                     else:
-                        peft_model.add_adapter(ADAPTER_NAME, lora_config(config))
+                        peft_model.add_adapter(ADAPTER_NAME, family.lora_config(config))
                         peft_model.set_adapter(ADAPTER_NAME)  # also makes it (only it) trainable
                     try:
                         params = [p for p in peft_model.parameters() if p.requires_grad]

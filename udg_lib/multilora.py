@@ -13,7 +13,7 @@ mostly idle batch, and on any device the per-step Python overhead is paid once p
   under `torch.manual_seed(user_seed(seed, user))`) and its own `torch.optim.Adam`, so the optimizer state is
   per user exactly as in the one-user loop.
 - One step takes the next batch of every active user, concatenates them, runs one forward, and backpropagates
-  the sum over users of each user's own mean token loss: rows never interact in T5 and a user's weights are
+  the sum over users of each user's own mean token loss: rows never interact (T5 or causal LM) and a user's weights are
   gathered only into its own rows, so each user's gradient is the one it would get alone.
 - A user's epoch ends when its own loader is exhausted; its dev loss is then measured (batched with every
   user whose epoch ended at the same step) and early stopping is applied to it alone, exactly as
@@ -62,9 +62,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from udg_lib import io
+from udg_lib.families import ModelFamily, family_of
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
@@ -74,14 +75,11 @@ from udg_lib.finetuning import (
     check_evaluation_unit,
     encode_pairs,
     is_user_done,
-    lora_config,
-    seq2seq_collator,
     user_dir,
     user_examples,
     user_seed,
     user_table,
 )
-from udg_lib.pretraining import LABEL_PAD_ID
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # peft.utils.CONFIG_NAME
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME
@@ -145,7 +143,7 @@ class MultiLora(_TargetHooks):
     def __init__(self, base_model: nn.Module, config: FinetuneConfig):
         self.model = base_model
         self.config = config
-        self.peft_config = lora_config(config)
+        self.peft_config = family_of(base_model).lora_config(config)
         self.targets = lora_target_names(base_model, self.peft_config)
         self.scaling = config.lora_alpha / config.lora_r  # peft's scaling without rsLoRA
         self.adapters: dict[str, dict[str, tuple[nn.Parameter, nn.Parameter]]] = {}
@@ -376,23 +374,18 @@ class _UserRun:
         self.batches, self.best_state, self.finished = None, None, True
 
 
-def _forward_token_losses(model: T5ForConditionalGeneration, multi: MultiLora, features: list[dict[str, Any]],
-                          row_users: list[str], collator: Callable, device: torch.device
+def _forward_token_losses(model: PreTrainedModel, multi: MultiLora, features: list[dict[str, Any]],
+                          row_users: list[str], family: ModelFamily, collator: Callable, device: torch.device
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy (rows x target length; 0 at padding) and the label mask, one routed forward."""
+    """Per-token cross-entropy (rows x scored positions; 0 at padding) and its mask, one routed forward: the
+    model's own loss is their masked mean, here kept per token so that each user gets its own mean."""
     batch = {k: v.to(device) for k, v in collator(features).items()}
-    labels = batch["labels"]
     with multi.routed(row_users):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels)).logits
-    # T5's own loss is this cross-entropy averaged over the batch's label tokens; here it stays per token
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=LABEL_PAD_ID, reduction="none").view(labels.shape)
-    return losses, labels != LABEL_PAD_ID
+        return family.token_losses(model, batch)
 
 
 @torch.no_grad()
-def batched_dev_losses(model: T5ForConditionalGeneration, multi: MultiLora, examples: dict[str, Dataset],
+def batched_dev_losses(model: PreTrainedModel, multi: MultiLora, examples: dict[str, Dataset],
                        collator: Callable, batch_size: int = 32) -> dict[str, float]:
     """Each user's token-level dev cross-entropy under its own adapter (as `finetuning.dev_loss`; NaN if none),
     all users' examples in shared batches of `batch_size`, in each dataset's order."""
@@ -406,7 +399,8 @@ def batched_dev_losses(model: T5ForConditionalGeneration, multi: MultiLora, exam
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             users = [user for user, _ in chunk]
-            losses, mask = _forward_token_losses(model, multi, [f for _, f in chunk], users, collator, device)
+            losses, mask = _forward_token_losses(model, multi, [f for _, f in chunk], users, family_of(model),
+                                                 collator, device)
             sums, counts = losses.sum(dim=1).tolist(), mask.sum(dim=1).tolist()
             for user, total, count in zip(users, sums, counts):
                 totals[user] += total
@@ -416,7 +410,7 @@ def batched_dev_losses(model: T5ForConditionalGeneration, multi: MultiLora, exam
     return {user: totals[user] / tokens[user] if tokens[user] else float("nan") for user in examples}
 
 
-def run_users_batched(base_model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       pairs: pd.DataFrame, users: pd.DataFrame, user_ids: Sequence[str], fmt: str,
                       out_dir: str | Path, config: FinetuneConfig, users_per_batch: int = 8,
                       after_user: AfterUser | None = None, progress: bool = True) -> pd.DataFrame:
@@ -443,7 +437,8 @@ def run_users_batched(base_model: T5ForConditionalGeneration, tokenizer: PreTrai
         raise ValueError(f"user_ids lists users more than once: {duplicated[:5]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    collator = seq2seq_collator(tokenizer)
+    family = family_of(base_model)  # T5 or causal LM: tokenization, padding, per-token losses
+    collator = family.collator(tokenizer)
     device = next(base_model.parameters()).device
     requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
     statuses: dict[str, str] = {u: "skipped" for u in user_ids if is_user_done(out_dir, u)}
@@ -453,8 +448,8 @@ def run_users_batched(base_model: T5ForConditionalGeneration, tokenizer: PreTrai
     def start(multi: MultiLora, user: str) -> _UserRun:
         seed = user_seed(config.seed, user)
         check_evaluation_unit(pairs, user)
-        train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config)
-        dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config)
+        train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config, family=family)
+        dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config, family=family)
         params = multi.add_user(user, seed)  # seeds torch with `seed`, as run_users before get_peft_model
         torch.manual_seed(seed)  # ... and train_with_early_stopping again before training (dropout stream)
         loader = (DataLoader(train, batch_size=config.batch_size, shuffle=True, collate_fn=list,
@@ -501,7 +496,8 @@ def run_users_batched(base_model: T5ForConditionalGeneration, tokenizer: PreTrai
                         spans.append((run, len(features), len(features) + len(batch)))
                         features.extend(batch)
                         row_users.extend([run.user] * len(batch))
-                    losses, mask = _forward_token_losses(base_model, multi, features, row_users, collator, device)
+                    losses, mask = _forward_token_losses(base_model, multi, features, row_users, family, collator,
+                                                         device)
                     # each user's own mean token loss: its gradient is the one it would get training alone
                     user_losses = torch.stack([losses[a:b].sum() / mask[a:b].sum() for _, a, b in spans])
                     for run in stepping:
