@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from udg_lib.finetuning import (
@@ -37,7 +37,7 @@ from udg_lib.finetuning import (
     user_dir_name,
     user_table,
 )
-from udg_lib.pretraining import build_model
+from udg_lib.families import build_model
 from udg_lib.tokenizer import load_tokenizer
 
 EXECUTORS: tuple[str, ...] = ("local", "ray")
@@ -56,7 +56,7 @@ def default_device() -> str:
 
 
 def load_base_model(base_model_dir: str | Path, device: str | None = None,
-                    ) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerBase]:
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and tokenizer that `save_pretrained` wrote into `base_model_dir`, the model on `device`.
 
     The tokenizer is taken as saved (no markers added): it is the one the model was trained with.

@@ -30,7 +30,8 @@ from transformers import PreTrainedTokenizerBase
 from udg_lib import finetuning as ft
 from udg_lib import io
 from udg_lib.generation import UserPredictor
-from udg_lib.pretraining import build_model, count_parameters
+from udg_lib.families import build_model, family_of
+from udg_lib.pretraining import count_parameters
 
 # The prompt format each pre-trained model was trained with (§3.4); fine-tuning keeps it.
 PRETRAINED_FORMATS: dict[str, str] = {"plain_t5": "plain", "plain_dialogue": "plain", "psp": "psp", "ppp": "ppp"}
@@ -160,7 +161,7 @@ def finetune_condition(pretrained_model_dir: str | Path, tokenizer: PreTrainedTo
         model = build_model(pretrained_model_dir, tokenizer).to(device)
         model, summary = ft.domain_adapt(model, tokenizer, pairs, users, fmt, da_config, user_ids)
         record = {"method": "da", "fmt": fmt, "summary": summary.as_dict(), "config": da_config.as_dict(),
-                  "n_parameters": count_parameters(model)}
+                  "n_parameters": count_parameters(model), "family": family_of(model).name}
         _save_model(model, tokenizer, da_dir, record)
         del model
     rows.append(_summary_row(record, method="da", user_id=""))
@@ -478,8 +479,8 @@ def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pa
     import time
 
     from peft import PeftModel
-    from transformers import T5ForConditionalGeneration
 
+    from udg_lib.families import load_model
     from udg_lib.generation import greedy_generate
     from udg_lib.prompts import build_prompts
 
@@ -504,7 +505,7 @@ def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pa
         return time.perf_counter() - started
 
     def load(folder: Path) -> torch.nn.Module:
-        return T5ForConditionalGeneration.from_pretrained(folder).to(device).eval()
+        return load_model(folder).to(device).eval()
 
     rows = []
     warm_one_id = load(condition / "one_id" / MODEL_DIR)

@@ -78,6 +78,7 @@ from udg_lib.pretraining import (
     encode_sources,
     encode_targets,
     split_prompt_head,
+    t5_config,
     tokenize_pairs,
 )
 from udg_lib.prompts import SEP
@@ -399,6 +400,17 @@ class CausalCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@dataclass(frozen=True)
+class NextTokenCollator:
+    """Packed fixed-length token sequences (`pretraining.PackedSequences`) -> next-token training batches:
+    labels are the inputs (transformers shifts them). The causal counterpart of T5's span corruption for a
+    Plain model trained from scratch on the pre-training text."""
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([list(f["input_ids"]) for f in features], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
 _STOP_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its stop ids)
 
 
@@ -570,6 +582,33 @@ def family_of(model_or_config: torch.nn.Module | PretrainedConfig) -> ModelFamil
     if not isinstance(config, PretrainedConfig):
         raise TypeError(f"{type(model_or_config).__name__} has no transformers config to read the family from")
     return SEQ2SEQ if getattr(config, "is_encoder_decoder", False) else CAUSAL
+
+
+def build_model(config_or_checkpoint: PretrainedConfig | str | Path, tokenizer: PreTrainedTokenizerBase,
+                seed: int = 0) -> PreTrainedModel:
+    """A model of either family fitted to `tokenizer` (`ModelFamily.prepare`): random weights drawn with `seed`
+    for a config (`pretraining.t5_config`, `llama_config`), else a checkpoint folder, hub id or packaged LLM
+    short name (`load_model`). The pipeline's one way to get a model, whatever its family."""
+    if isinstance(config_or_checkpoint, PretrainedConfig):
+        model = family_of(config_or_checkpoint).from_config(config_or_checkpoint, seed)
+    else:
+        model = load_model(config_or_checkpoint)
+    return family_of(model).prepare(model, tokenizer)
+
+
+def build_base_model(family: str | ModelFamily, checkpoint: str | Path, preset: str,
+                     tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """Stage 02's starting model (§4.1.2's Plain): `checkpoint` as shipped when given (it must be of `family`),
+    else `family`'s `preset` shape from scratch (`pretraining.t5_config` / `llama_config`), sized to `tokenizer`."""
+    family = get_family(family) if isinstance(family, str) else family
+    if checkpoint:
+        model = build_model(checkpoint, tokenizer, seed)
+        if family_of(model) is not family:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} is a {family_of(model).name} model but model_family is "
+                             f"{family.name!r}; set model_family to {family_of(model).name!r} or pick another checkpoint")
+        return model
+    config = t5_config(preset, len(tokenizer)) if family is SEQ2SEQ else llama_config(preset, len(tokenizer))
+    return build_model(config, tokenizer, seed)
 
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

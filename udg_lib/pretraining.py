@@ -10,6 +10,10 @@
 - `pretrain` runs Hugging Face's `Seq2SeqTrainer` (so `accelerate launch` / `torchrun` work unchanged), resumes
   from its last checkpoint, and saves the model with `save_pretrained`.
 - Checks that a profile-aware model uses the profile: `profile_swap_change_rate`, `profile_perplexity_gap`.
+
+The tokenization (`encode_sources`, `tokenize_pairs`) and `pretrain` are T5's; a causal LM goes through
+`udg_lib.families` (its `tokenize_pairs`, collators and `build_base_model`) into the same `pretrain`, and the
+conditioning checks work for both families.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 from transformers import (
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -475,14 +480,14 @@ def _training_arguments(output_dir: Path, config: PretrainConfig, has_eval: bool
     )
 
 
-def _save_model_atomically(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+def save_model_atomically(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """`save_pretrained` (model + tokenizer) into a temp folder beside `target`, then rename it into place."""
     with io.staged_dir(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
 
-def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset,
+def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset,
              eval_dataset: Dataset | None, data_collator: Any, output_dir: str | Path,
              config: PretrainConfig) -> dict[str, Any]:
     """Train with `Seq2SeqTrainer`; resume from the newest checkpoint in `output_dir/checkpoints/` if any.
@@ -499,7 +504,7 @@ def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBa
     start_step = _checkpoint_step(last_checkpoint)
     if last_checkpoint and start_step >= config.max_steps:
         # Finished before (killed while saving the model?): transformers 5 would run one more step on resume.
-        model = T5ForConditionalGeneration.from_pretrained(last_checkpoint)
+        model = type(model).from_pretrained(last_checkpoint)
     args = _training_arguments(output_dir, config, eval_dataset is not None)
     trainer = Seq2SeqTrainer(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=tokenizer)
@@ -521,7 +526,7 @@ def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBa
         * config.gradient_accumulation_steps * max(1, args.world_size)
 
     if trainer.is_world_process_zero():
-        _save_model_atomically(trainer.model, tokenizer, output_dir / MODEL_DIR)
+        save_model_atomically(trainer.model, tokenizer, output_dir / MODEL_DIR)
         io.write_json(output_dir / LOG_HISTORY_FILE, state.log_history)
     trainer.accelerator.wait_for_everyone()
     return {
@@ -576,25 +581,16 @@ def _batches(indices: Sequence[int], batch_size: int):
         yield indices[start: start + batch_size]
 
 
-@torch.no_grad()
-def greedy_replies(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+def greedy_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                    max_new_tokens: int = 48, batch_size: int = 32, max_source_length: int = 128) -> list[str]:
-    """Greedy decoding, in the order of `sources` (batched by length to waste little on padding)."""
-    was_training = model.training
-    model.eval()
-    encoded = encode_sources(sources, tokenizer, max_source_length)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    replies: list[str] = [""] * len(encoded)
-    for batch in _batches(order, batch_size):
-        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
-        output = model.generate(**padded, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
-        for i, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
-            replies[i] = text.strip()
-    model.train(was_training)
-    return replies
+    """Greedy decoding in the order of `sources`, for either model family (`generation.greedy_generate`)."""
+    from udg_lib.generation import greedy_generate  # imported here: generation builds on this module
+
+    return greedy_generate(model, tokenizer, sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           max_source_length=max_source_length)
 
 
-def profile_swap_table(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+def profile_swap_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                        users: pd.DataFrame, fmt: str, n: int = 200, seed: int = 0, max_new_tokens: int = 48,
                        batch_size: int = 32, max_source_length: int = 128) -> pd.DataFrame:
     """Per held-out context: the greedy reply with the true speaker profile and with another user's.
@@ -635,7 +631,7 @@ def profile_swap_table(model: T5ForConditionalGeneration, tokenizer: PreTrainedT
     return table
 
 
-def profile_swap_change_rate(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+def profile_swap_change_rate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                              pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, n: int = 200, seed: int = 0,
                              **kwargs: Any) -> float:
     """Fraction of held-out contexts whose greedy reply changes when the speaker profile is swapped.
@@ -646,29 +642,23 @@ def profile_swap_change_rate(model: T5ForConditionalGeneration, tokenizer: PreTr
     return float(table["changed"].mean()) if len(table) else float("nan")
 
 
-@torch.no_grad()
-def reply_perplexity(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+def reply_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+                 targets: Sequence[str], batch_size: int = 32, max_source_length: int = 128,
+                 max_target_length: int = 48):
+    """Per reply: summed NLL and token count, eos included (`generation.reference_nll`, either family)."""
+    from udg_lib.generation import reference_nll  # imported here: generation builds on this module
+
+    return reference_nll(model, tokenizer, list(sources), list(targets), batch_size=batch_size,
+                         max_source_length=max_source_length, max_target_length=max_target_length)
+
+
+def reply_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                      targets: Sequence[str], batch_size: int = 32, max_source_length: int = 128,
                      max_target_length: int = 48) -> float:
-    """Token-level perplexity of the replies: exp(total NLL / total target tokens, `</s>` included)."""
-    was_training = model.training
-    model.eval()
-    examples = tokenize_pairs(sources, targets, tokenizer, max_source_length, max_target_length)
-    order = sorted(range(len(examples)), key=lambda i: len(examples.input_ids[i]))
-    total_nll, total_tokens = 0.0, 0
-    for batch in _batches(order, batch_size):
-        inputs = tokenizer.pad({"input_ids": [examples.input_ids[i] for i in batch]}, return_tensors="pt")
-        longest = max(len(examples.labels[i]) for i in batch)
-        labels = torch.full((len(batch), longest), LABEL_PAD_ID, dtype=torch.long)
-        for row, i in enumerate(batch):
-            labels[row, : len(examples.labels[i])] = torch.tensor(examples.labels[i])
-        inputs, labels = inputs.to(model.device), labels.to(model.device)
-        logits = model(**inputs, labels=labels).logits.float()
-        total_nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                                       ignore_index=LABEL_PAD_ID, reduction="sum").item()
-        total_tokens += int((labels != LABEL_PAD_ID).sum())
-    model.train(was_training)
-    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+    """Token-level perplexity of the replies: exp(total NLL / total target tokens, eos included)."""
+    scores = reply_scores(model, tokenizer, sources, targets, batch_size, max_source_length, max_target_length)
+    total = int(scores.n_tokens.sum())
+    return math.exp(float(scores.nll.sum()) / total) if total else float("nan")
 
 
 def shuffle_profiles(users: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -684,18 +674,33 @@ def shuffle_profiles(users: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return shuffled
 
 
-def profile_perplexity_gap(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+def profile_perplexity_gap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                            pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, seed: int = 0,
                            batch_size: int = 32, max_source_length: int = 128,
                            max_target_length: int = 48) -> dict[str, float]:
-    """Reply perplexity with the true profiles vs with shuffled ones (`shuffle_profiles`).
+    """Reply perplexity with the true profiles vs with shuffled ones (`shuffle_profiles`), with a paired test.
 
-    A model that uses the profile scores its own users' replies better: `gap` = shuffled - true > 0.
+    A model that uses the profile scores its own users' replies better: `gap` = shuffled - true > 0. The
+    units are the held-out replies, paired by reply: each one's mean NLL per token under the shuffled minus
+    the true profiles. `nll_diff_mean` is that mean difference (nats per token) with its 95% bootstrap CI,
+    `p_value` a two-sided Wilcoxon signed-rank test on it (`stats.signed_rank_test`; NaN below 2 pairs).
     """
+    from udg_lib import stats  # imported here: statsmodels is not needed for pre-training itself
+
     targets = pairs["response"].tolist()
-    true = reply_perplexity(model, tokenizer, build_prompts(pairs, users, fmt).tolist(), targets, batch_size,
-                            max_source_length, max_target_length)
-    shuffled = reply_perplexity(model, tokenizer, build_prompts(pairs, shuffle_profiles(users, seed), fmt).tolist(),
-                                targets, batch_size, max_source_length, max_target_length)
-    return {"perplexity_true_profiles": true, "perplexity_shuffled_profiles": shuffled, "gap": shuffled - true,
-            "n_pairs": int(len(pairs))}
+    kwargs = dict(batch_size=batch_size, max_source_length=max_source_length, max_target_length=max_target_length)
+    true = reply_scores(model, tokenizer, build_prompts(pairs, users, fmt).tolist(), targets, **kwargs)
+    shuffled = reply_scores(model, tokenizer, build_prompts(pairs, shuffle_profiles(users, seed), fmt).tolist(),
+                            targets, **kwargs)
+
+    def perplexity(scores) -> float:
+        return math.exp(float(scores.nll.sum()) / int(scores.n_tokens.sum())) if len(scores.nll) else float("nan")
+
+    diff = shuffled.nll / shuffled.n_tokens - true.nll / true.n_tokens  # same targets: same token counts
+    enough = len(diff) >= 2 and bool(np.any(diff != 0))
+    low, high = stats.bootstrap_mean_ci(diff, n_resamples=999) if enough else (float("nan"), float("nan"))
+    return {"perplexity_true_profiles": perplexity(true), "perplexity_shuffled_profiles": perplexity(shuffled),
+            "gap": perplexity(shuffled) - perplexity(true), "n_pairs": int(len(pairs)),
+            "nll_diff_mean": float(diff.mean()) if len(diff) else float("nan"),
+            "nll_diff_ci_low": float(low), "nll_diff_ci_high": float(high),
+            "p_value": stats.signed_rank_test(diff) if enough else float("nan")}
