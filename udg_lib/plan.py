@@ -1,0 +1,721 @@
+"""Cost planner: how many trainings a profile runs and what they cost on this device, before anything long runs.
+
+    python -m udg_lib.plan --profile full-en                 # counts, timings, estimate; the paper's counts too
+    python -m udg_lib.plan --profile cpu --steps 3 --json plan.json
+
+Counts come from the profile's parameters (params/<profile>/*.yaml over each notebook's parameters cell,
+resolved by `pipeline.load_stage`, as a run would see them): users x split sets x pre-trained models x
+methods, where domain adaptation (DA) and One-ID train once per (dataset, split set, pre-trained model) and
+LoRA and FULL once per user (§4.1.3, notebook 03), plus stage 02's pre-training steps. Users and their pairs
+come from stage 00's outputs under outputs/<profile>/ when they exist; otherwise each corpus of stage 00 is
+loaded and stage 00's eligibility rules (`splits.eligibility`) are applied to it, and pairs per user are
+estimated from the users' turns (see `estimate_pairs`). The plan says which source it used.
+
+Costs: a few steps of each kind are timed on the current device (`--device`, default cuda when torch sees one),
+on a model of the profile's shape with random weights built from its config (nothing is downloaded), through
+the project's code paths: `families.ModelFamily` (`from_config`, `tokenize_pairs`, `collator`, `lora_config`),
+peft's `get_peft_model`, `multilora.MultiLora` for batched LoRA, and `model.generate` as
+`generation.greedy_generate` calls it. Batches are synthetic token sequences at exactly the profile's
+max_source_length / max_target_length and batch sizes. On a CPU a batch is capped at `max_rows` rows and its
+time scaled linearly to the full batch (a CPU's time per row is close to constant; a GPU's is not, so there
+the full batch is timed). Every estimate is an upper bound in three ways, each stated in the output: users
+train for the whole epoch cap (early stopping usually ends them sooner; `--epochs` assumes fewer), replies are
+generated to `max_new_tokens` (random weights are forced to full length), and a dev-loss pass is charged one
+third of a training step per example (forward only).
+
+The paper's 9,324 models (§4.2.2) and the compass goal of this project (9,324 user models in at most 10
+GPU-hours on one H100-class GPU) are planned with the same timings: see `paper_counts`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from udg_lib import paths
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's counts (§4.2.1 Table 2, §4.2.2)
+
+# §4.2.2: per pre-trained model, One-ID trains one model per dataset and LoRA and FULL one per user: PCJP's
+# 100 users give 1 + 100 + 100 = 201 models, x 4 pre-trained models = 804, x 3 split sets = 2,412; UPC (140
+# users) 281 x 12 = 3,372; SD (147 users) 295 x 12 = 3,540. In all 2,412 + 3,372 + 3,540 = 9,324 models:
+# 36 One-ID and 2 x 4,644 per-user models. (Domain adaptation, one model per dataset, split set and pre-trained
+# model, precedes them; the paper does not count it among the 9,324.)
+PAPER_USERS: dict[str, int] = {"SD": 147, "UPC": 140, "PCJP": 100}
+PAPER_TRAIN_PAIRS_PER_USER: dict[str, int] = {"SD": 1650, "UPC": 168, "PCJP": 1548}  # Table 2 "N.train / user"
+PAPER_SPLIT_SETS = 3  # §4.2.1
+PAPER_PRETRAINED = 4  # §4.1.2: Plain T5, Plain Dialogue, PSP, PPP
+PAPER_MODELS = 9324  # §4.2.2
+GOAL_GPU_HOURS = 10.0  # the compass goal: the paper's 9,324 user models on one H100-class GPU
+QUESTIONS = 70  # Exp2's personal questions (udg_lib/data/resources), answered by every system per user
+DEV_FORWARD_SHARE = 1 / 3  # a dev-loss example costs a forward pass: ~1/3 of a training step (fwd + bwd)
+# On a CPU a batch whose step would take over CPU_FULL_BATCH_SECONDS (judged from a step of CPU_MAX_ROWS rows) is
+# timed at CPU_MAX_ROWS rows and scaled linearly: close for t5-base, whose time per row is about constant, and
+# an overestimate for small models, whose steps are mostly fixed overhead, hence their whole batch is timed.
+CPU_MAX_ROWS = 4
+CPU_FULL_BATCH_SECONDS = 3.0
+
+STAGE_NAMES = {"00": "00_prepare_corpus", "02": "02_pretrain_models", "03": "03_finetune_users",
+               "04": "04_exp1_next_utterance", "05": "05_exp2_diversity"}
+STEP_KINDS = ("pretrain", "full", "lora", "lora_batched", "generate")
+
+
+class PlanError(RuntimeError):
+    """A plan could not be made; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def profile_params(profile: str, params_dir: str | Path | None = None,
+                   notebooks_dir: str | Path | None = None) -> tuple[dict[str, dict[str, Any]], str]:
+    """(stage name -> resolved params, where they came from), as `pipeline.load_stage` resolves them.
+
+    A profile without a params folder gets the notebooks' defaults (said in the second value): the planner
+    only reads, so a default plan is still informative where a run would refuse to start.
+    """
+    from udg_lib.pipeline import load_stage, stage_notebooks
+
+    root = paths.repo_root()
+    params_root = Path(params_dir) if params_dir else root / "params" / profile
+    notebooks = stage_notebooks(Path(notebooks_dir) if notebooks_dir else root / "notebooks")
+    source = str(params_root) if params_root.is_dir() else f"notebook defaults (no folder {params_root})"
+    return {nb.stem: load_stage(nb, params_root, profile).params for nb in notebooks}, source
+
+
+def _stage(params: Mapping[str, dict[str, Any]], key: str) -> dict[str, Any]:
+    name = STAGE_NAMES[key]
+    if name not in params:
+        raise PlanError(f"no stage {name} among the notebooks ({', '.join(params)})")
+    return params[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Users and pairs
+
+
+@dataclass(frozen=True)
+class DatasetUsers:
+    """One dataset's evaluation users and their mean pairs per split (one split set)."""
+
+    name: str
+    users: int  # per split set (the mean over sets, rounded)
+    train_ft: float  # mean pairs per user: the user's own fine-tuning half
+    train_da: float  # ... the half pooled for domain adaptation
+    dev: float
+    test: float
+    source: str  # "stage 00 outputs", "estimated from the corpus ...", or why neither was possible
+
+
+def users_from_outputs(prepared: Path, max_users: int = 0) -> list[DatasetUsers]:
+    """Users per split set and pairs per user from stage 00's `eval_pairs.parquet` files."""
+    found = []
+    for pairs_file in sorted(prepared.glob("*/eval_pairs.parquet")):
+        pairs = pd.read_parquet(pairs_file, columns=["split_set", "split", "speaker_id"])
+        if pairs.empty:
+            continue
+        per_set = pairs.groupby("split_set")["speaker_id"].nunique()
+        users = round(float(per_set.mean()))
+        per_user = pairs.groupby(["split_set", "speaker_id", "split"]).size().unstack(fill_value=0).mean()
+        found.append(DatasetUsers(pairs_file.parent.name, min(users, max_users) if max_users else users,
+                                  *(float(per_user.get(s, 0.0)) for s in ("train_ft", "train_da", "dev", "test")),
+                                  source="stage 00 outputs"))
+    return found
+
+
+def estimate_pairs(turns_per_user: float, heldout_fraction: float, cap: int) -> dict[str, float]:
+    """Pairs per split for a user of `turns_per_user` turns, before stage 00 has run.
+
+    Every turn but a dialogue's first is a reply pair (~1 per turn); a `heldout_fraction` of the user's
+    partners goes to dev and test (half each), and the rest is halved into train_da and train_ft (§4.1.3,
+    §4.2.1); `cap` (max_pairs_per_split, 0 for none) caps each split.
+    """
+    shares = {"train_ft": (1 - heldout_fraction) / 2, "train_da": (1 - heldout_fraction) / 2,
+              "dev": heldout_fraction / 2, "test": heldout_fraction / 2}
+    return {split: min(turns_per_user * share, cap) if cap else turns_per_user * share
+            for split, share in shares.items()}
+
+
+def users_from_corpora(stage00: Mapping[str, Any], max_users: int = 0) -> list[DatasetUsers]:
+    """Stage 00's eligibility rules applied to each of its corpora, loaded here (Chit-Chat: ~5 s)."""
+    from udg_lib.data import load_from_spec
+    from udg_lib.splits import SplitConfig, eligibility
+
+    base = dict(min_turns=stage00["min_turns"], max_turns=stage00["max_turns"],
+                max_users=stage00["max_users"] or None, heldout_partner_fraction=stage00["heldout_partner_fraction"],
+                n_sets=stage00["n_sets"], context_turns=stage00["context_turns"], seed=stage00["seed"],
+                max_pairs_per_split=stage00["max_pairs_per_split"] or None)
+    found = []
+    for spec in stage00["corpora"]:
+        spec = dict(spec)
+        config = SplitConfig(**{**base, **spec.pop("split", {})})
+        name = spec.get("name", spec.get("format", "?"))
+        try:
+            corpus = load_from_spec(spec)
+        except Exception as exc:  # a licensed corpus absent here: planned with the paper's mean users instead
+            mean = round(sum(PAPER_USERS.values()) / len(PAPER_USERS))
+            pairs = estimate_pairs(sum(PAPER_TRAIN_PAIRS_PER_USER.values()) / len(PAPER_USERS) / (1 - 0.3),
+                                   config.heldout_partner_fraction, config.max_pairs_per_split or 0)
+            found.append(DatasetUsers(name, min(mean, max_users) if max_users else mean, **pairs,
+                                      source=f"assumed: the paper's mean of {mean} users (corpus not loadable: "
+                                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]})"))
+            continue
+        users, counts = eligibility(corpus.turns, config)
+        turns = corpus.turns.groupby("speaker_id").size()
+        mean_turns = float(turns[users].mean()) if users else 0.0
+        n = min(len(users), max_users) if max_users else len(users)
+        found.append(DatasetUsers(corpus.name, n,
+                                  **estimate_pairs(mean_turns, config.heldout_partner_fraction,
+                                                   config.max_pairs_per_split or 0),
+                                  source=f"estimated from the corpus: {counts['eligible']} of {counts['speakers']} "
+                                         f"speakers eligible ({config.min_turns}-{config.max_turns or 'any'} turns, "
+                                         f"3+ partners), {mean_turns:.0f} turns each"))
+    return found
+
+
+def dataset_users(params: Mapping[str, dict[str, Any]], outputs_root: Path) -> list[DatasetUsers]:
+    """Stage 03's datasets: from stage 00's outputs when present, else estimated from the corpora."""
+    stage03 = _stage(params, "03")
+    prepared = paths.stage_dir(outputs_root, STAGE_NAMES["00"])
+    found = users_from_outputs(prepared, stage03["max_users"]) if prepared.is_dir() else []
+    if not found:
+        found = users_from_corpora(_stage(params, "00"), stage03["max_users"])
+    wanted = stage03["datasets"]
+    return [d for d in found if not wanted or d.name in wanted]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model shape
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the profile trains: a family and a preset size of `pretraining.t5_config` / `families.llama_config`."""
+
+    family: str  # "seq2seq" or "causal"
+    preset: str
+    vocab_size: int
+    why: str  # how it was read from the params
+
+    def model_config(self) -> Any:
+        from udg_lib.families import llama_config
+        from udg_lib.pretraining import t5_config
+
+        if self.family == "causal":
+            return llama_config(self.preset, self.vocab_size)
+        return t5_config(self.preset, self.vocab_size)
+
+
+def profile_shape(params: Mapping[str, dict[str, Any]], family: str | None = None) -> ModelShape:
+    """The model shape stage 02 trains: a checkpoint's (taken as t5-base's, as every §4.1.2 checkpoint is;
+    nothing is downloaded to read it) or its from-scratch preset; `family` (or a stage 02/03 `family`
+    parameter, once the causal track is wired) picks the causal track, sized as SmolLM2-135M."""
+    from udg_lib.families import LLAMA_PRESETS, SMOLLM2_VOCAB
+    from udg_lib.pretraining import T5_PRESETS
+
+    stage00, stage02 = _stage(params, "00"), _stage(params, "02")
+    family = family or stage02.get("family") or _stage(params, "03").get("family") or "seq2seq"
+    if family == "causal":
+        preset = stage02["model_preset"] if stage02["model_preset"] in LLAMA_PRESETS else "smollm2-135m"
+        vocab = SMOLLM2_VOCAB if preset == "smollm2-135m" else stage00["vocab_size"] + 102
+        return ModelShape("causal", preset, vocab, f"causal track, {preset} shape")
+    if family != "seq2seq":
+        raise PlanError(f"unknown model family {family!r}; expected 'seq2seq' or 'causal'")
+    if stage02["checkpoint"]:
+        return ModelShape("seq2seq", "t5-base", 32128, f"checkpoint {stage02['checkpoint']} (t5-base shape)")
+    preset = stage02["model_preset"]
+    if preset not in T5_PRESETS:
+        raise PlanError(f"stage 02 model_preset {preset!r} is not one of {tuple(T5_PRESETS)}")
+    tokenizer = stage00["tokenizer_name_or_path"]
+    # a trained SentencePiece vocabulary + 100 sentinels + the prompt markers; a hub tokenizer: T5's 32,128 rows
+    vocab = 32128 if tokenizer else stage00["vocab_size"] + 102
+    return ModelShape("seq2seq", preset, vocab, f"from-scratch preset {preset!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Seconds of one unit of work (a step or a generation batch of `rows` rows) on this device."""
+
+    kind: str
+    rows: int  # rows of the unit planned (the profile's batch)
+    timed_rows: int  # rows actually timed (fewer on a CPU; scaled linearly)
+    seconds: float | None  # per unit, scaled to `rows`; None when the kind could not run
+    samples: list[float] = field(default_factory=list)  # measured seconds of each timed repetition
+    note: str = ""
+
+
+def synthetic_tokenizer(words: int = 500) -> Any:
+    """A whitespace word-level tokenizer built in memory (pad 0, eos 1, the prompt markers, w0..wN):
+    enough for `tokenize_pairs` to make batches of exact lengths, with no file or download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from udg_lib.prompts import SEP, USER, USER1
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, SEP: 3, USER: 4, USER1: 5}
+    vocab.update({f"w{i}": len(vocab) + i for i in range(words)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def synthetic_batch(family: Any, tokenizer: Any, rows: int, source_length: int, target_length: int,
+                    device: str) -> dict[str, torch.Tensor]:
+    """A training batch of `rows` prompts of `source_length` tokens and replies of `target_length`, made by the
+    family's own `tokenize_pairs` and `collator` from word sequences longer than both (so both are cut to
+    exactly the lengths the profile allows)."""
+    from udg_lib.prompts import SEP
+
+    words = [f"w{i % 500}" for i in range(2 * source_length)]
+    turns = [" ".join(words[i:i + 8]) for i in range(0, len(words), 8)]
+    source = f" {SEP} ".join(turns)
+    target = " ".join(words[: 2 * target_length])
+    examples = family.tokenize_pairs([source] * rows, [target] * rows, tokenizer, source_length, target_length)
+    batch = family.collator(tokenizer)([examples[i] for i in range(len(examples))])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(run: Callable[[], Any], repetitions: int, device: str) -> list[float]:
+    """Seconds of `repetitions` calls after one untimed warm-up call."""
+    run()
+    samples = []
+    for _ in range(repetitions):
+        _sync(device)
+        started = time.perf_counter()
+        run()
+        _sync(device)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def _train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, autocast: Any,
+                loss_of: Callable[[], torch.Tensor] | None = None) -> Callable[[], None]:
+    """One step of `finetuning.train_with_early_stopping`: forward, backward, Adam."""
+    def step() -> None:
+        with autocast():
+            loss = loss_of() if loss_of else model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+@dataclass(frozen=True)
+class TimingSpec:
+    """The batches a profile's stages run, read from its params."""
+
+    pretrain_batch: int
+    pretrain_source: int
+    pretrain_target: int
+    user_batch: int  # stage 03 batch_size: LoRA and FULL
+    users_per_batch: int  # batched LoRA
+    source: int  # stage 03 max_source_length
+    target: int  # stage 03 max_target_length
+    generate_batch: int  # stage 04 batch_size
+    max_new_tokens: int
+    lora: dict[str, Any]  # r, alpha, dropout, targets
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, dict[str, Any]]) -> TimingSpec:
+        s02, s03, s04 = _stage(params, "02"), _stage(params, "03"), _stage(params, "04")
+        return cls(s02["batch_size"], s02["max_source_length"], s02["max_target_length"], s03["batch_size"],
+                   s03["users_per_batch"], s03["max_source_length"], s03["max_target_length"], s04["batch_size"],
+                   s04["max_new_tokens"],
+                   {"lora_r": s03["lora_r"], "lora_alpha": s03["lora_alpha"], "lora_dropout": s03["lora_dropout"],
+                    "lora_targets": s03["lora_targets"]})
+
+
+def time_steps(shape: ModelShape, spec: TimingSpec, *, steps: int = 2, device: str | None = None,
+               dtype: str = "fp32", max_rows: int | None = None, seed: int = 0) -> dict[str, StepTiming]:
+    """Seconds per unit of each kind in `STEP_KINDS` at the profile's shape and batches, on `device`.
+
+    `dtype` "bf16" runs forward passes under `torch.autocast` (as stage 02's `bf16` does through the Trainer).
+    `max_rows` caps the rows timed per batch, the time scaled linearly to the full batch (default: none on a GPU;
+    on a CPU `CPU_MAX_ROWS` for a step that would take over `CPU_FULL_BATCH_SECONDS` at the full batch). A kind that fails (e.g. batched LoRA on a family `multilora` does not
+    support yet) gets `seconds=None` and the error as its note.
+    """
+    from peft import get_peft_model
+
+    from udg_lib.families import get_family
+    from udg_lib.finetuning import SELF_ATTENTION_QKVO, FinetuneConfig
+    from udg_lib.multilora import MultiLora
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in ("fp32", "bf16"):
+        raise PlanError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    auto_cap = max_rows is None and device == "cpu"
+    max_rows = max_rows if max_rows is not None else (CPU_MAX_ROWS if device == "cpu" else 0)
+    family = get_family(shape.family)
+    tokenizer = synthetic_tokenizer()
+
+    def autocast() -> Any:
+        return (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16"
+                else nullcontext())
+
+    def rows_of(rows: int) -> int:
+        return min(rows, max_rows) if max_rows else rows
+
+    targets = spec.lora["lora_targets"]
+    config = FinetuneConfig(batch_size=spec.user_batch, max_source_length=spec.source, max_target_length=spec.target,
+                            lora_r=spec.lora["lora_r"], lora_alpha=spec.lora["lora_alpha"],
+                            lora_dropout=spec.lora["lora_dropout"],
+                            lora_target_modules=SELF_ATTENTION_QKVO if targets == "self_attention_qkvo"
+                            else tuple(targets.split(",")))
+    model = family.from_config(shape.model_config(), seed=seed).to(device)
+
+    def measure(kind: str, rows: int, make: Callable[[int], Callable[[], Any]], note: str = "") -> StepTiming:
+        timed_rows = rows_of(rows)
+        try:
+            run = make(timed_rows)
+            if timed_rows < rows and auto_cap:  # a small model: time its whole batch if that is quick
+                first = _time(run, 1, device)[0]
+                if first * rows / timed_rows <= CPU_FULL_BATCH_SECONDS:
+                    model.zero_grad(set_to_none=True)
+                    timed_rows, run = rows, make(rows)
+            samples = _time(run, steps, device)
+        except Exception as exc:  # reported, not raised: the other kinds still make a plan
+            return StepTiming(kind, rows, timed_rows, None, [], f"not supported yet: {type(exc).__name__}: "
+                                                                 f"{' '.join(str(exc).split())[:200]}")
+        finally:
+            model.zero_grad(set_to_none=True)
+        return StepTiming(kind, rows, timed_rows, statistics.median(samples) * rows / timed_rows,
+                          [round(s, 4) for s in samples], note)
+
+    def full_step(source: int, target: int) -> Callable[[int], Callable[[], None]]:
+        def make(rows: int) -> Callable[[], None]:
+            model.train()
+            batch = synthetic_batch(family, tokenizer, rows, source, target, device)
+            return _train_step(model, batch, torch.optim.Adam(model.parameters(), lr=1e-4), autocast)
+        return make
+
+    wrapped: dict[str, Any] = {}  # adapters are added once, however many batch sizes are timed
+
+    def lora_step(rows: int) -> Callable[[], None]:
+        if "peft" not in wrapped:
+            wrapped["peft"] = get_peft_model(model, family.lora_config(config))
+        peft_model = wrapped["peft"]
+        peft_model.train()
+        batch = synthetic_batch(family, tokenizer, rows, spec.source, spec.target, device)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        return _train_step(peft_model, batch, torch.optim.Adam(params, lr=1e-4), autocast)
+
+    timings = {"pretrain": measure("pretrain", spec.pretrain_batch,
+                                   full_step(spec.pretrain_source, spec.pretrain_target),
+                                   "stage 02: one step of the whole model (AdamW there, Adam here: same cost)"),
+               "full": measure("full", spec.user_batch, full_step(spec.source, spec.target),
+                               "stage 03: FULL, DA and One-ID: one step of the whole model")}
+    timings["lora"] = measure("lora", spec.user_batch, lora_step, "stage 03: one user's peft LoRA step")
+    # get_peft_model injected LoRA layers into `model` itself: a fresh plain base for the next kinds
+    model = family.from_config(shape.model_config(), seed=seed).to(device)
+
+    def lora_batched_step(rows: int) -> Callable[[], None]:
+        users = [f"u{i}" for i in range(spec.users_per_batch)]
+        if "multi" not in wrapped:
+            wrapped["multi"] = MultiLora(model, config)
+            for user in users:
+                wrapped["multi"].add_user(user, seed)
+        multi = wrapped["multi"]
+        params = [p for user in users for p in multi.parameters(user)]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.train()
+        batch = synthetic_batch(family, tokenizer, rows, spec.source, spec.target, device)
+        row_users = [users[i % len(users)] for i in range(rows)]
+
+        def loss_of() -> torch.Tensor:
+            with multi.routed(row_users):
+                return model(**batch).loss
+        return _train_step(model, batch, torch.optim.Adam(params, lr=1e-4), autocast, loss_of)
+
+    batched = measure("lora_batched", spec.users_per_batch * spec.user_batch, lora_batched_step,
+                      f"stage 03: one multilora step of {spec.users_per_batch} users x {spec.user_batch} rows")
+    timings["lora_batched"] = batched
+    model = family.from_config(shape.model_config(), seed=seed).to(device).eval()
+
+    def generate(rows: int) -> Callable[[], Any]:
+        batch = synthetic_batch(family, tokenizer, rows, spec.source, spec.target, device)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if shape.family == "causal":  # the prompt without its reply, as CAUSAL.generate feeds it
+            keep = batch["labels"][0] == -100
+            inputs = {k: v[:, keep] for k, v in inputs.items()}
+
+        @torch.no_grad()
+        def run() -> Any:
+            with autocast():
+                return model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=spec.max_new_tokens,
+                                      min_new_tokens=spec.max_new_tokens, pad_token_id=0, eos_token_id=1)
+        return run
+
+    timings["generate"] = measure("generate", spec.generate_batch, generate,
+                                  f"stages 03-05: greedy replies of {spec.max_new_tokens} tokens (forced full length)")
+    del model
+    return timings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    """A profile's counts, timings and estimates; `table` is what notebook 03 shows."""
+
+    profile: str
+    device: str
+    dtype: str
+    shape: ModelShape
+    params_source: str
+    datasets: list[DatasetUsers]
+    timings: dict[str, StepTiming]
+    table: pd.DataFrame  # one row per stage's kind of work
+    paper_table: pd.DataFrame  # the same at the paper's counts
+    assumptions: list[str]
+
+    @property
+    def total_hours(self) -> float:
+        return float(self.table["device_hours"].sum())
+
+    @property
+    def paper_training_hours(self) -> float:
+        return float(self.paper_table.loc[self.paper_table["stage"] == "03", "device_hours"].sum())
+
+    @property
+    def paper_models(self) -> int:
+        """Models the paper counts (§4.2.2): One-ID, LoRA and FULL; DA precedes them and is not counted."""
+        return int(self.paper_table.loc[self.paper_table["work"] != "DA", "models"].sum())
+
+    def meets_goal(self) -> bool:
+        return self.paper_training_hours <= GOAL_GPU_HOURS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, "device": self.device, "dtype": self.dtype, "shape": asdict(self.shape),
+                "params_source": self.params_source, "datasets": [asdict(d) for d in self.datasets],
+                "timings": {k: asdict(v) for k, v in self.timings.items()},
+                "table": self.table.to_dict("records"), "total_device_hours": self.total_hours,
+                "paper": {"models": self.paper_models, "table": self.paper_table.to_dict("records"),
+                          "training_device_hours": self.paper_training_hours, "goal_gpu_hours": GOAL_GPU_HOURS,
+                          "meets_goal_on_this_device": self.meets_goal()},
+                "assumptions": self.assumptions}
+
+
+@dataclass(frozen=True)
+class WorkCounts:
+    """What stage 03 trains for one dataset: the unit of the count table."""
+
+    dataset: str
+    users: int
+    split_sets: int
+    pretrained: int
+    train_ft: float
+    train_da: float
+    dev: float
+    test: float
+
+
+def count_rows(work: Sequence[WorkCounts], timings: Mapping[str, StepTiming], *, epochs: int, da_epochs: int,
+               user_batch: int, da_batch: int, generate_batch: int, questions: int, exp2_pretrained: int,
+               lora_kind: str, users_per_batch: int) -> list[dict[str, Any]]:
+    """Stage 03-05 rows of a plan: DA, One-ID, LoRA, FULL trainings and the generation batches.
+
+    Steps per training = epochs x ceil(pairs / batch); each epoch's dev loss adds dev pairs / batch steps at
+    `DEV_FORWARD_SHARE` of a step. Generation: every user's test contexts for DA, One-ID, LoRA and FULL
+    (stages 03-04), and Exp2's questions for the same four systems of `exp2_pretrained` models (stage 05).
+    """
+    def seconds(kind: str) -> float:
+        value = timings[kind].seconds
+        return float("nan") if value is None else value
+
+    rows = []
+    lora_unit = seconds("lora")
+    if lora_kind == "lora_batched" and timings["lora_batched"].seconds is not None:
+        lora_unit = seconds("lora_batched") / max(users_per_batch, 1)  # one user's share of a batched step
+    for method, models_each, unit, per_model in (
+        ("DA", 1, seconds("full") * da_batch / user_batch, lambda w: (w.users * w.train_da, w.users * w.dev, da_epochs,
+                                                                      da_batch)),
+        ("One-ID", 1, seconds("full") * da_batch / user_batch,
+         lambda w: (w.users * w.train_ft, w.users * w.dev, da_epochs, da_batch)),
+        ("LoRA", None, lora_unit, lambda w: (w.train_ft, w.dev, epochs, user_batch)),
+        ("FULL", None, seconds("full"), lambda w: (w.train_ft, w.dev, epochs, user_batch)),
+    ):
+        models = steps = 0
+        for w in work:
+            n = (models_each or w.users) * w.split_sets * w.pretrained
+            train, dev, n_epochs, batch = per_model(w)
+            per = n_epochs * (math.ceil(train / batch) + DEV_FORWARD_SHARE * math.ceil(dev / batch))
+            models += n
+            steps += n * per
+        rows.append({"stage": "03", "work": method, "models": models, "units": round(steps),
+                     "unit": "step", "seconds_per_unit": unit, "device_hours": steps * unit / 3600})
+    replies = sum(w.split_sets * w.pretrained * 4 * w.users * w.test for w in work)
+    replies += sum(w.split_sets * min(exp2_pretrained, w.pretrained) * 4 * w.users * questions for w in work)
+    batches = math.ceil(replies / generate_batch)
+    rows.append({"stage": "03-05", "work": "generation", "models": 0, "units": batches,
+                 "unit": f"batch of {generate_batch}", "seconds_per_unit": seconds("generate"),
+                 "device_hours": batches * seconds("generate") / 3600})
+    return rows
+
+
+def paper_counts(user_batch: int) -> list[WorkCounts]:
+    """The paper's datasets at its own scale: Table 2's users, half of each user's training pairs for
+    fine-tuning (§4.1.3), and dev / test pairs as the 30% held-out partners give them (half each)."""
+    return [WorkCounts(name, users, PAPER_SPLIT_SETS, PAPER_PRETRAINED, train / 2, train / 2,
+                       train / 0.7 * 0.15, train / 0.7 * 0.15)
+            for (name, users), train in zip(PAPER_USERS.items(), PAPER_TRAIN_PAIRS_PER_USER.values())]
+
+
+def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_root: str | Path | None = None,
+                 notebooks_dir: str | Path | None = None, steps: int = 2, device: str | None = None,
+                 dtype: str = "fp32", family: str | None = None, epochs: int | None = None,
+                 max_rows: int | None = None) -> Plan:
+    """The cost plan of `profile` on this device: counts from its params and users, a few timed steps of each
+    kind, and estimates per stage and at the paper's counts. `epochs` assumes users stop after that many
+    epochs (default: the profile's epoch cap, an upper bound)."""
+    params, source = profile_params(profile, params_dir, notebooks_dir)
+    out_root = paths.outputs_root(profile, outputs_root)
+    shape = profile_shape(params, family)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    s02, s03, s05 = _stage(params, "02"), _stage(params, "03"), _stage(params, "05")
+    datasets = dataset_users(params, out_root)
+    spec = TimingSpec.from_params(params)
+    timings = time_steps(shape, spec, steps=steps, device=device, dtype=dtype, max_rows=max_rows)
+
+    epochs_assumed = epochs or s03["max_epochs"]
+    da_epochs = min(epochs_assumed, s03["da_max_epochs"]) if epochs else s03["da_max_epochs"]
+    lora_kind = "lora_batched" if s03["lora_training"] == "batched" else "lora"
+    questions = min(QUESTIONS, s03["max_questions"]) if s03["max_questions"] else QUESTIONS
+    settings = dict(epochs=epochs_assumed, da_epochs=da_epochs, user_batch=spec.user_batch, da_batch=s03["da_batch_size"],
+                    generate_batch=spec.generate_batch, questions=questions, lora_kind=lora_kind,
+                    users_per_batch=spec.users_per_batch)
+
+    plain_steps = 0 if s02["checkpoint"] else s02["plain_t5_steps"]
+    pretrain_steps = plain_steps + 3 * s02["dialogue_steps"]
+    rows = [{"stage": "02", "work": "pre-training", "models": (0 if s02["checkpoint"] else 1) + 3,
+             "units": pretrain_steps, "unit": "step", "seconds_per_unit": timings["pretrain"].seconds or float("nan"),
+             "device_hours": pretrain_steps * (timings["pretrain"].seconds or float("nan")) / 3600}]
+    work = [WorkCounts(d.name, d.users, len(s03["split_sets"]), len(s03["pretrained"]), d.train_ft, d.train_da,
+                       d.dev, d.test) for d in datasets]
+    rows += count_rows(work, timings, exp2_pretrained=len(s05["pretrained"]), **settings)
+    table = _finish(pd.DataFrame(rows))
+    paper = _finish(pd.DataFrame(count_rows(paper_counts(spec.user_batch), timings, exp2_pretrained=3, **settings)))
+
+    assumptions = [
+        f"params: {source}; model: {shape.family} {shape.preset} ({shape.why}), vocabulary {shape.vocab_size:,}",
+        f"users and pairs: " + "; ".join(f"{d.name}: {d.users} users, {d.train_ft:.0f} fine-tuning / "
+                                         f"{d.dev:.0f} dev / {d.test:.0f} test pairs each ({d.source})"
+                                         for d in datasets),
+        f"epochs: {epochs_assumed} per user (the {'assumed' if epochs else 'cap, an upper bound: early stopping ends sooner'}), "
+        f"{da_epochs} for DA and One-ID; a dev-loss pass costs {DEV_FORWARD_SHARE:.2f} of a step per batch",
+        f"LoRA timed as {'batched multilora' if lora_kind == 'lora_batched' else 'one user at a time (peft)'}"
+        + ("" if lora_kind == "lora" or timings["lora_batched"].seconds is not None
+           else f" -> fell back to one user at a time ({timings['lora_batched'].note})"),
+        f"generation: test replies of DA, One-ID, LoRA, FULL and {questions} Exp2 questions per user, "
+        f"{spec.max_new_tokens} tokens each",
+        f"timed on {device} in {dtype}: {steps} repetitions after a warm-up"
+        + (f"; batches capped at {max(t.timed_rows for t in timings.values())} rows and scaled linearly"
+           if any(t.timed_rows < t.rows for t in timings.values()) else ""),
+        "paper (§4.2.2): One-ID once per (dataset, split set, pre-trained model), LoRA and FULL once per user: "
+        "(2 x 100 + 1) x 4 x 3 = 2,412 (PCJP) + (2 x 140 + 1) x 12 = 3,372 (UPC) + (2 x 147 + 1) x 12 = 3,540 (SD) "
+        "= 9,324; DA's 36 models are trained but not counted there",
+    ]
+    return Plan(profile, device, dtype, shape, source, datasets, timings, table, paper, assumptions)
+
+
+def _finish(table: pd.DataFrame) -> pd.DataFrame:
+    table["wall"] = table["device_hours"].map(format_hours)
+    return table[["stage", "work", "models", "units", "unit", "seconds_per_unit", "wall", "device_hours"]]
+
+
+def format_hours(hours: float) -> str:
+    """e.g. '3 h 05 min', '12 min', '40 s', '-' for an unknown value."""
+    if hours != hours:  # NaN: a kind that could not be timed
+        return "-"
+    seconds = hours * 3600
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if hours < 1:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(hours)} h {round(seconds / 60) % 60:02d} min"
+
+
+def format_plan(plan: Plan) -> str:
+    """The printed plan: counts and estimates per stage, the total, the paper's counts and the goal."""
+    def show(table: pd.DataFrame) -> str:
+        shown = table.assign(seconds_per_unit=table["seconds_per_unit"].map(lambda v: f"{v:.3g}"),
+                             device_hours=table["device_hours"].map(lambda v: f"{v:.3g}"))
+        return shown.to_string(index=False)
+
+    lines = [f"cost plan of profile {plan.profile!r} on {plan.device} ({plan.dtype})", ""]
+    lines += ["timed steps:"] + [f"  {t.kind:<12} {('-' if t.seconds is None else f'{t.seconds:.3g} s'):>10} per unit "
+                                 f"of {t.rows} rows (timed {t.timed_rows}: {t.samples})  {t.note}"
+                                 for t in plan.timings.values()]
+    lines += ["", show(plan.table), f"total: {format_hours(plan.total_hours)} ({plan.total_hours:.3g} device-hours "
+                                      f"on one {plan.device} device)", ""]
+    lines += [f"at the paper's counts ({plan.paper_models:,} models: 36 One-ID + 4,644 LoRA + 4,644 FULL):",
+              show(plan.paper_table),
+              f"training (DA, One-ID, LoRA, FULL): {plan.paper_training_hours:.3g} device-hours on this {plan.device}; "
+              f"goal: {PAPER_MODELS:,} user models in <= {GOAL_GPU_HOURS:g} GPU-hours on one H100-class GPU: "
+              f"{'met' if plan.meets_goal() else 'not met'} on this device", ""]
+    lines += ["assumptions:"] + [f"  - {a}" for a in plan.assumptions]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m udg_lib.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, help="params/<profile>/ (any profile whose folder exists)")
+    parser.add_argument("--params-dir", help="folder of <stage>.yaml files instead of params/<profile>")
+    parser.add_argument("--outputs-root", help="stage outputs instead of outputs/<profile> (stage 00's users)")
+    parser.add_argument("--steps", type=int, default=2, help="timed repetitions per kind, after a warm-up (default 2)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when torch sees one)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: forward under autocast")
+    parser.add_argument("--family", choices=("seq2seq", "causal"), help="model family (default: the profile's)")
+    parser.add_argument("--epochs", type=int, help="assume users stop after this many epochs (default: the cap)")
+    parser.add_argument("--max-rows", type=int, help=f"rows timed per batch (default: all on GPU; on CPU {CPU_MAX_ROWS} for slow steps)")
+    parser.add_argument("--json", type=Path, help="also write the plan as JSON here")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.params_dir is None and not (paths.repo_root() / "params" / args.profile).is_dir():
+        known = sorted(p.name for p in (paths.repo_root() / "params").iterdir() if p.is_dir())
+        print(f"udg plan: no params/{args.profile}/ (profiles: {', '.join(known)})", file=sys.stderr)
+        return 1
+    try:
+        plan = plan_profile(args.profile, params_dir=args.params_dir, outputs_root=args.outputs_root,
+                            steps=args.steps, device=args.device, dtype=args.dtype, family=args.family,
+                            epochs=args.epochs, max_rows=args.max_rows)
+    except Exception as exc:  # pipeline and corpus errors carry one-line messages
+        print(f"udg plan: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    print(format_plan(plan))
+    if args.json:
+        from udg_lib.io import write_json
+        from udg_lib.provenance import provenance
+
+        write_json(args.json, {**plan.as_dict(), "provenance": provenance()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
