@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -169,6 +170,54 @@ def test_llm_baselines_figure2_and_the_report(test_run: Path, tmp_path: Path):
     for needed in ("Table 1 analog", "Table 2 analog", "Table 3 analog: chitchat", "Table 6 analog", "Table 7 analog",
                    "figure2.png", "**C1**", "**C5**", "of wall time"):
         assert needed in report, needed
+
+
+@pytest.fixture(scope="module")
+def causal_run(test_run: Path, tmp_path_factory) -> Path:
+    """Stages 02-05 again on the test profile with `model_family: causal` (a tiny Llama-style LM built from
+    the test preset), reusing the T5 run's corpus and profiles."""
+    root = tmp_path_factory.mktemp("causal")
+    params = root / "params"
+    shutil.copytree(repo_root() / "params" / "test", params)
+    with (params / "02_pretrain_models.yaml").open("a", encoding="utf-8") as handle:
+        handle.write("model_family: causal\n")
+    outputs = root / "test"
+    for stage in ("00_prepare_corpus", "01_infer_profiles"):
+        shutil.copytree(test_run / stage, outputs / stage)
+    for stage in ("02", "03", "04", "05"):
+        [result] = run_pipeline("test", only=stage, params_dir=params, outputs_root=outputs)
+        assert result.status == "ran", stage
+    return outputs
+
+
+def test_causal_family_runs_stages_02_to_05(causal_run: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from udg_lib.families import CAUSAL, family_of
+    from udg_lib.finetuning import DONE_FILE, user_dir
+
+    pretrained = metrics(causal_run, "02_pretrain_models")["metrics"]
+    assert pretrained["model_family"] == "causal" and pretrained["models"]["plain_t5"]["steps"] == 6
+    for name in ("psp", "ppp"):  # the conditioning check's paired test ran
+        assert 0 <= pretrained["profile_conditioning"][name]["p_value"] <= 1
+    stage = causal_run / "03_finetune_users"
+    condition = stage / "tbbt" / "set0" / "psp"
+    da = AutoModelForCausalLM.from_pretrained(condition / "da" / "model")
+    assert family_of(da) is CAUSAL and json.loads((condition / "da" / DONE_FILE).read_text())["family"] == "causal"
+    users = pd.read_csv(causal_run / "00_prepare_corpus" / "tbbt" / "eval_users.csv", dtype=str)
+    adapter = user_dir(condition / "lora", users["user_id"].iloc[0]) / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    PeftModel.from_pretrained(da, adapter)
+    summaries = pd.read_parquet(stage / "training_summaries.parquet")
+    assert (summaries["n_train"] > 0).all() and (summaries["epochs_run"] >= 1).all()
+    scores = pd.read_parquet(causal_run / "04_exp1_next_utterance" / "scores.parquet")
+    assert {("psp", "lora"), ("ppp", "full"), ("plain_t5", "one_id"), ("plain_dialogue", "da")} <= set(
+        zip(scores["pretrain"], scores["method"]))
+    table = pd.read_csv(causal_run / "04_exp1_next_utterance" / "table3_chitchat.csv")
+    assert len(table) == 17 and (table["perplexity"].dropna() > 1).all()
+    table7 = pd.read_csv(causal_run / "05_exp2_diversity" / "table7.csv", index_col=0)
+    assert len(table7) == 9
 
 
 def test_second_run_skips_up_to_date_stages(test_run: Path):
