@@ -614,9 +614,8 @@ def build_base_model(family: str | ModelFamily, checkpoint: str | Path, preset: 
 def load_model(path_or_id: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A checkpoint (folder, hub id, or a packaged LLM's short name such as "smollm2", see
     `udg_lib.llm.PACKAGED_LLMS`) through its family's Auto class, in eval mode."""
-    from udg_lib.llm import PACKAGED_LLMS, load_causal_lm  # imported here: llm is only needed for short names
+    from udg_lib.llm import checkpoint_source  # imported here: llm is only needed for short names
 
-    if str(path_or_id) in PACKAGED_LLMS:
-        return load_causal_lm(str(path_or_id), dtype=dtype)[0]
-    family = family_of(AutoConfig.from_pretrained(str(path_or_id)))
-    return family.auto_class.from_pretrained(str(path_or_id), dtype=dtype).eval()
+    source = str(checkpoint_source(path_or_id))
+    family = family_of(AutoConfig.from_pretrained(source))
+    return family.auto_class.from_pretrained(source, dtype=dtype).eval()

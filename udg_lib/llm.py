@@ -90,6 +90,18 @@ def convert_packaged_gguf(name: str, cache_dir: Path) -> None:
         tokenizer.save_pretrained(staging)
 
 
+def checkpoint_source(name_or_path: str | Path, cache_dir: str | Path | None = None) -> str | Path:
+    """What `from_pretrained` should read for `name_or_path`: a packaged model's converted checkpoint folder
+    (converted from its GGUF on first use, into `cache_dir`, default ~/.cache/udg/llm/<name>), else the model
+    id or local path itself."""
+    if str(name_or_path) not in PACKAGED_LLMS:
+        return name_or_path
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir(str(name_or_path))
+    if not _is_saved_checkpoint(directory):
+        convert_packaged_gguf(str(name_or_path), directory)
+    return directory
+
+
 def load_causal_lm(name_or_path: str = "smollm2", *, cache_dir: str | Path | None = None,
                    dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer, in eval mode.
@@ -98,13 +110,7 @@ def load_causal_lm(name_or_path: str = "smollm2", *, cache_dir: str | Path | Non
     (default ~/.cache/udg/llm/<name>) afterwards; any other string is a model id or local path
     for `from_pretrained`.
     """
-    if name_or_path in PACKAGED_LLMS:
-        directory = Path(cache_dir) if cache_dir is not None else default_cache_dir(name_or_path)
-        if not _is_saved_checkpoint(directory):
-            convert_packaged_gguf(name_or_path, directory)
-        source: str | Path = directory
-    else:
-        source = name_or_path
+    source = checkpoint_source(name_or_path, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     return model.eval(), tokenizer

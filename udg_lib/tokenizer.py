@@ -197,13 +197,16 @@ def add_marker_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def load_tokenizer(name_or_path: str | Path, *, add_special_tokens: bool = True) -> LoadedTokenizer:
-    """Load a tokenizer folder or hub id with `AutoTokenizer` and, unless told not to, add the §3.4 markers.
+    """Load a tokenizer folder, hub id or packaged LLM short name (`llm.PACKAGED_LLMS`, e.g. "smollm2" for the
+    causal track) with `AutoTokenizer` and, unless told not to, add the §3.4 markers.
 
     A tokenizer from `train_sentencepiece_tokenizer` already has them; a pretrained one (e.g.
     `sonoisa/t5-base-japanese`) gains them, and `added_special_tokens` tells the caller to check the
     model's embedding size (see `add_marker_tokens`).
     """
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    from udg_lib.llm import checkpoint_source  # packaged LLM short names ("smollm2") resolve to their folder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_source(name_or_path)))
     added = add_marker_tokens(tokenizer) if add_special_tokens else False
     return LoadedTokenizer(tokenizer=tokenizer, added_special_tokens=added)
 
