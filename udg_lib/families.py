@@ -39,10 +39,12 @@ Both families run any peft `PeftModel` the same way (`adapter_names` routes each
 adapter in one batch). Sizes of locally built causal models come from `llama_config` presets, as T5's from
 `pretraining.t5_config`: "test" is tiny, "smollm2-135m" the shape of SmolLM2-135M.
 
-Status (issue #11): tested on its own; stages 02-06 still call the seq2seq functions directly. Wiring it in
-means `finetuning` (encode_pairs, domain_adapt, One-ID, run_users), `generation`, `multilora`'s per-user
-losses (`token_losses`) and stage 02's trainer asking `family_of(model)`, plus the cpu / cpu-t5 / test
-profiles and the causal family's safety tests.
+Where the pipeline asks (issue #11): `finetuning` (encode_pairs, domain_adapt, One-ID, run_users),
+`multilora` (per-user losses via `token_losses`, LoRA targets), `generation` (greedy_generate and
+reference_nll dispatch on `family_of(model)`; `RoutedAdapters` routes rows for both), `pretraining`'s
+conditioning checks, and stage 02 (`model_family`: `build_base_model`, the family's `tokenize_pairs` and
+`collator`; a causal Plain trained from scratch uses `NextTokenCollator`). Stages 03-06 read the family
+from the saved checkpoints' configs.
 """
 
 from __future__ import annotations

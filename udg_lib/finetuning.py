@@ -26,6 +26,7 @@ in the loop, so a resumed run gives the same artifacts as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -83,6 +84,10 @@ class FinetuneConfig:
     lora_dropout: float = 0.1  # not reported; T5's own dropout rate
     # module-name suffixes (tuple) or one regex (str) that peft full-matches; see SELF_ATTENTION_QKVO above
     lora_target_modules: tuple[str, ...] | str = SELF_ATTENTION_QKVO
+    # Forward passes under bf16 autocast (weights and Adam stay fp32): "auto" where the device computes
+    # bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), True to force, False for fp32.
+    # On a CPU without them (AVX2 only) bf16 matmuls are emulated and several times slower than fp32.
+    bf16: bool | str = False
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -120,8 +125,29 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU that reports bf16 support, or a CPU with
+    AVX512-BF16 / AMX (torch's own dispatch check)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def autocast_context(device: torch.device | str, bf16: bool | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `bf16` is True, or "auto" and `bf16_supported(device)`; else nothing."""
+    if bf16 not in (True, False, "auto"):
+        raise ValueError(f"bf16 must be True, False or 'auto', got {bf16!r}")
+    enabled = bf16 is True or (bf16 == "auto" and bf16_supported(device))
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def dev_loss(model: torch.nn.Module, examples: Dataset, collator: Callable, batch_size: int = 32) -> float:
+def dev_loss(model: torch.nn.Module, examples: Dataset, collator: Callable, batch_size: int = 32,
+             bf16: bool | str = False) -> float:
     """Token-level cross-entropy over `examples` (each batch's mean weighted by its label tokens); NaN if none.
 
     Batches are taken in dataset order, so the value does not depend on any random state.
@@ -135,7 +161,8 @@ def dev_loss(model: torch.nn.Module, examples: Dataset, collator: Callable, batc
     for start in range(0, len(examples), batch_size):
         batch = _to(collator([examples[i] for i in range(start, min(start + batch_size, len(examples)))]), device)
         n = int((batch["labels"] != LABEL_PAD_ID).sum())
-        total += float(model(**batch).loss) * n
+        with autocast_context(device, bf16):
+            total += float(model(**batch).loss) * n
         tokens += n
     model.train(was_training)
     return total / tokens if tokens else float("nan")
@@ -167,7 +194,7 @@ def train_with_early_stopping(model: torch.nn.Module, train_examples: Dataset, d
     def snapshot() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
 
-    best_loss = initial = dev_loss(model, dev_examples, collator, config.eval_batch_size)
+    best_loss = initial = dev_loss(model, dev_examples, collator, config.eval_batch_size, config.bf16)
     best_state, best_epoch = (snapshot() if has_dev else None), 0
     summary = TrainingSummary(epochs_run=0, best_epoch=0, best_dev_loss=best_loss, initial_dev_loss=initial,
                               n_train=len(train_examples), n_dev=len(dev_examples),
@@ -180,7 +207,8 @@ def train_with_early_stopping(model: torch.nn.Module, train_examples: Dataset, d
             model.train()
             losses = []
             for batch in loader:
-                loss = model(**_to(batch, device)).loss
+                with autocast_context(device, config.bf16):
+                    loss = model(**_to(batch, device)).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -191,7 +219,7 @@ def train_with_early_stopping(model: torch.nn.Module, train_examples: Dataset, d
             if not has_dev:
                 summary.dev_losses.append(float("nan"))
                 continue
-            loss = dev_loss(model, dev_examples, collator, config.eval_batch_size)
+            loss = dev_loss(model, dev_examples, collator, config.eval_batch_size, config.bf16)
             summary.dev_losses.append(loss)
             if loss < best_loss - config.min_delta:
                 best_loss, best_epoch, best_state, bad_epochs = loss, epoch, snapshot(), 0

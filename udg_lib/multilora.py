@@ -72,6 +72,7 @@ from udg_lib.finetuning import (
     AfterUser,
     FinetuneConfig,
     TrainingSummary,
+    autocast_context,
     check_evaluation_unit,
     encode_pairs,
     is_user_done,
@@ -496,8 +497,9 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
                         spans.append((run, len(features), len(features) + len(batch)))
                         features.extend(batch)
                         row_users.extend([run.user] * len(batch))
-                    losses, mask = _forward_token_losses(base_model, multi, features, row_users, family, collator,
-                                                         device)
+                    with autocast_context(device, config.bf16):
+                        losses, mask = _forward_token_losses(base_model, multi, features, row_users, family,
+                                                             collator, device)
                     # each user's own mean token loss: its gradient is the one it would get training alone
                     user_losses = torch.stack([losses[a:b].sum() / mask[a:b].sum() for _, a, b in spans])
                     for run in stepping:
@@ -509,8 +511,9 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
                         run.summary.steps += 1
                     ended = [run for run in stepping if run.batches_left == 0]
                 with_dev = {run.user: run.dev for run in ended if run.has_dev}
-                dev_losses = (batched_dev_losses(base_model, multi, with_dev, collator, config.eval_batch_size)
-                              if with_dev else {})
+                with autocast_context(device, config.bf16):
+                    dev_losses = (batched_dev_losses(base_model, multi, with_dev, collator, config.eval_batch_size)
+                                  if with_dev else {})
                 for run in ended:
                     loss = dev_losses.get(run.user, float("nan"))
                     if run in joined:
