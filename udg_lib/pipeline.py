@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import nbformat
 import papermill
@@ -55,15 +55,15 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
 }
 # Errors of a full disk: the exception rarely names the file, so the failure line names the outputs folder.
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_DISK_BYTES = 1 << 20  # less free space than this after a failure: the disk is taken to be full
 # Parameters naming a model whose tokenizer must cover the language of the corpora it serves: stage 02's
 # checkpoint serves every corpus; notebooks 04 and 06 embed Japanese datasets with `embedder_ja` and the
 # others with `embedder`. (Stage 00 checks its own `tokenizer_name_or_path`.)
-LANGUAGE_MODEL_PARAMS: dict[str, Any] = {
+LANGUAGE_MODEL_PARAMS: dict[str, Callable[[str], bool]] = {
     "checkpoint": lambda language: True,
     "embedder": lambda language: language != "ja",
     "embedder_ja": lambda language: language == "ja",
 }
-_FULL_DISK_BYTES = 1 << 20  # less free space than this after a failure: the disk is taken to be full
 
 
 class PipelineError(RuntimeError):
@@ -385,17 +385,24 @@ def run_pipeline(
     try:
         for index, stage in stages.items():
             forced = force or (first_forced is not None and index >= first_forced)
-            prepared = paths.stage_dir(out_root, names[corpus_stage]) if not languages_checked else None
-            if prepared is not None and index > corpus_stage and recorded_run_key(prepared) is not None:
-                check_model_languages(all_stages[corpus_stage + 1:], prepared, params_root)
+            upstream = _upstream_keys(names, index, out_root)
+            if not languages_checked and index > corpus_stage and upstream[corpus_stage] is not None and (
+                forced or not _up_to_date(stage, upstream, out_root)
+            ):
+                check_model_languages(all_stages[corpus_stage + 1:], paths.stage_dir(out_root, names[corpus_stage]),
+                                      params_root)
                 languages_checked = True
-            results.append(
-                _run_stage(stage, _upstream_keys(names, index, out_root), out_root, profile, forced, verbose)
-            )
+            results.append(_run_stage(stage, upstream, out_root, profile, forced, verbose))
     finally:
         if created_root and out_root.is_dir() and not any(out_root.iterdir()):
             out_root.rmdir()  # a first run that failed leaves no trace
     return results
+
+
+def _up_to_date(stage: Stage, upstream_keys: list[str | None], out_root: Path) -> bool:
+    """Whether the stage's folder holds the result of these params, notebook, inputs and upstream results."""
+    run_key = compute_run_key(stage.params, stage.source_hash, upstream_keys, stage.inputs)
+    return recorded_run_key(paths.stage_dir(out_root, stage.name)) == run_key
 
 
 def _run_stage(
