@@ -226,6 +226,7 @@ def check_model_languages(stages: list[Stage], prepared_dir: Path, params_dir: P
     from udg_lib.tokenizer import TokenizerLanguageError, check_corpora_fit, load_tokenizer
 
     languages = {corpus_language(prepared_dir, name) for name in corpus_names(prepared_dir)}
+    checked = set()  # (model, languages): stages 04 and 06 name the same embedders
     for stage in stages:
         for param, serves in LANGUAGE_MODEL_PARAMS.items():
             value = stage.params.get(param)
@@ -234,8 +235,9 @@ def check_model_languages(stages: list[Stage], prepared_dir: Path, params_dir: P
                 continue
             source = params_dir / f"{stage.name}.yaml" if param in stage.overrides else stage.notebook
             ref = embedder_model_ref(value) if param.startswith("embedder") else value
-            if ref is None:
+            if ref is None or (ref, tuple(served)) in checked:
                 continue
+            checked.add((ref, tuple(served)))
             try:
                 tokenizer, _ = load_tokenizer(ref, add_special_tokens=False)
             except Exception as exc:  # a hub id missing from the cache offline, a folder without a tokenizer
