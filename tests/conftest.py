@@ -19,6 +19,17 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
 
 
+# Words of the tiny generated Japanese text (no spaces between words, as Japanese is written).
+JA_WORDS = ("こんにちは 今日は いい天気 ですね 私は 大学生 です 東京に 住んで います 週末は よく 映画を 見ます "
+            "趣味は 料理と 読書 犬を 飼って 音楽が 好き 旅行に 行きたい 仕事は 会社員 猫が かわいい 朝ごはんは パン").split()
+
+
+def japanese_sentences(n: int, seed: int = 0) -> list[str]:
+    """`n` random Japanese sentences of 3-7 JA_WORDS ending in 。, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return ["".join(rng.choice(JA_WORDS) for _ in range(rng.randint(3, 7))) + "。" for _ in range(n)]
+
+
 CANARY = "ZQXCANARY"  # a string planted in one user's data that must never reach another user's batches
 
 

@@ -184,6 +184,16 @@ def _use_multilingual_embedder(name: str) -> SentenceEmbedder:
     return SentenceEmbedder(name, encode_batch, 512)
 
 
+def embedder_model_ref(name: str) -> str | None:
+    """The folder or hub id of an embedder's sentence-transformers model (its tokenizer lives there too);
+    None for USE multilingual, which is numpy with its own SentencePiece model, multilingual by design."""
+    if name == "use-multilingual":
+        return None
+    if name == "minilm":
+        return str(_package_dir(EMBEDDERS[name]) / "model")
+    return name
+
+
 def load_embedder(name: str = "minilm", device: str | None = None) -> SentenceEmbedder:
     """An embedder by short name (`EMBEDDERS`) or sentence-transformers id/folder (§4.2.3 "SentenceBERT").
 

@@ -11,7 +11,9 @@ of earlier stages) matches the one it last recorded, unless forced. A stage runs
 replaces the final one only on success, so a failed or interrupted stage leaves nothing under outputs/.
 
 Before any stage runs, every stage's yaml values are checked against the types annotated in its notebook's
-parameters cell (int, float, str, bool, list, dict), and stage 00's corpus specs against their formats.
+parameters cell (int, float, str, bool, list, dict), stage 00's corpus specs against their formats and the
+files they name for existence. Once stage 00's corpora are there, and before a later stage runs, the tokenizer
+of every model the later stages name (checkpoint, embedders) must cover the corpora's languages.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import nbformat
 import papermill
@@ -54,6 +56,14 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
 # Errors of a full disk: the exception rarely names the file, so the failure line names the outputs folder.
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_DISK_BYTES = 1 << 20  # less free space than this after a failure: the disk is taken to be full
+# Parameters naming a model whose tokenizer must cover the language of the corpora it serves: stage 02's
+# checkpoint serves every corpus; notebooks 04 and 06 embed Japanese datasets with `embedder_ja` and the
+# others with `embedder`. (Stage 00 checks its own `tokenizer_name_or_path`.)
+LANGUAGE_MODEL_PARAMS: dict[str, Callable[[str], bool]] = {
+    "checkpoint": lambda language: True,
+    "embedder": lambda language: language != "ja",
+    "embedder_ja": lambda language: language == "ja",
+}
 
 
 class PipelineError(RuntimeError):
@@ -192,6 +202,53 @@ def check_corpus_specs(source: Path, corpora: Any) -> None:
             raise PipelineError(str(exc)) from exc
 
 
+def check_input_files(stage: Stage, params_dir: Path) -> None:
+    """Every file a corpus spec names exists: a profile whose corpora the user supplies (full-ja) fails in one
+    line before any stage runs, not after the stages before it."""
+    from udg_lib.data import corpus_paths  # pandas and the loaders: only when needed
+
+    for spec in stage.params.get("corpora") or []:
+        for key, path in corpus_paths(spec).items():
+            if not path.exists():
+                source = params_dir / f"{stage.name}.yaml" if "corpora" in stage.overrides else stage.notebook
+                name = spec.get("name", spec.get("format"))
+                raise PipelineError(f"{source}: corpus {name!r}: {key} {path} does not exist; put the file there "
+                                    f"or change the path")
+
+
+def check_model_languages(stages: list[Stage], prepared_dir: Path, params_dir: Path) -> None:
+    """Each model the later stages name (LANGUAGE_MODEL_PARAMS) has a tokenizer that covers the language of
+    the corpora stage 00 prepared in `prepared_dir` (`tokenizer.check_corpora_fit`), so a Japanese checkpoint
+    with English corpora, or an English embedder with a Japanese corpus, fails before the long stages run.
+    Only tokenizers are loaded (from the Hugging Face cache or a folder): seconds."""
+    from udg_lib.data.prepare import corpus_language, corpus_names
+    from udg_lib.metrics import embedder_model_ref
+    from udg_lib.tokenizer import TokenizerLanguageError, check_corpora_fit, load_tokenizer
+
+    languages = {corpus_language(prepared_dir, name) for name in corpus_names(prepared_dir)}
+    checked = set()  # (model, languages): stages 04 and 06 name the same embedders
+    for stage in stages:
+        for param, serves in LANGUAGE_MODEL_PARAMS.items():
+            value = stage.params.get(param)
+            served = [language for language in sorted(languages) if serves(language)]
+            if not value or not isinstance(value, str) or not served:
+                continue
+            source = params_dir / f"{stage.name}.yaml" if param in stage.overrides else stage.notebook
+            ref = embedder_model_ref(value) if param.startswith("embedder") else value
+            if ref is None or (ref, tuple(served)) in checked:
+                continue
+            checked.add((ref, tuple(served)))
+            try:
+                tokenizer, _ = load_tokenizer(ref, add_special_tokens=False)
+            except Exception as exc:  # a hub id missing from the cache offline, a folder without a tokenizer
+                raise PipelineError(f"{source}: {param} {value!r}: cannot load its tokenizer to check its language "
+                                    f"(is it in the Hugging Face cache?): {type(exc).__name__}: {_one_line(exc)}") from exc
+            try:
+                check_corpora_fit(tokenizer, prepared_dir, value, served)
+            except TokenizerLanguageError as exc:
+                raise PipelineError(f"{source}: {param}: {exc}") from exc
+
+
 def input_paths(params: dict[str, Any]) -> dict[str, Path]:
     """The files and folders that the params' strings name (nested lists and dicts included): a string
     with a `/` or a file suffix naming a regular file or a folder, relative ones read from the repository root as
@@ -315,6 +372,12 @@ def run_pipeline(
     # late yaml file fails in seconds, not hours.
     all_stages = [load_stage(notebook, params_root, profile) for notebook in notebooks]
     stages = {index: all_stages[index] for index in selected}
+    for stage in stages.values():
+        check_input_files(stage, params_root)
+    # The stage that prepares the corpora (00): once its output is there, the later stages' models are checked
+    # against the corpora's languages before the first of them runs.
+    corpus_stage = next((index for index, stage in enumerate(all_stages) if "corpora" in stage.params), None)
+    languages_checked = corpus_stage is None
 
     created_root = not out_root.exists()  # created by the first stage that runs (a failure names the path)
     for stale in out_root.glob(".*.tmp-*"):  # left by a killed run of a stage that no longer exists
@@ -324,13 +387,24 @@ def run_pipeline(
     try:
         for index, stage in stages.items():
             forced = force or (first_forced is not None and index >= first_forced)
-            results.append(
-                _run_stage(stage, _upstream_keys(names, index, out_root), out_root, profile, forced, verbose)
-            )
+            upstream = _upstream_keys(names, index, out_root)
+            if not languages_checked and index > corpus_stage and upstream[corpus_stage] is not None and (
+                forced or not _up_to_date(stage, upstream, out_root)
+            ):
+                check_model_languages(all_stages[corpus_stage + 1:], paths.stage_dir(out_root, names[corpus_stage]),
+                                      params_root)
+                languages_checked = True
+            results.append(_run_stage(stage, upstream, out_root, profile, forced, verbose))
     finally:
         if created_root and out_root.is_dir() and not any(out_root.iterdir()):
             out_root.rmdir()  # a first run that failed leaves no trace
     return results
+
+
+def _up_to_date(stage: Stage, upstream_keys: list[str | None], out_root: Path) -> bool:
+    """Whether the stage's folder holds the result of these params, notebook, inputs and upstream results."""
+    run_key = compute_run_key(stage.params, stage.source_hash, upstream_keys, stage.inputs)
+    return recorded_run_key(paths.stage_dir(out_root, stage.name)) == run_key
 
 
 def _run_stage(

@@ -50,6 +50,11 @@ CLAIMS_FILE = "claims.csv"
 CLAIM_TESTS_FILE = "claim_tests.csv"
 ALPHA = 0.05
 LOW_SIMILARITY = 0.2  # C5 / Figure 2: "many similarities under 0.2"
+# The profiles at the paper's scale, and the sentence the report opens with for each.
+FULL_PROFILES = {
+    "full-ja": "The paper's setting: its checkpoint, sizes and Japanese corpora (the `full-ja` profile).",
+    "full-en": "The paper's sizes on the open English corpora, from google-t5/t5-base (the `full-en` profile).",
+}
 FINE_TUNED = ("one_id", "lora", "full")
 USER_SPECIFIC = ("lora", "full")
 PLAIN_PRETRAINS = ("plain_t5", "plain_dialogue")
@@ -677,7 +682,7 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
         f"# Study report: user-specific dialogue generation ({profile} profile)",
         "",
         "A reproduction of Otsuka et al., LREC-COLING 2024, *User-specific dialogue generation*. "
-        + ("The paper's checkpoints and sizes (the `full` profile)." if profile == "full" else
+        + (FULL_PROFILES[profile] if profile in FULL_PROFILES else
            "A small setting: compare systems with each other, not our magnitudes with the paper's."),
         "",
         "## The run",

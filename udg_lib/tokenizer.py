@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -216,3 +217,108 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
     payload = json.dumps(vocab, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Does a tokenizer cover a corpus' language? A profile that pairs a Japanese checkpoint with English corpora
+# (or an English embedder with a Japanese corpus) trains and scores for hours on text its vocabulary spells
+# as <unk> or letter by letter; two figures measured on a sample of the corpus refuse it in seconds.
+
+# Non-space characters per token below which a tokenizer is taken to spell the language piece by piece. English
+# tokenizers give ~3.5-4.5 on chat text and a vocabulary without English words ~1-2; Japanese ones ~1.5-2.5
+# and byte fallback under 1. A language not listed is judged by its uncovered share alone.
+MIN_CHARS_PER_TOKEN: dict[str, float] = {"en": 2.0, "ja": 1.2}
+# Share of a corpus' non-space characters that a tokenizer may spell only as <unk> or byte pieces.
+MAX_UNCOVERED_SHARE = 0.02
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class TokenizerLanguageError(ValueError):
+    """A tokenizer does not cover a corpus' language; the message is one line naming both and the figure."""
+
+
+class TokenizerFit(NamedTuple):
+    """How well a tokenizer covers a sample of text."""
+
+    uncovered_share: float  # non-space characters spelled only as <unk> or byte-fallback pieces, as a share
+    chars_per_token: float  # non-space characters per token (special tokens and bare "▁" left out)
+    n_texts: int
+
+
+def _uncovered_token(token: str, unk_token: str | None) -> bool:
+    return token == unk_token or bool(_BYTE_PIECE.fullmatch(token))
+
+
+def measure_tokenizer_fit(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> TokenizerFit:
+    """The share of characters a tokenizer cannot spell with its vocabulary, and characters per token.
+
+    A fast tokenizer's offsets give the characters behind each <unk> or byte piece exactly; a slow one (e.g.
+    a Python sentencepiece tokenizer) counts one character per <unk> and a byte piece as 1/k of a character,
+    k being the text's mean UTF-8 bytes per character.
+    """
+    texts = [" ".join(str(t).split()) for t in texts]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("no non-empty texts to measure the tokenizer on")
+    unk = tokenizer.unk_token
+    n_chars = n_tokens = 0
+    uncovered = 0.0
+    for text in texts:
+        n_chars += sum(1 for char in text if not char.isspace())
+        if tokenizer.is_fast:
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
+            spans = [text[start:end] for start, end in encoded["offset_mapping"]]
+            missing = {position for token, (start, end) in zip(tokens, encoded["offset_mapping"])
+                       if _uncovered_token(token, unk) for position in range(start, end) if not text[position].isspace()}
+            uncovered += len(missing)
+            n_tokens += sum(1 for span in spans if span.strip())
+        else:
+            tokens = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+            bytes_per_char = len(text.encode("utf-8")) / len(text)
+            uncovered += sum(1 if token == unk else 1 / bytes_per_char
+                             for token in tokens if _uncovered_token(token, unk))
+            n_tokens += sum(1 for token in tokens if token.strip("▁ ") or _uncovered_token(token, unk))
+    return TokenizerFit(uncovered_share=uncovered / max(n_chars, 1), chars_per_token=n_chars / max(n_tokens, 1),
+                        n_texts=len(texts))
+
+
+def check_tokenizer_fit(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], *, tokenizer_name: str,
+                        corpus_name: str, language: str) -> TokenizerFit:
+    """`measure_tokenizer_fit`, raising TokenizerLanguageError when the tokenizer leaves more than
+    MAX_UNCOVERED_SHARE of the corpus uncovered or spells it in fewer characters per token than
+    MIN_CHARS_PER_TOKEN asks for the corpus' language."""
+    fit = measure_tokenizer_fit(tokenizer, texts)
+    where = f"tokenizer {tokenizer_name!r} on corpus {corpus_name!r} (language {language!r})"
+    if fit.uncovered_share > MAX_UNCOVERED_SHARE:
+        raise TokenizerLanguageError(
+            f"{where}: {fit.uncovered_share:.1%} of the characters are <unk> or byte pieces (at most "
+            f"{MAX_UNCOVERED_SHARE:.0%} allowed): the vocabulary does not cover the corpus' language; "
+            f"use a tokenizer and model of that language")
+    floor = MIN_CHARS_PER_TOKEN.get(language)
+    if floor is not None and fit.chars_per_token < floor:
+        raise TokenizerLanguageError(
+            f"{where}: {fit.chars_per_token:.2f} characters per token (at least {floor} expected for "
+            f"{language!r}): the vocabulary spells the corpus piece by piece; use a tokenizer and model of that language")
+    return fit
+
+
+# Turns per corpus a fit is measured on: enough for a stable figure, a second or two per tokenizer.
+FIT_SAMPLE_TURNS = 2000
+
+
+def check_corpora_fit(tokenizer: PreTrainedTokenizerBase, prepared_dir: str | Path, tokenizer_name: str,
+                      languages: Iterable[str] | None = None) -> dict[str, TokenizerFit]:
+    """`check_tokenizer_fit` on a seeded sample of every corpus stage 00 prepared in `prepared_dir` (those of
+    `languages` only, when given); the fits by corpus name."""
+    from udg_lib.data.prepare import corpus_language, corpus_names, corpus_text_sample  # pandas: when needed
+
+    wanted = None if languages is None else set(languages)
+    fits = {}
+    for name in corpus_names(prepared_dir):
+        language = corpus_language(prepared_dir, name)
+        if wanted is None or language in wanted:
+            texts = corpus_text_sample(prepared_dir, name, FIT_SAMPLE_TURNS)
+            fits[name] = check_tokenizer_fit(tokenizer, texts, tokenizer_name=tokenizer_name, corpus_name=name,
+                                             language=language)
+    return fits

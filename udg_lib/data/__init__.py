@@ -56,6 +56,19 @@ def check_corpus_spec(spec: object, where: str = "parameters") -> None:
         raise CorpusError(where, f"corpus {name!r}", f"format {fmt!r} needs the key {required!r} (a file path)")
 
 
+def corpus_paths(spec: dict) -> dict[str, Path]:
+    """The files a corpus spec names, by key, resolved as `load_from_spec` resolves them (relative paths
+    from the repository root)."""
+    from udg_lib.paths import repo_root
+
+    found = {}
+    for key in _PATH_KEYS.get(spec.get("format"), ()):
+        if spec.get(key) is not None:
+            path = Path(spec[key]).expanduser()
+            found[key] = path if path.is_absolute() else repo_root() / path
+    return found
+
+
 def load_from_spec(spec: dict) -> Corpus:
     """Load one corpus described by a parameter-file entry, e.g.
     `{"format": "generic", "turns": "data/turns.jsonl", "users": "data/users.csv", "name": "mylab"}`.
@@ -94,7 +107,7 @@ def load_from_spec(spec: dict) -> Corpus:
 
 
 __all__ = [
-    "FORMATS", "PROFILE_FIELDS", "SCHEMA_VERSION", "UNKNOWN", "Corpus", "CorpusError", "check_corpus_spec",
+    "FORMATS", "PROFILE_FIELDS", "SCHEMA_VERSION", "UNKNOWN", "Corpus", "CorpusError", "check_corpus_spec", "corpus_paths",
     "load_chitchat", "spec_keys",
     "load_corpus", "load_from_spec", "load_generic", "load_japanese_xlsx", "load_personachat_json",
     "load_seinfeld", "load_tbbt", "save_corpus", "validate_corpus",

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -96,6 +97,18 @@ def table2_frame(reports: list[dict]) -> pd.DataFrame:
 def corpus_names(prepared_dir: str | Path) -> list[str]:
     """The corpora stage 00 prepared, in name order."""
     return sorted(p.parent.parent.name for p in Path(prepared_dir).glob("*/corpus/meta.json"))
+
+
+def corpus_language(prepared_dir: str | Path, name: str) -> str:
+    """The language a prepared corpus declares in its meta.json ("en", "ja")."""
+    meta = Path(prepared_dir) / name / "corpus" / "meta.json"
+    return json.loads(meta.read_text(encoding="utf-8")).get("language", "en")
+
+
+def corpus_text_sample(prepared_dir: str | Path, name: str, n: int, seed: int = 0) -> pd.Series:
+    """A seeded sample of `n` turns' text of a prepared corpus (all of them when it has fewer)."""
+    texts = pd.read_parquet(Path(prepared_dir) / name / "corpus" / "turns.parquet", columns=["text"])["text"]
+    return texts.sample(min(n, len(texts)), random_state=seed).reset_index(drop=True)
 
 
 def namespaced_user_id(corpus: str, user_id: str) -> str:
