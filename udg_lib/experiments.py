@@ -92,8 +92,9 @@ def trained_user_ids(trained_metrics: Mapping[str, Any], dataset: str, split_set
 
 def dataset_language(prepared_dir: str | Path, dataset: str) -> str:
     """The language stage 00 recorded for a dataset ("en", "ja"): picks questions, tokenizers and embeddings."""
-    meta = Path(prepared_dir) / dataset / "corpus" / "meta.json"
-    return json.loads(meta.read_text(encoding="utf-8")).get("language", "en")
+    from udg_lib.data.prepare import corpus_language
+
+    return corpus_language(prepared_dir, dataset)
 
 
 @dataclass
