@@ -65,7 +65,7 @@ DEV_FORWARD_SHARE = 1 / 3  # a dev-loss example costs a forward pass: ~1/3 of a 
 # On a CPU a batch whose step would take over CPU_FULL_BATCH_SECONDS (judged from a step of CPU_MAX_ROWS rows) is
 # timed at CPU_MAX_ROWS rows and scaled linearly: close for t5-base, whose time per row is about constant, and
 # an overestimate for small models, whose steps are mostly fixed overhead, hence their whole batch is timed.
-CPU_MAX_ROWS = 4
+CPU_MAX_ROWS = 2  # 2 rows: a t5-base step is still ~1 s of matmuls per row, enough to time
 CPU_FULL_BATCH_SECONDS = 3.0
 
 STAGE_NAMES = {"00": "00_prepare_corpus", "02": "02_pretrain_models", "03": "03_finetune_users",
@@ -587,7 +587,7 @@ def paper_counts(user_batch: int) -> list[WorkCounts]:
 
 
 def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_root: str | Path | None = None,
-                 notebooks_dir: str | Path | None = None, steps: int = 2, device: str | None = None,
+                 notebooks_dir: str | Path | None = None, steps: int | None = None, device: str | None = None,
                  dtype: str = "fp32", family: str | None = None, epochs: int | None = None,
                  max_rows: int | None = None) -> Plan:
     """The cost plan of `profile` on this device: counts from its params and users, a few timed steps of each
@@ -597,6 +597,7 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
     out_root = paths.outputs_root(profile, outputs_root)
     shape = profile_shape(params, family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    steps = steps or (1 if device == "cpu" else 3)  # CPU steps vary little and cost seconds each at t5-base
     s02, s03, s05 = _stage(params, "02"), _stage(params, "03"), _stage(params, "05")
     datasets = dataset_users(params, out_root)
     spec = TimingSpec.from_params(params)
@@ -687,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", required=True, help="params/<profile>/ (any profile whose folder exists)")
     parser.add_argument("--params-dir", help="folder of <stage>.yaml files instead of params/<profile>")
     parser.add_argument("--outputs-root", help="stage outputs instead of outputs/<profile> (stage 00's users)")
-    parser.add_argument("--steps", type=int, default=2, help="timed repetitions per kind, after a warm-up (default 2)")
+    parser.add_argument("--steps", type=int, help="timed repetitions per kind, after a warm-up (default: 1 on CPU, 3 on GPU)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when torch sees one)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: forward under autocast")
     parser.add_argument("--family", choices=("seq2seq", "causal"), help="model family (default: the profile's)")
@@ -695,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, help=f"rows timed per batch (default: all on GPU; on CPU {CPU_MAX_ROWS} for slow steps)")
     parser.add_argument("--json", type=Path, help="also write the plan as JSON here")
     args = parser.parse_args(argv)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
     if args.params_dir is None and not (paths.repo_root() / "params" / args.profile).is_dir():
         known = sorted(p.name for p in (paths.repo_root() / "params").iterdir() if p.is_dir())
