@@ -151,6 +151,33 @@ def test_many_users_support_or_contradict_clear_effects():
     assert claims.set_index("claim")["verdict"].to_dict() == {f"C{i}": "contradicted" for i in range(1, 7)}
 
 
+def test_controlled_c1_is_judged_only_against_the_llm_that_shares_the_base():
+    scores, llm, replies = synthetic_run(30, +1)
+    claims, tests = report.judge_claims(scores, llm, replies,
+                                        settings=report.ClaimSettings(same_base_llms=("tiny-chat",)))
+    verdicts = claims.set_index("claim")["verdict"]
+    assert verdicts["C1s"] == "supported" == verdicts["C1"]
+    c1, c1s = tests[tests["claim"] == "C1"], tests[tests["claim"] == "C1s"]
+    assert len(c1s) == len(c1) == 1 and c1s["effect"].iloc[0] == c1["effect"].iloc[0]
+    other, _ = report.judge_claims(scores, llm, replies,
+                                   settings=report.ClaimSettings(same_base_llms=("another-chat",)))
+    assert other.set_index("claim").loc["C1s", "verdict"] == "not tested"
+    assert "C1s" not in set(report.judge_claims(scores, llm, replies)[0]["claim"])  # a T5 run: no such claim
+
+
+def test_same_base_llms_reads_both_stages_params(tmp_path):
+    import json
+
+    pretrain, llm = tmp_path / "02", tmp_path / "06"
+    for folder, params in ((pretrain, {"checkpoint": "smollm2", "model_family": "causal"}),
+                           (llm, {"chat_model": "smollm2", "completion_model": "gemma3-270m"})):
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({"stage": {"params": params}}))
+    assert report.same_base_llms(pretrain, llm) == ("smollm2-chat",)
+    (pretrain / "metrics.json").write_text(json.dumps({"stage": {"params": {"checkpoint": ""}}}))
+    assert report.same_base_llms(pretrain, llm) == ()
+
+
 def test_equivalence_needs_evidence_not_silence():
     # FULL and LoRA differ by noise only, but 8 noisy users cannot show the difference is inside 0.01
     rng = np.random.default_rng(1)

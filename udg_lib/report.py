@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,10 @@ PAPER_CLAIMS = {
     "C6": "The central finding of §4.2.4: under Plain T5 / Plain Dialogue pre-training One-ID beats LoRA/FULL; "
           "under PSP/PPP pre-training, with little user data, LoRA/FULL are at least as good as One-ID "
           "(non-inferior within the margin).",
+    # Beyond the paper, which compares its T5s with unrelated LLMs: with a causal base, prompt and fine-tuning
+    # can share one model. Tested only when a stage 06 LLM is the checkpoint stage 02 started from.
+    "C1s": "Controlled C1 (beyond the paper): per-user fine-tuning (LoRA/FULL) beats prompting the very model the "
+           "fine-tuned systems start from (§4.2.2's prompt, same base LM), in similarity.",
 }
 
 
@@ -127,6 +131,9 @@ class ClaimSettings:
     power: float = 0.8
     n_resamples: int = 9999
     seed: int = 0
+    # C1s: stage 06 LLM methods (e.g. "smollm2-chat") that prompt the checkpoint stage 02 started from
+    # (`same_base_llms`); empty in a T5 run, whose base is no prompt baseline.
+    same_base_llms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,9 @@ def claim_comparisons(values: pd.DataFrame, small_datasets: Collection[str] | No
             llm = [("llm", source.split(":", 1)[1])]
             if tuned and llm[0] in systems:
                 candidates.append(_comparison("C1", source, dataset, "similarity", tuned, llm, "greater", sim_effect))
+                if llm[0][1] in settings.same_base_llms:
+                    candidates.append(_comparison("C1s", source, dataset, "similarity", tuned, llm, "greater",
+                                                  sim_effect))
                 candidates.append(_comparison("C5", source, dataset, "low_share", llm, tuned, "greater",
                                        settings.min_share_effect))
             continue
@@ -407,6 +417,8 @@ def judge_claims(exp1_scores: pd.DataFrame | None, llm_scores: pd.DataFrame | No
     tests = _judge_comparisons(frame, comparisons, settings)
     claims = []
     for claim, statement in PAPER_CLAIMS.items():
+        if claim == "C1s" and not settings.same_base_llms:
+            continue  # no prompt baseline shares the fine-tuned systems' base (every T5 run)
         rows = tests[tests["claim"] == claim]
         verdict = _claim_verdict(rows["verdict"].tolist())
         note = missing.get(claim, "") if rows.empty else ""
@@ -444,7 +456,7 @@ def direction_verdicts(values: pd.DataFrame, small_datasets: Collection[str] | N
     a comparison holds when its effect has the claimed sign ("greater"), lies inside the margin
     ("equivalent") or above -margin ("noninferior"); a claim holds when all its comparisons do. Returns
     claim -> "supported" / "contradicted" / "not tested"."""
-    outcome: dict[str, list[bool]] = {c: [] for c in PAPER_CLAIMS}
+    outcome: dict[str, list[bool]] = {c: [] for c in PAPER_CLAIMS if c != "C1s" or settings.same_base_llms}
     for comparison in claim_comparisons(values, small_datasets, settings):
         effect = float(unit_differences(values, comparison).mean())
         holds = {"greater": effect > 0, "equivalent": abs(effect) < comparison.bound,
@@ -662,6 +674,20 @@ def claims_lines(claims: pd.DataFrame, tests: pd.DataFrame, settings: ClaimSetti
     return lines
 
 
+def same_base_llms(pretrain_dir: Path, llm_dir: Path) -> tuple[str, ...]:
+    """Stage 06's LLM methods that prompt the checkpoint stage 02 started from (C1s), from both stages'
+    recorded parameters: e.g. ("smollm2-chat",) when the causal track starts from `smollm2`."""
+    from udg_lib.experiments import llm_short_name
+
+    checkpoint = str(_stage_params(_metrics(pretrain_dir)).get("checkpoint") or "")
+    if not checkpoint:
+        return ()
+    params = _stage_params(_metrics(llm_dir))
+    return tuple(f"{llm_short_name(params[key])}-{kind}" for key, kind in (("chat_model", "chat"),
+                                                                          ("completion_model", "completion"))
+                 if params.get(key) == checkpoint)
+
+
 def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | Path] | None = None,
                  settings: ClaimSettings | None = None) -> tuple[str, pd.DataFrame, pd.DataFrame]:
     """The report's markdown and the judged (claims, tests). `stage_dirs` overrides where a stage's outputs are
@@ -673,6 +699,8 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     if settings is None:
         margin = _stage_params(_metrics(llm)).get("equivalence_margin")
         settings = ClaimSettings(equivalence_margin=float(margin)) if margin is not None else ClaimSettings()
+    if not settings.same_base_llms:
+        settings = replace(settings, same_base_llms=same_base_llms(dirs["02_pretrain_models"], llm))
     summary = run_summary(dirs)
     finished = summary[summary["finished"] != RUNNING]
     total = finished["wall_minutes"].sum() if len(finished) else float("nan")
