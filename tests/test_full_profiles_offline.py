@@ -105,6 +105,31 @@ def stand_in_t5(snapshot: Path, spiece: Path, layout: tuple[str, ...], vocab_row
     return sum(p.numel() for p in model.parameters())
 
 
+def stand_in_causal_lm(snapshot: Path, texts: list[str], vocab_size: int = 1200) -> int:
+    """A Llama-style causal LM (`families.llama_config("test")`, random weights) with a byte-level BPE tokenizer
+    in SmolLM2's layout (tokenizer.json + tokenizer_config.json; <|im_start|> / <|im_end|> / <|endoftext|>) in
+    `snapshot`. Returns the model's parameter count."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from udg_lib.families import llama_config
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    tokenizer.save_pretrained(snapshot)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("test", len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(snapshot)
+    return sum(p.numel() for p in model.parameters())
+
+
 def stand_in_embedder(snapshot: Path, spiece: Path) -> None:
     """A small sentence-transformers model (BERT, mean pooling) with a SentencePiece tokenizer in `snapshot`."""
     from sentence_transformers import SentenceTransformer
@@ -181,6 +206,8 @@ def hub_cache(tmp_path_factory) -> dict:
         "sonoisa/t5-base-japanese": stand_in_t5(hub_snapshot(cache, "sonoisa/t5-base-japanese"), ja_spiece,
                                                 ("tokenizer_config.json",), **SHRUNK_T5),
     }
+    causal = yaml.safe_load((repo_root() / "params" / "full-en-causal" / "02_pretrain_models.yaml").read_text())
+    params[causal["checkpoint"]] = stand_in_causal_lm(hub_snapshot(cache, causal["checkpoint"]), english)
     stand_in_embedder(hub_snapshot(cache, "sentence-transformers/all-mpnet-base-v2"), en_spiece)
     stand_in_embedder(hub_snapshot(cache, "sonoisa/sentence-luke-japanese-base-lite"), ja_spiece)
     corpora = {"full-en": [english_corpus(work)],
@@ -217,6 +244,8 @@ def stage_metrics(outputs: Path, stage: str) -> dict:
 
 
 def profile_corpora(profile: str, hub_cache: dict) -> list[dict]:
+    if profile == "full-en-causal":
+        return profile_corpora("full-en", hub_cache)
     """The corpora a test run of `profile` prepares: full-ja's own specs with the path of our workbook (its
     yaml names a file the user supplies); for full-en, whose corpora are the notebook's open defaults, a
     generated corpus in the generic format."""
@@ -258,6 +287,42 @@ def test_a_full_profile_runs_stages_00_to_05_offline_on_stand_in_checkpoints(
     replies = pd.read_parquet(outputs / "05_exp2_diversity" / "replies.parquet")
     assert set(replies["dataset"]) == {dataset} and len(replies) == stage_metrics(
         outputs, "05_exp2_diversity")["metrics"]["n_replies"] > 0
+
+
+def test_full_en_causal_differs_from_full_en_only_in_the_model():
+    """The causal profile is full-en with another tokenizer, base and completion LLM: nothing else may drift."""
+    def load(profile: str, stage: str) -> dict:
+        return yaml.safe_load((repo_root() / "params" / profile / f"{stage}.yaml").read_text()) or {}
+
+    stages = sorted(p.stem for p in (repo_root() / "params" / "full-en").glob("*.yaml"))
+    assert stages == sorted(p.stem for p in (repo_root() / "params" / "full-en-causal").glob("*.yaml"))
+    allowed = {"00_prepare_corpus": {"tokenizer_name_or_path"}, "02_pretrain_models": {"model_family", "checkpoint"},
+               "06_llm_baselines": {"completion_model"}}
+    for stage in stages:
+        en, causal = load("full-en", stage), load("full-en-causal", stage)
+        differing = {k for k in en.keys() | causal.keys() if en.get(k) != causal.get(k)}
+        assert differing == allowed.get(stage, set()), stage
+    base = load("full-en-causal", "02_pretrain_models")["checkpoint"]
+    assert load("full-en-causal", "00_prepare_corpus")["tokenizer_name_or_path"] == base
+    assert load("full-en-causal", "06_llm_baselines")["completion_model"] == base  # C1s: prompted vs fine-tuned
+
+
+def test_the_causal_track_runs_stages_00_to_05_offline_on_a_stand_in_lm(hub_cache, tmp_path):
+    base = yaml.safe_load((repo_root() / "params" / "full-en-causal" / "02_pretrain_models.yaml").read_text())["checkpoint"]
+    result = run_profile("full-en-causal", hub_cache, tmp_path,
+                         **{"00_prepare_corpus": {"corpora": profile_corpora("full-en-causal", hub_cache)}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = tmp_path / "outputs"
+    assert stage_metrics(outputs, "00_prepare_corpus")["metrics"]["tokenizer"]["source"] == base
+    pretrained = stage_metrics(outputs, "02_pretrain_models")["metrics"]
+    assert pretrained["model_family"] == "causal" and pretrained["models"]["plain_t5"]["checkpoint"] == base
+    condition = next((outputs / "03_finetune_users").glob("*/set0/psp"))
+    assert json.loads((condition / "da" / "done.json").read_text())["family"] == "causal"
+    adapter = next((condition / "lora").glob("*/adapter"))
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    scores = pd.read_parquet(outputs / "04_exp1_next_utterance" / "scores.parquet")
+    assert {"lora", "full", "one_id", "da"} <= set(scores["method"]) and scores["similarity"].notna().all()
+    assert stage_metrics(outputs, "05_exp2_diversity")["metrics"]["n_replies"] > 0
 
 
 def failure_line(result: subprocess.CompletedProcess) -> str:
@@ -308,11 +373,11 @@ def test_the_t5_base_stand_in_loads_and_trains_a_step_offline(hub_cache, tmp_pat
     assert n_parameters == T5_BASE_PARAMETERS
     script = f"""
 import torch
-from udg_lib import pretraining as pt
+from udg_lib import families, pretraining as pt
 from udg_lib.tokenizer import load_tokenizer
 torch.set_num_threads(1)
 tokenizer, added = load_tokenizer({checkpoint!r})
-model = pt.build_model({checkpoint!r}, tokenizer)
+model = families.build_base_model("seq2seq", {checkpoint!r}, "", tokenizer)  # stage 02's own call
 assert pt.count_parameters(model) == {T5_BASE_PARAMETERS}, pt.count_parameters(model)
 batch = tokenizer(["[USER] 20s [SEP] hello there"], return_tensors="pt")
 labels = tokenizer(["hi"], return_tensors="pt")["input_ids"]
