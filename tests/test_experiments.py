@@ -57,3 +57,27 @@ def test_routed_lora_evaluation_equals_peft_mixed_batches(tokenizer, condition):
     assert isinstance(model, RoutedAdapters) and names == ex.adapter_names_for(USERS)
     with pytest.raises(ValueError, match="lora_eval must be one of"):
         ex.load_condition_lora(condition, tokenizer, USERS, "cpu", lora_eval="merged")
+
+
+def test_lora_learning_rate_sweep_reads_dev_loss_only_and_leaves_nothing(tokenizer, condition):
+    texts = iter(sentences(120, seed=5))
+    users = pd.DataFrame({"user_id": list(USERS), **{f: "unknown" for f in PROFILE_FIELDS}})
+    rows = [{"pair_id": f"p{u}{split}{i}", "speaker_id": user, "partner_id": USERS[(u + 1) % 3],
+             "context": [next(texts)], "response": next(texts), "split": split, "split_set": 0}
+            for u, user in enumerate(USERS) for split, n in (("train_ft", 6), ("dev", 3), ("test", 3))
+            for i in range(n)]
+    pairs = pd.DataFrame(rows)
+    config = ft.FinetuneConfig(batch_size=4, max_epochs=2, max_source_length=32, max_target_length=16)
+    before = sorted(p.name for p in condition.iterdir())
+    best, table = ex.sweep_lora_learning_rate(condition, tokenizer, pairs, users, USERS, "psp", config,
+                                              [1e-6, 1e-2])
+    assert sorted(p.name for p in condition.iterdir()) == before  # the sweep's adapters are gone
+    assert len(table) == 6 and set(table["learning_rate"]) == {1e-6, 1e-2}
+    means = table.groupby("learning_rate")["best_dev_loss"].mean()
+    assert best == means.idxmin() and best == 1e-2  # 1e-6 barely moves an adapter in 2 epochs
+    # the test replies choose nothing: changing them leaves the sweep's table unchanged
+    changed = pairs.assign(response=lambda f: f["response"].where(f["split"] != "test", "completely different"))
+    _, again = ex.sweep_lora_learning_rate(condition, tokenizer, changed, users, USERS, "psp", config, [1e-6, 1e-2])
+    pd.testing.assert_frame_equal(table, again)
+    with pytest.raises(ValueError, match="no learning rates"):
+        ex.sweep_lora_learning_rate(condition, tokenizer, pairs, users, USERS, "psp", config, [])

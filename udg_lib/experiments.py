@@ -140,8 +140,12 @@ def finetune_condition(pretrained_model_dir: str | Path, tokenizer: PreTrainedTo
                        config: ft.FinetuneConfig, da_config: ft.FinetuneConfig,
                        options: UserTrainingOptions | None = None, questions: pd.DataFrame | None = None,
                        predict_settings: dict[str, Any] | None = None, device: str | None = None,
-                       methods: Sequence[str] = ("one_id", "lora", "full")) -> pd.DataFrame:
+                       methods: Sequence[str] = ("one_id", "lora", "full"),
+                       lora_config: ft.FinetuneConfig | None = None) -> pd.DataFrame:
     """§4.1.3 for one condition: domain adaptation, then One-ID, LoRA and FULL for every user in `user_ids`.
+
+    `lora_config` (default `config`) trains the LoRA adapters, e.g. with a learning rate chosen on the users'
+    dev loss (`sweep_lora_learning_rate`); One-ID and FULL keep `config`.
 
     `pairs` are one split set's rows of a dataset's eval pairs, `users` its evaluation users (profiles and
     One-IDs). FULL users are evaluated in memory: their test replies (with reference NLL) and Exp2 answers to
@@ -186,10 +190,46 @@ def finetune_condition(pretrained_model_dir: str | Path, tokenizer: PreTrainedTo
     for method in ("lora", "full"):
         if method not in methods:
             continue
-        table = _train_users(method, base_dir, tokenizer, pairs, users, user_ids, fmt, out_dir / method, config,
-                             options, predictor if method == "full" else None, device)
+        method_config = (lora_config or config) if method == "lora" else config
+        table = _train_users(method, base_dir, tokenizer, pairs, users, user_ids, fmt, out_dir / method,
+                             method_config, options, predictor if method == "full" else None, device)
         rows += [{**r, "method": method} for r in table.drop(columns=["status", "dir"]).to_dict("records")]
     return pd.DataFrame(rows)
+
+
+def sweep_lora_learning_rate(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                             users: pd.DataFrame, user_ids: Sequence[str], pretrained: str,
+                             config: ft.FinetuneConfig, learning_rates: Sequence[float],
+                             options: UserTrainingOptions | None = None, device: str | None = None
+                             ) -> tuple[float, pd.DataFrame]:
+    """The LoRA learning rate with the lowest mean best dev loss over `user_ids`, and the per-user table.
+
+    Each candidate trains every user's adapter on the condition's domain-adapted model (`condition/da`, from
+    `finetune_condition`) with early stopping on that user's dev pairs, as the real run will, into a temporary
+    folder that is then removed. Only training and dev pairs are read: test replies never choose the rate.
+    Rows: learning_rate, user_id, initial_dev_loss, best_dev_loss, epochs_run, best_epoch, stopped_early, steps.
+    """
+    import tempfile
+
+    if not learning_rates:
+        raise ValueError("no learning rates to sweep")
+    base_dir = Path(condition) / "da" / MODEL_DIR
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir} holds no domain-adapted model: run finetune_condition for DA first")
+    options = options or UserTrainingOptions()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="lora-lr-sweep-") as scratch:
+        for rate in learning_rates:
+            table = _train_users("lora", base_dir, tokenizer, pairs, users, sorted(user_ids),
+                                 PRETRAINED_FORMATS[pretrained], Path(scratch) / f"lr{rate:g}",
+                                 finetune_config(config, learning_rate=float(rate)), options, None, device)
+            frames.append(table.assign(learning_rate=float(rate)))
+    columns = ["learning_rate", "user_id", "initial_dev_loss", "best_dev_loss", "epochs_run", "best_epoch",
+               "stopped_early", "steps"]
+    results = pd.concat(frames, ignore_index=True)[columns]
+    means = results.groupby("learning_rate", sort=False)["best_dev_loss"].mean()
+    return float(means.idxmin()), results
 
 
 def _train_users(method: str, base_dir: Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
