@@ -1,4 +1,5 @@
-"""Shared fixtures: small generated corpora (English and Japanese) for the data and split tests."""
+"""Shared fixtures: small generated corpora (English and Japanese) for the data and split tests, a small
+tokenizer, and tiny models of either family for the model tests."""
 
 from __future__ import annotations
 
@@ -31,6 +32,35 @@ def japanese_sentences(n: int, seed: int = 0) -> list[str]:
 
 
 CANARY = "ZQXCANARY"  # a string planted in one user's data that must never reach another user's batches
+
+MODEL_FAMILIES = ("seq2seq", "causal")  # udg_lib.families.FAMILIES' names
+
+
+@pytest.fixture(scope="module", params=MODEL_FAMILIES)
+def family(request) -> str:
+    """A model family's name; a test that asks for it (or for a fixture built on it) runs once per family.
+    The safety tests (resume, isolation, determinism, executor and routing equivalence) must hold for both."""
+    return request.param
+
+
+# A test whose fixtures are built on `family` but whose subject is family-independent runs for one family only.
+seq2seq_only = pytest.mark.parametrize("family", ["seq2seq"], indirect=True)
+
+
+def tiny_model(tokenizer, family: str = "seq2seq", seed: int = 0, dropout: float | None = None):
+    """A tiny model of `family` fitted to `tokenizer` (`families.build_model`), random weights drawn with `seed`:
+    T5 preset "test" or Llama preset "test". `dropout`: T5's dropout_rate or Llama's attention_dropout
+    (default: the presets', 0.1 and 0)."""
+    from udg_lib.families import build_model, llama_config
+    from udg_lib.pretraining import t5_config
+
+    if family == "seq2seq":
+        config = t5_config("test", len(tokenizer), **({} if dropout is None else {"dropout_rate": dropout}))
+    elif family == "causal":
+        config = llama_config("test", len(tokenizer), **({} if dropout is None else {"attention_dropout": dropout}))
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {MODEL_FAMILIES}")
+    return build_model(config, tokenizer, seed=seed)
 
 
 @pytest.fixture(scope="module")

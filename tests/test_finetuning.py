@@ -1,6 +1,7 @@
 """Unit tests for udg_lib.finetuning: early stopping, LoRA / FULL per user, resume, isolation, One-ID.
 
-Tiny models (preset "test") and a tokenizer trained here on a few dozen sentences.
+Tiny models (preset "test") and a tokenizer trained here on a few dozen sentences. The safety tests (FULL
+restores the base between users, resume and determinism, canary isolation) run for both model families.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import CANARY, sentences
+from conftest import CANARY, sentences, tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
-from udg_lib.families import SEQ2SEQ
+from udg_lib.families import get_family
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
@@ -37,7 +38,7 @@ from udg_lib.finetuning import (
     user_examples,
     user_seed,
 )
-from udg_lib.pretraining import LABEL_PAD_ID, build_model, t5_config
+from udg_lib.pretraining import LABEL_PAD_ID
 
 USERS = ["u0", "u1", "u2"]
 
@@ -58,10 +59,6 @@ def data() -> tuple[pd.DataFrame, pd.DataFrame]:
                           **{f: ["20s", "female", "unknown", "student", "Kanto"][j] for j, f in
                              enumerate(PROFILE_FIELDS)}})
     return pd.DataFrame(rows), users
-
-
-def tiny_model(tokenizer, seed: int = 0):
-    return build_model(t5_config("test", len(tokenizer)), tokenizer, seed=seed)
 
 
 CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=3, patience=1, max_source_length=32,
@@ -193,9 +190,9 @@ def test_lora_t5_base_shape_trainable_parameters():
 # --- FULL ---------------------------------------------------------------------------------------------------------
 
 
-def test_full_restores_base_between_users(tokenizer, data, tmp_path):
+def test_full_restores_base_between_users(tokenizer, data, tmp_path, family):
     pairs, users = data
-    base = tiny_model(tokenizer)
+    base = tiny_model(tokenizer, family)
     before = state(base)
     in_loop, alone = {}, {}
 
@@ -207,8 +204,8 @@ def test_full_restores_base_between_users(tokenizer, data, tmp_path):
     assert same_state(before, state(base))  # the caller's model comes back as it went in
     assert not same_state(in_loop["u2"], before)  # ... though every weight was trainable per user
     # u2 trained third (after u0 and u1) ends exactly as u2 trained alone from a fresh base
-    run_users("full", tiny_model(tokenizer), tokenizer, pairs, users, ["u2"], "plain", tmp_path / "alone", CONFIG,
-              after_user=recorder(alone))
+    run_users("full", tiny_model(tokenizer, family), tokenizer, pairs, users, ["u2"], "plain", tmp_path / "alone",
+              CONFIG, after_user=recorder(alone))
     assert same_state(in_loop["u2"], alone["u2"])
     saved = user_dir(tmp_path / "all", "u2") / MODEL_DIR
     assert (saved / "config.json").is_file() and not (user_dir(tmp_path / "alone", "u2") / MODEL_DIR).exists()
@@ -219,21 +216,24 @@ def test_full_restores_base_between_users(tokenizer, data, tmp_path):
 # --- resume, determinism, isolation -----------------------------------------------------------------------------
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tokenizer, data, tmp_path):
+def test_resume_after_crash_matches_uninterrupted_run(tokenizer, data, tmp_path, family):
     pairs, users = data
-    full_run = run_users("lora", tiny_model(tokenizer), tokenizer, pairs, users, USERS, "ppp", tmp_path / "a", CONFIG)
+    full_run = run_users("lora", tiny_model(tokenizer, family), tokenizer, pairs, users, USERS, "ppp", tmp_path / "a",
+                         CONFIG)
     assert list(full_run["status"]) == ["trained"] * 3
     reference = {u: adapter_tensors(user_dir(tmp_path / "a", u)) for u in USERS}
 
     # same seed, same data: identical adapters (determinism)
-    twin = run_users("lora", tiny_model(tokenizer), tokenizer, pairs, users, USERS, "ppp", tmp_path / "b", CONFIG)
+    twin = run_users("lora", tiny_model(tokenizer, family), tokenizer, pairs, users, USERS, "ppp", tmp_path / "b",
+                     CONFIG)
     for u in USERS:
         assert same_state(reference[u], adapter_tensors(user_dir(tmp_path / "b", u)))
     assert twin["best_dev_loss"].tolist() == full_run["best_dev_loss"].tolist()
 
     # crash 1: the last user's marker is gone (killed before it was written) -> only that user retrains
     (user_dir(tmp_path / "b", "u2") / DONE_FILE).unlink()
-    rerun = run_users("lora", tiny_model(tokenizer), tokenizer, pairs, users, USERS, "ppp", tmp_path / "b", CONFIG)
+    rerun = run_users("lora", tiny_model(tokenizer, family), tokenizer, pairs, users, USERS, "ppp", tmp_path / "b",
+                      CONFIG)
     assert list(rerun["status"]) == ["skipped", "skipped", "trained"]
     assert same_state(reference["u2"], adapter_tensors(user_dir(tmp_path / "b", "u2")))
 
@@ -242,7 +242,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tokenizer, data, tmp_path)
         if user == "u2":
             raise RuntimeError("simulated crash")
 
-    base = tiny_model(tokenizer)
+    base = tiny_model(tokenizer, family)
     before = state(base)
     with pytest.raises(RuntimeError, match="simulated"):
         run_users("lora", base, tokenizer, pairs, users, USERS, "ppp", tmp_path / "c", CONFIG, after_user=crash)
@@ -261,7 +261,7 @@ def test_user_seed_depends_on_user_not_position():
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_no_other_users_rows_reach_a_users_batches(tokenizer, data, tmp_path, method, monkeypatch):
+def test_no_other_users_rows_reach_a_users_batches(tokenizer, data, tmp_path, method, family, monkeypatch):
     pairs, users = data
     pairs = pairs.copy()
     planted = (pairs["speaker_id"] == "u1") & (pairs["split"] == "train_ft")
@@ -272,14 +272,15 @@ def test_no_other_users_rows_reach_a_users_batches(tokenizer, data, tmp_path, me
 
     decoded: dict[str, list[str]] = {}
     current = {"user": None}
-    real_collator = SEQ2SEQ.collator
+    model_family = get_family(family)
+    real_collator = model_family.collator
 
     def recording_collator(tok):
         inner = real_collator(tok)
 
         def collate(features):
             batch = inner(features)
-            for key in ("input_ids", "labels"):
+            for key in ("input_ids", "labels"):  # causal: input_ids hold the reply too, labels only the reply
                 ids = batch[key].clone()
                 ids[ids == LABEL_PAD_ID] = tok.pad_token_id
                 decoded.setdefault(current["user"], []).extend(
@@ -293,9 +294,9 @@ def test_no_other_users_rows_reach_a_users_batches(tokenizer, data, tmp_path, me
         current["user"] = frame["speaker_id"].iloc[0] if len(frame) else current["user"]
         return real_encode(frame, *args, **kwargs)
 
-    monkeypatch.setattr(SEQ2SEQ, "collator", recording_collator)
+    monkeypatch.setattr(model_family, "collator", recording_collator)
     monkeypatch.setattr(finetuning, "encode_pairs", tracking_encode)
-    run_users(method, tiny_model(tokenizer), tokenizer, pairs, users, ["u0", "u1"], "psp", tmp_path, CONFIG)
+    run_users(method, tiny_model(tokenizer, family), tokenizer, pairs, users, ["u0", "u1"], "psp", tmp_path, CONFIG)
     assert decoded["u0"] and not any(CANARY in text for text in decoded["u0"])
     assert any(CANARY in text for text in decoded["u1"])  # the detector does see the canary
 

@@ -1,5 +1,8 @@
 """Unit tests for udg_lib.generation: mixed-adapter batches equal one-by-one decoding, routed adapters equal
-peft's mixed batches, reference NLL, the FULL-model prediction hook."""
+peft's mixed batches, reference NLL, the FULL-model prediction hook.
+
+The adapter tests (mixed batches equal one-by-one, routed equals peft token for token, refusals) run for both
+model families."""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import sentences
+from conftest import sentences, seq2seq_only
+from conftest import tiny_model as build_tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
-from udg_lib.finetuning import FinetuneConfig, lora_config
+from udg_lib.families import get_family
+from udg_lib.finetuning import FinetuneConfig
 from udg_lib.generation import (
     BASE_ADAPTER,
     EXP2_FILE,
@@ -29,7 +34,7 @@ from udg_lib.generation import (
     question_pairs,
     reference_nll,
 )
-from udg_lib.pretraining import build_model, reply_perplexity, t5_config
+from udg_lib.pretraining import reply_perplexity
 from udg_lib.prompts import build_prompts
 from udg_lib.tokenizer import train_sentencepiece_tokenizer
 
@@ -43,20 +48,20 @@ def tokenizer(tmp_path_factory):
                                          vocab_size=300, extra_ids=10, num_threads=1)
 
 
-def tiny_model(tokenizer, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(t5_config("test", len(tokenizer)), tokenizer).eval()
+def tiny_model(tokenizer, family: str = "seq2seq"):
+    return build_tiny_model(tokenizer, family).eval()
 
 
 @pytest.fixture(scope="module")
-def adapters(tokenizer, tmp_path_factory):
-    """Three users' adapters with random (non-zero) B matrices, so each adapter changes the outputs."""
+def adapters(tokenizer, family, tmp_path_factory):
+    """Three users' adapters of `family`'s model with random (non-zero) B matrices, so each adapter changes
+    the outputs."""
     folder = tmp_path_factory.mktemp("adapters")
     dirs = {}
     for k in range(3):
-        model = tiny_model(tokenizer)
+        model = tiny_model(tokenizer, family)
         torch.manual_seed(100 + k)
-        peft_model = get_peft_model(model, lora_config(FinetuneConfig(lora_dropout=0.0)))
+        peft_model = get_peft_model(model, get_family(family).lora_config(FinetuneConfig(lora_dropout=0.0)))
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_" in name:
@@ -66,17 +71,17 @@ def adapters(tokenizer, tmp_path_factory):
     return dirs
 
 
-def test_mixed_adapter_batches_equal_one_by_one(tokenizer, adapters):
+def test_mixed_adapter_batches_equal_one_by_one(tokenizer, family, adapters):
     sources = sentences(12, seed=3)
     names = [f"u{i % 3}" for i in range(len(sources))]
     names[5] = BASE_ADAPTER
-    mixed_model = load_user_adapters(tiny_model(tokenizer), adapters)
+    mixed_model = load_user_adapters(tiny_model(tokenizer, family), adapters)
     mixed = greedy_generate(mixed_model, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=5)
     mixed_nll, mixed_n, *_ = reference_nll(mixed_model, tokenizer, sources, sentences(12, seed=4),
                                        adapter_names=names, batch_size=5)
     one_by_one, nll_one = [], []
     for source, reference, name in zip(sources, sentences(12, seed=4), names):
-        model = tiny_model(tokenizer)
+        model = tiny_model(tokenizer, family)
         if name != BASE_ADAPTER:
             model = load_user_adapters(model, {name: adapters[name]})
         one_by_one += greedy_generate(model, tokenizer, [source], max_new_tokens=12)
@@ -84,23 +89,27 @@ def test_mixed_adapter_batches_equal_one_by_one(tokenizer, adapters):
     assert mixed == one_by_one
     np.testing.assert_allclose(mixed_nll, nll_one, rtol=1e-4)
     # the adapters matter: not every user gets the base model's reply
-    base = greedy_generate(tiny_model(tokenizer), tokenizer, sources, max_new_tokens=12)
+    base = greedy_generate(tiny_model(tokenizer, family), tokenizer, sources, max_new_tokens=12)
     assert mixed[5] == base[5] and mixed != base
     assert mixed_n.sum() > len(sources)
 
 
-def test_routed_adapters_equal_peft_mixed_batches_token_for_token(tokenizer, adapters):
+# The modules each family's LoRA adapters sit on (`ModelFamily.lora_targets`).
+LORA_TARGET = {"seq2seq": lambda name: name.endswith(("q", "k", "v", "o")) and ".SelfAttention." in name,
+               "causal": lambda name: name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))}
+
+
+def test_routed_adapters_equal_peft_mixed_batches_token_for_token(tokenizer, family, adapters):
     sources, references = sentences(16, seed=11), sentences(16, seed=12)
     names = [f"u{(i * 7) % 3}" for i in range(len(sources))]  # users interleaved: every batch mixes them
     names[2] = names[9] = BASE_ADAPTER
-    peft_model = load_user_adapters(tiny_model(tokenizer), adapters)
+    peft_model = load_user_adapters(tiny_model(tokenizer, family), adapters)
     expected = greedy_generate(peft_model, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=6)
     expected_scores = reference_nll(peft_model, tokenizer, sources, references, adapter_names=names, batch_size=6)
-    base_model = tiny_model(tokenizer)
+    base_model = tiny_model(tokenizer, family)
     base = greedy_generate(base_model, tokenizer, sources, max_new_tokens=12)
     with load_routed_adapters(base_model, adapters) as routed:
-        assert routed.targets == [n for n, _ in base_model.named_modules() if n.endswith(("q", "k", "v", "o"))
-                                  and ".SelfAttention." in n]
+        assert routed.targets == [n for n, _ in base_model.named_modules() if LORA_TARGET[family](n)]
         replies = greedy_generate(routed, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=6)
         scores = reference_nll(routed, tokenizer, sources, references, adapter_names=names, batch_size=6)
         assert greedy_generate(routed, tokenizer, sources, max_new_tokens=12) == base  # no names: the base
@@ -115,6 +124,7 @@ def test_routed_adapters_equal_peft_mixed_batches_token_for_token(tokenizer, ada
     assert greedy_generate(base_model, tokenizer, sources, max_new_tokens=12) == base
 
 
+@seq2seq_only  # right-padded prompts: a causal batch would need left padding to match one-by-one beams
 def test_routed_adapters_follow_beams_to_their_row(tokenizer, adapters):
     sources, names = sentences(4, seed=13), ["u1", BASE_ADAPTER, "u0", "u2"]
     padded = tokenizer(sources, return_tensors="pt", padding=True)
@@ -167,8 +177,8 @@ def test_routed_adapters_on_a_causal_lm_with_different_ranks_and_targets(tmp_pat
     assert torch.equal(routed_tokens, peft_tokens)
 
 
-def test_routed_adapters_refuse_what_they_cannot_route(tokenizer, adapters, tmp_path):
-    model = tiny_model(tokenizer)
+def test_routed_adapters_refuse_what_they_cannot_route(tokenizer, family, adapters, tmp_path):
+    model = tiny_model(tokenizer, family)
     batch = tokenizer(sentences(2, seed=14), return_tensors="pt", padding=True)
     with RoutedAdapters(model, adapters) as routed:
         with pytest.raises(KeyError, match="no adapter named"), routed.route(["u0", "nobody"]):

@@ -1,6 +1,8 @@
 """Unit tests for udg_lib.multilora: per-row LoRA routing, batched per-user training, PEFT format, resume.
 
-Tiny models (preset "test") and a tokenizer trained here on a few dozen sentences, as in test_finetuning.
+Tiny models (preset "test") and a tokenizer trained here on a few dozen sentences, as in test_finetuning. The
+safety tests (routing equals peft, gradient and canary isolation, batched equals the one-user loop, determinism
+and resume) run for both model families.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from conftest import CANARY, sentences
+from conftest import CANARY, sentences, tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
+from udg_lib.families import get_family
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
@@ -23,12 +26,10 @@ from udg_lib.finetuning import (
     encode_pairs,
     load_user_adapter,
     run_users,
-    seq2seq_collator,
     user_dir,
     user_examples,
 )
 from udg_lib.multilora import MultiLora, lora_target_names, run_users_batched
-from udg_lib.pretraining import build_model, t5_config
 
 USERS = ["u0", "u1", "u2", "u3"]
 
@@ -57,10 +58,6 @@ def data() -> tuple[pd.DataFrame, pd.DataFrame]:
     return make_data()
 
 
-def tiny_model(tokenizer, dropout: float = 0.1):
-    return build_model(t5_config("test", len(tokenizer), dropout_rate=dropout), tokenizer, seed=0)
-
-
 # early stopping fires for some users (u1 at epoch 5), not for others; a larger lr would stop sooner but would
 # also blow rounding differences up into visible ones when comparing with run_users
 CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=8, patience=1, max_source_length=32,
@@ -84,11 +81,12 @@ def close_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: 
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
 
 
-def batch_of(tokenizer, data, user_ids, split="test"):
+def batch_of(tokenizer, data, user_ids, split="test", family="seq2seq"):
     pairs, users = data
+    model_family = get_family(family)
     features = [f for u in user_ids for f in encode_pairs(user_examples(pairs, u, split), users, "psp", tokenizer,
-                                                           CONFIG)]
-    return seq2seq_collator(tokenizer)(features)
+                                                           CONFIG, family=model_family)]
+    return model_family.collator(tokenizer)(features)
 
 
 def has_no_hooks(model) -> bool:
@@ -112,12 +110,12 @@ def test_targets_are_the_modules_peft_wraps(tokenizer, targets):
         MultiLora(model, FinetuneConfig(lora_target_modules=("shared",)))  # the embedding
 
 
-def test_mixed_batch_rows_match_peft_with_each_users_adapter(tokenizer, data, tmp_path):
+def test_mixed_batch_rows_match_peft_with_each_users_adapter(tokenizer, data, tmp_path, family):
     """Every row of one interleaved batch gets the logits PEFT gives with that row's user's saved adapter."""
-    base = tiny_model(tokenizer)
+    base = tiny_model(tokenizer, family)
     before = state(base)
     row_users = ["u1", "u0", "u2", "u1", "u0", "u2"]
-    batch = batch_of(tokenizer, data, ["u0", "u1", "u2"])  # 6 rows: u0, u0, u1, u1, u2, u2
+    batch = batch_of(tokenizer, data, ["u0", "u1", "u2"], family=family)  # 6 rows: u0, u0, u1, u1, u2, u2
     order = [2, 0, 4, 3, 1, 5]  # rows re-ordered to match row_users
     batch = {k: v[order] for k, v in batch.items()}
     with MultiLora(base, CONFIG) as multi:
@@ -134,7 +132,7 @@ def test_mixed_batch_rows_match_peft_with_each_users_adapter(tokenizer, data, tm
             plain = base(**batch).logits  # outside routing: the base model
     assert has_no_hooks(base) and same_state(before, state(base))
     for user in ["u0", "u1", "u2"]:
-        fresh = tiny_model(tokenizer)
+        fresh = tiny_model(tokenizer, family)
         fresh.load_state_dict(before)
         peft_model = load_user_adapter(fresh, tmp_path / user)
         peft_model.eval()
@@ -162,12 +160,12 @@ def test_saved_adapter_loads_back_for_batched_inference(tokenizer, tmp_path):
             multi.add_user("a", seed=0)
 
 
-def test_other_users_rows_give_no_gradient(tokenizer, data):
+def test_other_users_rows_give_no_gradient(tokenizer, data, family):
     """Isolation at the gradient level: a loss on u1's rows only leaves u0's adapter gradient exactly zero,
     and u0's gradient from a mixed batch equals its gradient from its own rows alone."""
-    base = tiny_model(tokenizer, dropout=0.0)
+    base = tiny_model(tokenizer, family, dropout=0.0)
     base.requires_grad_(False)
-    batch = batch_of(tokenizer, data, ["u0", "u1"], split="train_ft")  # 6 rows of u0, then 9 of u1
+    batch = batch_of(tokenizer, data, ["u0", "u1"], split="train_ft", family=family)  # 6 rows of u0, then 9 of u1
     row_users = ["u0"] * 6 + ["u1"] * 9
     with MultiLora(base, NO_DROPOUT) as multi:
         for i, user in enumerate(["u0", "u1"]):
@@ -182,9 +180,7 @@ def test_other_users_rows_give_no_gradient(tokenizer, data):
                 for p in multi.parameters(user):
                     p.grad = None
             with multi.routed(users):
-                out = base(**rows_batch)
-            losses = torch.nn.functional.cross_entropy(out.logits.transpose(1, 2), rows_batch["labels"],
-                                                       ignore_index=-100, reduction="none")
+                losses, _ = get_family(family).token_losses(base, rows_batch)  # per row: 0 where not scored
             losses[loss_rows].sum().backward()
             return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in multi.parameters("u0")]
 
@@ -247,36 +243,46 @@ def test_batched_run_saves_peft_adapters_and_leaves_base_unchanged(tokenizer, da
     assert [p.name for p in (tmp_path / "batched").iterdir() if p.name.startswith(".")] == []  # no staging left
 
 
+# Per family: max_epochs, tolerance on losses, tolerance on adapter weights. The tiny causal model has ~24x the
+# T5's parameters; Adam at lr 1e-2 blows the rounding differences between the two paths (one loss over the
+# batch vs per-user means) up to ~2e-4 in its adapter weights within 5 epochs (T5: below 1e-5), and by epoch
+# 6-8 u2's training spikes and the runs part visibly (dev losses 5e-2 apart). So 5 epochs for it: users still
+# end both ways, and every epoch count, step and early stop must still agree exactly.
+LOOP_MATCH = {"seq2seq": (8, 1e-5, 1e-5), "causal": (5, 1e-4, 1e-3)}
+
+
 @pytest.mark.parametrize("users_per_batch, dropout", [(1, 0.1), (1, 0.0), (3, 0.0)])
-def test_matches_the_one_user_loop(tokenizer, data, tmp_path, users_per_batch, dropout):
+def test_matches_the_one_user_loop(tokenizer, data, tmp_path, users_per_batch, dropout, family):
     """One user per batch follows run_users("lora") step for step (same init, shuffling and dropout stream);
     without dropout, users sharing batches still train exactly as alone (up to rounding)."""
     pairs, users = data
-    config = CONFIG if dropout else NO_DROPOUT
-    loop = run_users("lora", tiny_model(tokenizer, dropout), tokenizer, pairs, users, USERS, "ppp", tmp_path / "loop",
-                     config, progress=False)
-    batched = run_users_batched(tiny_model(tokenizer, dropout), tokenizer, pairs, users, USERS, "ppp",
+    max_epochs, loss_tolerance, weight_tolerance = LOOP_MATCH[family]
+    config = replace(CONFIG if dropout else NO_DROPOUT, max_epochs=max_epochs)
+    loop = run_users("lora", tiny_model(tokenizer, family, dropout=dropout), tokenizer, pairs, users, USERS, "ppp",
+                     tmp_path / "loop", config, progress=False)
+    batched = run_users_batched(tiny_model(tokenizer, family, dropout=dropout), tokenizer, pairs, users, USERS, "ppp",
                                 tmp_path / "batched", config, users_per_batch=users_per_batch, progress=False)
     for column in ("epochs_run", "best_epoch", "steps", "stopped_early", "n_train", "n_dev"):
         assert batched[column].tolist() == loop[column].tolist(), column
     assert loop["stopped_early"].any() and not loop["stopped_early"].all()  # both ways of ending are exercised
     for column in ("best_dev_loss", "initial_dev_loss"):
-        assert batched[column].to_numpy() == pytest.approx(loop[column].to_numpy(), abs=1e-5, nan_ok=True)
+        assert batched[column].to_numpy() == pytest.approx(loop[column].to_numpy(), abs=loss_tolerance, nan_ok=True)
     for ours, theirs in zip(batched["dev_losses"], loop["dev_losses"]):
-        assert ours == pytest.approx(theirs, abs=1e-5, nan_ok=True)
+        assert ours == pytest.approx(theirs, abs=loss_tolerance, nan_ok=True)
     for user in USERS:
-        assert close_tensors(adapter_tensors(tmp_path / "batched", user), adapter_tensors(tmp_path / "loop", user))
+        assert close_tensors(adapter_tensors(tmp_path / "batched", user), adapter_tensors(tmp_path / "loop", user),
+                             atol=weight_tolerance)
 
 
-def test_canary_in_a_batchmate_does_not_reach_a_users_adapter(tokenizer, data, tmp_path):
+def test_canary_in_a_batchmate_does_not_reach_a_users_adapter(tokenizer, data, tmp_path, family):
     """u0 trained beside u1 (whose replies carry a canary) ends as u0 trained alone (dropout 0)."""
     pairs, users = data
     pairs = pairs.copy()
     planted = (pairs["speaker_id"] == "u1") & (pairs["split"] == "train_ft")
     pairs.loc[planted, "response"] = f"{CANARY} " + pairs.loc[planted, "response"]
-    together = run_users_batched(tiny_model(tokenizer, 0.0), tokenizer, pairs, users, ["u0", "u1"], "psp",
-                                 tmp_path / "together", NO_DROPOUT, users_per_batch=2, progress=False)
-    alone = run_users_batched(tiny_model(tokenizer, 0.0), tokenizer, pairs, users, ["u0"], "psp",
+    together = run_users_batched(tiny_model(tokenizer, family, dropout=0.0), tokenizer, pairs, users, ["u0", "u1"],
+                                 "psp", tmp_path / "together", NO_DROPOUT, users_per_batch=2, progress=False)
+    alone = run_users_batched(tiny_model(tokenizer, family, dropout=0.0), tokenizer, pairs, users, ["u0"], "psp",
                               tmp_path / "alone", NO_DROPOUT, users_per_batch=2, progress=False)
     assert close_tensors(adapter_tensors(tmp_path / "together", "u0"), adapter_tensors(tmp_path / "alone", "u0"))
     assert together["dev_losses"][0] == pytest.approx(alone["dev_losses"][0], abs=1e-5)
@@ -284,11 +290,11 @@ def test_canary_in_a_batchmate_does_not_reach_a_users_adapter(tokenizer, data, t
     assert not close_tensors(adapter_tensors(tmp_path / "together", "u1"), adapter_tensors(tmp_path / "alone", "u0"))
 
 
-def test_deterministic_and_resumable(tokenizer, data, tmp_path):
+def test_deterministic_and_resumable(tokenizer, data, tmp_path, family):
     pairs, users = data
 
     def run(out, model=None, **kwargs):
-        return run_users_batched(model or tiny_model(tokenizer), tokenizer, pairs, users, USERS, "psp",
+        return run_users_batched(model or tiny_model(tokenizer, family), tokenizer, pairs, users, USERS, "psp",
                                  tmp_path / out, CONFIG, users_per_batch=3, progress=False, **kwargs)
 
     first, second = run("a"), run("b")  # same seed, with dropout: identical adapters
@@ -310,7 +316,7 @@ def test_deterministic_and_resumable(tokenizer, data, tmp_path):
         if len(published) == 2:
             raise RuntimeError("simulated crash")
 
-    base = tiny_model(tokenizer)
+    base = tiny_model(tokenizer, family)
     before = state(base)
     with pytest.raises(RuntimeError, match="simulated"):
         run("c", model=base, after_user=crash)

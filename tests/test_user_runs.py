@@ -1,12 +1,15 @@
 """Per-user runs through udg_lib.executors: Ray vs local, kill -9 and resume, canary isolation, determinism.
 
-A tiny T5 (preset "test") and a tokenizer trained here on a few dozen sentences, saved as the base folder
-that train_users loads.
+A tiny model (preset "test") and conftest's tokenizer, saved as the base folder that train_users loads. The
+safety tests (determinism, kill -9 and resume, canary isolation, Ray equals local) run for both model families
+(a tiny T5 and a tiny Llama-style causal LM); input checks and Ray's failure handling, which do not depend on
+the model, for T5 only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,8 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import sentences
-from udg_lib import finetuning
+from conftest import CANARY, sentences, seq2seq_only, tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.executors import EXECUTORS, UserTrainingError, load_base_model, train_users
 from udg_lib.finetuning import (
@@ -31,11 +33,9 @@ from udg_lib.finetuning import (
     load_user_adapter,
     user_dir,
 )
-from udg_lib.pretraining import LABEL_PAD_ID, build_model, t5_config
-from udg_lib.tokenizer import train_sentencepiece_tokenizer
+from udg_lib.pretraining import LABEL_PAD_ID
 
 USERS = ["u0", "u1", "u2", "u3"]
-CANARY = "ZQXCANARY"
 CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=3, patience=1, max_source_length=32,
                         max_target_length=16)
 
@@ -43,13 +43,10 @@ CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=3, patience
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A saved tiny base model with its tokenizer, as a domain-adaptation stage would leave it."""
-    corpus = sentences(60) + ["[USER] 20s, female [SEP] hello", "[USER1] 30s [USER2] 40s [SEP] hi", CANARY]
-    tokenizer = train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer",
-                                              vocab_size=300, extra_ids=10, num_threads=1)
-    folder = tmp_path_factory.mktemp("base") / "model"
-    build_model(t5_config("test", len(tokenizer)), tokenizer, seed=0).save_pretrained(folder)
+def base_dir(tokenizer, family, tmp_path_factory) -> Path:
+    """A saved tiny base model of `family` with its tokenizer, as a domain-adaptation stage would leave it."""
+    folder = tmp_path_factory.mktemp(f"base-{family}") / "model"
+    tiny_model(tokenizer, family).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -91,9 +88,19 @@ def leftovers(out_dir: Path) -> list[str]:
     return sorted(p.name for p in out_dir.iterdir() if p.name.startswith("."))
 
 
+def adapter_config(out_dir: Path, user: str) -> dict:
+    """A user's adapter_config.json, target_modules sorted: peft keeps a list of targets (the causal family's)
+    as a set and writes it in the process' hash order (see test_adapter_config_bytes_...)."""
+    config = json.loads((user_dir(out_dir, user) / ADAPTER_DIR / "adapter_config.json").read_text())
+    if isinstance(config["target_modules"], list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
 # --- input checks ----------------------------------------------------------------------------------------------
 
 
+@seq2seq_only
 def test_bad_input_gets_clear_errors(base_dir, data, tmp_path):
     pairs, users = data
     with pytest.raises(ValueError, match=r"unknown executor 'dask'.*'local', 'ray'"):
@@ -199,17 +206,36 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(base_dir, data, t
     reference = tmp_path / "uninterrupted"
     train_users("lora", base_dir, pairs, users, USERS, "psp", reference, CONFIG, device="cpu", progress=False)
     for user in USERS:
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            assert ((user_dir(out_dir, user) / ADAPTER_DIR / name).read_bytes()
-                    == (user_dir(reference, user) / ADAPTER_DIR / name).read_bytes()), (user, name)
+        weights = "adapter_model.safetensors"
+        assert ((user_dir(out_dir, user) / ADAPTER_DIR / weights).read_bytes()
+                == (user_dir(reference, user) / ADAPTER_DIR / weights).read_bytes()), user
+        assert adapter_config(out_dir, user) == adapter_config(reference, user)  # three processes wrote these
         assert done_record(out_dir, user) == done_record(reference, user)
+
+
+SAVE_LORA_CONFIG = ("import sys; from udg_lib.families import get_family; "
+                    "from udg_lib.finetuning import FinetuneConfig; "
+                    "get_family(sys.argv[1]).lora_config(FinetuneConfig()).save_pretrained(sys.argv[2])")
+
+
+@pytest.mark.parametrize("family_name", ["seq2seq", pytest.param("causal", marks=pytest.mark.xfail(
+    strict=True, reason="peft turns the causal family's target list into a set and saves it in hash order"))])
+def test_adapter_config_bytes_do_not_depend_on_the_process_hash_seed(family_name, tmp_path):
+    """A resumed run's adapter_config.json should be byte-identical to an uninterrupted run's. T5's targets are
+    one regex string; the causal family's q/k/v/o_proj list is saved in an order that PYTHONHASHSEED decides
+    (seeds 1 and 2 give different orders), so only the parsed configs agree across processes."""
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", SAVE_LORA_CONFIG, family_name, str(tmp_path / seed)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"})
+    saved = [(tmp_path / seed / "adapter_config.json").read_bytes() for seed in ("1", "2")]
+    assert saved[0] == saved[1]
 
 
 # --- canary isolation --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_another_users_canary_never_reaches_a_users_batches(base_dir, data, tmp_path, method, monkeypatch):
+def test_another_users_canary_never_reaches_a_users_batches(base_dir, data, tmp_path, method, family, monkeypatch):
     pairs, users = data
     pairs = pairs.copy()
     owner = "u1"
@@ -220,11 +246,12 @@ def test_another_users_canary_never_reaches_a_users_batches(base_dir, data, tmp_
     pairs["context"] = [[*c[:-1], f"{c[-1]} {CANARY}"] if plant else c for c, plant in zip(pairs["context"], planted)]
     # The test tokenizer spells most words by characters: room for the profile and the canary's turn.
     config = replace(CONFIG, max_source_length=128, max_target_length=48)
-    _, tokenizer = load_base_model(base_dir, "cpu")
+    base, tokenizer = load_base_model(base_dir, "cpu")
     canary_ids = tokenizer(CANARY, add_special_tokens=False)["input_ids"]
 
     seen: list[tuple[str, torch.Tensor]] = []  # (input_ids | labels, tensor) of every forward pass
-    real_forward = finetuning.T5ForConditionalGeneration.forward
+    model_class = type(base)  # T5ForConditionalGeneration or LlamaForCausalLM; peft's wrappers call its forward
+    real_forward = model_class.forward
 
     def recording_forward(self, *args, **kwargs):
         for key in ("input_ids", "labels"):
@@ -232,7 +259,7 @@ def test_another_users_canary_never_reaches_a_users_batches(base_dir, data, tmp_
                 seen.append((key, kwargs[key].detach().clone()))
         return real_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(finetuning.T5ForConditionalGeneration, "forward", recording_forward)
+    monkeypatch.setattr(model_class, "forward", recording_forward)
 
     def batches_of(user: str) -> tuple[list[str], list[list[int]]]:
         seen.clear()
@@ -256,8 +283,15 @@ def test_another_users_canary_never_reaches_a_users_batches(base_dir, data, tmp_
     assert not any(CANARY in t for t in texts) and not any(holds_canary_ids(r) for r in rows)
     # control: the owner's own batches do carry it, in prompts and in replies, so the detector can fire
     texts, rows = batches_of(owner)
-    prompts = [ids.tolist() for key, ids in seen if key == "input_ids"]
+    inputs = [ids for key, ids in seen if key == "input_ids"]
     replies = [ids.tolist() for key, ids in seen if key == "labels"]
+    if family == "seq2seq":
+        prompts = [ids.tolist() for ids in inputs]
+    else:  # a causal sequence is prompt + reply: the prompt is where the loss is masked (-100)
+        labels = [ids for key, ids in seen if key == "labels"]
+        assert len(labels) == len(inputs)
+        prompts = [[row[mask].tolist() for row, mask in zip(ids, batch_labels == LABEL_PAD_ID)]
+                   for ids, batch_labels in zip(inputs, labels)]
     assert any(CANARY in t for t in texts) and any(holds_canary_ids(r) for r in rows)
     assert any(holds_canary_ids(r) for batch in prompts for r in batch)
     assert any(holds_canary_ids(r) for batch in replies for r in batch)
@@ -302,6 +336,7 @@ def test_ray_tasks_give_the_local_executors_adapters(base_dir, data, tmp_path, l
     assert leftovers(tmp_path / "ray") == []
 
 
+@seq2seq_only
 def test_failed_ray_task_names_its_users_and_keeps_finished_ones(base_dir, data, tmp_path, local_ray):
     pairs, users = data
 
@@ -323,6 +358,7 @@ def test_failed_ray_task_names_its_users_and_keeps_finished_ones(base_dir, data,
     assert resumed["status"].tolist() == ["skipped", "trained", "skipped"]
 
 
+@seq2seq_only
 def test_a_request_the_local_ray_cannot_meet_fails_instead_of_waiting(base_dir, data, tmp_path, local_ray):
     pairs, users = data
     with pytest.raises(ValueError, match="asks for 0.25 GPUs but the local Ray instance has 0"):
