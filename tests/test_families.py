@@ -312,7 +312,9 @@ def test_lora_parameter_counts_beside_the_papers_1_8_million():
     smollm2 = llama_config("smollm2-135m", SMOLLM2_VOCAB)
     assert CAUSAL.lora_trainable_parameters(smollm2, config) == 30 * 12 * (2 * 1152 + 2 * 768) == 1_382_400
     # an explicit target list still wins over the family's default
-    assert CAUSAL.lora_config(FinetuneConfig(lora_target_modules=("q_proj",))).target_modules == {"q_proj"}
+    single = get_peft_model(CAUSAL.from_config(llama_config("test", 64)),
+                            CAUSAL.lora_config(FinetuneConfig(lora_target_modules=("q_proj",))))
+    assert {n.rsplit(".", 1)[-1] for n, m in single.named_modules() if hasattr(m, "lora_A")} == {"q_proj"}
 
 
 def test_mixed_adapter_causal_batches_equal_each_adapter_alone(tokenizer):

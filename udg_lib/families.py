@@ -49,6 +49,7 @@ from the saved checkpoints' configs.
 
 from __future__ import annotations
 
+import re
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -157,6 +158,16 @@ def _check_lengths(name: str, values: Sequence | None, n: int) -> None:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def suffix_regex(targets: Sequence[str] | str) -> str:
+    """peft `target_modules` as one full-match regex: a string stays as it is; a list of module-name suffixes
+    becomes the regex that matches what peft matches for the list (the name itself or `....<suffix>`). peft
+    keeps a list as a set and saves it in hash order, so a list would make adapter_config.json differ between
+    processes (PYTHONHASHSEED); the regex is saved as written, byte-identical on every resume."""
+    if isinstance(targets, str):
+        return targets
+    return r"(?:.*\.)?(?:" + "|".join(re.escape(t) for t in sorted(set(targets))) + ")"
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right",
@@ -274,8 +285,7 @@ class ModelFamily(ABC):
         if targets is None or targets == SELF_ATTENTION_QKVO:
             targets = self.lora_targets
         return LoraConfig(task_type=self.task_type, r=config.lora_r, lora_alpha=config.lora_alpha,
-                          lora_dropout=config.lora_dropout, bias="none",
-                          target_modules=targets if isinstance(targets, str) else list(targets))
+                          lora_dropout=config.lora_dropout, bias="none", target_modules=suffix_regex(targets))
 
     def lora_trainable_parameters(self, model_config: PretrainedConfig, config: FinetuneConfig) -> int:
         """Trainable LoRA parameters for a model of `model_config`, counted by peft on a weightless (meta) model."""
