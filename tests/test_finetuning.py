@@ -375,7 +375,7 @@ def test_bf16_training_runs_and_keeps_fp32_weights(tokenizer, data):
     model = tiny_model(tokenizer)
     train = encode_pairs(user_examples(pairs, "u0", "train_ft"), users, "psp", tokenizer, CONFIG)
     dev = encode_pairs(user_examples(pairs, "u0", "dev"), users, "psp", tokenizer, CONFIG)
-    summary = train_with_early_stopping(model, train, dev, SEQ2SEQ.collator(tokenizer),
+    summary = train_with_early_stopping(model, train, dev, get_family("seq2seq").collator(tokenizer),
                                         replace(CONFIG, bf16=True, max_epochs=1))
     assert summary.steps > 0 and math.isfinite(summary.best_dev_loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
