@@ -260,18 +260,72 @@ class ModelFamily(ABC):
         """(per-token cross-entropy, mask of the scored tokens) of a collated batch, one row per example:
         `model(**batch).loss` is their masked mean. For per-row losses (`multilora`'s per-user means)."""
 
-    @abstractmethod
+    @torch.no_grad()
     def generate(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
                  adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
                  max_source_length: int = 128, one_id_prefix: bool = False) -> list[str]:
-        """Greedy replies in the order of `sources` (`generation.greedy_generate`'s contract)."""
+        """Greedy replies in the order of `sources` (`generation.greedy_generate`'s contract): prompts encoded
+        and cut as in training, batched by length, each batch routed to its rows' adapters and decoded by the
+        family (`_generate_batch`)."""
+        _check_lengths("adapter names", adapter_names, len(sources))
+        router, model = model, _module(model)
+        was_training = model.training
+        model.eval()
+        encoded = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+        replies = [""] * len(encoded)
+        for batch in _length_batches([len(e) for e in encoded], batch_size):
+            route, kwargs = _routing(router, adapter_names, batch)
+            with route:  # every decoding step sees this batch's rows, in this order
+                texts = self._generate_batch(model, tokenizer, [encoded[i] for i in batch], max_new_tokens, kwargs)
+            for i, text in zip(batch, texts):
+                replies[i] = text
+        model.train(was_training)
+        return replies
 
     @abstractmethod
+    def _generate_batch(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],
+                        max_new_tokens: int, kwargs: dict) -> list[str]:
+        """One batch's greedy replies, stripped; `kwargs` go to `model.generate` (peft's adapter_names)."""
+
+    @torch.no_grad()
     def reference_nll(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                       references: Sequence[str], *, adapter_names: Sequence[str] | None = None,
                       batch_size: int = 32, max_source_length: int = 128, max_target_length: int = 48,
                       one_id_prefix: bool = False) -> ReferenceScores:
-        """Per-sample reply NLLs (`generation.reference_nll`'s contract)."""
+        """Per-sample reply NLLs (`generation.reference_nll`'s contract): prompts and replies encoded and cut as
+        in training, batched by length, each batch routed to its rows' adapters and scored by the family
+        (`_score_batch`); `text_nll` leaves out each reply's final eos (`encode_targets` ends every one so)."""
+        if len(sources) != len(references):
+            raise ValueError(f"{len(sources)} sources but {len(references)} references")
+        _check_lengths("adapter names", adapter_names, len(sources))
+        router, model = model, _module(model)
+        was_training = model.training
+        model.eval()
+        prompts = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+        targets = encode_targets(list(references), tokenizer, max_target_length)
+        counts = np.array([len(t) for t in targets], dtype=np.int64)
+        nll = np.zeros(len(prompts), dtype=np.float64)
+        text_nll = np.zeros(len(prompts), dtype=np.float64)
+        for batch in _length_batches([self._score_length(p, t) for p, t in zip(prompts, targets)], batch_size):
+            route, kwargs = _routing(router, adapter_names, batch)
+            with route:
+                sums, eos = self._score_batch(model, tokenizer, [prompts[i] for i in batch],
+                                              [targets[i] for i in batch], kwargs)
+            nll[batch] = sums.numpy()
+            text_nll[batch] = (sums - eos).numpy()
+        model.train(was_training)
+        text_chars = _covered_chars(tokenizer, list(references), (counts - 1).tolist())
+        return ReferenceScores(nll, counts, text_nll, text_chars)
+
+    @abstractmethod
+    def _score_length(self, prompt: list[int], target: list[int]) -> int:
+        """The length `reference_nll` batches by: what one row of `_score_batch` costs."""
+
+    @abstractmethod
+    def _score_batch(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
+                     targets: list[list[int]], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row (float64, on the CPU): the summed NLL of the target tokens, eos included, and the NLL of the
+        final eos alone. `kwargs` go to the model's forward (peft's adapter_names)."""
 
     # --- shared by both families -----------------------------------------------------------------------------
 
@@ -340,57 +394,23 @@ class Seq2SeqFamily(ModelFamily):
                        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels)).logits
         return _token_cross_entropy(logits, labels)
 
-    @torch.no_grad()
-    def generate(self, model, tokenizer, sources, *, adapter_names=None, max_new_tokens=48, batch_size=32,
-                 max_source_length=128, one_id_prefix=False):
-        _check_lengths("adapter names", adapter_names, len(sources))
-        router, model = model, _module(model)
-        was_training = model.training
-        model.eval()
-        encoded = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
-        replies = [""] * len(encoded)
-        device = _device(model)
-        for batch in _length_batches([len(e) for e in encoded], batch_size):
-            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
-            route, kwargs = _routing(router, adapter_names, batch)
-            with route:  # the encoder and every decoding step see this batch's rows, in this order
-                output = model.generate(**padded, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                        **kwargs)
-            for i, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
-                replies[i] = text.strip()
-        model.train(was_training)
-        return replies
+    def _generate_batch(self, model, tokenizer, rows, max_new_tokens, kwargs):
+        padded = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(_device(model))
+        output = model.generate(**padded, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **kwargs)
+        return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
-    @torch.no_grad()
-    def reference_nll(self, model, tokenizer, sources, references, *, adapter_names=None, batch_size=32,
-                      max_source_length=128, max_target_length=48, one_id_prefix=False):
-        if len(sources) != len(references):
-            raise ValueError(f"{len(sources)} sources but {len(references)} references")
-        _check_lengths("adapter names", adapter_names, len(sources))
-        router, model = model, _module(model)
-        was_training = model.training
-        model.eval()
-        inputs = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
-        targets = encode_targets(list(references), tokenizer, max_target_length)
-        nll = np.zeros(len(inputs), dtype=np.float64)
-        text_nll = np.zeros(len(inputs), dtype=np.float64)
-        counts = np.array([len(t) for t in targets], dtype=np.int64)
+    def _score_length(self, prompt, target):
+        return len(prompt)
+
+    def _score_batch(self, model, tokenizer, prompts, targets, kwargs):
         device = _device(model)
-        for batch in _length_batches([len(e) for e in inputs], batch_size):
-            padded = tokenizer.pad({"input_ids": [inputs[i] for i in batch]}, return_tensors="pt").to(device)
-            labels, _ = pad_sequences([targets[i] for i in batch], LABEL_PAD_ID)
-            labels = labels.to(device)
-            route, kwargs = _routing(router, adapter_names, batch)
-            with route:
-                logits = model(**padded, labels=labels, **kwargs).logits.float()
-            token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=LABEL_PAD_ID,
-                                                          reduction="none").double().cpu()
-            nll[batch] = token_nll.sum(dim=1).numpy()
-            eos_nll = token_nll[torch.arange(len(batch)), torch.tensor([len(targets[i]) - 1 for i in batch])]
-            text_nll[batch] = (token_nll.sum(dim=1) - eos_nll).numpy()  # encode_targets ends every target with eos
-        model.train(was_training)
-        text_chars = _covered_chars(tokenizer, list(references), (counts - 1).tolist())
-        return ReferenceScores(nll, counts, text_nll, text_chars)
+        padded = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(device)
+        labels = pad_sequences(targets, LABEL_PAD_ID)[0].to(device)
+        logits = model(**padded, labels=labels, **kwargs).logits.float()
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=LABEL_PAD_ID,
+                                                      reduction="none").double().cpu()
+        eos = token_nll[torch.arange(len(targets)), torch.tensor([len(t) - 1 for t in targets])]
+        return token_nll.sum(dim=1), eos
 
     def _align_special_ids(self, model, tokenizer):
         # T5 derives decoder inputs from pad (decoder_start_token_id): ids are the checkpoint's, never reset.
@@ -500,69 +520,37 @@ class CausalFamily(ModelFamily):
         _STOP_IDS[tokenizer] = (len(tokenizer), ids)
         return ids
 
-    @torch.no_grad()
-    def generate(self, model, tokenizer, sources, *, adapter_names=None, max_new_tokens=48, batch_size=32,
-                 max_source_length=128, one_id_prefix=False):
-        _check_lengths("adapter names", adapter_names, len(sources))
-        router, model = model, _module(model)
-        was_training = model.training
-        model.eval()
-        encoded = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
-        stops = self.stop_token_ids(tokenizer)
+    def _generate_batch(self, model, tokenizer, rows, max_new_tokens, kwargs):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        input_ids, attention_mask = pad_sequences(rows, pad, side="left")
         device = _device(model)
-        replies = [""] * len(encoded)
-        for batch in _length_batches([len(e) for e in encoded], batch_size):
-            input_ids, attention_mask = pad_sequences([encoded[i] for i in batch], pad, side="left")
-            route, kwargs = _routing(router, adapter_names, batch)
-            with route:
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                        eos_token_id=stops, pad_token_id=pad, **kwargs)
-            new_tokens = output[:, input_ids.shape[1]:]
-            for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                replies[i] = text.split("\n", 1)[0].strip()
-        model.train(was_training)
-        return replies
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                eos_token_id=self.stop_token_ids(tokenizer), pad_token_id=pad, **kwargs)
+        new_tokens = output[:, input_ids.shape[1]:]
+        return [text.split("\n", 1)[0].strip()
+                for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    @torch.no_grad()
-    def reference_nll(self, model, tokenizer, sources, references, *, adapter_names=None, batch_size=32,
-                      max_source_length=128, max_target_length=48, one_id_prefix=False):
-        """Left-padded batches: every row ends with its reply's eos, so the logits of the last
-        (longest reply + 1) positions cover every row's reply tokens; only those are computed."""
-        if len(sources) != len(references):
-            raise ValueError(f"{len(sources)} sources but {len(references)} references")
-        _check_lengths("adapter names", adapter_names, len(sources))
-        router, model = model, _module(model)
-        was_training = model.training
-        model.eval()
-        prompts = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
-        targets = encode_targets(list(references), tokenizer, max_target_length)
-        counts = np.array([len(t) for t in targets], dtype=np.int64)
-        nll = np.zeros(len(prompts), dtype=np.float64)
-        text_nll = np.zeros(len(prompts), dtype=np.float64)
+    def _score_length(self, prompt, target):
+        return len(prompt) + len(target)
+
+    def _score_batch(self, model, tokenizer, prompts, targets, kwargs):
+        """Left-padded rows: every row ends with its reply's eos, so the logits of the last (longest reply + 1)
+        positions cover every row's reply tokens; only those are computed (`logits_to_keep`)."""
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         device = _device(model)
-        for batch in _length_batches([len(p) + len(t) for p, t in zip(prompts, targets)], batch_size):
-            input_ids, attention_mask = pad_sequences([prompts[i] + targets[i] for i in batch], pad, side="left")
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` does for left padding
-            longest = max(len(targets[i]) for i in batch)
-            route, kwargs = _routing(router, adapter_names, batch)
-            with route:
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               position_ids=position_ids.to(device), logits_to_keep=longest + 1,
-                               **kwargs).logits.float()
-            labels = input_ids[:, -longest:].clone()  # the tokens that logits[:, :-1] predict
-            for row, i in enumerate(batch):
-                labels[row, : longest - len(targets[i])] = LABEL_PAD_ID  # source (or padding), not scored
-            token_nll = torch.nn.functional.cross_entropy(
-                logits[:, -longest - 1:-1].transpose(1, 2), labels.to(device), ignore_index=LABEL_PAD_ID,
-                reduction="none").double().cpu()
-            nll[batch] = token_nll.sum(dim=1).numpy()
-            text_nll[batch] = (token_nll.sum(dim=1) - token_nll[:, -1]).numpy()  # the last token is each eos
-        model.train(was_training)
-        text_chars = _covered_chars(tokenizer, list(references), (counts - 1).tolist())
-        return ReferenceScores(nll, counts, text_nll, text_chars)
+        input_ids, attention_mask = pad_sequences([p + t for p, t in zip(prompts, targets)], pad, side="left")
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` does for left padding
+        longest = max(len(t) for t in targets)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=position_ids.to(device), logits_to_keep=longest + 1, **kwargs).logits.float()
+        labels = input_ids[:, -longest:].clone()  # the tokens that logits[:, :-1] predict
+        for row, target in enumerate(targets):
+            labels[row, : longest - len(target)] = LABEL_PAD_ID  # source (or padding), not scored
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:, -longest - 1:-1].transpose(1, 2), labels.to(device), ignore_index=LABEL_PAD_ID,
+            reduction="none").double().cpu()
+        return token_nll.sum(dim=1), token_nll[:, -1]  # the last token is each row's eos
 
     def _align_special_ids(self, model, tokenizer):
         # Causal LMs pad only to batch: without a pad token, eos pads (hidden by the mask and the -100 labels).
