@@ -328,7 +328,7 @@ def test_an_int_is_a_float_and_nulls_pass_where_the_default_is_none(typed_notebo
     assert cli(typed_notebooks, tmp_path / "outputs", "--list") == 0
 
 
-@pytest.mark.parametrize("profile", ["test", "cpu", "full-en", "full-ja"])
+@pytest.mark.parametrize("profile", ["test", "cpu", "cpu-t5", "full-en", "full-en-causal", "full-ja"])
 def test_the_project_profiles_pass_the_parameter_checks(profile: str, tmp_path: Path) -> None:
     statuses = stage_statuses(profile, outputs_root=tmp_path / "outputs")
     assert [status for _, status in statuses] == ["missing"] * 7
