@@ -486,7 +486,7 @@ def test_exp1_table_marks_degenerate_systems_and_names_tokenizers(tmp_path):
     table = ex.exp1_table(per_user_means(scores, ex.EXP1_METRICS), health=health)
     assert table["fine-tuning"].tolist() == ["DA-pooled (no per-user training) ⚠ degenerate 100%", "LoRA",
                                              "smollm2-chat ⚠ degenerate 25%"]  # "))))": 1 of 4
-    assert table["tokenizer"].tolist() == ["T5 (ours)", "T5 (ours)", "SmolLM2-135M-Instruct"]
+    assert table["tokenizer"].tolist() == ["ours (stage 00)", "ours (stage 00)", "SmolLM2-135M-Instruct"]
     assert table.columns.tolist()[-3:] == ["perplexity", "tokenizer", "n_users"]
     assert table["bits_per_char"].tolist() == pytest.approx([3.0 / math.log(2) / 4] * 3)
     notes = ex.health_notes(health, "d")

@@ -165,6 +165,38 @@ def test_controlled_c1_is_judged_only_against_the_llm_that_shares_the_base():
     assert "C1s" not in set(report.judge_claims(scores, llm, replies)[0]["claim"])  # a T5 run: no such claim
 
 
+def question_scores(n_users: int, gain: float, psp_shift: float, seed: int = 0) -> pd.DataFrame:
+    """Exp1 scores of DA-pooled, One-ID, LoRA and FULL under Plain Dialogue and PSP: the fine-tuned methods
+    `gain` above DA, PSP `psp_shift` above Plain Dialogue, with little noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(n_users):
+        shift = rng.normal(0, 0.01)
+        for pair in range(4):
+            for p in ("plain_dialogue", "psp"):
+                for m in ("da", "one_id", "lora", "full"):
+                    value = 0.4 + (0.0 if m == "da" else gain) + (psp_shift if p == "psp" else 0.0)
+                    rows.append({"dataset": "chitchat", "split_set": 0, "user_id": f"u{user}",
+                                 "pair_id": f"u{user}-{pair}", "pretrain": p, "method": m,
+                                 "similarity": value + shift + rng.normal(0, 0.002)})
+    return pd.DataFrame(rows)
+
+
+def test_run_questions_answer_yes_no_or_inconclusive():
+    answers, tests = report.judge_questions(question_scores(30, 0.05, 0.0))
+    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "no"}  # Q2: equivalent
+    q1, q2 = tests[tests["question"] == "Q1"], tests[tests["question"] == "Q2"]
+    assert len(q1) == 6 and (q1["ci_low"] > 0.04).all() and (q1["n"] == 30).all()
+    assert len(q2) == 4 and (q2["kind"] == "differs").all() and (q2["answer"] == "no").all()
+    assert "≠" in q2["comparison"].iloc[0] and (q2["p_for_holm"] >= q2["p_for"]).all()
+    answers, _ = report.judge_questions(question_scores(30, -0.05, 0.05))
+    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "no", "Q2": "yes"}
+    answers, tests = report.judge_questions(question_scores(4, 0.05, 0.05))
+    assert set(answers["answer"]) == {"inconclusive"} and set(tests["answer"]) == {"inconclusive"}
+    missing, none = report.judge_questions(None)
+    assert set(missing["answer"]) == {"not tested"} and none.empty
+
+
 def test_same_base_llms_reads_both_stages_params(tmp_path):
     import json
 
@@ -328,7 +360,8 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys):
     assert report.main(["--profile", "cpu", "--outputs-root", str(root), "--publish", "--results-dir", str(results),
                         "--readme", str(readme)]) == 0
     published = {p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file()}
-    assert {"report.md", "claims.csv", "claim_tests.csv", "06_llm_baselines/figures/figure2.png",
+    assert {"report.md", "claims.csv", "claim_tests.csv", "questions.csv", "question_tests.csv",
+            "06_llm_baselines/figures/figure2.png",
             "03_finetune_users/metrics.json", "05_exp2_diversity/table7.csv"} <= published
     assert not any(p.endswith((".parquet", ".safetensors")) for p in published)
     text = readme.read_text()
@@ -337,6 +370,8 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys):
     assert "old hand-typed" not in text and text.endswith("After.\n")
     assert re.search(r"\| C4 +\| \*\*supported\*\* +\|", block)
     assert "**Exp1, seinfeld**" in block and "bits_per_char" in block
+    assert "**Q2: mixed**" in block and "**Q1: not tested**" in block  # the fake run has no DA-pooled rows, and
+    assert "| yes " in block and "| no " in block  # its PSP One-ID equals Plain Dialogue's, LoRA/FULL do not
     capsys.readouterr()
     assert report.main(["--compare", str(results), str(root)]) == 0
     printed = capsys.readouterr().out

@@ -603,16 +603,17 @@ def table6(times: pd.DataFrame, sizes: dict[str, Any], n_users: int) -> pd.DataF
 # Presentation: Tables 3-5 analogs and their significance notes
 
 
-T5_TOKENIZER_LABEL = "T5 (ours)"  # every fine-tuned system and DA floor shares stage 00's tokenizer
+OURS_TOKENIZER_LABEL = "ours (stage 00)"  # every fine-tuned system and DA floor shares stage 00's tokenizer
 HEALTH_GROUP_COLS: tuple[str, ...] = ("dataset", "system", "pretrain", "method")  # one system per dataset
 HEALTH_FILE = "generation_health"  # .csv and .md, in stage 04's and stage 06's folders
 
 
 def row_tokenizer(pretrain: str, method: str) -> str:
-    """The tokenizer a system's perplexity is counted in: ours for the T5s, the LLM's own (named after its
-    model: chat and completion rows of one model share it), "" for a system without likelihood."""
+    """The tokenizer a system's perplexity is counted in: ours (stage 00's) for the fine-tuned systems, the
+    LLM's own (named after its model: chat and completion rows of one model share it), "" for a system without
+    likelihood. In a causal run stage 00's is the base LM's tokenizer with the §3.4 markers added."""
     if pretrain in PRETRAINED_FORMATS:
-        return T5_TOKENIZER_LABEL
+        return OURS_TOKENIZER_LABEL
     if pretrain == "llm":
         base = method.rsplit("-", 1)[0] if method.endswith(("-chat", "-completion", "-endpoint")) else method
         return LLM_DISPLAY_NAMES.get(base, base)

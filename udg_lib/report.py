@@ -48,6 +48,8 @@ STAGES = ("00_prepare_corpus", "01_infer_profiles", "02_pretrain_models", "03_fi
 REPORT_FILE = "report.md"
 CLAIMS_FILE = "claims.csv"
 CLAIM_TESTS_FILE = "claim_tests.csv"
+QUESTIONS_FILE = "questions.csv"
+QUESTION_TESTS_FILE = "question_tests.csv"
 ALPHA = 0.05
 LOW_SIMILARITY = 0.2  # C5 / Figure 2: "many similarities under 0.2"
 # The profiles at the paper's scale, and the sentence the report opens with for each.
@@ -164,7 +166,7 @@ def _systems_label(systems: Sequence[tuple[str, str]]) -> str:
 
 def _comparison(claim: str, source: str, dataset: str, metric: str, a: Sequence[tuple[str, str]],
                 b: Sequence[tuple[str, str]], kind: str, bound: float) -> Comparison:
-    sign = {"greater": ">", "equivalent": "≈", "noninferior": ">="}[kind]
+    sign = {"greater": ">", "equivalent": "≈", "noninferior": ">=", "differs": "≠"}[kind]
     return Comparison(claim, source, dataset, metric, tuple(a), tuple(b), kind, bound,
                       f"{_systems_label(a)} {sign} {_systems_label(b)}")
 
@@ -335,6 +337,11 @@ def _test_row(comparison: Comparison, diffs: pd.Series, family_size: int, settin
                      else stats.paired_t_test(d, -bound, "less"))
         claimed = (0.0, bound if effect >= 0 else -bound)
         detectable = stats.min_equivalence_margin(n, sd, family_alpha, settings.power)
+    elif comparison.kind == "differs":  # a two-sided difference; equivalence within the margin answers "no"
+        p_for = stats.signed_rank_test(d, 0.0)
+        p_against = stats.equivalence_test(d, np.zeros_like(d), bound)
+        claimed = (0.0, bound if effect >= 0 else -bound)
+        detectable = stats.min_detectable_effect(n, sd, family_alpha, settings.power)
     elif comparison.kind == "noninferior":
         p_for = stats.noninferiority_test(d, bound)
         p_against = stats.paired_t_test(d, -bound, "less")
@@ -464,6 +471,65 @@ def direction_verdicts(values: pd.DataFrame, small_datasets: Collection[str] | N
         outcome[comparison.claim].append(bool(holds))
     return pd.Series({c: (NOT_TESTED if not h else ("supported" if all(h) else "contradicted"))
                       for c, h in outcome.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beyond the paper: what per-user training and profiles change in this run, judged as the claims are
+
+RUN_QUESTIONS = {
+    "Q1": "Does per-user fine-tuning (One-ID, LoRA, FULL) reproduce the user's held-out replies better than the "
+          "domain-adapted model with no per-user training (DA-pooled), under the same pre-trained model?",
+    "Q2": "Does profile-aware pre-training (PSP, PPP) change similarity against Plain Dialogue, method by method? "
+          "(Two-sided; \"no\" means equivalent within the margin.)",
+}
+ANSWERS = {"supported": "yes", "contradicted": "no", "inconclusive": "inconclusive", NOT_TESTED: NOT_TESTED}
+
+
+def question_comparisons(values: pd.DataFrame, settings: ClaimSettings = ClaimSettings()) -> list[Comparison]:
+    """Q1 and Q2's comparisons on the Exp1 unit values (per dataset, paired across users): Q1 each fine-tuned
+    method > DA-pooled under its own pre-trained model ("greater", smallest effect of interest as C1's); Q2
+    PSP/PPP vs Plain Dialogue for each method ("differs": Wilcoxon for a difference, TOST within the
+    equivalence margin against)."""
+    order = [*PLAIN_PRETRAINS, *PROFILE_PRETRAINS]
+    out = []
+    for dataset, frame in values[values["source"] == "exp1"].groupby("dataset", sort=False):
+        systems = set(zip(frame["pretrain"], frame["method"]))
+        for p in sorted({p for p, _ in systems if p in order}, key=order.index):
+            out += [_comparison("Q1", "exp1", dataset, "similarity", [(p, m)], [(p, "da")], "greater",
+                                settings.min_similarity_effect)
+                    for m in FINE_TUNED if (p, m) in systems and (p, "da") in systems]
+        for p in PROFILE_PRETRAINS:
+            out += [_comparison("Q2", "exp1", dataset, "similarity", [(p, m)], [("plain_dialogue", m)], "differs",
+                                settings.equivalence_margin)
+                    for m in ("da", *FINE_TUNED) if (p, m) in systems and ("plain_dialogue", m) in systems]
+    return out
+
+
+def judge_questions(exp1_scores: pd.DataFrame | None,
+                    settings: ClaimSettings = ClaimSettings()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Q1-Q2 (`RUN_QUESTIONS`) from stage 04's per-sample scores, each comparison by the claims' rules (Holm
+    within each question):
+    (answers, tests), shaped as `judge_claims`' (claims, tests) with the column "question". An answer is
+    "yes" when every comparison is supported, "no" when every one is contradicted, "mixed" when some are each
+    (the comparisons say which), else "inconclusive"."""
+    values = exp1_unit_values(exp1_scores) if exp1_scores is not None else pd.DataFrame(
+        columns=["source", "dataset", "unit", "pretrain", "method"])
+    tests = _judge_comparisons(values, question_comparisons(values, settings) if len(values) else [], settings)
+    answers = []
+    for question, statement in RUN_QUESTIONS.items():
+        rows = tests[tests["claim"] == question]
+        verdicts = set(rows["verdict"])
+        answer = ("mixed" if {"supported", "contradicted"} <= verdicts  # yes for some comparisons, no for others
+                  else ANSWERS[_claim_verdict(rows["verdict"].tolist())])
+        answers.append({"question": question, "answer": answer, "n_tests": len(rows),
+                        "n_yes": int((rows["verdict"] == "supported").sum()),
+                        "n_no": int((rows["verdict"] == "contradicted").sum()),
+                        "n_inconclusive": int((rows["verdict"] == "inconclusive").sum()),
+                        "statement": statement,
+                        "note": "" if len(rows) else "no comparison in scope (stage 04 scores or systems missing)"})
+    tests = tests.rename(columns={"claim": "question"})
+    tests["answer"] = tests["verdict"].map(ANSWERS)
+    return pd.DataFrame(answers), tests
 
 
 def low_similarity_shares(scores: pd.DataFrame, threshold: float = LOW_SIMILARITY) -> pd.DataFrame:
@@ -661,16 +727,59 @@ def claims_lines(claims: pd.DataFrame, tests: pd.DataFrame, settings: ClaimSetti
         if rows.empty:
             lines.append(f"Not tested: {row.note}.")
             continue
-        shown = pd.DataFrame({
-            "dataset": rows["dataset"], "comparison": rows["comparison"], "n": rows["n"],
-            "effect [95% CI]": [f"{_fmt(e, '+.3f')} [{_fmt(lo, '+.3f')}, {_fmt(hi, '+.3f')}]"
-                                for e, lo, hi in zip(rows["effect"], rows["ci_low"], rows["ci_high"])],
-            "p for": rows["p_for"].map(_fmt), "Holm": rows["p_for_holm"].map(_fmt),
-            "p against": rows["p_against"].map(_fmt), "Holm ": rows["p_against_holm"].map(_fmt),
-            "detectable (80%)": rows["detectable_80"].map(lambda v: _fmt(v, ".3f")),
-            "verdict": [v + (f" ({r})" if r and v == "inconclusive" else "") for v, r in
-                        zip(rows["verdict"], rows["reason"])]})
-        lines += ["", shown.to_markdown(index=False)]
+        lines += ["", _tests_markdown(rows)]
+    return lines
+
+
+def _tests_markdown(rows: pd.DataFrame, outcome: str = "verdict") -> str:
+    """Comparisons as a markdown table: n, effect with its 95% CI, p for and against with Holm, detectable
+    effect and the outcome (a claim's verdict or a question's answer) with the reason when inconclusive."""
+    return pd.DataFrame({
+        "dataset": rows["dataset"], "comparison": rows["comparison"], "n": rows["n"],
+        "effect [95% CI]": [f"{_fmt(e, '+.3f')} [{_fmt(lo, '+.3f')}, {_fmt(hi, '+.3f')}]"
+                            for e, lo, hi in zip(rows["effect"], rows["ci_low"], rows["ci_high"])],
+        "p for": rows["p_for"].map(_fmt), "Holm": rows["p_for_holm"].map(_fmt),
+        "p against": rows["p_against"].map(_fmt), "Holm ": rows["p_against_holm"].map(_fmt),
+        "detectable (80%)": rows["detectable_80"].map(lambda v: _fmt(v, ".3f")),
+        outcome: [v + (f" ({r})" if r and v == "inconclusive" else "") for v, r in
+                  zip(rows[outcome], rows["reason"])]}).to_markdown(index=False)
+
+
+def questions_lines(answers: pd.DataFrame, tests: pd.DataFrame, settings: ClaimSettings) -> list[str]:
+    """The report's section on Q1-Q2 (`RUN_QUESTIONS`): answers, then each question's comparisons."""
+    lines = [
+        "Two questions every run answers, judged by the claims' rules (paired across users, per dataset; Holm "
+        f"within each question; alpha = {settings.alpha}). Q1's smallest effect of interest is "
+        f"{settings.min_similarity_effect} similarity; Q2 asks for any difference (Wilcoxon) and answers \"no\" "
+        f"only on equivalence within {settings.equivalence_margin} (paired-t TOST).",
+        "",
+        answers[["question", "answer", "n_tests", "n_yes", "n_no", "n_inconclusive"]].to_markdown(index=False),
+    ]
+    for row in answers.itertuples(index=False):
+        lines += ["", f"### {row.question}: {row.answer}", row.statement]
+        rows = tests[tests["question"] == row.question]
+        lines += ["", _tests_markdown(rows, "answer") if len(rows) else f"Not tested: {row.note}."]
+    return lines
+
+
+def training_lines(finetune_dir: Path) -> list[str]:
+    """How each method's training ended (stage 03): the share of units stopped by early stopping rather than
+    the epoch cap, epochs, dev-loss gain; and the LoRA learning-rate sweep when the run made one."""
+    by_method = _csv(finetune_dir / "training_by_method.csv")
+    if by_method is None:
+        return ["(stage 03's training_by_method.csv missing)"]
+    params = _stage_params(_metrics(finetune_dir))
+    lines = ["Per method: units (users, or one pooled model), mean epochs run, share stopped by early stopping "
+             f"on the dev loss rather than the cap (max_epochs {params.get('max_epochs', 'NA')}, DA/One-ID "
+             f"{params.get('da_max_epochs', 'NA')}), and the mean dev loss before and at the best epoch.", "",
+             by_method.to_markdown(index=False, floatfmt=".3f")]
+    sweep = _csv(finetune_dir / "lora_lr_sweep.csv")
+    if sweep is not None:
+        chosen = (_metrics(finetune_dir) or {}).get("metrics", {}).get("lora_learning_rate")
+        summary = sweep.groupby("learning_rate")[["initial_dev_loss", "best_dev_loss", "epochs_run", "stopped_early"]]
+        lines += ["", f"LoRA learning rate chosen on dev loss only, over {sweep['user_id'].nunique()} users: "
+                  f"**{_fmt(chosen, 'g')}** (lowest mean best dev loss):", "",
+                  summary.mean().reset_index().to_markdown(index=False, floatfmt=".4g")]
     return lines
 
 
@@ -689,8 +798,9 @@ def same_base_llms(pretrain_dir: Path, llm_dir: Path) -> tuple[str, ...]:
 
 
 def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | Path] | None = None,
-                 settings: ClaimSettings | None = None) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    """The report's markdown and the judged (claims, tests). `stage_dirs` overrides where a stage's outputs are
+                 settings: ClaimSettings | None = None
+                 ) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The report's markdown, the judged (claims, tests) and the answered (questions, tests). `stage_dirs` overrides where a stage's outputs are
     read (a stage still running in its work folder); links always point at the final stage folders under
     `root`. `settings` None reads the equivalence margin stage 06 recorded, else the defaults."""
     root = Path(root)
@@ -770,24 +880,31 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     claims, claim_tests = judge_claims(_parquet(exp1 / "scores.parquet"), _parquet(llm / "scores.parquet"),
                                        _parquet(exp2 / "replies.parquet"), small, settings)
     parts += ["", "## The paper's claims, checked on this run", *claims_lines(claims, claim_tests, settings, small)]
-    return "\n".join(parts) + "\n", claims, claim_tests
+    answers, question_tests = judge_questions(_parquet(exp1 / "scores.parquet"), settings)
+    parts += ["", "## What per-user training and profiles change (beyond the paper)",
+              *questions_lines(answers, question_tests, settings),
+              "", "## How training ended (stage 03)", *training_lines(dirs["03_finetune_users"])]
+    return "\n".join(parts) + "\n", claims, claim_tests, answers, question_tests
 
 
 def write_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | Path] | None = None,
                  settings: ClaimSettings | None = None) -> Path:
-    """Write `<root>/report.md`, `claims.csv` and `claim_tests.csv` atomically; return the report's path."""
+    """Write `<root>/report.md`, `claims.csv`, `claim_tests.csv`, `questions.csv` and `question_tests.csv`
+    atomically; return the report's path."""
     root = Path(root)
-    text, claims, tests = build_report(root, profile, stage_dirs, settings)
+    text, claims, tests, answers, question_tests = build_report(root, profile, stage_dirs, settings)
     io.write_text(root / CLAIMS_FILE, claims.to_csv(index=False))
     io.write_text(root / CLAIM_TESTS_FILE, tests.to_csv(index=False))
+    io.write_text(root / QUESTIONS_FILE, answers.to_csv(index=False))
+    io.write_text(root / QUESTION_TESTS_FILE, question_tests.to_csv(index=False))
     return io.write_text(root / REPORT_FILE, text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference results: results/<profile>/, README's block, comparison with a rerun
 
-PUBLISH_PATTERNS = (REPORT_FILE, CLAIMS_FILE, CLAIM_TESTS_FILE, "*/metrics.json", "*/*.csv", "*/*.md", "*/*.png",
-                    "*/figures/*.png")
+PUBLISH_PATTERNS = (REPORT_FILE, CLAIMS_FILE, CLAIM_TESTS_FILE, QUESTIONS_FILE, QUESTION_TESTS_FILE,
+                    "*/metrics.json", "*/*.csv", "*/*.md", "*/*.png", "*/figures/*.png")
 PUBLISH_MAX_FILE_BYTES = 512_000  # per file: tables, metrics and figures are far smaller; data files are not copied
 PUBLISH_MAX_BYTES = 2_000_000  # the whole folder, committed to git
 
@@ -853,6 +970,12 @@ def headline_numbers(folder: str | Path) -> pd.DataFrame:
         items += [(f"{r.claim} verdict", r.verdict) for r in claims.itertuples(index=False)]
     if tests is not None:
         items += [(f"{r.claim} {r.dataset}: {r.comparison}: effect", r.effect) for r in tests.itertuples(index=False)]
+    answers, question_tests = _csv(folder / QUESTIONS_FILE), _csv(folder / QUESTION_TESTS_FILE)
+    if answers is not None:
+        items += [(f"{r.question} answer", r.answer) for r in answers.itertuples(index=False)]
+    if question_tests is not None:
+        items += [(f"{r.question} {r.dataset}: {r.comparison}: effect", r.effect)
+                  for r in question_tests.itertuples(index=False)]
     return pd.DataFrame(items, columns=["item", "value"])
 
 
@@ -903,6 +1026,21 @@ def render_results_block(folder: str | Path, profile: str) -> str:
                                     claims["n_supported"], claims["n_contradicted"], claims["n_inconclusive"])],
                                 "n": claims["n_units"].astype(str), "statement": claims["statement"]})
                   .to_markdown(index=False)]
+    answers, question_tests = _csv(folder / QUESTIONS_FILE), _csv(folder / QUESTION_TESTS_FILE)
+    if answers is not None and question_tests is not None:
+        lines += ["", "**What per-user training and profiles change** (beyond the paper; similarity, paired across "
+                  "users; effect = mean difference with its 95% bootstrap CI; Holm within each question):", ""]
+        for row in answers.itertuples(index=False):
+            lines.append(f"- **{row.question}: {row.answer}**. {row.statement}")
+        if len(question_tests):
+            lines += ["", pd.DataFrame({
+                "question": question_tests["question"], "dataset": question_tests["dataset"],
+                "comparison": question_tests["comparison"], "n": question_tests["n"],
+                "effect [95% CI]": [f"{_fmt(e, '+.3f')} [{_fmt(lo, '+.3f')}, {_fmt(hi, '+.3f')}]" for e, lo, hi in
+                                    zip(question_tests["effect"], question_tests["ci_low"], question_tests["ci_high"])],
+                "Holm p for": question_tests["p_for_holm"].map(_fmt),
+                "Holm p against": question_tests["p_against_holm"].map(_fmt), "answer": question_tests["answer"]})
+                .to_markdown(index=False)]
     return "\n".join(lines).strip() + "\n"
 
 
