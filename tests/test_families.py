@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel, TaskType, get_peft_model
 
-from conftest import sentences
+from conftest import sentences, tiny_model
 from udg_lib.families import (
     CAUSAL,
     SEQ2SEQ,
@@ -245,6 +245,24 @@ def test_left_padded_batched_greedy_equals_one_at_a_time(tokenizer, trained_llam
     lengths = {len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in batched}
     assert len(lengths) > 1 and min(lengths) < 12  # rows stopped at eos at different steps
     assert all("\n" not in r and SEP not in r for r in batched)
+
+
+def test_a_causal_reply_never_starts_with_a_stop_token(tokenizer):
+    # A model that would end at once (eos first, as SmolLM2-Instruct does after a long context turn) still
+    # gives its best non-stop token first, then stops.
+    model = tiny_model(tokenizer, "causal")
+    word = tokenizer("hello", add_special_tokens=False)["input_ids"][-1]
+
+    def prefer_eos_then_word(module, inputs, output):
+        output[..., tokenizer.eos_token_id] += 100.0
+        output[..., word] += 50.0
+        return output
+
+    model.lm_head.register_forward_hook(prefer_eos_then_word)
+    replies = CAUSAL.generate(model, tokenizer, ["hello there", "how are you"], max_new_tokens=5, batch_size=2,
+                              max_source_length=32)
+    expected = tokenizer.decode([word]).strip()
+    assert expected and replies == [expected, expected]
 
 
 def test_causal_reference_nll_equals_a_manual_computation(tokenizer, trained_llama):

@@ -521,11 +521,16 @@ class CausalFamily(ModelFamily):
         return ids
 
     def _generate_batch(self, model, tokenizer, rows, max_new_tokens, kwargs):
+        """Greedy, stopped by `stop_token_ids`; the first token is never a stop token (`min_new_tokens=1`).
+        A reply is the next turn and no training reply is empty; but a chat-tuned base (SmolLM2-Instruct)
+        often ends the conversation (eos) right after a long context turn, which would score as an empty
+        reply that says nothing about the replies the model would give. Degenerate text still counts as such
+        (`metrics.generation_health`)."""
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         input_ids, attention_mask = pad_sequences(rows, pad, side="left")
         device = _device(model)
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=1,
                                 eos_token_id=self.stop_token_ids(tokenizer), pad_token_id=pad, **kwargs)
         new_tokens = output[:, input_ids.shape[1]:]
         return [text.split("\n", 1)[0].strip()
