@@ -370,7 +370,7 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys):
     assert "old hand-typed" not in text and text.endswith("After.\n")
     assert re.search(r"\| C4 +\| \*\*supported\*\* +\|", block)
     assert "**Exp1, seinfeld**" in block and "bits_per_char" in block
-    assert "**Q2: mixed**" in block and "**Q1: not tested**" in block  # the fake run has no DA-pooled rows, and
+    assert "**Q2: yes 4, no 2 of 6**" in block and "**Q1: not tested**" in block  # the fake run has no DA-pooled rows, and
     assert "| yes " in block and "| no " in block  # its PSP One-ID equals Plain Dialogue's, LoRA/FULL do not
     capsys.readouterr()
     assert report.main(["--compare", str(results), str(root)]) == 0

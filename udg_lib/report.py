@@ -510,17 +510,18 @@ def judge_questions(exp1_scores: pd.DataFrame | None,
     """Q1-Q2 (`RUN_QUESTIONS`) from stage 04's per-sample scores, each comparison by the claims' rules (Holm
     within each question):
     (answers, tests), shaped as `judge_claims`' (claims, tests) with the column "question". An answer is
-    "yes" when every comparison is supported, "no" when every one is contradicted, "mixed" when some are each
-    (the comparisons say which), else "inconclusive"."""
+    "yes", "no" or "inconclusive" when every comparison says so, else the counts ("no 1, inconclusive 5 of
+    6"): the comparisons say which."""
     values = exp1_unit_values(exp1_scores) if exp1_scores is not None else pd.DataFrame(
         columns=["source", "dataset", "unit", "pretrain", "method"])
     tests = _judge_comparisons(values, question_comparisons(values, settings) if len(values) else [], settings)
     answers = []
     for question, statement in RUN_QUESTIONS.items():
         rows = tests[tests["claim"] == question]
-        verdicts = set(rows["verdict"])
-        answer = ("mixed" if {"supported", "contradicted"} <= verdicts  # yes for some comparisons, no for others
-                  else ANSWERS[_claim_verdict(rows["verdict"].tolist())])
+        counts = {ANSWERS[v]: int((rows["verdict"] == v).sum()) for v in VERDICTS}
+        given = [a for a, k in counts.items() if k]
+        answer = (ANSWERS[NOT_TESTED] if not given else given[0] if len(given) == 1  # every comparison agrees
+                  else ", ".join(f"{a} {k}" for a, k in counts.items() if k) + f" of {len(rows)}")
         answers.append({"question": question, "answer": answer, "n_tests": len(rows),
                         "n_yes": int((rows["verdict"] == "supported").sum()),
                         "n_no": int((rows["verdict"] == "contradicted").sum()),
@@ -601,14 +602,21 @@ def settings_lines(dirs: Mapping[str, Path]) -> list[str]:
                   else f"trained from scratch (preset `{params.get('model_preset', '?')}`)")
         sizes = sorted({int(m["n_parameters"]) for m in models.values() if m.get("n_parameters")})
         size = " / ".join(f"{n:,} ({n / 1e6:.2g} M)" for n in sizes) or "?"
-        steps = ", ".join(f"{name} {m.get('steps', '?')}" for name, m in models.items())
-        lines.append(f"- Pre-trained T5 models: {origin}, {size} parameters; training steps: {steps or '?'}.")
+        steps = ", ".join(f"{name} {m.get('steps', 'as shipped' if m.get('checkpoint') else '?')}"
+                          for name, m in models.items())
+        family = pre.get("metrics", {}).get("model_family", params.get("model_family", "seq2seq"))
+        kind = "causal LM" if family == "causal" else "T5"
+        lines.append(f"- Pre-trained {kind} models: {origin}, {size} parameters; training steps: {steps or '?'}.")
     tuned = _metrics(dirs["03_finetune_users"])
     if tuned is not None:
         params, metrics = _stage_params(tuned), tuned.get("metrics", {})
         lora = metrics.get("lora_trainable_parameters")
+        lora_lr, swept = metrics.get("lora_learning_rate"), metrics.get("lora_learning_rate_sweep")
+        lr = f"Adam lr {params.get('learning_rate', '?')}" + (
+            f" (LoRA {lora_lr:g}, chosen on dev loss from {swept.get('candidates')})"
+            if swept and lora_lr is not None and lora_lr != params.get("learning_rate") else "")
         lines.append(
-            f"- Fine-tuning (§4.1.3): Adam lr {params.get('learning_rate', '?')}, at most {params.get('max_epochs', '?')} "
+            f"- Fine-tuning (§4.1.3): {lr}, at most {params.get('max_epochs', '?')} "
             f"epochs per user with early stopping (patience {params.get('patience', '?')}); LoRA r = "
             f"{params.get('lora_r', '?')} on `{params.get('lora_targets', '?')}`: "
             f"{f'{lora:,}' if isinstance(lora, int) else '?'} trainable parameters per user. Users per dataset: "
