@@ -81,3 +81,26 @@ def test_lora_learning_rate_sweep_reads_dev_loss_only_and_leaves_nothing(tokeniz
     pd.testing.assert_frame_equal(table, again)
     with pytest.raises(ValueError, match="no learning rates"):
         ex.sweep_lora_learning_rate(condition, tokenizer, pairs, users, USERS, "psp", config, [])
+
+
+def test_choose_lora_learning_rate_adapts_the_domain_then_sweeps_the_first_users(tokenizer, tmp_path):
+    texts = iter(sentences(120, seed=6))
+    users = pd.DataFrame({"user_id": list(USERS), **{f: "unknown" for f in PROFILE_FIELDS}})
+    rows = [{"pair_id": f"p{u}{split}{i}", "speaker_id": user, "partner_id": USERS[(u + 1) % 3],
+             "context": [next(texts)], "response": next(texts), "split": split, "split_set": 0}
+            for u, user in enumerate(USERS) for split, n in (("train_da", 4), ("train_ft", 6), ("dev", 3),
+                                                              ("test", 3)) for i in range(n)]
+    pretrained = tmp_path / "pretrained"
+    build_model(t5_config("test", len(tokenizer)), tokenizer, seed=0).save_pretrained(pretrained)
+    tokenizer.save_pretrained(pretrained)
+    config = ft.FinetuneConfig(batch_size=4, max_epochs=2, max_source_length=32, max_target_length=16)
+    da_config = ex.finetune_config(config, max_epochs=1)
+    chosen, table = ex.choose_lora_learning_rate(pretrained, tokenizer, pd.DataFrame(rows), users, USERS, "psp",
+                                                 tmp_path / "condition", config, da_config, [1e-6, 1e-2],
+                                                 sweep_users=2)
+    assert (tmp_path / "condition" / "da" / ft.DONE_FILE).is_file()  # DA kept for the condition's methods
+    assert sorted(p.name for p in (tmp_path / "condition").iterdir()) == ["da"]
+    assert set(table["user_id"]) == set(sorted(USERS)[:2]) and len(table) == 4
+    assert chosen.learning_rate == 1e-2 and chosen.batch_size == config.batch_size
+    summary = ex.sweep_summary(table)
+    assert summary["learning_rate"].tolist() == [1e-6, 1e-2] and len(summary.columns) == 5

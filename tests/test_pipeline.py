@@ -181,6 +181,8 @@ def causal_run(test_run: Path, tmp_path_factory) -> Path:
     shutil.copytree(repo_root() / "params" / "test", params)
     with (params / "02_pretrain_models.yaml").open("a", encoding="utf-8") as handle:
         handle.write("model_family: causal\n")
+    with (params / "03_finetune_users.yaml").open("a", encoding="utf-8") as handle:  # the cpu profile's path
+        handle.write("lora_learning_rates: [1.0e-6, 1.0e-2]\nlora_sweep_users: 2\nlora_training: per_user\n")
     outputs = root / "test"
     for stage in ("00_prepare_corpus", "01_infer_profiles"):
         shutil.copytree(test_run / stage, outputs / stage)
@@ -211,6 +213,13 @@ def test_causal_family_runs_stages_02_to_05(causal_run: Path):
     PeftModel.from_pretrained(da, adapter)
     summaries = pd.read_parquet(stage / "training_summaries.parquet")
     assert (summaries["n_train"] > 0).all() and (summaries["epochs_run"] >= 1).all()
+    sweep = pd.read_csv(stage / "lora_lr_sweep.csv")  # chosen on 2 users' dev loss, in the first condition
+    assert sweep["user_id"].nunique() == 2 and set(sweep["learning_rate"]) == {1e-6, 1e-2}
+    chosen = metrics(causal_run, "03_finetune_users")["metrics"]["lora_learning_rate"]
+    assert chosen == sweep.groupby("learning_rate")["best_dev_loss"].mean().idxmin()
+    for condition_dir in (stage / "tbbt" / "set0").iterdir():  # every condition's adapters trained at that rate
+        records = [json.loads(p.read_text()) for p in (condition_dir / "lora").glob(f"*/{DONE_FILE}")]
+        assert records and all(r["config"]["learning_rate"] == chosen for r in records)
     scores = pd.read_parquet(causal_run / "04_exp1_next_utterance" / "scores.parquet")
     assert {("psp", "lora"), ("ppp", "full"), ("plain_t5", "one_id"), ("plain_dialogue", "da")} <= set(
         zip(scores["pretrain"], scores["method"]))

@@ -332,7 +332,7 @@ def test_report_reads_sizes_settings_health_and_judges_from_scores(tmp_path):
     assert {"p_for", "p_for_holm", "ci_low", "ci_high", "detectable_80", "n"} <= set(tests.columns)
     assert "### C4: supported" in text and "effect [95% CI]" in text
     write_stage(root, "06_llm_baselines", params={"equivalence_margin": 0.02}, seconds=120, rss=2048)  # runner's record
-    rebuilt = report.build_report(root, "cpu")[0]
+    rebuilt = report.build_report(root, "cpu").text
     assert "**8.0 min** of wall time" in rebuilt  # 6 stages x 1 min + 2 min
     assert "equivalence margin 0.02 similarity" in rebuilt  # the margin stage 06 ran with, from its record
 

@@ -232,6 +232,28 @@ def sweep_lora_learning_rate(condition: str | Path, tokenizer: PreTrainedTokeniz
     return float(means.idxmin()), results
 
 
+def choose_lora_learning_rate(pretrained_model_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
+                              pairs: pd.DataFrame, users: pd.DataFrame, user_ids: Sequence[str], pretrained: str,
+                              condition: str | Path, config: ft.FinetuneConfig, da_config: ft.FinetuneConfig,
+                              learning_rates: Sequence[float], sweep_users: int = 0,
+                              options: UserTrainingOptions | None = None, device: str | None = None
+                              ) -> tuple[ft.FinetuneConfig, pd.DataFrame]:
+    """The condition's domain adaptation (kept: `finetune_condition` resumes from it), then the LoRA learning
+    rate swept on the first `sweep_users` users' dev loss (0: all of `user_ids`). Returns `config` with the
+    chosen rate, for `finetune_condition(..., lora_config=...)`, and the sweep's per-user table."""
+    finetune_condition(pretrained_model_dir, tokenizer, pairs, users, user_ids, pretrained, condition, config,
+                       da_config, options, device=device, methods=())
+    rate, table = sweep_lora_learning_rate(condition, tokenizer, pairs, users, sorted(user_ids)[:sweep_users or None],
+                                           pretrained, config, learning_rates, options, device)
+    return finetune_config(config, learning_rate=rate), table
+
+
+def sweep_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per swept LoRA learning rate: mean initial and best dev loss, epochs run, share stopped early."""
+    columns = ["initial_dev_loss", "best_dev_loss", "epochs_run", "stopped_early"]
+    return table.groupby("learning_rate")[columns].mean().reset_index()
+
+
 def _train_users(method: str, base_dir: Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                  users: pd.DataFrame, user_ids: list[str], fmt: str, out_dir: Path, config: ft.FinetuneConfig,
                  options: UserTrainingOptions, after_user: UserPredictor | None, device: str) -> pd.DataFrame:

@@ -776,18 +776,20 @@ def training_lines(finetune_dir: Path) -> list[str]:
     by_method = _csv(finetune_dir / "training_by_method.csv")
     if by_method is None:
         return ["(stage 03's training_by_method.csv missing)"]
-    params = _stage_params(_metrics(finetune_dir))
+    metrics = _metrics(finetune_dir)
+    params = _stage_params(metrics)
     lines = ["Per method: units (users, or one pooled model), mean epochs run, share stopped by early stopping "
              f"on the dev loss rather than the cap (max_epochs {params.get('max_epochs', 'NA')}, DA/One-ID "
              f"{params.get('da_max_epochs', 'NA')}), and the mean dev loss before and at the best epoch.", "",
              by_method.to_markdown(index=False, floatfmt=".3f")]
     sweep = _csv(finetune_dir / "lora_lr_sweep.csv")
     if sweep is not None:
-        chosen = (_metrics(finetune_dir) or {}).get("metrics", {}).get("lora_learning_rate")
-        summary = sweep.groupby("learning_rate")[["initial_dev_loss", "best_dev_loss", "epochs_run", "stopped_early"]]
+        from udg_lib.experiments import sweep_summary
+
+        chosen = (metrics or {}).get("metrics", {}).get("lora_learning_rate")
         lines += ["", f"LoRA learning rate chosen on dev loss only, over {sweep['user_id'].nunique()} users: "
                   f"**{_fmt(chosen, 'g')}** (lowest mean best dev loss):", "",
-                  summary.mean().reset_index().to_markdown(index=False, floatfmt=".4g")]
+                  sweep_summary(sweep).to_markdown(index=False, floatfmt=".4g")]
     return lines
 
 
@@ -805,12 +807,23 @@ def same_base_llms(pretrain_dir: Path, llm_dir: Path) -> tuple[str, ...]:
                  if params.get(key) == checkpoint)
 
 
+@dataclass(frozen=True)
+class Report:
+    """A built report: its markdown and the tables written beside it."""
+
+    text: str
+    claims: pd.DataFrame  # one verdict per claim of the paper
+    claim_tests: pd.DataFrame  # the paired comparisons behind them
+    questions: pd.DataFrame  # one answer per question of this study (Q1, Q2)
+    question_tests: pd.DataFrame
+
+
 def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | Path] | None = None,
-                 settings: ClaimSettings | None = None
-                 ) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The report's markdown, the judged (claims, tests) and the answered (questions, tests). `stage_dirs` overrides where a stage's outputs are
-    read (a stage still running in its work folder); links always point at the final stage folders under
-    `root`. `settings` None reads the equivalence margin stage 06 recorded, else the defaults."""
+                 settings: ClaimSettings | None = None) -> Report:
+    """The report's markdown, the judged claims and the answered questions, each with its tests. `stage_dirs`
+    overrides where a stage's outputs are read (a stage still running in its work folder); links always point
+    at the final stage folders under `root`. `settings` None reads the equivalence margin stage 06 recorded,
+    else the defaults."""
     root = Path(root)
     dirs = {name: Path((stage_dirs or {}).get(name, paths.stage_dir(root, name))) for name in STAGES}
     exp1, exp2, llm = dirs["04_exp1_next_utterance"], dirs["05_exp2_diversity"], dirs["06_llm_baselines"]
@@ -892,7 +905,7 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     parts += ["", "## What per-user training and profiles change (beyond the paper)",
               *questions_lines(answers, question_tests, settings),
               "", "## How training ended (stage 03)", *training_lines(dirs["03_finetune_users"])]
-    return "\n".join(parts) + "\n", claims, claim_tests, answers, question_tests
+    return Report("\n".join(parts) + "\n", claims, claim_tests, answers, question_tests)
 
 
 def write_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | Path] | None = None,
@@ -900,12 +913,11 @@ def write_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     """Write `<root>/report.md`, `claims.csv`, `claim_tests.csv`, `questions.csv` and `question_tests.csv`
     atomically; return the report's path."""
     root = Path(root)
-    text, claims, tests, answers, question_tests = build_report(root, profile, stage_dirs, settings)
-    io.write_text(root / CLAIMS_FILE, claims.to_csv(index=False))
-    io.write_text(root / CLAIM_TESTS_FILE, tests.to_csv(index=False))
-    io.write_text(root / QUESTIONS_FILE, answers.to_csv(index=False))
-    io.write_text(root / QUESTION_TESTS_FILE, question_tests.to_csv(index=False))
-    return io.write_text(root / REPORT_FILE, text)
+    built = build_report(root, profile, stage_dirs, settings)
+    for name, table in ((CLAIMS_FILE, built.claims), (CLAIM_TESTS_FILE, built.claim_tests),
+                        (QUESTIONS_FILE, built.questions), (QUESTION_TESTS_FILE, built.question_tests)):
+        io.write_text(root / name, table.to_csv(index=False))
+    return io.write_text(root / REPORT_FILE, built.text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
