@@ -400,6 +400,31 @@ def test_readme_results_block_matches_the_published_results():
     assert report.readme_block(readme, "cpu") == report.render_results_block(results, "cpu")
 
 
+def test_readme_benchmark_block_matches_the_saved_figures():
+    readme = (paths.repo_root() / "README.md").read_text(encoding="utf-8")
+    block = report.readme_block(readme, report.BENCHMARKS_BLOCK)
+    assert block == report.render_benchmarks_block(paths.repo_root() / "benchmarks" / "results")
+    assert "**Training throughput**" in block and "× (a)" in block and "no `" not in block
+
+
+def test_benchmark_block_names_missing_figures_and_needs_markers(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    record = {"rows": [{"shape": "cpu", "variant": "a: reload per user", "users": 2, "steps_per_user": 1,
+                        "seconds": 2.0, "users_per_hour": 3600.0, "speedup_vs_a": 1.0}], "torch_threads": 1}
+    (tmp_path / "results" / "bench_user_training.json").write_text(json.dumps(record))
+    block = report.render_benchmarks_block(tmp_path / "results")
+    assert "no `bench_throughput.json`" in block and "no `bench_mixed_adapters.json`" in block
+    assert "no `bench_user_training_causal.json`" in block and "| a: reload per user |" in block
+    readme = tmp_path / "README.md"
+    start, end = report.readme_markers(report.BENCHMARKS_BLOCK)
+    readme.write_text(f"Intro.\n\n{start}\nold\n{end}\n")
+    assert report.main(["--benchmarks", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    assert report.readme_block(readme.read_text(), report.BENCHMARKS_BLOCK) == block
+    readme.write_text("no markers\n")
+    assert report.main(["--benchmarks", str(tmp_path / "results"), "--readme", str(readme)]) == 1
+    assert "no '<!-- results:benchmarks:start -->'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, short, shown", [("smollm2", "smollm2", "SmolLM2-135M-Instruct"),
                                                 ("Qwen/Qwen2.5-1.5B-Instruct", "qwen2.5-1.5b-instruct",
                                                  "Qwen2.5-1.5B-Instruct")])

@@ -1083,6 +1083,72 @@ def update_readme(readme: str | Path, block: str, profile: str) -> Path:
     return io.write_text(readme, new)
 
 
+BENCHMARKS_BLOCK = "benchmarks"  # README's benchmark block: <!-- results:benchmarks:start --> ... end -->
+
+
+def _bench_json(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _bench_when(record: Mapping[str, Any]) -> str:
+    stamp = str(record.get("provenance", {}).get("timestamp", ""))[:10]
+    return f", measured {stamp}" if stamp else ""
+
+
+def render_benchmarks_block(folder: str | Path) -> str:
+    """README's benchmark block, rendered from the JSON files the scripts in `benchmarks/` write with `--out`
+    (a missing file is named, not skipped silently)."""
+    folder = Path(folder)
+    lines = ["_Written by `python -m udg_lib.report --benchmarks` from `benchmarks/results/*.json` (do not edit "
+             "by hand); each script's docstring says what it times._"]
+    throughput = _bench_json(folder, "bench_throughput")
+    lines += ["", "**Training throughput** (`bench_throughput.py`"
+              + (f", {throughput['cpu'].get('model_name', 'CPU')} {throughput['cpu'].get('torch_cpu_capability', '')}"
+                 f"{_bench_when(throughput)}): one optimizer step (forward, backward, Adam) at batch "
+                 f"{throughput['args']['batch']} × ({throughput['args']['source_tokens']} + "
+                 f"{throughput['args']['reply_tokens']}) tokens, beside this CPU's best 1024² matrix products "
+                 "(the roofline)." if throughput else ": no `bench_throughput.json`).")]
+    if throughput:
+        lines += ["", *[f"- {r['threads']} thread(s): roofline fp32 {r['fp32_gflops']:.1f} GFLOP/s, bf16 "
+                        f"{r['bf16_gflops']:.1f} GFLOP/s" for r in throughput["roofline"]]]
+        rows = pd.DataFrame(throughput["rows"])
+        rows["model"] = rows["family"].map(throughput.get("models", {})).fillna(rows["family"])
+        table = rows.rename(columns={"seconds": "s/step", "gflops_counted": "GFLOP/s", "roofline_share":
+                                     "share of roofline"})[["threads", "model", "mode", "dtype", "s/step",
+                                                            "tokens_per_s", "GFLOP/s", "share of roofline"]]
+        table = table.assign(**{"s/step": table["s/step"].map(lambda v: f"{v:.3g}"),
+                                "tokens_per_s": table["tokens_per_s"].map(lambda v: f"{v:,.1f}"),
+                                "GFLOP/s": table["GFLOP/s"].map(lambda v: f"{v:.3g}"),
+                                "share of roofline": table["share of roofline"].map(lambda v: f"{v:.0%}")})
+        lines += ["", table.to_markdown(index=False)]
+    for name in ("bench_user_training", "bench_user_training_causal"):
+        record = _bench_json(folder, name)
+        if record is None:
+            lines += ["", f"**Per-user training**: no `{name}.json`."]
+            continue
+        lines += ["", f"**Per-user training** (`bench_user_training.py`, {record.get('torch_threads', '?')} "
+                  f"thread(s){_bench_when(record)}): (a) reload the base per user, (b) one in-process loop, (c) "
+                  "batched multi-user LoRA; the ratio is (a)'s time over the variant's.", "",
+                  pd.DataFrame(record["rows"]).rename(columns={"speedup_vs_a": "× (a)"})
+                  .assign(users_per_hour=lambda f: f["users_per_hour"].map(lambda v: f"{v:,.0f}"))[
+                      ["shape", "variant", "users", "steps_per_user", "seconds", "users_per_hour", "× (a)"]]
+                  .to_markdown(index=False, floatfmt=".4g")]
+    mixed = _bench_json(folder, "bench_mixed_adapters")
+    if mixed is None:
+        lines += ["", "**Mixed-adapter generation**: no `bench_mixed_adapters.json`."]
+    else:
+        config = mixed["config"]
+        lines += ["", f"**Mixed-adapter generation** (`bench_mixed_adapters.py`, {config['shape']} shape, "
+                  f"{config['users']} users × {config['contexts']} contexts, {config.get('threads_used', '?')} "
+                  f"thread(s){_bench_when(mixed)}); replies identical across the variants: "
+                  f"{'yes' if mixed.get('identical') else '**no**'}.", "",
+                  pd.DataFrame({"variant": list(mixed["seconds"]), "seconds": list(mixed["seconds"].values()),
+                                "contexts/s": [mixed["contexts_per_second"][k] for k in mixed["seconds"]]})
+                  .to_markdown(index=False, floatfmt=".3g")]
+    return "\n".join(lines).strip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m udg_lib.report", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="rebuild outputs/<profile>/report.md")
@@ -1093,7 +1159,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", help="README whose block --publish rewrites instead of the repo's")
     parser.add_argument("--compare", nargs=2, metavar=("REFERENCE", "RUN"),
                         help="print the headline numbers of two results/outputs folders side by side")
+    parser.add_argument("--benchmarks", nargs="?", const="", metavar="FOLDER",
+                        help="rewrite README's benchmark block from benchmarks/results/*.json (or FOLDER's)")
     args = parser.parse_args(argv)
+    if args.benchmarks is not None:
+        folder = Path(args.benchmarks) if args.benchmarks else paths.repo_root() / "benchmarks" / "results"
+        if not folder.is_dir():
+            print(f"udg report: no folder {folder}", file=sys.stderr)
+            return 1
+        try:
+            readme = update_readme(args.readme or paths.repo_root() / "README.md",
+                                   render_benchmarks_block(folder), BENCHMARKS_BLOCK)
+        except ValueError as error:
+            print(f"udg report: {error}", file=sys.stderr)
+            return 1
+        print(f"{readme}: benchmark block rewritten from {folder}")
+        return 0
     if args.compare:
         missing = [f for f in args.compare if not Path(f).is_dir()]
         if missing:
@@ -1102,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(compare_results(*args.compare).to_markdown(index=False, floatfmt=".4g", missingval="—"))
         return 0
     if not args.profile:
-        parser.error("--profile is required (or --compare REFERENCE RUN)")
+        parser.error("--profile is required (or --compare REFERENCE RUN, or --benchmarks)")
     root = paths.outputs_root(args.profile, args.outputs_root)
     if not root.is_dir():
         print(f"udg report: no outputs at {root}; run `make run PROFILE={args.profile}` first", file=sys.stderr)
