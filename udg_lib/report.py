@@ -779,7 +779,7 @@ def training_lines(finetune_dir: Path) -> list[str]:
     metrics = _metrics(finetune_dir)
     params = _stage_params(metrics)
     lines = ["Per method: units (users, or one pooled model), mean epochs run, share stopped by early stopping "
-             f"on the dev loss rather than the cap (max_epochs {params.get('max_epochs', 'NA')}, DA/One-ID "
+             f"on the dev loss rather than the cap (max_epochs {params.get('max_epochs', 'NA')}, One-ID too; DA "
              f"{params.get('da_max_epochs', 'NA')}), and the mean dev loss before and at the best epoch.", "",
              by_method.to_markdown(index=False, floatfmt=".3f")]
     sweep = _csv(finetune_dir / "lora_lr_sweep.csv")
@@ -1103,15 +1103,16 @@ def render_benchmarks_block(folder: str | Path) -> str:
     lines = ["_Written by `python -m udg_lib.report --benchmarks` from `benchmarks/results/*.json` (do not edit "
              "by hand); each script's docstring says what it times._"]
     throughput = _bench_json(folder, "bench_throughput")
-    lines += ["", "**Training throughput** (`bench_throughput.py`"
-              + (f", {throughput['cpu'].get('model_name', 'CPU')} {throughput['cpu'].get('torch_cpu_capability', '')}"
-                 f"{_bench_when(throughput)}): one optimizer step (forward, backward, Adam) at batch "
-                 f"{throughput['args']['batch']} × ({throughput['args']['source_tokens']} + "
-                 f"{throughput['args']['reply_tokens']}) tokens, beside this CPU's best 1024² matrix products "
-                 "(the roofline)." if throughput else ": no `bench_throughput.json`).")]
-    if throughput:
-        lines += ["", *[f"- {r['threads']} thread(s): roofline fp32 {r['fp32_gflops']:.1f} GFLOP/s, bf16 "
-                        f"{r['bf16_gflops']:.1f} GFLOP/s" for r in throughput["roofline"]]]
+    if throughput is None:
+        lines += ["", "**Training throughput**: no `bench_throughput.json`."]
+    else:
+        cpu, args = throughput["cpu"], throughput["args"]
+        lines += ["", f"**Training throughput** (`bench_throughput.py`, {cpu.get('model_name', 'CPU')} "
+                  f"{cpu.get('torch_cpu_capability', '')}{_bench_when(throughput)}): one optimizer step (forward, "
+                  f"backward, Adam) at batch {args['batch']} × ({args['source_tokens']} + {args['reply_tokens']}) "
+                  "tokens, beside this CPU's best 1024² matrix products (the roofline).", ""]
+        lines += [f"- {r['threads']} thread(s): roofline fp32 {r['fp32_gflops']:.1f} GFLOP/s, bf16 "
+                  f"{r['bf16_gflops']:.1f} GFLOP/s" for r in throughput["roofline"]]
         rows = pd.DataFrame(throughput["rows"])
         rows["model"] = rows["family"].map(throughput.get("models", {})).fillna(rows["family"])
         table = rows.rename(columns={"seconds": "s/step", "gflops_counted": "GFLOP/s", "roofline_share":
