@@ -303,8 +303,8 @@ def fake_outputs(root, dataset="seinfeld", stage06_finished=True):
                   "method": ["lora", "tiny-chat"], "n": [180, 90], "empty_share": [0.0, 0.3],
                   "repeat_share": [0.0, 0.1], "most_common_share": [0.05, 0.4], "degenerate_share": [0.05, 0.45],
                   "degenerate": [False, True]}).to_csv(root / "06_llm_baselines" / "generation_health.csv", index=False)
-    pd.DataFrame({"system": ["PSP / One-ID", "PSP / LoRA"], f"{dataset} Dist-1": [0.1, 0.2],
-                  f"{dataset} Dist-S": [0.05, 0.9]}).to_csv(root / "05_exp2_diversity" / "table7.csv", index=False)
+    pd.DataFrame({f"{dataset} Dist-1": [0.1, 0.2], f"{dataset} Dist-S": [0.05, 0.9]},  # as notebook 05 writes it:
+                 index=["PSP / One-ID", "PSP / LoRA"]).to_csv(root / "05_exp2_diversity" / "table7.csv")  # unnamed index
     pd.DataFrame([significance_row(dataset, "psp/one_id", "psp/lora", -0.5, 0.001, "dist_s")]).to_csv(
         root / "05_exp2_diversity" / "significance.csv", index=False)
     (root / "06_llm_baselines" / "figures").mkdir()
@@ -325,6 +325,7 @@ def test_report_reads_sizes_settings_health_and_judges_from_scores(tmp_path):
     assert "Bits per character" in text and "3.500" in text
     assert "Beside the paper" not in text  # no Chit-Chat in this run
     assert "- **seinfeld**" in text  # Table 7's tests labelled by dataset
+    assert "| system " in text.split("## Table 7")[1] and "Unnamed" not in text  # its row labels' column named
     assert "equivalence margin 0.01 similarity" in text  # the default (notebook 06 passes its parameter)
     claims = pd.read_csv(root / report.CLAIMS_FILE).set_index("claim")
     assert claims["verdict"].to_dict() == {f"C{i}": "supported" for i in range(1, 7)}

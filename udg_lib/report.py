@@ -552,6 +552,12 @@ def _csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.is_file() else None
 
 
+def _table7(exp2: Path) -> pd.DataFrame | None:
+    """Stage 05's Table 7 with its index column named `system` (the notebook writes it unnamed)."""
+    table7 = _csv(exp2 / "table7.csv")
+    return None if table7 is None else table7.rename(columns={table7.columns[0]: "system"})
+
+
 def _parquet(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
@@ -876,7 +882,7 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     parts += ["", "## Generation health", *_health_lines(generation_health(dirs))]
     parts += ["", "## Table 6 analog: model count, size, response time", _read(exp1 / "table6.md") or "(missing)",
               "", "Paper (t5-base, a GPU):", PAPER_TABLE6.to_markdown(index=False)]
-    table7 = _csv(exp2 / "table7.csv")
+    table7 = _table7(exp2)
     parts += ["", "## Table 7 analog: Exp2 diversity across users (§4.3)",
               table7.to_markdown(index=False, floatfmt=".3g") if table7 is not None else "(missing)",
               *_exp2_tests_lines(_csv(exp2 / "significance.csv")),
@@ -980,9 +986,8 @@ def headline_numbers(folder: str | Path) -> pd.DataFrame:
             for metric in ("similarity", "rouge_l", "bits_per_char"):
                 if metric in row:
                     items.append((f"Exp1 {dataset}: {row['model']} / {row['fine-tuning']}: {metric}", row[metric]))
-    table7 = _csv(folder / "05_exp2_diversity" / "table7.csv")
+    table7 = _table7(folder / "05_exp2_diversity")
     if table7 is not None:
-        table7 = table7.rename(columns={table7.columns[0]: "system"})
         for row in table7.to_dict("records"):
             items += [(f"Exp2 {row['system']}: {c}", row[c]) for c in table7.columns if c.endswith("Dist-S")]
     claims, tests = _csv(folder / CLAIMS_FILE), _csv(folder / CLAIM_TESTS_FILE)
@@ -1031,11 +1036,11 @@ def render_results_block(folder: str | Path, profile: str) -> str:
     health = generation_health(dirs)
     if health is not None:
         lines += ["", *_health_lines(health)[-1:]]
-    table7 = _csv(folder / "05_exp2_diversity" / "table7.csv")
+    table7 = _table7(folder / "05_exp2_diversity")
     if table7 is not None:
-        columns = [table7.columns[0], *[c for c in table7.columns if c.endswith("Dist-S")]]
+        columns = ["system", *[c for c in table7.columns if c.endswith("Dist-S")]]
         lines += ["", "**Exp2, Distinct-S** (Table 7 analog):", "",
-                  table7[columns].rename(columns={columns[0]: "system"}).to_markdown(index=False, floatfmt=".3f")]
+                  table7[columns].to_markdown(index=False, floatfmt=".3f")]
     claims = _csv(folder / CLAIMS_FILE)
     if claims is not None:
         claims = claims.astype(object).where(claims.notna(), "")
