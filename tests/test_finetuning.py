@@ -355,27 +355,3 @@ def test_one_id_prompts_carry_the_user_id(tokenizer, data, monkeypatch):
     for frame, prompts in ((train, train_prompts), (dev, dev_prompts)):
         for speaker, prompt in zip(frame["speaker_id"], prompts):
             assert prompt.startswith(f"{ids[speaker]} [USER]")
-
-
-def test_autocast_context_follows_the_setting():
-    from udg_lib.finetuning import autocast_context, bf16_supported
-
-    with autocast_context("cpu", True):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with autocast_context("cpu", False):
-        assert not torch.is_autocast_enabled("cpu")
-    with autocast_context("cpu", "auto"):
-        assert torch.is_autocast_enabled("cpu") == bf16_supported("cpu")
-    with pytest.raises(ValueError, match="bf16 must be"):
-        autocast_context("cpu", "yes")
-
-
-def test_bf16_training_runs_and_keeps_fp32_weights(tokenizer, data):
-    pairs, users = data
-    model = tiny_model(tokenizer)
-    train = encode_pairs(user_examples(pairs, "u0", "train_ft"), users, "psp", tokenizer, CONFIG)
-    dev = encode_pairs(user_examples(pairs, "u0", "dev"), users, "psp", tokenizer, CONFIG)
-    summary = train_with_early_stopping(model, train, dev, get_family("seq2seq").collator(tokenizer),
-                                        replace(CONFIG, bf16=True, max_epochs=1))
-    assert summary.steps > 0 and math.isfinite(summary.best_dev_loss)
-    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -274,7 +274,7 @@ def test_a_full_profile_runs_stages_00_to_05_offline_on_stand_in_checkpoints(
     prepared = stage_metrics(outputs, "00_prepare_corpus")["metrics"]
     assert prepared["tokenizer"]["source"] == checkpoint and set(prepared["tokenizer"]["fit"]) == {dataset}
     pretrained = stage_metrics(outputs, "02_pretrain_models")
-    assert pretrained["stage"]["params"]["bf16"] is True and pretrained["stage"]["params"]["max_source_length"] == 256
+    assert pretrained["metrics"]["precision"]["requested"] == "auto" and pretrained["stage"]["params"]["max_source_length"] == 256
     assert pretrained["metrics"]["models"]["plain_t5"]["checkpoint"] == checkpoint
     assert pretrained["metrics"]["models"]["plain_t5"]["n_parameters"] == hub_cache["params"][checkpoint]
     trained = stage_metrics(outputs, "03_finetune_users")["metrics"]

@@ -31,6 +31,7 @@ from udg_lib import finetuning as ft
 from udg_lib import io
 from udg_lib.generation import UserPredictor
 from udg_lib.families import build_model, family_of
+from udg_lib.precision import Precision, resolve_precision
 from udg_lib.pretraining import count_parameters
 
 # The prompt format each pre-trained model was trained with (§3.4); fine-tuning keeps it.
@@ -116,6 +117,13 @@ class UserTrainingOptions:
             raise ValueError(f"lora_training must be 'batched' or 'per_user', not {self.lora_training!r}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {self.executor!r}")
+
+
+def inference_model(folder: str | Path, tokenizer: PreTrainedTokenizerBase, device: str,
+                    precision: str | Precision = "fp32") -> torch.nn.Module:
+    """A saved model on `device` for generation or scoring only: held in `precision`'s frozen dtype (bf16
+    where it resolves to bf16 on `device`), in eval mode."""
+    return resolve_precision(precision, device).for_inference(build_model(folder, tokenizer).to(device))
 
 
 def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, record: dict) -> None:
@@ -269,6 +277,8 @@ def _train_users(method: str, base_dir: Path, tokenizer: PreTrainedTokenizerBase
 
     clear_staging_leftovers(out_dir, user_ids)  # half-written user folders of a killed run
     base = build_model(base_dir, tokenizer).to(device)  # loaded once for all users of this condition
+    if method == "lora":  # the frozen base is held in the precision's dtype (bf16 where native); adapters stay fp32
+        base.to(dtype=resolve_precision(config.precision, device).frozen_dtype)
     if method == "lora" and options.lora_training == "batched":
         from udg_lib.multilora import run_users_batched
 
@@ -320,19 +330,21 @@ LORA_EVAL_MODES: tuple[str, ...] = ("routed", "peft")
 
 
 def load_condition_lora(condition: Path, tokenizer: PreTrainedTokenizerBase, user_ids: Sequence[str],
-                        device: str, lora_eval: str = "routed") -> tuple[Any, dict[str, str]]:
+                        device: str, lora_eval: str = "routed",
+                        precision: str | Precision = "fp32") -> tuple[Any, dict[str, str]]:
     """The DA model with every user's adapter loaded (names from `adapter_names_for`), for
     `generation.greedy_generate` / `reference_nll` with `adapter_names`.
 
     `lora_eval` "routed": a `RoutedAdapters` (one routed pass per layer for all users of a batch);
     "peft": a `PeftModel` running peft's mixed-adapter batches (the reference; same replies, slower).
+    The base is held in `precision`'s frozen dtype (`inference_model`); the adapters stay fp32.
     """
     from udg_lib.generation import load_routed_adapters, load_user_adapters
 
     if lora_eval not in LORA_EVAL_MODES:
         raise ValueError(f"lora_eval must be one of {LORA_EVAL_MODES}, not {lora_eval!r}")
     names = adapter_names_for(user_ids)
-    base = build_model(condition / "da" / MODEL_DIR, tokenizer).to(device)
+    base = inference_model(condition / "da" / MODEL_DIR, tokenizer, device, precision)
     dirs = {names[u]: ft.user_dir(condition / "lora", u) / ft.ADAPTER_DIR for u in sorted(names)}
     missing = [str(d) for d in dirs.values() if not d.is_dir()]
     if missing:
@@ -358,18 +370,19 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
 
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]
+    precision = (settings or {}).get("precision", "fp32")
     test = sample_test_contexts(pairs, user_ids, 0)  # every test pair of these users
     frames = []
     if "da" in methods:
-        model = build_model(condition / "da" / MODEL_DIR, tokenizer).to(device)
+        model = inference_model(condition / "da" / MODEL_DIR, tokenizer, device, precision)
         frames.append(predict_pairs(model, test, _prediction_settings(tokenizer, test, users, fmt, settings))
                       .assign(method="da"))
     if "one_id" in methods:
-        model = build_model(condition / "one_id" / MODEL_DIR, tokenizer).to(device)
+        model = inference_model(condition / "one_id" / MODEL_DIR, tokenizer, device, precision)
         settings_one_id = _prediction_settings(tokenizer, test, users, fmt, settings, ft.one_ids_of(users))
         frames.append(predict_pairs(model, test, settings_one_id).assign(method="one_id"))
     if "lora" in methods:
-        model, names = load_condition_lora(condition, tokenizer, user_ids, device, lora_eval)
+        model, names = load_condition_lora(condition, tokenizer, user_ids, device, lora_eval, precision)
         frames.append(predict_pairs(model, test, _prediction_settings(tokenizer, test, users, fmt, settings),
                                     adapter_names=[names[u] for u in test["speaker_id"]]).assign(method="lora"))
     if "full" in methods:
@@ -498,16 +511,18 @@ def exp2_replies(condition: str | Path, tokenizer: PreTrainedTokenizerBase, ques
 
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]
-    options = {k: v for k, v in (settings or {}).items() if k in ("max_new_tokens", "batch_size", "max_source_length")}
+    options = {k: v for k, v in (settings or {}).items()
+               if k in ("max_new_tokens", "batch_size", "max_source_length", "precision")}
+    precision = options.get("precision", "fp32")
     asked = pd.concat([question_pairs(questions, u) for u in sorted(set(user_ids))], ignore_index=True)
     frames = []
     if "one_id" in methods:
-        model = build_model(condition / "one_id" / MODEL_DIR, tokenizer).to(device)
+        model = inference_model(condition / "one_id" / MODEL_DIR, tokenizer, device, precision)
         sources = build_prompts(asked, users, fmt, ft.one_ids_of(users)).tolist()
         frames.append(asked.assign(reply=greedy_generate(model, tokenizer, sources, one_id_prefix=True, **options),
                                    method="one_id"))
     if "lora" in methods:
-        model, names = load_condition_lora(condition, tokenizer, user_ids, device, lora_eval)
+        model, names = load_condition_lora(condition, tokenizer, user_ids, device, lora_eval, precision)
         sources = build_prompts(asked, users, fmt).tolist()
         replies = greedy_generate(model, tokenizer, sources, adapter_names=[names[u] for u in asked["speaker_id"]],
                                   **options)
@@ -530,7 +545,8 @@ def exp2_replies(condition: str | Path, tokenizer: PreTrainedTokenizerBase, ques
 
 def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                    users: pd.DataFrame, user_ids: Sequence[str], pretrained: str, n_users: int = 5,
-                   device: str = "cpu", max_new_tokens: int = 48) -> pd.DataFrame:
+                   device: str = "cpu", max_new_tokens: int = 48,
+                   precision: str | Precision = "fp32") -> pd.DataFrame:
     """Table 6's "response time": load the user's model, then generate one reply, per method; cold (the model
     read from disk) and warm (already in memory), averaged over `n_users` users' first test contexts.
 
@@ -556,7 +572,8 @@ def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pa
 
     def reply(model: torch.nn.Module, row: pd.DataFrame, with_id: bool) -> None:
         source = build_prompts(row, users, fmt, one_ids if with_id else None).tolist()
-        greedy_generate(model, tokenizer, source, max_new_tokens=max_new_tokens, one_id_prefix=with_id)
+        greedy_generate(model, tokenizer, source, max_new_tokens=max_new_tokens, one_id_prefix=with_id,
+                        precision=precision)
 
     def timed(action) -> float:
         if device.startswith("cuda"):
@@ -567,8 +584,8 @@ def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pa
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    def load(folder: Path) -> torch.nn.Module:
-        return load_model(folder).to(device).eval()
+    def load(folder: Path) -> torch.nn.Module:  # as stage 04 evaluates: held in the precision's dtype
+        return resolve_precision(precision, device).for_inference(load_model(folder).to(device))
 
     rows = []
     warm_one_id = load(condition / "one_id" / MODEL_DIR)
@@ -772,12 +789,13 @@ def llm_display_name(name_or_path: str) -> str:
     return LLM_DISPLAY_NAMES.get(name_or_path, Path(name_or_path.rstrip("/")).name)
 
 
-def local_llm(name_or_path: str, device: str = "cpu") -> Any:
-    """A `baselines.LocalLLM` on `device`."""
+def local_llm(name_or_path: str, device: str = "cpu", precision: str | Precision = "fp32") -> Any:
+    """A `baselines.LocalLLM` on `device`, its weights held in `precision`'s frozen dtype (it only generates
+    and scores)."""
     from udg_lib.baselines import LocalLLM
 
     generator = LocalLLM(name_or_path)
-    generator.model.to(device)
+    resolve_precision(precision, device).for_inference(generator.model.to(device))
     return generator
 
 

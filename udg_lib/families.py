@@ -84,6 +84,7 @@ from udg_lib.pretraining import (
     t5_config,
     tokenize_pairs,
 )
+from udg_lib.precision import Precision, autocast_for
 from udg_lib.prompts import SEP
 
 if TYPE_CHECKING:
@@ -263,10 +264,11 @@ class ModelFamily(ABC):
     @torch.no_grad()
     def generate(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
                  adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
-                 max_source_length: int = 128, one_id_prefix: bool = False) -> list[str]:
+                 max_source_length: int = 128, one_id_prefix: bool = False,
+                 precision: str | Precision = "fp32") -> list[str]:
         """Greedy replies in the order of `sources` (`generation.greedy_generate`'s contract): prompts encoded
         and cut as in training, batched by length, each batch routed to its rows' adapters and decoded by the
-        family (`_generate_batch`)."""
+        family (`_generate_batch`) under `precision`'s autocast."""
         _check_lengths("adapter names", adapter_names, len(sources))
         router, model = model, _module(model)
         was_training = model.training
@@ -275,7 +277,7 @@ class ModelFamily(ABC):
         replies = [""] * len(encoded)
         for batch in _length_batches([len(e) for e in encoded], batch_size):
             route, kwargs = _routing(router, adapter_names, batch)
-            with route:  # every decoding step sees this batch's rows, in this order
+            with route, autocast_for(precision, _device(model)):  # every decoding step sees these rows, in order
                 texts = self._generate_batch(model, tokenizer, [encoded[i] for i in batch], max_new_tokens, kwargs)
             for i, text in zip(batch, texts):
                 replies[i] = text
@@ -291,10 +293,11 @@ class ModelFamily(ABC):
     def reference_nll(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                       references: Sequence[str], *, adapter_names: Sequence[str] | None = None,
                       batch_size: int = 32, max_source_length: int = 128, max_target_length: int = 48,
-                      one_id_prefix: bool = False) -> ReferenceScores:
+                      one_id_prefix: bool = False, precision: str | Precision = "fp32") -> ReferenceScores:
         """Per-sample reply NLLs (`generation.reference_nll`'s contract): prompts and replies encoded and cut as
         in training, batched by length, each batch routed to its rows' adapters and scored by the family
-        (`_score_batch`); `text_nll` leaves out each reply's final eos (`encode_targets` ends every one so)."""
+        (`_score_batch`) under `precision`'s autocast (log-probabilities in fp32, sums in fp64); `text_nll`
+        leaves out each reply's final eos (`encode_targets` ends every one so)."""
         if len(sources) != len(references):
             raise ValueError(f"{len(sources)} sources but {len(references)} references")
         _check_lengths("adapter names", adapter_names, len(sources))
@@ -308,7 +311,7 @@ class ModelFamily(ABC):
         text_nll = np.zeros(len(prompts), dtype=np.float64)
         for batch in _length_batches([self._score_length(p, t) for p, t in zip(prompts, targets)], batch_size):
             route, kwargs = _routing(router, adapter_names, batch)
-            with route:
+            with route, autocast_for(precision, _device(model)):
                 sums, eos = self._score_batch(model, tokenizer, [prompts[i] for i in batch],
                                               [targets[i] for i in batch], kwargs)
             nll[batch] = sums.numpy()

@@ -26,7 +26,6 @@ in the loop, so a resumed run gives the same artifacts as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
@@ -43,8 +42,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from udg_lib import io
+from udg_lib.precision import Precision, autocast_for
 from udg_lib.families import (  # SELF_ATTENTION_QKVO and seq2seq_collator are re-exported for callers of old
     SELF_ATTENTION_QKVO,
     SEQ2SEQ,
@@ -84,10 +85,10 @@ class FinetuneConfig:
     lora_dropout: float = 0.1  # not reported; T5's own dropout rate
     # module-name suffixes (tuple) or one regex (str) that peft full-matches; see SELF_ATTENTION_QKVO above
     lora_target_modules: tuple[str, ...] | str = SELF_ATTENTION_QKVO
-    # Forward passes under bf16 autocast (weights and Adam stay fp32): "auto" where the device computes
-    # bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), True to force, False for fp32.
-    # On a CPU without them (AVX2 only) bf16 matmuls are emulated and several times slower than fp32.
-    bf16: bool | str = False
+    # "fp32", "bf16" or "auto" (bf16 where the device multiplies it natively: `precision.resolve_precision`).
+    # bf16 runs forward passes under autocast; the weights being trained and Adam stay fp32. A frozen LoRA base
+    # is held in bf16 by whoever loads it (`experiments`). On an AVX2-only CPU bf16 is emulated and slower.
+    precision: str = "fp32"
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -125,29 +126,31 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def bf16_supported(device: torch.device | str) -> bool:
-    """Whether `device` computes bf16 natively: a CUDA GPU that reports bf16 support, or a CPU with
-    AVX512-BF16 / AMX (torch's own dispatch check)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
+def training_loader(examples: Dataset, batch_size: int, generator: torch.Generator,
+                    collate_fn: Callable) -> DataLoader:
+    """Training batches of similar lengths in a seeded random order (transformers' `LengthGroupedSampler`, as
+    the Trainer's `group_by_length`): each epoch permutes the examples with `generator`, sorts them by length
+    within mega-batches of up to 50 batches and keeps the longest batch first. Less padding, same examples
+    per epoch; with fewer than 8 batches' worth of examples it is a plain random permutation."""
+    lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
+    sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+    return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
 
 
-def autocast_context(device: torch.device | str, bf16: bool | str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device` when `bf16` is True, or "auto" and `bf16_supported(device)`; else nothing."""
-    if bf16 not in (True, False, "auto"):
-        raise ValueError(f"bf16 must be True, False or 'auto', got {bf16!r}")
-    enabled = bf16 is True or (bf16 == "auto" and bf16_supported(device))
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def padding_share(lengths: Sequence[int], batches: Iterable[Sequence[int]]) -> float:
+    """The share of padded positions when the examples of `lengths` are padded to each batch's longest
+    (`batches`: lists of example indices)."""
+    real = padded = 0
+    for batch in batches:
+        if batch:
+            real += sum(lengths[i] for i in batch)
+            padded += max(lengths[i] for i in batch) * len(batch)
+    return 1 - real / padded if padded else 0.0
 
 
 @torch.no_grad()
 def dev_loss(model: torch.nn.Module, examples: Dataset, collator: Callable, batch_size: int = 32,
-             bf16: bool | str = False) -> float:
+             precision: str | Precision = "fp32") -> float:
     """Token-level cross-entropy over `examples` (each batch's mean weighted by its label tokens); NaN if none.
 
     Batches are taken in dataset order, so the value does not depend on any random state.
@@ -161,7 +164,7 @@ def dev_loss(model: torch.nn.Module, examples: Dataset, collator: Callable, batc
     for start in range(0, len(examples), batch_size):
         batch = _to(collator([examples[i] for i in range(start, min(start + batch_size, len(examples)))]), device)
         n = int((batch["labels"] != LABEL_PAD_ID).sum())
-        with autocast_context(device, bf16):
+        with autocast_for(precision, device):
             total += float(model(**batch).loss) * n
         tokens += n
     model.train(was_training)
@@ -194,20 +197,19 @@ def train_with_early_stopping(model: torch.nn.Module, train_examples: Dataset, d
     def snapshot() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
 
-    best_loss = initial = dev_loss(model, dev_examples, collator, config.eval_batch_size, config.bf16)
+    best_loss = initial = dev_loss(model, dev_examples, collator, config.eval_batch_size, config.precision)
     best_state, best_epoch = (snapshot() if has_dev else None), 0
     summary = TrainingSummary(epochs_run=0, best_epoch=0, best_dev_loss=best_loss, initial_dev_loss=initial,
                               n_train=len(train_examples), n_dev=len(dev_examples),
                               trainable_parameters=sum(p.numel() for p in params))
     if len(train_examples) > 0:
-        loader = DataLoader(train_examples, batch_size=config.batch_size, shuffle=True, generator=shuffler,
-                            collate_fn=collator)
+        loader = training_loader(train_examples, config.batch_size, shuffler, collator)
         bad_epochs = 0
         for epoch in range(1, config.max_epochs + 1):
             model.train()
             losses = []
             for batch in loader:
-                with autocast_context(device, config.bf16):
+                with autocast_for(config.precision, device):
                     loss = model(**_to(batch, device)).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -219,7 +221,7 @@ def train_with_early_stopping(model: torch.nn.Module, train_examples: Dataset, d
             if not has_dev:
                 summary.dev_losses.append(float("nan"))
                 continue
-            loss = dev_loss(model, dev_examples, collator, config.eval_batch_size, config.bf16)
+            loss = dev_loss(model, dev_examples, collator, config.eval_batch_size, config.precision)
             summary.dev_losses.append(loss)
             if loss < best_loss - config.min_delta:
                 best_loss, best_epoch, best_state, bad_epochs = loss, epoch, snapshot(), 0

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from udg_lib import io
 from udg_lib.families import ReferenceScores, _module, family_of
 from udg_lib.multilora import BASE_ROUTE, RoutedAdapters
+from udg_lib.precision import Precision
 from udg_lib.prompts import build_prompts
 
 __all__ = ["BASE_ADAPTER", "EXP2_FILE", "PREDICTIONS_FILE", "ReferenceScores", "RoutedAdapters", "UserPredictor",
@@ -43,23 +44,26 @@ BASE_ADAPTER = BASE_ROUTE  # "__base__": no adapter for this row (peft's name in
 
 def greedy_generate(model: torch.nn.Module | RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
                     adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
-                    max_source_length: int = 128, one_id_prefix: bool = False) -> list[str]:
+                    max_source_length: int = 128, one_id_prefix: bool = False,
+                    precision: str | Precision = "fp32") -> list[str]:
     """Greedy replies in the order of `sources`; prompts are cut as in training (`ModelFamily.encode_sources`).
 
     The model's family (`families.family_of`: T5 or a causal LM) does the decoding. `adapter_names[i]` picks
     the LoRA adapter of row i (`BASE_ADAPTER` for none): routed when `model` is a `RoutedAdapters`, peft's
     mixed batches when it is a `PeftModel` with those adapters loaded. Rows are batched by prompt length, so
-    results do not depend on the order.
+    results do not depend on the order. `precision` ("fp32", "bf16", "auto" or a resolved `Precision`) sets the
+    autocast the batches decode under (`precision.autocast_for`).
     """
     return family_of(_module(model)).generate(model, tokenizer, sources, adapter_names=adapter_names,
                                               max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                              max_source_length=max_source_length, one_id_prefix=one_id_prefix)
+                                              max_source_length=max_source_length, one_id_prefix=one_id_prefix,
+                                              precision=precision)
 
 
 def reference_nll(model: torch.nn.Module | RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                   references: Sequence[str], *, adapter_names: Sequence[str] | None = None, batch_size: int = 32,
                   max_source_length: int = 128, max_target_length: int = 48,
-                  one_id_prefix: bool = False) -> ReferenceScores:
+                  one_id_prefix: bool = False, precision: str | Precision = "fp32") -> ReferenceScores:
     """Per sample: summed NLL (nats) of the reference reply's tokens and their count, with and without eos.
 
     References longer than `max_target_length - 1` tokens are cut as in training (`encode_targets`), so
@@ -70,7 +74,8 @@ def reference_nll(model: torch.nn.Module | RoutedAdapters, tokenizer: PreTrained
     return family_of(_module(model)).reference_nll(model, tokenizer, sources, references,
                                                    adapter_names=adapter_names, batch_size=batch_size,
                                                    max_source_length=max_source_length,
-                                                   max_target_length=max_target_length, one_id_prefix=one_id_prefix)
+                                                   max_target_length=max_target_length, one_id_prefix=one_id_prefix,
+                                                   precision=precision)
 
 
 def load_user_adapters(base_model: torch.nn.Module, adapter_dirs: Mapping[str, str | Path]) -> PeftModel:
@@ -119,6 +124,7 @@ class UserPredictor:
     batch_size: int = 32
     max_source_length: int = 128
     max_target_length: int = 48
+    precision: str | Precision = "fp32"  # autocast of generation and scoring (a FULL model in memory stays fp32)
 
     def __call__(self, user_id: str, model: torch.nn.Module, folder: Path) -> None:
         own = self.test_pairs[self.test_pairs["speaker_id"] == user_id]
@@ -128,7 +134,7 @@ class UserPredictor:
             sources = build_prompts(asked, self.users, self.fmt, self.one_ids).tolist()
             replies = greedy_generate(model, self.tokenizer, sources, max_new_tokens=self.max_new_tokens,
                                       batch_size=self.batch_size, max_source_length=self.max_source_length,
-                                      one_id_prefix=self.one_ids is not None)
+                                      one_id_prefix=self.one_ids is not None, precision=self.precision)
             io.write_parquet(Path(folder) / EXP2_FILE, pd.DataFrame({"question_id": asked["pair_id"].to_numpy(),
                                                                      "reply": replies}))
 
@@ -143,11 +149,11 @@ def predict_pairs(model: torch.nn.Module | RoutedAdapters, pairs: pd.DataFrame, 
     generated = greedy_generate(model, tokenizer, sources, adapter_names=adapter_names,
                                 max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                                 max_source_length=settings.max_source_length,
-                                one_id_prefix=settings.one_ids is not None)
+                                one_id_prefix=settings.one_ids is not None, precision=settings.precision)
     scored = reference_nll(model, tokenizer, sources, pairs["response"].tolist(),
                            adapter_names=adapter_names, batch_size=settings.batch_size,
                            max_source_length=settings.max_source_length,
                            max_target_length=settings.max_target_length,
-                           one_id_prefix=settings.one_ids is not None)
+                           one_id_prefix=settings.one_ids is not None, precision=settings.precision)
     return pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(), "speaker_id": pairs["speaker_id"].to_numpy(),
                          "generated": generated, **scored._asdict()})

@@ -66,14 +66,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from udg_lib import io
 from udg_lib.families import ModelFamily, family_of
+from udg_lib.precision import autocast_for
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
     AfterUser,
     FinetuneConfig,
     TrainingSummary,
-    autocast_context,
     check_evaluation_unit,
+    training_loader,
     encode_pairs,
     is_user_done,
     user_dir,
@@ -453,8 +454,8 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
         dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config, family=family)
         params = multi.add_user(user, seed)  # seeds torch with `seed`, as run_users before get_peft_model
         torch.manual_seed(seed)  # ... and train_with_early_stopping again before training (dropout stream)
-        loader = (DataLoader(train, batch_size=config.batch_size, shuffle=True, collate_fn=list,
-                             generator=torch.Generator().manual_seed(seed)) if len(train) > 0 else None)
+        loader = (training_loader(train, config.batch_size, torch.Generator().manual_seed(seed), list)
+                  if len(train) > 0 else None)
         summary = TrainingSummary(epochs_run=0, best_epoch=0, best_dev_loss=float("nan"),
                                   initial_dev_loss=float("nan"), n_train=len(train), n_dev=len(dev),
                                   trainable_parameters=sum(p.numel() for p in params))
@@ -497,7 +498,7 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
                         spans.append((run, len(features), len(features) + len(batch)))
                         features.extend(batch)
                         row_users.extend([run.user] * len(batch))
-                    with autocast_context(device, config.bf16):
+                    with autocast_for(config.precision, device):
                         losses, mask = _forward_token_losses(base_model, multi, features, row_users, family,
                                                              collator, device)
                     # each user's own mean token loss: its gradient is the one it would get training alone
@@ -511,7 +512,7 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
                         run.summary.steps += 1
                     ended = [run for run in stepping if run.batches_left == 0]
                 with_dev = {run.user: run.dev for run in ended if run.has_dev}
-                with autocast_context(device, config.bf16):
+                with autocast_for(config.precision, device):
                     dev_losses = (batched_dev_losses(base_model, multi, with_dev, collator, config.eval_batch_size)
                                   if with_dev else {})
                 for run in ended:

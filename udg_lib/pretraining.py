@@ -45,6 +45,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from udg_lib import io
+from udg_lib.precision import resolve_precision
 from udg_lib.data.schema import PROFILE_FIELDS, has_known_profile, profile_lookup  # noqa: F401 (has_known_profile: used by notebook 02)
 from udg_lib.prompts import SEP, USER, USER1, build_prompt, build_prompts, render_profile
 
@@ -430,8 +431,12 @@ class PretrainConfig:
     save_total_limit: int | None = 2  # checkpoints kept (oldest deleted)
     logging_steps: int = 10  # train loss logged every N steps
     seed: int = 0  # Trainer seed: data order, dropout
-    fp16: bool = False  # GPU only (ignored on CPU); T5 is known to overflow in fp16, prefer bf16
-    bf16: bool = False  # GPU only (ignored on CPU)
+    # "fp32", "bf16" or "auto" (`precision.resolve_precision`): bf16 = the Trainer's bf16 mixed precision (autocast,
+    # fp32 master weights) on a GPU or a CPU; "auto" picks it where the device multiplies bf16 natively. TF32 on CUDA.
+    precision: str = "fp32"
+    # Batches of similar lengths (the Trainer's "group_by_length" sampler, seeded) for variable-length reply
+    # pairs; packed span-corruption sequences are all one length, so it changes nothing there.
+    group_by_length: bool = True
     max_source_length: int = 128  # prompt tokens, </s> included: for tokenize_pairs (dialogue models)
     max_target_length: int = 48  # reply tokens, </s> included: for tokenize_pairs (dialogue models)
     gradient_accumulation_steps: int = 1
@@ -445,6 +450,7 @@ class PretrainConfig:
 
 def _training_arguments(output_dir: Path, config: PretrainConfig, has_eval: bool) -> Seq2SeqTrainingArguments:
     on_gpu = torch.cuda.is_available() and not config.use_cpu
+    precision = resolve_precision(config.precision, "cuda" if on_gpu else "cpu")
     return Seq2SeqTrainingArguments(
         output_dir=str(output_dir / CHECKPOINTS_DIR),
         max_steps=config.max_steps,
@@ -467,8 +473,9 @@ def _training_arguments(output_dir: Path, config: PretrainConfig, has_eval: bool
         logging_steps=config.logging_steps,
         logging_first_step=True,
         seed=config.seed,
-        fp16=config.fp16 and on_gpu,
-        bf16=config.bf16 and on_gpu,
+        bf16=precision.bf16,
+        tf32=precision.tf32 or None,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=on_gpu,  # pinning without an accelerator only warns
         report_to=[],
