@@ -58,20 +58,57 @@ def test_counts_match_a_hand_count(planned):
     assert all(d.source == "stage 00 outputs" for d in planned.datasets)
     # stage 02: Plain T5 from scratch (5 steps) and three dialogue models (7 steps each)
     assert table.loc["pre-training", ["models", "units"]].tolist() == [4, 5 + 3 * 7]
-    # LoRA and FULL: one per user, split set and pre-trained model; 2 epochs of ceil(10 / 4) steps plus a dev
-    # pass of ceil(4 / 4) batches at a third of a step each
-    per_user = 2 * (math.ceil(10 / 4) + math.ceil(4 / 4) / 3)
+    # LoRA and FULL: one per user, split set and pre-trained model; 2 epochs (the cap: no earlier run) of
+    # ceil(10 / 4) steps, and a dev pass before training and after each epoch of ceil(4 / 4) batches at a third
+    # of a step each
+    per_user = 2 * math.ceil(10 / 4) + 3 * math.ceil(4 / 4) / 3
     for method in ("LoRA", "FULL"):
         assert table.loc[method, "models"] == (3 + 2) * 2 * 2
         assert table.loc[method, "units"] == round((3 + 2) * 2 * 2 * per_user)
-    # DA and One-ID: one per dataset, split set and pre-trained model, on the pooled pairs at batch 8, 1 epoch
-    pooled = {n: math.ceil(n * 10 / 8) + math.ceil(n * 4 / 8) / 3 for n in USERS.values()}
+    # DA and One-ID: one per dataset, split set and pre-trained model, on the pooled pairs; DA at batch 8 for 1
+    # epoch, One-ID with the users' batch (4) and epoch cap (2), as notebook 03 trains it
+    pooled = {"DA": {n: math.ceil(n * 10 / 8) + 2 * math.ceil(n * 4 / 8) / 3 for n in USERS.values()},
+              "One-ID": {n: 2 * math.ceil(n * 10 / 4) + 3 * math.ceil(n * 4 / 4) / 3 for n in USERS.values()}}
     for method in ("DA", "One-ID"):
         assert table.loc[method, "models"] == 2 * 2 * 2
-        assert table.loc[method, "units"] == round(2 * 2 * sum(pooled.values()))
-    # replies: test contexts of 4 systems per (set, pre-trained), and 5 questions for 4 systems of 1 model
-    replies = sum(2 * 2 * 4 * n * 3 + 2 * 1 * 4 * n * 5 for n in USERS.values())
+        assert table.loc[method, "units"] == round(2 * 2 * sum(pooled[method].values()))
+    # stage 03 answers each FULL user's 3 test contexts and 5 questions in memory: one batch each
+    assert table.loc["FULL replies", "units"] == (3 + 2) * 2 * 2 * 2
+    # stages 04-05: test contexts of DA, One-ID, LoRA per (set, pre-trained), 5 questions for One-ID and LoRA
+    # of 1 model
+    replies = sum(2 * 2 * 3 * n * 3 + 2 * 1 * 2 * n * 5 for n in USERS.values())
     assert table.loc["generation", "units"] == math.ceil(replies / 16)
+    assert planned.stage_hours("03") == pytest.approx(
+        table.loc[["DA", "One-ID", "LoRA", "FULL", "FULL replies"], "device_hours"].sum())
+
+
+def test_the_family_comes_from_model_family_and_precision_is_resolved(tmp_path):
+    params = {**PARAMS, "02_pretrain_models": {**PARAMS["02_pretrain_models"], "model_family": "causal"},
+              "03_finetune_users": {**PARAMS["03_finetune_users"], "precision": "fp32"}}
+    loaded, _ = cost_plan.profile_params("tmp", write_params(tmp_path / "params", params))
+    assert cost_plan.profile_shape(loaded).family == "causal"  # stage 02's parameter is model_family
+    planned = cost_plan.plan_profile("tmp", params_dir=tmp_path / "params", steps=1, device="cpu", max_rows=1,
+                                     outputs_root=write_stage00(tmp_path / "outputs"))
+    assert planned.shape.family == "causal"
+    assert planned.precision["requested"] == "fp32" and planned.precision["used"] == "fp32"
+    assert "avx512_bf16" in planned.precision["cpu"]
+
+
+def test_epochs_come_from_an_earlier_run_when_there_is_one(tmp_path):
+    loaded, _ = cost_plan.profile_params("tmp", write_params(tmp_path / "params"))
+    s03 = loaded["03_finetune_users"]
+    caps, why = cost_plan.expected_epochs(s03, None, None)
+    assert caps == {"DA": 1, "One-ID": 2, "LoRA": 2, "FULL": 2} and "upper bound" in why
+    stage = tmp_path / "outputs" / "03_finetune_users"
+    stage.mkdir(parents=True)
+    by_method = [{"method": m, "epochs_mean": e} for m, e in (("da", 1.0), ("one_id", 2.0), ("lora", 1.5),
+                                                              ("lora", 2.5), ("full", 1.0))]
+    (stage / "metrics.json").write_text(json.dumps({"metrics": {"by_method": by_method}}))
+    measured = cost_plan.measured_epochs("tmp", tmp_path / "outputs")
+    assert measured[0] == {"DA": 1.0, "One-ID": 2.0, "LoRA": 2.0, "FULL": 1.0}
+    epochs, why = cost_plan.expected_epochs(s03, measured, None)
+    assert epochs["LoRA"] == 2.0 and "earlier run measured" in why
+    assert cost_plan.expected_epochs(s03, measured, 5)[0]["LoRA"] == 2  # an assumed count is capped too
 
 
 def test_timings_are_positive_and_scale_the_estimates(planned):

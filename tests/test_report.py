@@ -384,6 +384,21 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys):
     compared = report.compare_results(results, other).set_index("item")
     assert compared.loc["Exp1 seinfeld: PSP / LoRA: similarity", "difference"] == pytest.approx(0.1)
     assert compared.loc["C1 verdict", "difference"] == ""
+    assert report.precision_differences(compared.reset_index()) == []
+    record = json.loads((other / "03_finetune_users" / "metrics.json").read_text())  # the rerun in bf16
+    record["metrics"]["precision"] = {"requested": "auto", "used": "bf16", "device": "cpu", "tf32": False,
+                                      "cpu": {"model_name": "AMD EPYC", "torch_cpu_capability": "avx512",
+                                              "avx2": True, "avx512_bf16": True, "amx_bf16": False}}
+    (other / "03_finetune_users" / "metrics.json").write_text(json.dumps(record))
+    compared = report.compare_results(results, other).set_index("item")
+    assert compared.loc["precision: 03_finetune_users", "difference"] == "differs"
+    notes = report.precision_differences(compared.reset_index())
+    assert notes == ["note: 03_finetune_users ran in fp32 in the reference and in bf16 in the run: its numbers "
+                     "differ by rounding too"]
+    assert "AVX512-BF16 yes" in report.precision_line({n: other / n for n in report.STAGES})
+    capsys.readouterr()
+    assert report.main(["--compare", str(results), str(other)]) == 0
+    assert capsys.readouterr().out.startswith(notes[0])
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         report.update_readme(readme, block, "cpu")

@@ -31,7 +31,7 @@ import json
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,9 @@ from typing import Any
 import pandas as pd
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5ForConditionalGeneration
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from udg_lib import io
 from udg_lib.precision import Precision, autocast_for
@@ -126,14 +125,38 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+class LengthBucketSampler(Sampler[int]):
+    """A seeded random order in which neighbouring examples have similar lengths, so batches pad little.
+
+    Each epoch draws a permutation exactly as `RandomSampler` does with `generator` (so the generator is consumed
+    as before), cuts it into mega-batches of `batch_size` x min(50, n / (4 x batch_size)) examples and sorts each
+    by length, longest first: transformers' `LengthGroupedSampler` (the Trainer's `group_by_length`) without
+    its move of the longest example to the first batch, which would change which examples share a batch even
+    where no mega-batch is larger than a batch (a user's few dozen pairs)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator):
+        self.lengths, self.batch_size = list(lengths), batch_size
+        self.order = RandomSampler(range(len(self.lengths)), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(self.order)
+        size = self.batch_size * max(1, min(50, len(indices) // (4 * self.batch_size)))
+        for start in range(0, len(indices), size):
+            yield from sorted(indices[start:start + size], key=lambda i: -self.lengths[i])
+
+
 def training_loader(examples: Dataset, batch_size: int, generator: torch.Generator,
                     collate_fn: Callable) -> DataLoader:
-    """Training batches of similar lengths in a seeded random order (transformers' `LengthGroupedSampler`, as
-    the Trainer's `group_by_length`): each epoch permutes the examples with `generator`, sorts them by length
-    within mega-batches of up to 50 batches and keeps the longest batch first. Less padding, same examples
-    per epoch; with fewer than 8 batches' worth of examples it is a plain random permutation."""
-    lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
-    sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+    """Training batches of similar lengths in a seeded random order (`LengthBucketSampler`); examples without
+    `input_ids` (not tokenized pairs) in a plain seeded random order."""
+    if len(examples) and isinstance(examples[0], Mapping) and "input_ids" in examples[0]:
+        lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
+        sampler: Sampler[int] = LengthBucketSampler(lengths, batch_size, generator)
+    else:
+        sampler = RandomSampler(examples, generator=generator)
     return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
 
 

@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import pandas as pd
 import torch
 
 from udg_lib import paths
+from udg_lib.precision import PRECISIONS, cpu_flags_line, resolve_precision
 
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's counts (§4.2.1 Table 2, §4.2.2)
@@ -221,14 +221,14 @@ class ModelShape:
 
 
 def profile_shape(params: Mapping[str, dict[str, Any]], family: str | None = None) -> ModelShape:
-    """The model shape stage 02 trains: a checkpoint's (taken as t5-base's, as every §4.1.2 checkpoint is;
-    nothing is downloaded to read it) or its from-scratch preset; `family` (or a stage 02/03 `family`
-    parameter, once the causal track is wired) picks the causal track, sized as SmolLM2-135M."""
+    """The model shape stage 02 trains: a checkpoint's (taken as t5-base's, as every §4.1.2 T5 checkpoint is;
+    nothing is downloaded to read it) or its from-scratch preset; `family` (default: stage 02's `model_family`
+    parameter) "causal" is the causal track, sized as SmolLM2-135M unless its preset is another Llama shape."""
     from udg_lib.families import LLAMA_PRESETS, SMOLLM2_VOCAB
     from udg_lib.pretraining import T5_PRESETS
 
     stage00, stage02 = _stage(params, "00"), _stage(params, "02")
-    family = family or stage02.get("family") or _stage(params, "03").get("family") or "seq2seq"
+    family = family or stage02.get("model_family") or "seq2seq"
     if family == "causal":
         preset = stage02["model_preset"] if stage02["model_preset"] in LLAMA_PRESETS else "smollm2-135m"
         vocab = SMOLLM2_VOCAB if preset == "smollm2-135m" else stage00["vocab_size"] + 102
@@ -349,10 +349,12 @@ class TimingSpec:
 
 
 def time_steps(shape: ModelShape, spec: TimingSpec, *, steps: int = 2, device: str | None = None,
-               dtype: str = "fp32", max_rows: int | None = None, seed: int = 0) -> dict[str, StepTiming]:
+               precision: str = "auto", max_rows: int | None = None, seed: int = 0) -> dict[str, StepTiming]:
     """Seconds per unit of each kind in `STEP_KINDS` at the profile's shape and batches, on `device`.
 
-    `dtype` "bf16" runs forward passes under `torch.autocast` (as stage 02's `bf16` does through the Trainer).
+    `precision` ("auto", "fp32", "bf16") is resolved for `device` as the stages resolve it
+    (`precision.resolve_precision`), and bf16 is timed as they run it: forward passes under autocast, a LoRA
+    base and a generating model held in bf16, trained weights in fp32.
     `max_rows` caps the rows timed per batch, the time scaled linearly to the full batch (default: none on a GPU;
     on a CPU `CPU_MAX_ROWS` for a step that would take over `CPU_FULL_BATCH_SECONDS` at the full batch). A kind that fails (e.g. batched LoRA on a family `multilora` does not
     support yet) gets `seconds=None` and the error as its note.
@@ -364,16 +366,17 @@ def time_steps(shape: ModelShape, spec: TimingSpec, *, steps: int = 2, device: s
     from udg_lib.multilora import MultiLora
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype not in ("fp32", "bf16"):
-        raise PlanError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    try:
+        numerics = resolve_precision(precision, device)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     auto_cap = max_rows is None and device == "cpu"
     max_rows = max_rows if max_rows is not None else (CPU_MAX_ROWS if device == "cpu" else 0)
     family = get_family(shape.family)
     tokenizer = synthetic_tokenizer()
 
     def autocast() -> Any:
-        return (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16"
-                else nullcontext())
+        return numerics.autocast()
 
     def rows_of(rows: int) -> int:
         return min(rows, max_rows) if max_rows else rows
@@ -414,8 +417,8 @@ def time_steps(shape: ModelShape, spec: TimingSpec, *, steps: int = 2, device: s
     wrapped: dict[str, Any] = {}  # adapters are added once, however many batch sizes are timed
 
     def lora_step(rows: int) -> Callable[[], None]:
-        if "peft" not in wrapped:
-            wrapped["peft"] = get_peft_model(model, family.lora_config(config))
+        if "peft" not in wrapped:  # the frozen base in the precision's dtype, as stage 03 holds it
+            wrapped["peft"] = get_peft_model(model.to(dtype=numerics.frozen_dtype), family.lora_config(config))
         peft_model = wrapped["peft"]
         peft_model.train()
         batch = synthetic_batch(family, tokenizer, rows, spec.source, spec.target, device)
@@ -429,7 +432,7 @@ def time_steps(shape: ModelShape, spec: TimingSpec, *, steps: int = 2, device: s
                                "stage 03: FULL, DA and One-ID: one step of the whole model")}
     timings["lora"] = measure("lora", spec.user_batch, lora_step, "stage 03: one user's peft LoRA step")
     # get_peft_model injected LoRA layers into `model` itself: a fresh plain base for the next kinds
-    model = family.from_config(shape.model_config(), seed=seed).to(device)
+    model = family.from_config(shape.model_config(), seed=seed).to(device, dtype=numerics.frozen_dtype)
 
     def lora_batched_step(rows: int) -> Callable[[], None]:
         users = [f"u{i}" for i in range(spec.users_per_batch)]
@@ -453,7 +456,7 @@ def time_steps(shape: ModelShape, spec: TimingSpec, *, steps: int = 2, device: s
     batched = measure("lora_batched", spec.users_per_batch * spec.user_batch, lora_batched_step,
                       f"stage 03: one multilora step of {spec.users_per_batch} users x {spec.user_batch} rows")
     timings["lora_batched"] = batched
-    model = family.from_config(shape.model_config(), seed=seed).to(device).eval()
+    model = numerics.for_inference(family.from_config(shape.model_config(), seed=seed).to(device))
 
     def generate(rows: int) -> Callable[[], Any]:
         batch = synthetic_batch(family, tokenizer, rows, spec.source, spec.target, device)
@@ -485,7 +488,7 @@ class Plan:
 
     profile: str
     device: str
-    dtype: str
+    precision: dict[str, Any]  # `Precision.record()`: requested, used, device, TF32, the CPU's flags
     shape: ModelShape
     params_source: str
     datasets: list[DatasetUsers]
@@ -497,6 +500,10 @@ class Plan:
     @property
     def total_hours(self) -> float:
         return float(self.table["device_hours"].sum())
+
+    def stage_hours(self, stage: str) -> float:
+        """The estimate of one stage's rows ("02", "03", "04-05")."""
+        return float(self.table.loc[self.table["stage"] == stage, "device_hours"].sum())
 
     @property
     def paper_training_hours(self) -> float:
@@ -511,7 +518,7 @@ class Plan:
         return self.paper_training_hours <= GOAL_GPU_HOURS
 
     def as_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "device": self.device, "dtype": self.dtype, "shape": asdict(self.shape),
+        return {"profile": self.profile, "device": self.device, "precision": self.precision, "shape": asdict(self.shape),
                 "params_source": self.params_source, "datasets": [asdict(d) for d in self.datasets],
                 "timings": {k: asdict(v) for k, v in self.timings.items()},
                 "table": self.table.to_dict("records"), "total_device_hours": self.total_hours,
@@ -535,14 +542,23 @@ class WorkCounts:
     test: float
 
 
-def count_rows(work: Sequence[WorkCounts], timings: Mapping[str, StepTiming], *, epochs: int, da_epochs: int,
-               user_batch: int, da_batch: int, generate_batch: int, questions: int, exp2_pretrained: int,
-               lora_kind: str, users_per_batch: int) -> list[dict[str, Any]]:
-    """Stage 03-05 rows of a plan: DA, One-ID, LoRA, FULL trainings and the generation batches.
+METHOD_KEYS = {"DA": "da", "One-ID": "one_id", "LoRA": "lora", "FULL": "full"}  # rows -> stage 03's method names
 
-    Steps per training = epochs x ceil(pairs / batch); each epoch's dev loss adds dev pairs / batch steps at
-    `DEV_FORWARD_SHARE` of a step. Generation: every user's test contexts for DA, One-ID, LoRA and FULL
-    (stages 03-04), and Exp2's questions for the same four systems of `exp2_pretrained` models (stage 05).
+
+def count_rows(work: Sequence[WorkCounts], timings: Mapping[str, StepTiming], *, epochs: Mapping[str, float],
+               user_batch: int, da_batch: int, generate_batch: int, questions: int, exp2_pretrained: int,
+               lora_kind: str, users_per_batch: int, sweep_trainings: int = 0,
+               predict_batch: int = 32) -> list[dict[str, Any]]:
+    """Stage 03-05 rows of a plan: DA, One-ID, LoRA (and its learning-rate sweep), FULL trainings, and the
+    generation batches.
+
+    Steps per training = epochs x ceil(pairs / batch); the dev loss is measured before training and after each
+    epoch, each pass costing dev pairs / batch steps at `DEV_FORWARD_SHARE` of a step. `epochs` maps "DA",
+    "One-ID", "LoRA", "FULL" to the epochs each training is assumed to run (`expected_epochs`). The sweep
+    trains `sweep_trainings` extra LoRA users (candidates x sweep users). Generation: stage 03 answers every
+    FULL user's test contexts and Exp2 questions while the model is in memory (`predict_batch` rows per batch)
+    and scores the references (a forward pass); stages 04-05 generate the test replies of DA, One-ID and LoRA
+    and One-ID's and LoRA's Exp2 answers of `exp2_pretrained` models.
     """
     def seconds(kind: str) -> float:
         value = timings[kind].seconds
@@ -552,30 +568,75 @@ def count_rows(work: Sequence[WorkCounts], timings: Mapping[str, StepTiming], *,
     lora_unit = seconds("lora")
     if lora_kind == "lora_batched" and timings["lora_batched"].seconds is not None:
         lora_unit = seconds("lora_batched") / max(users_per_batch, 1)  # one user's share of a batched step
+    pooled = seconds("full") * da_batch / user_batch  # a step of DA's larger batch (One-ID has the users' batch)
     for method, models_each, unit, per_model in (
-        ("DA", 1, seconds("full") * da_batch / user_batch, lambda w: (w.users * w.train_da, w.users * w.dev, da_epochs,
-                                                                      da_batch)),
-        ("One-ID", 1, seconds("full") * da_batch / user_batch,
-         lambda w: (w.users * w.train_ft, w.users * w.dev, da_epochs, da_batch)),
-        ("LoRA", None, lora_unit, lambda w: (w.train_ft, w.dev, epochs, user_batch)),
-        ("FULL", None, seconds("full"), lambda w: (w.train_ft, w.dev, epochs, user_batch)),
+        ("DA", 1, pooled, lambda w: (w.users * w.train_da, w.users * w.dev, da_batch)),
+        ("One-ID", 1, seconds("full"), lambda w: (w.users * w.train_ft, w.users * w.dev, user_batch)),  # config
+        ("LoRA", None, lora_unit, lambda w: (w.train_ft, w.dev, user_batch)),
+        ("FULL", None, seconds("full"), lambda w: (w.train_ft, w.dev, user_batch)),
     ):
-        models = steps = 0
+        models = steps = 0.0
         for w in work:
             n = (models_each or w.users) * w.split_sets * w.pretrained
-            train, dev, n_epochs, batch = per_model(w)
-            per = n_epochs * (math.ceil(train / batch) + DEV_FORWARD_SHARE * math.ceil(dev / batch))
+            train, dev, batch = per_model(w)
+            n_epochs = epochs[method]
+            per = n_epochs * math.ceil(train / batch) + (n_epochs + 1) * DEV_FORWARD_SHARE * math.ceil(dev / batch)
             models += n
             steps += n * per
-        rows.append({"stage": "03", "work": method, "models": models, "units": round(steps),
-                     "unit": "step", "seconds_per_unit": unit, "device_hours": steps * unit / 3600})
-    replies = sum(w.split_sets * w.pretrained * 4 * w.users * w.test for w in work)
-    replies += sum(w.split_sets * min(exp2_pretrained, w.pretrained) * 4 * w.users * questions for w in work)
+            if method == "LoRA" and sweep_trainings and w is work[0]:  # the sweep: on the first condition
+                models += sweep_trainings
+                steps += sweep_trainings * per
+        rows.append({"stage": "03", "work": method + (" (+ lr sweep)" if method == "LoRA" and sweep_trainings else ""),
+                     "models": round(models), "units": round(steps), "unit": "step", "seconds_per_unit": unit,
+                     "device_hours": steps * unit / 3600})
+    full_users = sum(w.split_sets * w.pretrained * w.users for w in work)
+    full_batches = full_users * (math.ceil(max(w.test for w in work) / predict_batch)
+                                 + math.ceil(questions / predict_batch)) if work else 0
+    scoring = full_users * math.ceil(max(w.test for w in work) / predict_batch) * DEV_FORWARD_SHARE if work else 0
+    full_seconds = full_batches * seconds("generate") + scoring * seconds("full")
+    rows.append({"stage": "03", "work": "FULL replies", "models": 0, "units": full_batches,
+                 "unit": f"batch of <= {predict_batch}", "device_hours": full_seconds / 3600,
+                 "seconds_per_unit": full_seconds / full_batches if full_batches else float("nan")})
+    replies = sum(w.split_sets * w.pretrained * 3 * w.users * w.test for w in work)
+    replies += sum(w.split_sets * min(exp2_pretrained, w.pretrained) * 2 * w.users * questions for w in work)
     batches = math.ceil(replies / generate_batch)
-    rows.append({"stage": "03-05", "work": "generation", "models": 0, "units": batches,
+    rows.append({"stage": "04-05", "work": "generation", "models": 0, "units": batches,
                  "unit": f"batch of {generate_batch}", "seconds_per_unit": seconds("generate"),
                  "device_hours": batches * seconds("generate") / 3600})
     return rows
+
+
+def measured_epochs(profile: str, outputs_root: Path) -> tuple[dict[str, float], str] | None:
+    """Mean epochs run per method (DA, One-ID, LoRA, FULL) in an earlier stage 03 of `profile`: its outputs,
+    else its published reference results (`results/<profile>/`); None when neither exists."""
+    for root in (outputs_root, paths.repo_root() / "results" / profile):
+        metrics = paths.stage_dir(root, STAGE_NAMES["03"]) / "metrics.json"
+        if not metrics.is_file():
+            continue
+        by_method = pd.DataFrame(json.loads(metrics.read_text(encoding="utf-8"))["metrics"].get("by_method") or [])
+        if by_method.empty or "epochs_mean" not in by_method:
+            continue
+        means = by_method.groupby("method")["epochs_mean"].mean()
+        found = {row: float(means[key]) for row, key in METHOD_KEYS.items() if key in means}
+        if len(found) == len(METHOD_KEYS):
+            return found, str(metrics)
+    return None
+
+
+def expected_epochs(s03: Mapping[str, Any], measured: tuple[dict[str, float], str] | None,
+                    epochs: int | None) -> tuple[dict[str, float], str]:
+    """Epochs each training is assumed to run, and why: `epochs` when given (capped), else the epochs an
+    earlier run of the profile measured (early stopping ends most runs before the cap), else the caps (an
+    upper bound)."""
+    caps = {"DA": s03["da_max_epochs"], "One-ID": s03["max_epochs"], "LoRA": s03["max_epochs"],
+            "FULL": s03["max_epochs"]}
+    if epochs:
+        return {k: min(epochs, cap) for k, cap in caps.items()}, f"{epochs} per training (assumed)"
+    if measured:
+        found, source = measured
+        return ({k: min(found[k], cap) for k, cap in caps.items()},
+                "as an earlier run measured (" + ", ".join(f"{k} {v:.1f}" for k, v in found.items()) + f"; {source})")
+    return caps, "the caps, an upper bound: early stopping ends most trainings sooner"
 
 
 def paper_counts(user_batch: int) -> list[WorkCounts]:
@@ -588,11 +649,12 @@ def paper_counts(user_batch: int) -> list[WorkCounts]:
 
 def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_root: str | Path | None = None,
                  notebooks_dir: str | Path | None = None, steps: int | None = None, device: str | None = None,
-                 dtype: str = "fp32", family: str | None = None, epochs: int | None = None,
+                 precision: str | None = None, family: str | None = None, epochs: int | None = None,
                  max_rows: int | None = None) -> Plan:
     """The cost plan of `profile` on this device: counts from its params and users, a few timed steps of each
-    kind, and estimates per stage and at the paper's counts. `epochs` assumes users stop after that many
-    epochs (default: the profile's epoch cap, an upper bound)."""
+    kind, and estimates per stage and at the paper's counts. `precision` defaults to stage 03's parameter
+    (what a run would use here: "auto" is resolved for this device); `epochs` assumes trainings stop after that
+    many epochs (default: as an earlier run of the profile measured, else the caps: `expected_epochs`)."""
     params, source = profile_params(profile, params_dir, notebooks_dir)
     out_root = paths.outputs_root(profile, outputs_root)
     shape = profile_shape(params, family)
@@ -601,13 +663,15 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
     s02, s03, s05 = _stage(params, "02"), _stage(params, "03"), _stage(params, "05")
     datasets = dataset_users(params, out_root)
     spec = TimingSpec.from_params(params)
-    timings = time_steps(shape, spec, steps=steps, device=device, dtype=dtype, max_rows=max_rows)
+    precision = precision or s03.get("precision", "auto")
+    timings = time_steps(shape, spec, steps=steps, device=device, precision=precision, max_rows=max_rows)
+    numerics = resolve_precision(precision, device)
 
-    epochs_assumed = epochs or s03["max_epochs"]
-    da_epochs = min(epochs_assumed, s03["da_max_epochs"]) if epochs else s03["da_max_epochs"]
+    epochs_by_method, epochs_why = expected_epochs(s03, measured_epochs(profile, out_root), epochs)
     lora_kind = "lora_batched" if s03["lora_training"] == "batched" else "lora"
     questions = min(QUESTIONS, s03["max_questions"]) if s03["max_questions"] else QUESTIONS
-    settings = dict(epochs=epochs_assumed, da_epochs=da_epochs, user_batch=spec.user_batch, da_batch=s03["da_batch_size"],
+    sweep = len(s03["lora_learning_rates"]) * (s03["lora_sweep_users"] or (datasets[0].users if datasets else 0))
+    settings = dict(epochs=epochs_by_method, user_batch=spec.user_batch, da_batch=s03["da_batch_size"],
                     generate_batch=spec.generate_batch, questions=questions, lora_kind=lora_kind,
                     users_per_batch=spec.users_per_batch)
 
@@ -618,7 +682,7 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
              "device_hours": pretrain_steps * (timings["pretrain"].seconds or float("nan")) / 3600}]
     work = [WorkCounts(d.name, d.users, len(s03["split_sets"]), len(s03["pretrained"]), d.train_ft, d.train_da,
                        d.dev, d.test) for d in datasets]
-    rows += count_rows(work, timings, exp2_pretrained=len(s05["pretrained"]), **settings)
+    rows += count_rows(work, timings, exp2_pretrained=len(s05["pretrained"]), sweep_trainings=sweep, **settings)
     table = _finish(pd.DataFrame(rows))
     paper = _finish(pd.DataFrame(count_rows(paper_counts(spec.user_batch), timings, exp2_pretrained=3, **settings)))
 
@@ -627,21 +691,22 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
         f"users and pairs: " + "; ".join(f"{d.name}: {d.users} users, {d.train_ft:.0f} fine-tuning / "
                                          f"{d.dev:.0f} dev / {d.test:.0f} test pairs each ({d.source})"
                                          for d in datasets),
-        f"epochs: {epochs_assumed} per user (the {'assumed' if epochs else 'cap, an upper bound: early stopping ends sooner'}), "
-        f"{da_epochs} for DA and One-ID; a dev-loss pass costs {DEV_FORWARD_SHARE:.2f} of a step per batch",
+        f"epochs: {epochs_why}; a dev-loss pass (before training and after each epoch) costs "
+        f"{DEV_FORWARD_SHARE:.2f} of a step per batch",
         f"LoRA timed as {'batched multilora' if lora_kind == 'lora_batched' else 'one user at a time (peft)'}"
         + ("" if lora_kind == "lora" or timings["lora_batched"].seconds is not None
            else f" -> fell back to one user at a time ({timings['lora_batched'].note})"),
         f"generation: test replies of DA, One-ID, LoRA, FULL and {questions} Exp2 questions per user, "
-        f"{spec.max_new_tokens} tokens each",
-        f"timed on {device} in {dtype}: {steps} repetitions after a warm-up"
+        f"{spec.max_new_tokens} tokens each (FULL's in stage 03, with the references scored)",
+        f"timed on {device} in {numerics.used} ({precision!r} asked"
+        + (f"; CPU: {cpu_flags_line()}" if device == "cpu" else "") + f"): {steps} repetitions after a warm-up"
         + (f"; batches capped at {max(t.timed_rows for t in timings.values())} rows and scaled linearly"
            if any(t.timed_rows < t.rows for t in timings.values()) else ""),
         "paper (§4.2.2): One-ID once per (dataset, split set, pre-trained model), LoRA and FULL once per user: "
         "(2 x 100 + 1) x 4 x 3 = 2,412 (PCJP) + (2 x 140 + 1) x 12 = 3,372 (UPC) + (2 x 147 + 1) x 12 = 3,540 (SD) "
         "= 9,324; DA's 36 models are trained but not counted there",
     ]
-    return Plan(profile, device, dtype, shape, source, datasets, timings, table, paper, assumptions)
+    return Plan(profile, device, numerics.record(), shape, source, datasets, timings, table, paper, assumptions)
 
 
 def _finish(table: pd.DataFrame) -> pd.DataFrame:
@@ -668,7 +733,7 @@ def format_plan(plan: Plan) -> str:
                              device_hours=table["device_hours"].map(lambda v: f"{v:.3g}"))
         return shown.to_string(index=False)
 
-    lines = [f"cost plan of profile {plan.profile!r} on {plan.device} ({plan.dtype})", ""]
+    lines = [f"cost plan of profile {plan.profile!r} on {plan.device} ({plan.precision['used']})", ""]
     lines += ["timed steps:"] + [f"  {t.kind:<12} {('-' if t.seconds is None else f'{t.seconds:.3g} s'):>10} per unit "
                                  f"of {t.rows} rows (timed {t.timed_rows}: {t.samples})  {t.note}"
                                  for t in plan.timings.values()]
@@ -690,7 +755,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--outputs-root", help="stage outputs instead of outputs/<profile> (stage 00's users)")
     parser.add_argument("--steps", type=int, help="timed repetitions per kind, after a warm-up (default: 1 on CPU, 3 on GPU)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when torch sees one)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: forward under autocast")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="what to time (default: the profile's stage 03 parameter; auto = bf16 where native)")
     parser.add_argument("--family", choices=("seq2seq", "causal"), help="model family (default: the profile's)")
     parser.add_argument("--epochs", type=int, help="assume users stop after this many epochs (default: the cap)")
     parser.add_argument("--max-rows", type=int, help=f"rows timed per batch (default: all on GPU; on CPU {CPU_MAX_ROWS} for slow steps)")
@@ -704,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         plan = plan_profile(args.profile, params_dir=args.params_dir, outputs_root=args.outputs_root,
-                            steps=args.steps, device=args.device, dtype=args.dtype, family=args.family,
+                            steps=args.steps, device=args.device, precision=args.precision, family=args.family,
                             epochs=args.epochs, max_rows=args.max_rows)
     except Exception as exc:  # pipeline and corpus errors carry one-line messages
         print(f"udg plan: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -45,6 +45,7 @@ from udg_lib import io, paths, stats
 
 STAGES = ("00_prepare_corpus", "01_infer_profiles", "02_pretrain_models", "03_finetune_users",
           "04_exp1_next_utterance", "05_exp2_diversity", "06_llm_baselines")
+PRECISION_STAGES = STAGES[2:]  # the stages that train, generate or score (a `precision` parameter each)
 REPORT_FILE = "report.md"
 CLAIMS_FILE = "claims.csv"
 CLAIM_TESTS_FILE = "claim_tests.csv"
@@ -571,7 +572,8 @@ RUNNING = "running: this report was written before the stage finished"
 
 
 def run_summary(stage_dirs: Mapping[str, Path]) -> pd.DataFrame:
-    """Per stage: wall time (the runner's record), peak resident memory of its kernel, device, when it ended.
+    """Per stage: wall time (the runner's record), peak resident memory of its kernel, device, the precision it
+    computed in (stages 02-06: `precision.Precision.record()`), when it ended.
 
     A stage whose metrics.json has no runner record yet (stage 06 writing this report) says so in `finished`.
     """
@@ -581,11 +583,30 @@ def run_summary(stage_dirs: Mapping[str, Path]) -> pd.DataFrame:
         if record is None:
             continue
         stage, provenance = record.get("stage", {}), record.get("provenance", {})
+        precision = record.get("metrics", {}).get("precision") or {}
         rows.append({"stage": name, "wall_minutes": round(stage["wall_seconds"] / 60, 1) if "wall_seconds" in stage
                      else float("nan"), "peak_rss_GB": round(provenance.get("peak_rss_mb", float("nan")) / 1024, 2),
                      "device": provenance.get("device", {}).get("torch_device"),
+                     "precision": precision.get("used", "fp32" if name in PRECISION_STAGES else None),
                      "finished": stage.get("finished_at") or RUNNING})
-    return pd.DataFrame(rows, columns=["stage", "wall_minutes", "peak_rss_GB", "device", "finished"])
+    return pd.DataFrame(rows, columns=["stage", "wall_minutes", "peak_rss_GB", "device", "precision", "finished"])
+
+
+def precision_line(dirs: Mapping[str, Path]) -> str | None:
+    """'- Precision: bf16 (asked "auto") on cpu, CPU ...': what stages 02-06 computed in and on which processor;
+    a run from before the precision parameter computed in fp32 and recorded no CPU flags."""
+    records = {name: (_metrics(dirs[name]) or {}).get("metrics", {}).get("precision") for name in PRECISION_STAGES
+               if name in dirs and _metrics(dirs[name]) is not None}
+    if not records:
+        return None
+    used = sorted({(r or {}).get("used", "fp32") for r in records.values()})
+    asked = sorted({(r or {}).get("requested", "fp32") for r in records.values()})
+    cpu = next((r["cpu"] for r in records.values() if r and r.get("cpu")), None)
+    flags = (f"; CPU {cpu.get('model_name', '?')} (torch {cpu.get('torch_cpu_capability', '?')}): "
+             + ", ".join(f"{label} {'yes' if cpu.get(key) else 'no'}" for label, key in
+                         (("AVX2", "avx2"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16")))) if cpu else ""
+    return (f"- Precision of stages 02-06: {' / '.join(used)} (asked {' / '.join(map(repr, asked))})" + flags
+            + ("" if cpu else " (recorded before the `precision` parameter existed: fp32)") + ".")
 
 
 def _summary_markdown(summary: pd.DataFrame) -> str:
@@ -600,7 +621,7 @@ def _stage_params(record: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def settings_lines(dirs: Mapping[str, Path]) -> list[str]:
     """The run's model sizes and settings, read from stages 02, 03 and 06's metrics.json."""
-    lines = []
+    lines = [line for line in [precision_line(dirs)] if line]
     pre = _metrics(dirs["02_pretrain_models"])
     if pre is not None:
         params, models = _stage_params(pre), pre.get("metrics", {}).get("models", {})
@@ -981,6 +1002,7 @@ def headline_numbers(folder: str | Path) -> pd.DataFrame:
     items: list[tuple[str, Any]] = []
     summary = run_summary({name: folder / name for name in STAGES})
     items += [(f"wall minutes: {r.stage}", r.wall_minutes) for r in summary.itertuples(index=False)]
+    items += [(f"precision: {r.stage}", r.precision) for r in summary.itertuples(index=False) if r.precision]
     for dataset, table in _exp1_tables(folder).items():
         for row in table.to_dict("records"):
             for metric in ("similarity", "rouge_l", "bits_per_char"):
@@ -1015,6 +1037,14 @@ def compare_results(reference: str | Path, run: str | Path) -> pd.DataFrame:
     return merged
 
 
+def precision_differences(compared: pd.DataFrame) -> list[str]:
+    """One line per stage whose two runs computed in different precisions (`compare_results`' rows): their
+    numbers differ by rounding as well as by anything else."""
+    rows = compared[compared["item"].str.startswith("precision: ") & (compared["difference"] == "differs")]
+    return [f"note: {r['item'].removeprefix('precision: ')} ran in {r.iloc[1]} in the reference and in {r.iloc[2]} in "
+            f"the run: its numbers differ by rounding too" for _, r in rows.iterrows()]
+
+
 def render_results_block(folder: str | Path, profile: str) -> str:
     """README's results block (between the markers) rendered from a published results folder."""
     folder = Path(folder)
@@ -1026,7 +1056,7 @@ def render_results_block(folder: str | Path, profile: str) -> str:
     if len(summary):
         lines += [f"Wall time **{summary['wall_minutes'].sum():.1f} min** over {len(summary)} stages, peak resident "
                   f"memory **{summary['peak_rss_GB'].max():.2f} GB**.", "", *settings_lines(dirs), "",
-                  _summary_markdown(summary[["stage", "wall_minutes", "peak_rss_GB"]])]
+                  _summary_markdown(summary[["stage", "wall_minutes", "peak_rss_GB", "precision"]])]
     for dataset, table in _exp1_tables(folder).items():
         metrics = [m for m in ("similarity", "rouge_l", "bits_per_char") if m in table.columns]
         shown = table[["model", "fine-tuning", *metrics, "n_users"]] if "n_users" in table else table[
@@ -1186,7 +1216,10 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"udg report: no folder {missing[0]}", file=sys.stderr)
             return 1
-        print(compare_results(*args.compare).to_markdown(index=False, floatfmt=".4g", missingval="—"))
+        compared = compare_results(*args.compare)
+        for line in precision_differences(compared):
+            print(line)
+        print(compared.to_markdown(index=False, floatfmt=".4g", missingval="—"))
         return 0
     if not args.profile:
         parser.error("--profile is required (or --compare REFERENCE RUN, or --benchmarks)")
