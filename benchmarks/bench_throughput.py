@@ -8,7 +8,16 @@ For each torch thread count (`--threads`, default 1 and 2), in one run:
   library reaches on dense products;
 - one optimizer step (forward + backward + Adam, the step of `finetuning.train_with_early_stopping`) of
   each family's model, for LoRA (r = 12 on the family's q, k, v, o: `families.ModelFamily.lora_config`) and
-  FULL (every weight), in fp32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`.
+  FULL (every weight), in three precisions (`variant`): fp32; bf16 autocast over fp32 weights (FULL's bf16,
+  and LoRA's with its base left in fp32); and, for LoRA, bf16 as stage 03 runs it (`precision.Precision`:
+  the frozen base held in bf16, the adapters fp32, autocast). `pipeline_auto` marks the rows stage 03 runs
+  with `precision: auto` on this CPU (bf16 where it multiplies bf16 natively, else fp32);
+- `--compile`: the same step of the causal family's LoRA in the precision `auto` chooses, eager against
+  `torch.compile` (inductor), with the compile time and the loss difference (adopted in the pipeline only
+  where it is at least 1.2x faster with equal results; the JSON records the measurement either way);
+- `--prepared DIR` (a stage 00 folder, e.g. outputs/cpu/00_prepare_corpus): the padding share of the
+  pipeline's batches on real prompts and replies, in the order batches were made before issue #21 (random
+  for training, data order for generation) and now (`finetuning.LengthBucketSampler`, length-sorted).
 
 Models: seq2seq = a T5 of the cpu profile's shape (`pretraining.t5_config("cpu", 8000)`, from scratch, as
 stage 02 builds it); causal = SmolLM2-135M (`udg_lib.llm.load_causal_lm("smollm2")`, converted from its
@@ -48,6 +57,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from peft import get_peft_model
@@ -57,13 +67,16 @@ from transformers.utils import logging as hf_logging
 from udg_lib import io
 from udg_lib.families import CAUSAL, SEQ2SEQ, SMOLLM2_VOCAB, ModelFamily, get_family, llama_config, load_model
 from udg_lib.finetuning import FinetuneConfig
+from udg_lib.precision import cpu_flags, cpu_flags_line, native_bf16, resolve_precision
 from udg_lib.pretraining import LABEL_PAD_ID, count_parameters, t5_config
 from udg_lib.provenance import provenance
 
 MODES = ("lora", "full")
 DTYPES = ("fp32", "bf16")
+# (mode, variant) -> (dtype of the frozen weights, autocast): what each measured precision does
+VARIANTS = {("lora", "fp32"): ("fp32", False), ("lora", "bf16-autocast"): ("fp32", True),
+            ("lora", "bf16"): ("bf16", True), ("full", "fp32"): ("fp32", False), ("full", "bf16"): ("fp32", True)}
 PAPER_LORA_PARAMETERS = 1_800_000  # §4.1.3: "1.8 million" trainable LoRA parameters on t5-base
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,18 +121,6 @@ def synthetic_batch(family: ModelFamily, batch: int, source_tokens: int, reply_t
 # Measurements
 
 
-def cpu_flags() -> dict[str, Any]:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        flags = []
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
-    return {"model_name": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **{flag: flag in flags for flag in ("avx2", "avx512f", *BF16_FLAGS)}}
-
-
 def matmul_roofline(n: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
     """GFLOP/s (2 n^3 / seconds, the fastest of `repeats`) of an n x n product in two layouts: `matmul`
     (a @ b) and `linear` (a @ b.T, the layout of `nn.Linear`, which is what training multiplies). Their
@@ -141,15 +142,16 @@ def matmul_roofline(n: int, dtype: torch.dtype, repeats: int) -> dict[str, float
 
 
 def training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                  dtype: str) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext():
+                  autocast: bool) -> float:
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
         loss = model(**batch).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    return loss.item()
 
 
-def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: str, steps: int,
+def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: bool, steps: int,
             slow_step_seconds: float) -> dict[str, Any]:
     """One timed warm-up step with its FLOPs counted, then `steps` timed steps (Adam on the trainable weights).
 
@@ -163,14 +165,14 @@ def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: str, 
     counter = FlopCounterMode(display=False)
     wall, cpu = time.perf_counter(), time.process_time()
     with counter:
-        training_step(model, batch, optimizer, dtype)
+        training_step(model, batch, optimizer, autocast)
     seconds, cpu_seconds = [time.perf_counter() - wall], [time.process_time() - cpu]
     timed_steps = 0
     if seconds[0] <= slow_step_seconds:
         seconds, cpu_seconds, timed_steps = [], [], steps
         for _ in range(steps):
             wall, cpu = time.perf_counter(), time.process_time()
-            training_step(model, batch, optimizer, dtype)
+            training_step(model, batch, optimizer, autocast)
             seconds.append(time.perf_counter() - wall)
             cpu_seconds.append(time.process_time() - cpu)
     return {"trainable_parameters": sum(p.numel() for p in params), "flops_counted": counter.get_total_flops(),
@@ -179,7 +181,8 @@ def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: str, 
 
 
 def bench_family(name: str, model: torch.nn.Module, description: str, args: argparse.Namespace,
-                 threads: int, roofline: dict[str, float]) -> list[dict[str, Any]]:
+                 threads: int, roofline: dict[str, float], auto: str) -> list[dict[str, Any]]:
+    """Every (mode, variant) of `VARIANTS` for one family; `auto` is what `precision: auto` uses here."""
     family = get_family(name)
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = synthetic_batch(family, args.batch, args.source_tokens, args.reply_tokens, vocab, args.seed)
@@ -187,37 +190,141 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
     n_parameters = count_parameters(model)
     config = FinetuneConfig()  # r = 12, alpha 24, dropout 0.1; the family's own q, k, v, o
     rows = []
-    for mode in MODES:
+    for (mode, variant), (frozen, autocast) in VARIANTS.items():
+        model.to(dtype=torch.bfloat16 if frozen == "bf16" else torch.float32)
         if mode == "lora":
             torch.manual_seed(args.seed)
-            target = get_peft_model(model, family.lora_config(config))
+            target = get_peft_model(model, family.lora_config(config))  # adapters fp32 (peft casts them)
         else:
             target = model
             for p in model.parameters():
                 p.requires_grad_(True)
+        dtype = "bf16" if autocast else "fp32"  # the products' dtype: whose roofline applies
         try:
-            for dtype in DTYPES:
-                result = measure(target, batch, dtype, args.steps, args.slow_step_seconds)
-                gflops_counted = result["flops_counted"] / result["seconds"] / 1e9
-                rows.append({
-                    "threads": threads, "family": name, "model": description, "mode": mode, "dtype": dtype,
-                    "parameters": n_parameters, "trainable_parameters": result["trainable_parameters"],
-                    "batch": args.batch, "tokens_per_step": tokens, "seconds": round(result["seconds"], 4),
-                    "min_seconds": round(result["min_seconds"], 4), "cpu_seconds": round(result["cpu_seconds"], 4),
-                    "timed_steps": result["timed_steps"],
-                    "tokens_per_s": round(tokens / result["seconds"], 1),
-                    "gflops_6N": round(6 * n_parameters * tokens / result["seconds"] / 1e9, 2),
-                    "flops_counted": result["flops_counted"], "gflops_counted": round(gflops_counted, 2),
-                    "roofline_gflops": round(roofline[dtype], 1),
-                    "roofline_share": round(gflops_counted / roofline[dtype], 3),
-                })
-                row = rows[-1]
-                print(f"  {name:8s} {mode:4s} {dtype}: {row['seconds']:8.3f} s/step  {row['tokens_per_s']:9.1f} "
-                      f"tokens/s  {row['gflops_counted']:7.2f} GFLOP/s counted ({row['roofline_share']:.1%} of "
-                      f"the {dtype} roofline)", flush=True)
+            result = measure(target, batch, autocast, args.steps, args.slow_step_seconds)
         finally:
             if mode == "lora":
-                target.unload()  # the plain model back for FULL
+                target.unload()  # the plain model back for the next variant
+        gflops_counted = result["flops_counted"] / result["seconds"] / 1e9
+        rows.append({
+            "threads": threads, "family": name, "model": description, "mode": mode, "variant": variant,
+            "dtype": dtype, "pipeline_auto": variant == auto or (mode == "lora" and auto == "bf16" and variant == "bf16"),
+            "parameters": n_parameters, "trainable_parameters": result["trainable_parameters"],
+            "batch": args.batch, "tokens_per_step": tokens, "seconds": round(result["seconds"], 4),
+            "min_seconds": round(result["min_seconds"], 4), "cpu_seconds": round(result["cpu_seconds"], 4),
+            "timed_steps": result["timed_steps"],
+            "tokens_per_s": round(tokens / result["seconds"], 1),
+            "gflops_6N": round(6 * n_parameters * tokens / result["seconds"] / 1e9, 2),
+            "flops_counted": result["flops_counted"], "gflops_counted": round(gflops_counted, 2),
+            "roofline_gflops": round(roofline[dtype], 1),
+            "roofline_share": round(gflops_counted / roofline[dtype], 3),
+        })
+        row = rows[-1]
+        print(f"  {name:8s} {mode:4s} {variant:13s}: {row['seconds']:8.3f} s/step  {row['tokens_per_s']:9.1f} "
+              f"tokens/s  {row['gflops_counted']:7.2f} GFLOP/s counted ({row['roofline_share']:.1%} of the {dtype} "
+              f"roofline){'  <- stage 03 with precision auto' if row['pipeline_auto'] else ''}", flush=True)
+    model.to(dtype=torch.float32)
+    return rows
+
+
+def bench_compile(model: torch.nn.Module, args: argparse.Namespace, auto: str) -> dict[str, Any]:
+    """The causal LoRA step in the precision `auto` picks, eager vs `torch.compile`: seconds per step (median of
+    `args.steps` after the warm-up), the first compiled step's seconds (compilation included), and the largest
+    relative difference of the losses of the same steps from the same start."""
+    family = get_family("causal")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    batch = synthetic_batch(family, args.batch, args.source_tokens, args.reply_tokens, vocab, args.seed)
+    numerics = resolve_precision(auto, "cpu")
+    result: dict[str, Any] = {"precision": numerics.used, "mode": "lora"}
+    losses: dict[str, list[float]] = {}
+    for how in ("eager", "compiled"):
+        model.to(dtype=numerics.frozen_dtype)
+        torch.manual_seed(args.seed)
+        target = get_peft_model(model, family.lora_config(FinetuneConfig(lora_dropout=0.0)))
+        runner = torch.compile(target) if how == "compiled" else target
+        optimizer = torch.optim.Adam([p for p in target.parameters() if p.requires_grad], lr=1e-4)
+        try:
+            started = time.perf_counter()
+            losses[how] = [training_step(runner, batch, optimizer, numerics.bf16)]
+            result[f"{how}_first_step_seconds"] = round(time.perf_counter() - started, 2)
+            seconds = []
+            for _ in range(args.steps):
+                started = time.perf_counter()
+                losses[how].append(training_step(runner, batch, optimizer, numerics.bf16))
+                seconds.append(time.perf_counter() - started)
+            result[f"{how}_seconds"] = round(statistics.median(seconds), 4)
+        except Exception as error:  # no compiler, an unsupported op: recorded, not raised
+            result[f"{how}_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            break
+        finally:
+            target.unload()
+            torch._dynamo.reset()
+    model.to(dtype=torch.float32)
+    if "compiled_seconds" in result:
+        result["speedup"] = round(result["eager_seconds"] / result["compiled_seconds"], 3)
+        result["max_relative_loss_difference"] = max(abs(a - b) / abs(a) for a, b in zip(losses["eager"],
+                                                                                            losses["compiled"]))
+        result["adopt"] = result["speedup"] >= 1.2 and result["max_relative_loss_difference"] < 1e-2
+    print(f"  torch.compile, causal LoRA in {numerics.used}: " + ", ".join(f"{k} {v}" for k, v in result.items()),
+          flush=True)
+    return result
+
+
+def padding_shares(prepared: Path) -> list[dict[str, Any]]:
+    """Padding share of the pipeline's batches on stage 00's real pairs (plain prompts, the cpu profile's
+    lengths and batch sizes), before issue #21 and now: stage 02's pre-training batches (8 pairs of the
+    pre-training dialogues), stage 03's per-user batches (4 of a user's training pairs) and DA's pooled batches
+    (8), and generation / scoring batches (16 test prompts): random or data order before, length-bucketed or
+    length-sorted now."""
+    from udg_lib.data.prepare import eval_corpus_names
+    from udg_lib.families import CAUSAL
+    from udg_lib.finetuning import LengthBucketSampler, padding_share
+    from udg_lib.prompts import build_prompts
+    from udg_lib.tokenizer import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(prepared / "tokenizer")
+    source, target = 48, 24  # the cpu profile's max_source_length / max_target_length
+
+    def lengths_of(pairs: pd.DataFrame) -> list[int]:
+        examples = CAUSAL.tokenize_pairs(build_prompts(pairs, pd.DataFrame(columns=["user_id"]), "plain").tolist(),
+                                         pairs["response"].tolist(), tokenizer, source, target)
+        return [len(examples[i]["input_ids"]) for i in range(len(examples))]
+
+    def chunks(order: list[int], size: int) -> list[list[int]]:
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def shares(what: str, lengths: list[int], size: int, groups: int = 1) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(0)
+        before = chunks(torch.randperm(len(lengths), generator=generator).tolist(), size)
+        after = chunks(list(LengthBucketSampler(lengths, size, torch.Generator().manual_seed(0))), size)
+        return {"batches": what, "examples": len(lengths), "batch_size": size, "groups": groups,
+                "padding_before": round(padding_share(lengths, before), 3),
+                "padding_now": round(padding_share(lengths, after), 3)}
+
+    rows = []
+    dataset = eval_corpus_names(prepared)[0]
+    pairs = pd.read_parquet(prepared / dataset / "eval_pairs.parquet")
+    pairs = pairs[pairs["split_set"] == pairs["split_set"].min()]
+    pretrain = pd.concat([pd.read_parquet(f) for f in sorted(prepared.glob("*/pretrain_pairs.parquet"))],
+                         ignore_index=True) if list(prepared.glob("*/pretrain_pairs.parquet")) else pd.DataFrame()
+    if len(pretrain):
+        rows.append(shares("stage 02 pre-training (8)", lengths_of(pretrain.sample(min(len(pretrain), 4000),
+                                                                                  random_state=0)), 8))
+    users = [frame for _, frame in pairs[pairs["split"] == "train_ft"].groupby("speaker_id")]
+    per_user = [shares("", lengths_of(frame), 4) for frame in users]
+    rows.append({"batches": "stage 03 per-user training (4)", "examples": sum(r["examples"] for r in per_user),
+                 "batch_size": 4, "groups": len(per_user),
+                 "padding_before": round(float(np.mean([r["padding_before"] for r in per_user])), 3),
+                 "padding_now": round(float(np.mean([r["padding_now"] for r in per_user])), 3)})
+    rows.append(shares("stage 03 DA pooled (8)", lengths_of(pairs[pairs["split"] == "train_da"]), 8))
+    test = lengths_of(pairs[pairs["split"] == "test"])
+    rows.append({"batches": "generation and scoring (16)", "examples": len(test), "batch_size": 16, "groups": 1,
+                 "padding_before": round(padding_share(test, chunks(list(range(len(test))), 16)), 3),
+                 "padding_now": round(padding_share(test, chunks(sorted(range(len(test)), key=test.__getitem__), 16)),
+                                      3)})
+    for row in rows:
+        print(f"  padding, {row['batches']}: {row['padding_before']:.1%} before -> {row['padding_now']:.1%} now "
+              f"({row['examples']} examples)", flush=True)
     return rows
 
 
@@ -238,6 +345,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n roofline products")
     parser.add_argument("--matmul-repeats", type=int, default=2)
     parser.add_argument("--families", default="seq2seq,causal", help="comma-separated: seq2seq, causal")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile on the causal LoRA step")
+    parser.add_argument("--prepared", type=Path, help="a stage 00 folder: the padding share of real batches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -256,8 +365,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-COLUMNS = ["threads", "family", "mode", "dtype", "trainable_parameters", "tokens_per_step", "seconds", "timed_steps",
-           "tokens_per_s", "gflops_6N", "gflops_counted", "roofline_gflops", "roofline_share"]
+COLUMNS = ["threads", "family", "mode", "variant", "pipeline_auto", "trainable_parameters", "tokens_per_step", "seconds",
+           "timed_steps", "tokens_per_s", "gflops_6N", "gflops_counted", "roofline_gflops", "roofline_share"]
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -269,10 +378,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     hf_logging.disable_progress_bar()
     threads_before = torch.get_num_threads()
     flags = cpu_flags()
-    native_bf16 = any(flags[f] for f in BF16_FLAGS)
-    note = ("this CPU multiplies bf16 natively (AVX512-BF16/AMX)" if native_bf16 else
+    native = native_bf16("cpu")
+    auto = resolve_precision("auto", "cpu").used
+    note = ("this CPU multiplies bf16 natively (AVX512-BF16/AMX)" if native else
             "this CPU has no AVX512-BF16 or AMX: bf16 products are converted, so bf16 may run slower than fp32")
-    print(f"CPU: {flags['model_name']} ({flags['torch_cpu_capability']}); {note}", flush=True)
+    print(f"CPU: {cpu_flags_line()}; {note}; precision auto -> {auto}", flush=True)
     models = {name: MODELS[name](args.smoke, args.seed) for name in args.families}
     lora_counts = {}
     for name, (model, description) in models.items():
@@ -295,12 +405,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"\n{threads} thread(s): {args.matmul_size}^2 products, GFLOP/s: " + "; ".join(
                 f"{d} matmul {p['matmul']:.2f}, linear {p['linear']:.2f}" for d, p in products.items()), flush=True)
             for name, (model, description) in models.items():
-                rows.extend(bench_family(name, model, description, args, threads, roofline))
+                rows.extend(bench_family(name, model, description, args, threads, roofline, auto))
+        compiled = bench_compile(models["causal"][0], args, auto) if args.compile and "causal" in models else None
     finally:
         torch.set_num_threads(threads_before)
+    padding = padding_shares(args.prepared) if args.prepared else None
     print()
     print(format_table(rows))
-    result = {"rows": rows, "roofline": roofline_rows, "lora_trainable_parameters": lora_counts,
+    result = {"rows": rows, "roofline": roofline_rows, "precision_auto": auto, "compile": compiled,
+              "padding": padding, "lora_trainable_parameters": lora_counts,
               "paper_lora_parameters": PAPER_LORA_PARAMETERS, "cpu": flags, "note": note,
               "models": {name: description for name, (_, description) in models.items()},
               "flops_formula": "gflops_6N = 6 * parameters * tokens_per_step / seconds / 1e9; gflops_counted = "

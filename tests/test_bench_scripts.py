@@ -46,8 +46,11 @@ def test_bench_throughput_smoke(tmp_path, capsys):
     result = bench.main(["--smoke", "--out", str(tmp_path / "bench.json")])
     assert torch.get_num_threads() == threads  # restored
     rows = result["rows"]
-    assert {(r["family"], r["mode"], r["dtype"]) for r in rows} == \
-        {(f, m, d) for f in ("seq2seq", "causal") for m in bench.MODES for d in bench.DTYPES}
+    assert {(r["family"], r["mode"], r["variant"]) for r in rows} == \
+        {(f, m, v) for f in ("seq2seq", "causal") for m, v in bench.VARIANTS}
+    auto = [(r["family"], r["mode"], r["variant"]) for r in rows if r["pipeline_auto"]]
+    assert sorted(auto) == sorted((f, m, result["precision_auto"]) for f in ("seq2seq", "causal") for m in bench.MODES)
+    assert result["compile"] is None and result["padding"] is None  # --compile / --prepared not asked
     assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["flops_counted"] > 0 for r in rows)
     lora = {r["family"]: r["trainable_parameters"] for r in rows if r["mode"] == "lora"}
     full = {r["family"]: r["trainable_parameters"] for r in rows if r["mode"] == "full"}

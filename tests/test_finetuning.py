@@ -355,3 +355,25 @@ def test_one_id_prompts_carry_the_user_id(tokenizer, data, monkeypatch):
     for frame, prompts in ((train, train_prompts), (dev, dev_prompts)):
         for speaker, prompt in zip(frame["speaker_id"], prompts):
             assert prompt.startswith(f"{ids[speaker]} [USER]")
+
+
+def test_length_buckets_keep_batches_and_cut_padding():
+    """The sampler draws RandomSampler's permutation from the generator and sorts within mega-batches: with
+    a few batches' worth of examples, batches hold the same examples as a plain shuffle (so a user's training
+    is the one it had before), and on many examples far less padding."""
+    from torch.utils.data import RandomSampler
+
+    from udg_lib.finetuning import LengthBucketSampler, padding_share
+
+    few = [5, 30, 7, 22, 9, 14, 3, 18, 11, 25]  # 10 examples, batch 4: mega-batches of one batch
+    plain = list(RandomSampler(range(len(few)), generator=torch.Generator().manual_seed(3)))
+    bucketed = list(LengthBucketSampler(few, 4, torch.Generator().manual_seed(3)))
+    assert [sorted(plain[i:i + 4]) for i in range(0, 10, 4)] == [sorted(bucketed[i:i + 4]) for i in range(0, 10, 4)]
+    assert list(LengthBucketSampler(few, 4, torch.Generator().manual_seed(3))) == bucketed  # seeded
+    lengths = [int(x) for x in torch.randint(5, 60, (400,), generator=torch.Generator().manual_seed(0))]
+    order = list(LengthBucketSampler(lengths, 8, torch.Generator().manual_seed(0)))
+    assert sorted(order) == list(range(400))  # every example once per epoch
+    shuffled = list(RandomSampler(range(400), generator=torch.Generator().manual_seed(0)))
+    batches = lambda o: [o[i:i + 8] for i in range(0, len(o), 8)]  # noqa: E731
+    assert padding_share(lengths, batches(order)) < padding_share(lengths, batches(shuffled)) / 3
+    assert padding_share([3, 3], [[0, 1]]) == 0.0 and padding_share([1, 3], [[0, 1]]) == pytest.approx(1 / 3)
