@@ -61,3 +61,39 @@ def test_bench_throughput_smoke(tmp_path, capsys):
     assert written["rows"] == rows and "packages" in written["provenance"]
     printed = capsys.readouterr().out
     assert "roofline" in printed and "gflops_counted" in printed and "1.8 M" in printed
+
+
+TIME_LOG = """START
+-- 06_llm_baselines done in 270.1 s
+	Command being timed: "make run"
+	Elapsed (wall clock) time (h:mm:ss or m:ss): 1:02:03.50
+	Maximum resident set size (kbytes): 6815744
+"""
+
+
+def test_record_make_run_keeps_one_entry_per_label_and_renders(tmp_path, capsys):
+    from udg_lib import report
+
+    record = load_script("record_make_run")
+    assert record.parse_time_log(TIME_LOG) == {"wall_seconds": 3723.5, "max_rss_gb": 6.5}
+    outputs = tmp_path / "outputs"
+    for k, name in enumerate(report.STAGES):
+        (outputs / name).mkdir(parents=True)
+        metrics = {"precision": {"used": "bf16"}} if k >= 2 else {}
+        (outputs / name / "metrics.json").write_text(json.dumps({
+            "stage": {"wall_seconds": 60.0 * (k + 1)}, "metrics": metrics,
+            "provenance": {"git_commit": "0123456789abcdef"}}))
+    log, out = tmp_path / "run.log", tmp_path / "results" / "make_run_cpu.json"
+    log.write_text(TIME_LOG)
+    for label in ("before", "after", "after"):
+        assert record.main(["--outputs", str(outputs), "--time-log", str(log), "--label", label,
+                            "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["before", "after"]  # a label recorded again is replaced
+    assert runs[0]["stage_minutes_total"] == 28.0 and runs[0]["precision"]["03_finetune_users"] == "bf16"
+    block = report.render_benchmarks_block(tmp_path / "results")
+    assert "**`make run` of the `cpu` profile on one machine**" in block and "| before |" in block
+    assert "01234567" in block and "62.1" in block  # the commit, the wall minutes
+    log.write_text("no report here")
+    assert record.main(["--outputs", str(outputs), "--time-log", str(log), "--label", "x", "--out", str(out)]) == 1
+    assert "no GNU time -v report" in capsys.readouterr().err

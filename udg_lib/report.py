@@ -1150,14 +1150,48 @@ def render_benchmarks_block(folder: str | Path) -> str:
                   f"{r['bf16_gflops']:.1f} GFLOP/s" for r in throughput["roofline"]]
         rows = pd.DataFrame(throughput["rows"])
         rows["model"] = rows["family"].map(throughput.get("models", {})).fillna(rows["family"])
+        if "variant" not in rows:  # figures from before the precision parameter: fp32 or bf16 autocast
+            rows["variant"], rows["pipeline_auto"] = rows["dtype"], False
+        rows["variant"] = [f"**{v}** (auto)" if auto else v for v, auto in zip(rows["variant"], rows["pipeline_auto"])]
+        if "precision_auto" in throughput:
+            lines += [f"- precision `auto` here: **{throughput['precision_auto']}** (bold rows: stage 03's step with it)"]
         table = rows.rename(columns={"seconds": "s/step", "gflops_counted": "GFLOP/s", "roofline_share":
-                                     "share of roofline"})[["threads", "model", "mode", "dtype", "s/step",
+                                     "share of roofline"})[["threads", "model", "mode", "variant", "s/step",
                                                             "tokens_per_s", "GFLOP/s", "share of roofline"]]
         table = table.assign(**{"s/step": table["s/step"].map(lambda v: f"{v:.3g}"),
                                 "tokens_per_s": table["tokens_per_s"].map(lambda v: f"{v:,.1f}"),
                                 "GFLOP/s": table["GFLOP/s"].map(lambda v: f"{v:.3g}"),
                                 "share of roofline": table["share of roofline"].map(lambda v: f"{v:.0%}")})
         lines += ["", table.to_markdown(index=False)]
+        compiled = throughput.get("compile")
+        if compiled:
+            lines += ["", f"- `torch.compile` of the causal LoRA step ({compiled['precision']}): " + (
+                f"{compiled['eager_seconds']:.3g} s eager, {compiled['compiled_seconds']:.3g} s compiled "
+                f"(×{compiled['speedup']:.2f}; first compiled step {compiled['compiled_first_step_seconds']:.0f} s), "
+                f"losses within {compiled['max_relative_loss_difference']:.1e}: "
+                + ("adopted" if compiled["adopt"] else "not adopted (below 1.2× or unequal)")
+                if "compiled_seconds" in compiled else
+                f"failed: {compiled.get('compiled_error') or compiled.get('eager_error')}")]
+        if throughput.get("padding"):
+            lines += ["", "Padding share of the pipeline's batches on real prompts (before issue #21: random or data "
+                      "order; now: length-bucketed or sorted):", "",
+                      pd.DataFrame(throughput["padding"]).assign(
+                          padding_before=lambda f: f["padding_before"].map(lambda v: f"{v:.0%}"),
+                          padding_now=lambda f: f["padding_now"].map(lambda v: f"{v:.0%}"))[
+                          ["batches", "examples", "padding_before", "padding_now"]].to_markdown(index=False)]
+    runs = _bench_json(folder, "make_run_cpu")
+    if runs is not None:
+        lines += ["", "**`make run` of the `cpu` profile on one machine** (`benchmarks/record_make_run.py`; minutes of "
+                  "each stage, the runner's; wall and peak memory by `/usr/bin/time -v`):", ""]
+        table = pd.DataFrame([{"run": r["label"], "code": ", ".join(c[:8] for c in r["commits"]),
+                               "precision": (" / ".join(sorted(set(r["precision"].values())))
+                                             if isinstance(r["precision"], dict) else r["precision"]),
+                               **{k[:2]: v for k, v in r["stage_minutes"].items()},
+                               "stages, min": r["stage_minutes_total"], "wall, min": round(r["wall_seconds"] / 60, 1),
+                               "peak GB": r["max_rss_gb"]} for r in runs["runs"]])
+        cpus = {f"{r['cpu']['model_name']} ({'AVX512-BF16' if r['cpu'].get('avx512_bf16') else 'no AVX512-BF16'}, "
+                f"{'AMX' if r['cpu'].get('amx_bf16') else 'no AMX'})" for r in runs["runs"]}
+        lines += [table.to_markdown(index=False, floatfmt=".1f"), "", f"CPU: {'; '.join(sorted(cpus))}."]
     for name in ("bench_user_training", "bench_user_training_causal"):
         record = _bench_json(folder, name)
         if record is None:
