@@ -1,10 +1,28 @@
 """Shared fixtures: small generated corpora (English and Japanese) for the data and split tests, a small
-tokenizer, and tiny models of either family for the model tests."""
+tokenizer, and tiny models of either family for the model tests; `assert_close_to_scale` for comparing floats.
+
+Tolerance policy. Two computations of the same numbers that differ only in how they are carried out (another
+batch shape, routed adapters vs peft, a batch vs one row at a time, another processor's kernels) round
+differently: float addition is not associative, and the kernels pick their summation order by shape and by
+instruction set (AVX2, AVX-512, AMX). Such results are compared with `assert_close_to_scale`: a tolerance of
+the dtype's machine epsilon times the tensor's scale (its largest magnitude) times a factor for the length of
+the sums involved; never an element-wise rtol (a gradient or logit tensor holds elements near zero, whose
+rounding error is set by the scale of the sums that made them, not by their own size), and never an absolute
+tolerance tuned on one machine's kernels. Each call says how its factor was chosen. Weights trained by Adam
+are the exception: Adam carries rounding differences forward through every step, so their tolerances come from
+measured training dynamics (test_multilora's TRAINED_MATCH). Exact equality stays where it holds by
+construction: the same computation run twice on one machine (determinism, resume, Ray vs local), weights saved
+and loaded back, a value that is exactly zero (an isolated row's gradient), a base row that gets exactly zero
+added. Greedy replies are compared exactly: they agree unless two candidate tokens' logits tie within
+rounding. Checks of arithmetic against hand-computed numbers keep pytest.approx's defaults.
+"""
 
 from __future__ import annotations
 
+import math
 import random
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -101,3 +119,40 @@ def synthetic_turns(n_users: int = 12, n_dialogues: int = 120, turns_per_dialogu
 @pytest.fixture
 def turns() -> pd.DataFrame:
     return synthetic_turns()
+
+
+def assert_close_to_scale(actual, expected, *, ulps: float = 16, reduction_size: int = 1,
+                          dtype: torch.dtype | np.dtype | None = None, scale: float | None = None) -> None:
+    """Assert that `actual` equals `expected` up to float rounding: every element within
+    `ulps * sqrt(reduction_size) * eps(dtype) * scale` of its counterpart.
+
+    `scale`: the largest magnitude in `expected` unless given. Rounding errors are relative to the sums that
+    produced a value, so an element near zero carries as much absolute error as the largest one; one tolerance
+    for the whole tensor, scaled by its largest element, is what an element-wise rtol gets wrong.
+    `dtype`: the precision the values were computed in (default: `expected`'s); pass it when they are kept in a
+    wider type than computed in (per-row NLL summed in float64 from float32 logits).
+    `reduction_size`: the number of terms in the reduction whose order differs between the two computations
+    (a batch's rows and positions for a gradient, the hidden size for a matmul). A float sum of n terms carries
+    a rounding error bounded by about n * eps * sum|x|, typically sqrt(n) * eps * sum|x| as the errors' signs
+    vary; another order (another batch shape, another kernel) moves the result by about that much.
+    `ulps`: the factor over that typical error, for what the sqrt(n) model leaves out (a model stacks several
+    such reductions; sum|x| exceeds the result's scale where terms cancel). With AVX-512 and AVX2 kernels the
+    comparisons in these tests stay within 0.35 x sqrt(n) * eps * scale (one ill-conditioned model reaches 7.3
+    and is given 64), so the default, 16, leaves a margin of ~50 for other processors; a real fault (a row
+    routed to the wrong adapter, a leaked gradient, a mis-scaled update) moves results by a sizeable fraction of
+    their scale, orders of magnitude above the tolerance.
+    """
+    def float64(x) -> np.ndarray:
+        return (x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor)
+                else np.asarray(x, dtype=np.float64))
+
+    if dtype is None:
+        dtype = expected.dtype if isinstance(expected, torch.Tensor) else np.asarray(expected).dtype
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else float(np.finfo(dtype).eps)
+    a, e = float64(actual), float64(expected)
+    assert a.shape == e.shape, f"shapes differ: {a.shape} vs {e.shape}"
+    scale = float(np.abs(e).max(initial=0.0)) if scale is None else scale
+    tolerance = ulps * math.sqrt(reduction_size) * eps * scale
+    error = float(np.abs(a - e).max(initial=0.0))
+    assert error <= tolerance, (f"max |actual - expected| = {error:.3g} > {tolerance:.3g} = {ulps} ulps x "
+                                f"sqrt({reduction_size}) x eps({dtype}) x scale {scale:.3g}")

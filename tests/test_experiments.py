@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from conftest import sentences
+from conftest import assert_close_to_scale, sentences
 from udg_lib import experiments as ex
 from udg_lib import finetuning as ft
 from udg_lib.data.schema import PROFILE_FIELDS
@@ -49,7 +49,9 @@ def test_routed_lora_evaluation_equals_peft_mixed_batches(tokenizer, condition):
                                   lora_eval=mode) for mode in ex.LORA_EVAL_MODES}
     routed, peft = exp1["routed"], exp1["peft"]
     assert routed["generated"].tolist() == peft["generated"].tolist()
-    assert routed["nll"].to_numpy() == pytest.approx(peft["nll"].to_numpy(), rel=1e-5)
+    # routed and peft add the LoRA term by different matmuls: float32 rounding of sums over the hidden size
+    assert_close_to_scale(routed["nll"], peft["nll"], dtype=torch.float32,
+                          reduction_size=t5_config("test", len(tokenizer)).d_model)
     pd.testing.assert_frame_equal(exp2["routed"], exp2["peft"])
     assert len(routed) == 12 and len(exp2["routed"]) == 6 
     assert routed.groupby("speaker_id")["generated"].first().nunique() == len(USERS)  # each its own adapter

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from conftest import CANARY, sentences, tiny_model
+from conftest import CANARY, assert_close_to_scale, sentences, tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.families import get_family
 from udg_lib.finetuning import (
@@ -70,6 +70,8 @@ def state(model) -> dict[str, torch.Tensor]:
 
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-equal: for weights left alone, copied, or computed the same way twice on this machine (determinism,
+    resume), which holds by construction; different computations go to `assert_close_to_scale`."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -139,7 +141,8 @@ def test_mixed_batch_rows_match_peft_with_each_users_adapter(tokenizer, data, tm
         with torch.no_grad():
             expected = peft_model(**batch).logits
         rows = [i for i, u in enumerate(row_users) if u == user]
-        assert torch.allclose(mixed[rows], expected[rows], atol=1e-5, rtol=0)
+        # routed and peft add the LoRA term by different matmuls: rounding of sums over the hidden size
+        assert_close_to_scale(mixed[rows], expected[rows], reduction_size=base.config.hidden_size)
         assert not torch.allclose(plain[rows], expected[rows], atol=1e-3)  # the adapters do change the output
 
 
@@ -149,7 +152,7 @@ def test_saved_adapter_loads_back_for_batched_inference(tokenizer, tmp_path):
         multi.add_user("a", seed=1)
         multi.save_adapter("a", tmp_path / "a")
         multi.load_adapter("b", tmp_path / "a")
-        assert close_tensors(multi.adapter_state_dict("a"), multi.adapter_state_dict("b"), atol=0)
+        assert same_state(multi.adapter_state_dict("a"), multi.adapter_state_dict("b"))  # a copy: exact
         with MultiLora(base, FinetuneConfig(lora_r=4)) as other, pytest.raises(ValueError, match="r=12, expected 4"):
             other.load_adapter("c", tmp_path / "a")
         weights = tmp_path / "a" / "adapter_model.safetensors"
@@ -162,7 +165,7 @@ def test_saved_adapter_loads_back_for_batched_inference(tokenizer, tmp_path):
 
 def test_other_users_rows_give_no_gradient(tokenizer, data, family):
     """Isolation at the gradient level: a loss on u1's rows only leaves u0's adapter gradient exactly zero,
-    and u0's gradient from a mixed batch equals its gradient from its own rows alone."""
+    and u0's gradient from a mixed batch equals its gradient from its own rows alone (up to rounding)."""
     base = tiny_model(tokenizer, family, dropout=0.0)
     base.requires_grad_(False)
     batch = batch_of(tokenizer, data, ["u0", "u1"], split="train_ft", family=family)  # 6 rows of u0, then 9 of u1
@@ -185,11 +188,17 @@ def test_other_users_rows_give_no_gradient(tokenizer, data, family):
             return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in multi.parameters("u0")]
 
         only_u1 = grads(batch, row_users, slice(6, None))
+        # exact by construction: u0's adapter never touches u1's rows, so no term reaches its gradient
         assert all(int(torch.count_nonzero(g)) == 0 for g in only_u1)
         mixed = grads(batch, row_users, slice(0, 6))
         alone = grads({k: v[:6] for k, v in batch.items()}, row_users[:6], slice(0, 6))
         assert any(g.abs().sum() > 0 for g in alone)
-        assert all(torch.allclose(m, a, atol=1e-6, rtol=1e-4) for m, a in zip(mixed, alone))
+        # not exact: 15 rows or 6 (and their padded length) change the kernels' summation order. Each gradient
+        # is a sum over u0's rows and positions, so its rounding is relative to the largest gradient, not to
+        # each element (an element-wise rtol failed on near-zero ones, 5-7e-6 apart at scale 30 with AMX and
+        # AVX-512 kernels; 1.6e-5 with AVX2)
+        for m, a in zip(mixed, alone):
+            assert_close_to_scale(m, a, reduction_size=batch["input_ids"][:6].numel())
 
 
 # --- batched training ---------------------------------------------------------------------------------------------
@@ -238,8 +247,9 @@ def test_batched_run_saves_peft_adapters_and_leaves_base_unchanged(tokenizer, da
         peft_model = load_user_adapter(fresh, folder / ADAPTER_DIR)
         assert isinstance(peft_model, PeftModel)
         peft_model.eval()
-        with torch.no_grad():
-            assert torch.allclose(peft_model(**batch_of(tokenizer, data, [user])).logits, seen[user], atol=1e-6)
+        with torch.no_grad():  # routed in memory vs peft from disk: rounding of sums over the hidden size
+            assert_close_to_scale(peft_model(**batch_of(tokenizer, data, [user])).logits, seen[user],
+                                  reduction_size=fresh.config.hidden_size)
     assert [p.name for p in (tmp_path / "batched").iterdir() if p.name.startswith(".")] == []  # no staging left
 
 
