@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -256,6 +257,28 @@ def test_every_notebook_is_committed_clean():
         code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
         assert not any(c.get("outputs") or c.get("execution_count") for c in code), path.name
         assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1, path.name
+
+
+def test_opening_a_committed_notebook_in_jupyterlab_leaves_it_unmodified():
+    """JupyterLab sets the notebook's `kernelspec` (from the `udg` kernel that `make lab` registers) and its
+    `language_info` (the kernel's own) when the kernel starts, and marks the notebook modified unless they are
+    equal to what the file holds. So the files hold what ipykernel reports on the reference Python (the
+    minor version of environment.yml; a reader on another Python sees `version` alone change), written as
+    Jupyter writes a notebook, so that saving an unchanged one changes no byte."""
+    import nbformat
+    from ipykernel.ipkernel import IPythonKernel
+
+    python = re.search(r"- python=(\d+\.\d+)\n", (repo_root() / "environment.yml").read_text())[1]
+    versions = set()
+    for path in sorted((repo_root() / "notebooks").glob("*.ipynb")):
+        metadata = json.loads(path.read_text())["metadata"]
+        assert metadata["kernelspec"] == {"display_name": "udg (.venv)", "language": "python", "name": "udg"}, path.name
+        info = metadata["language_info"]
+        assert {**info, "version": None} == {**IPythonKernel.language_info, "version": None}, path.name
+        assert info["version"].startswith(f"{python}."), (path.name, info["version"])
+        versions.add(info["version"])
+        assert path.read_text() == nbformat.writes(nbformat.read(path, as_version=nbformat.NO_CONVERT)) + "\n"
+    assert len(versions) == 1, versions  # one Python for all of them
 
 
 def _generic_corpus(folder: Path, n_users: int, n_dialogues: int) -> Path:

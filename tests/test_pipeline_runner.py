@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -272,6 +273,75 @@ def test_a_killed_stage_resumes_in_its_work_folder(notebooks: Path, first_run: t
     (forced / "user-b.done").write_text("x")
     run(notebooks, outputs, only="00", force=True)
     assert not (outputs / "00_make_number" / "user-b.done").exists()
+
+
+# --- the executed copy, as a reader meets it in JupyterLab -------------------------------------------
+
+def injected_cell(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    [cell] = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    return cell
+
+
+def test_the_executed_copy_names_the_stage_folder_and_reruns_in_place(notebooks: Path, tmp_path: Path) -> None:
+    import papermill
+
+    outputs = tmp_path / "outputs"
+    run(notebooks, outputs)
+    stage = outputs / "00_make_number"
+    run_key = read_metrics(outputs, "00_make_number")["stage"]["run_key"]
+    executed = nbformat.read(stage / "00_make_number.ipynb", as_version=4)
+    source = injected_cell(executed).source
+    work = stage_work_dir(outputs, "00_make_number", run_key)
+    assert source.splitlines() == [
+        f"# Parameters (the runner wrote to {work.name}, renamed to output_dir when the stage finished)",
+        'profile = "tiny"', f'outputs_root = "{outputs}"', f'output_dir = "{stage}"',
+    ]
+    assert executed.metadata.papermill.parameters == {"profile": "tiny", "outputs_root": str(outputs),
+                                                      "output_dir": str(stage)}
+    assert executed.metadata.papermill.output_path == str(stage / "00_make_number.ipynb")
+    assert injected_cell(executed).execution_count == 2  # the cell keeps its place in the run's record
+
+    # A reader reruns the copy from its own folder (JupyterLab's kernel starts there): it rewrites the stage there.
+    before = read_metrics(outputs, "00_make_number")
+    (stage / "number.txt").unlink()
+    papermill.execute_notebook(stage / "00_make_number.ipynb", stage / "00_make_number.ipynb", kernel_name="python3",
+                               cwd=stage, progress_bar=False)
+    after = read_metrics(outputs, "00_make_number")
+    assert after["metrics"] == before["metrics"] and after["params"] == before["params"]
+    assert (stage / "number.txt").read_text() == "1\n"
+    assert sorted(path.name for path in outputs.iterdir()) == ["00_make_number", "01_add_one"]  # no hidden folder
+    # write_metrics merged into the runner's record, which still holds: the stage and the next stay up to date
+    assert after["stage"] == before["stage"]
+    assert run(notebooks, outputs) == [("00_make_number", "skipped"), ("01_add_one", "skipped")]
+
+
+# Counts to 13 with a progress bar, printing and showing a table while it runs, as stage notebooks do.
+COUNT_WITH_A_BAR = """\
+from IPython.display import Markdown, display
+from udg_lib.progress import progress_bar
+from udg_lib.provenance import write_metrics
+for i in progress_bar(range(13), desc="generate tiny", mininterval=0):
+    if i == 5:
+        print("halfway")
+        display(Markdown("| a table |"))
+path = write_metrics(output_dir, {"n": 13})"""
+
+
+def test_a_saved_progress_bar_reads_its_final_state(tmp_path: Path) -> None:
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks / "00_count.ipynb", COUNT_WITH_A_BAR)
+    (tmp_path / "params").mkdir()
+    run_pipeline("tiny", params_dir=tmp_path / "params", outputs_root=tmp_path / "outputs", notebooks_dir=notebooks)
+    saved = tmp_path / "outputs" / "00_count" / "00_count.ipynb"
+    outputs = nbformat.read(saved, as_version=4).cells[-1].outputs
+    assert [(o.output_type, o.get("name")) for o in outputs] == [
+        ("stream", "stdout"), ("display_data", None), ("stream", "stderr")]
+    assert outputs[2].text.startswith("generate tiny: 100%|██████████| 13/13 [")
+    assert outputs[2].text.count("\n") == 1 and "\r" not in outputs[2].text
+    text = saved.read_text(encoding="utf-8")
+    assert not re.search(r"(?<![0-9])0%\|", text)  # no first state: " 0%|" (100%| is the last one)
+    assert "widget-view" not in text  # no widget, whose text fallback would be its first state
 
 
 # --- parameters checked before anything runs ---------------------------------------------------------

@@ -5,10 +5,12 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 
 from udg_lib import io
 from udg_lib.plots import (
     EXP1_STAGE,
+    FIGURE2_TITLE,
     LLM_STAGE,
     ScoresError,
     figure2_systems,
@@ -39,11 +41,11 @@ def score_rows(similarities, dataset="chitchat", pretrain="psp", method="lora", 
     })
 
 
-def small_scores(n=6):
+def small_scores(n=6, datasets=("chitchat", "seinfeld")):
     """Two datasets; every system's similarities spread evenly around its mean (so the means are exact)."""
     spread = np.linspace(-0.1, 0.1, n)
     frames = [score_rows(np.clip(mean + spread, -1, 1), dataset, *system)
-              for dataset in ("chitchat", "seinfeld") for *system, mean in SYSTEMS]
+              for dataset in datasets for *system, mean in SYSTEMS]
     # on seinfeld, PSP / LoRA beats PPP / LoRA: the best LoRA system is chosen per dataset
     scores = pd.concat(frames, ignore_index=True)
     scores.loc[(scores["dataset"] == "seinfeld") & (scores["system"] == "PSP / LoRA"), "similarity"] += 0.3
@@ -122,6 +124,32 @@ def test_plot_has_one_labelled_panel_per_dataset():
         "Retrieval floor (n=6)", "SmolLM2-135M (chat) (n=6)"]
     with pytest.raises(ValueError, match="no scores for system"):
         plot_similarity_histograms(scores, systems=["GPT3.5"])
+
+
+@pytest.mark.parametrize("datasets", [("chitchat",), ("chitchat", "seinfeld", "tbbt")])
+@pytest.mark.parametrize("systems", ["default", "all", "many long names"])
+def test_figure2_fits_its_title_labels_and_legends_in_the_canvas(datasets, systems):
+    scores = small_scores(datasets=datasets)
+    if systems == "many long names":  # 16 systems with long labels: the legends outgrow a panel's height
+        scores = pd.concat([score_rows(np.linspace(-0.3, 0.9, 7) * (i + 1) / 16, dataset, "psp", f"method_{i}",
+                                       f"PSP / a fine-tuning method with a long name {i}")
+                            for dataset in datasets for i in range(16)], ignore_index=True)
+    chosen = None if systems == "default" else sorted(set(scores["system"]))
+    fig = plot_similarity_histograms(scores, systems=chosen)
+    fig.draw_without_rendering()
+
+    canvas = fig.bbox_inches  # (0, 0) to the figure's size: what savefig writes
+    tight = fig.get_tightbbox()  # every artist drawn, in inches
+    assert canvas.x0 <= tight.x0 and tight.x1 <= canvas.x1 and canvas.y0 <= tight.y0 and tight.y1 <= canvas.y1, (
+        tight.bounds, canvas.bounds)
+    [title] = [t for t in fig.findobj(Text) if t.get_text() and t.get_text() == fig.get_suptitle()]
+    title_box = title.get_window_extent()
+    assert fig.bbox.x0 <= title_box.x0 and title_box.x1 <= fig.bbox.x1 and title_box.y1 <= fig.bbox.y1
+    assert title.get_text().replace("\n", " ") == FIGURE2_TITLE
+    for ax in fig.get_axes():  # the title, each panel and each legend stand apart
+        boxes = [ax.get_window_extent(), ax.get_legend().get_window_extent()]
+        assert not any(title_box.overlaps(box) for box in boxes), ax.get_title()
+        assert not boxes[0].overlaps(boxes[1]), ax.get_title()
 
 
 def write_score_files(outputs_dir, scores):

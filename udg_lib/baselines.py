@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN, profile_lookup
+from udg_lib.progress import progress_bar
 
 if TYPE_CHECKING:  # torch and transformers load only when a local model is used
     import torch
@@ -401,12 +402,11 @@ class LocalLLM:
         decoded without special tokens. A row stops at its first newline (replies are one line) or
         at EOS; the batching does not change the result."""
         import torch
-        from tqdm.auto import tqdm
 
         encoded = [self.encode_prompt(p, fmt) for p in prompts]
         results: list[str] = [""] * len(encoded)
         batches = self._batches([len(e) for e in encoded], batch_size)
-        for batch in tqdm(batches, desc=f"generate {self.name}", disable=not progress):
+        for batch in progress_bar(batches, desc=f"generate {self.name}", disable=not progress):
             ids, mask = self._pad([encoded[i] for i in batch], side="left")
             with torch.inference_mode():
                 output = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -551,10 +551,8 @@ class OpenAICompatibleClient:
     def generate(self, messages_list: Sequence[Sequence[dict] | str], max_new_tokens: int = 40,
                  progress: bool = False) -> list[str]:
         """One chat completion per message list (or its JSON), temperature 0: POST /chat/completions."""
-        from tqdm.auto import tqdm
-
         replies = []
-        for messages in tqdm(messages_list, desc=f"chat {self.model}", disable=not progress):
+        for messages in progress_bar(messages_list, desc=f"chat {self.model}", disable=not progress):
             if isinstance(messages, str):
                 messages = json.loads(messages)
             payload = {"model": self.model, "messages": list(messages), "temperature": 0,
@@ -565,10 +563,8 @@ class OpenAICompatibleClient:
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 40, progress: bool = False) -> list[str]:
         """One text completion per prompt, temperature 0, stopping at a newline: POST /completions."""
-        from tqdm.auto import tqdm
-
         replies = []
-        for prompt in tqdm(prompts, desc=f"complete {self.model}", disable=not progress):
+        for prompt in progress_bar(prompts, desc=f"complete {self.model}", disable=not progress):
             payload = {"model": self.model, "prompt": prompt, "temperature": 0, "max_tokens": max_new_tokens,
                        "stop": ["\n"]}
             replies.append(self._choice(self._post("completions", payload), f"{self.base_url}/completions", "text"))

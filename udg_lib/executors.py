@@ -23,7 +23,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -38,6 +37,7 @@ from udg_lib.finetuning import (
     user_table,
 )
 from udg_lib.families import build_model
+from udg_lib.progress import progress_bar
 from udg_lib.tokenizer import load_tokenizer
 
 EXECUTORS: tuple[str, ...] = ("local", "ray")
@@ -209,8 +209,8 @@ def _run_ray_tasks(chunks: list[list[str]], pairs: pd.DataFrame, users: pd.DataF
             pending[ref] = chunk
         statuses: dict[str, str] = {}
         failures: list[tuple[list[str], Exception]] = []
-        with tqdm(total=sum(map(len, chunks)), unit="user", desc=f"{task_args['method']} users (ray)",
-                  disable=not progress) as bar:
+        with progress_bar(total=sum(map(len, chunks)), unit="user", desc=f"{task_args['method']} users (ray)",
+                          disable=not progress) as bar:
             while pending:
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
                 chunk = pending.pop(ref)

@@ -40,7 +40,6 @@ import pandas as pd
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
 from udg_lib import io
@@ -52,6 +51,7 @@ from udg_lib.families import (  # SELF_ATTENTION_QKVO and seq2seq_collator are r
     family_of,
     seq2seq_collator,
 )
+from udg_lib.progress import progress_bar
 from udg_lib.pretraining import LABEL_PAD_ID, Seq2SeqExamples, t5_config
 from udg_lib.prompts import assign_one_ids, build_prompts
 
@@ -459,7 +459,7 @@ def run_users(method: str, base_model: PreTrainedModel, tokenizer: PreTrainedTok
     peft_model: PeftModel | None = None
     statuses: dict[str, str] = {}
     try:
-        for user in tqdm(list(user_ids), desc=f"{method} users", disable=not progress):
+        for user in progress_bar(list(user_ids), desc=f"{method} users", disable=not progress):
             if is_user_done(out_dir, user):
                 statuses[user] = "skipped"
                 continue

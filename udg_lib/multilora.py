@@ -61,7 +61,6 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from udg_lib import io
@@ -82,6 +81,7 @@ from udg_lib.finetuning import (
     user_seed,
     user_table,
 )
+from udg_lib.progress import progress_bar
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # peft.utils.CONFIG_NAME
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME
@@ -477,7 +477,7 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
         multi.remove_user(run.user)
         statuses[run.user] = "trained"
 
-    bar = tqdm(total=len(queue), desc="lora users (batched)", disable=not progress)
+    bar = progress_bar(total=len(queue), desc="lora users (batched)", disable=not progress)
     try:
         for p in base_model.parameters():
             p.requires_grad_(False)  # only the adapters get gradients

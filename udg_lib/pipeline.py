@@ -10,6 +10,18 @@ when its `run_key` (params, notebook source, the content of the input files its 
 of earlier stages) matches the one it last recorded, unless forced. A stage runs in a hidden temp folder that
 replaces the final one only on success, so a failed or interrupted stage leaves nothing under outputs/.
 
+The executed copy `outputs/<profile>/NN_name/NN_name.ipynb` is made to read as the stage's own before the
+rename (`finish_executed_copy`): its injected parameters name the stage's final folder as `output_dir` (and the
+profile's outputs folder as `outputs_root`), not the hidden work folder the run wrote to (its comment line names
+that one), so a reader who reruns the copy in JupyterLab or with papermill reproduces the stage in place, as
+running `notebooks/NN_name.ipynb` by hand with its defaults does. Such a rerun rewrites the stage's files one by
+one, not atomically, and `provenance.write_metrics` merges into the metrics.json there, keeping the runner's
+`stage` block: the pipeline still counts the stage as up to date, which holds for a rerun that reproduces it.
+After changing a parameter in the copy, rerun the stage through the pipeline (`--only NN --force`) so that its
+record and the later stages follow. Stage 03 skips the users already finished in its folder, in place as in a
+work folder. Each stage's kernel draws plain text progress bars, and the executed copy keeps only their last
+state (`udg_lib.progress`).
+
 Before any stage runs, every stage's yaml values are checked against the types annotated in its notebook's
 parameters cell (int, float, str, bool, list, dict), stage 00's corpus specs against their formats and the
 files they name for existence. Once stage 00's corpora are there, and before a later stage runs, the tokenizer
@@ -39,10 +51,12 @@ import nbformat
 import papermill
 import yaml
 from jupyter_client import AsyncKernelManager
+from papermill.translators import translate_parameters
 from traitlets.config import Config
 
 from udg_lib import paths
 from udg_lib.io import replace_dir, write_json
+from udg_lib.progress import PROGRESS_ENV, TEXT_BARS, settle_stream_outputs
 from udg_lib.provenance import METRICS_FILE, fingerprint_cached
 
 # Parameters the runner sets itself, injected only into notebooks that declare them.
@@ -100,13 +114,19 @@ class StageKernelManager(AsyncKernelManager):
     jupyter_client interrupts (SIGINT) every kernel before asking it to shut down, and ipykernel logs
     "KeyboardInterrupt caught in kernel" when the signal lands; a stage's kernel has finished (or failed) by
     then, so the shutdown request alone stops it (a kernel that does not stop is killed after
-    `shutdown_wait_time`). The transport is set by `kernel_config`.
+    `shutdown_wait_time`). The kernel runs with `UDG_PROGRESS=text` (see `udg_lib.progress`). The transport is
+    set by `kernel_config`.
     """
 
     async def _async_interrupt_kernel(self) -> None:
         if self.shutting_down:
             return
         await super()._async_interrupt_kernel()
+
+    async def _async_pre_start_kernel(self, **kw: Any) -> tuple[list[str], dict[str, Any]]:
+        # Plain text progress bars in the executed copy (udg_lib.progress): a saved widget reads "0%" untrusted.
+        kw["env"] = {**kw.get("env", os.environ), PROGRESS_ENV: TEXT_BARS}
+        return await super()._async_pre_start_kernel(**kw)
 
 
 def kernel_config(socket_dir: str | Path) -> Config:
@@ -446,6 +466,7 @@ def execute_stage(stage: Stage, run_key: str, out_root: Path, profile: str, verb
     executed = work_dir / f"{stage.name}.ipynb"
     runner_values = {"profile": profile, "outputs_root": str(out_root), "output_dir": str(work_dir)}
     injected = {key: value for key, value in runner_values.items() if key in stage.declared}
+    parameters = {**stage.overrides, **injected}
     final_dir = paths.stage_dir(out_root, stage.name)
     try:
         # Not mkdtemp: its 0700 mode would carry over to the final folder; mkdir honours the umask.
@@ -456,7 +477,7 @@ def execute_stage(stage: Stage, run_key: str, out_root: Path, profile: str, verb
             papermill.execute_notebook(
                 stage.notebook,
                 executed,
-                parameters={**stage.overrides, **injected},
+                parameters=parameters,
                 # The interpreter running the pipeline (jupyter_client's native kernel), whatever kernel the
                 # notebook's metadata names: `udg` exists only where `make lab` registered it.
                 kernel_name="python3",
@@ -469,6 +490,7 @@ def execute_stage(stage: Stage, run_key: str, out_root: Path, profile: str, verb
         seconds = time.perf_counter() - started
         _record_stage(work_dir / METRICS_FILE, stage, run_key, profile, seconds)
         relocate_adapter_configs(work_dir, final_dir)
+        finish_executed_copy(executed, parameters, work_dir, final_dir)
         replace_dir(work_dir, final_dir)
         return seconds
     except Exception as exc:
@@ -504,15 +526,48 @@ def relocate_adapter_configs(work_dir: Path, final_dir: Path) -> list[Path]:
     `AutoPeftModelForSeq2SeqLM.from_pretrained(adapter_dir)` must find the base there. Returns the files changed.
     """
     changed = []
-    old = str(work_dir)
     for config_file in sorted(work_dir.rglob("adapter_config.json")):
         config = json.loads(config_file.read_text(encoding="utf-8"))
         base = config.get("base_model_name_or_path")
-        if isinstance(base, str) and (base == old or base.startswith(old + os.sep)):
-            config["base_model_name_or_path"] = str(final_dir) + base[len(old):]
+        moved = _moved(base, work_dir, final_dir)
+        if moved != base:
+            config["base_model_name_or_path"] = moved
             write_json(config_file, config)
             changed.append(config_file)
     return changed
+
+
+def finish_executed_copy(executed: Path, parameters: dict[str, Any], work_dir: Path, final_dir: Path) -> None:
+    """Make a stage's executed notebook read as the stage's own, before its work folder is renamed into place.
+
+    - Its injected parameters cell (`parameters`, as papermill injected them), and papermill's record of the
+      parameters and of the output path, name `final_dir` where they named `work_dir` (`output_dir`):
+      rerunning the copy in JupyterLab, or with papermill, writes into the stage's folder, not into a hidden
+      work folder that no longer exists. The cell's comment line names the work folder the run wrote to. The
+      source notebook, hence the run key, is untouched.
+    - Each text progress bar keeps only its last state (`progress.settle_stream_outputs`).
+    """
+    notebook = nbformat.read(executed, as_version=nbformat.NO_CONVERT)
+    record = notebook.metadata.get("papermill", {})
+    parameters = {key: _moved(value, work_dir, final_dir) for key, value in parameters.items()}
+    for cell in notebook.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            note = f"Parameters (the runner wrote to {work_dir.name}, renamed to output_dir when the stage finished)"
+            cell.source = translate_parameters("python3", "python", parameters, note)
+        if cell.cell_type == "code":
+            cell.outputs = settle_stream_outputs(cell.outputs)
+    if "parameters" in record:
+        record["parameters"] = parameters
+    if "output_path" in record:
+        record["output_path"] = _moved(record["output_path"], work_dir, final_dir)
+    nbformat.write(notebook, executed)
+
+
+def _moved(value: Any, old: Path, new: Path) -> Any:
+    """`value` with the folder `old` replaced by `new` if it is that path or one under it; else `value`."""
+    if isinstance(value, str) and (value == str(old) or value.startswith(str(old) + os.sep)):
+        return str(new) + value[len(str(old)):]
+    return value
 
 
 def _keep_failed_notebook(executed: Path) -> Path | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,12 @@ EXP1_STAGE = "04_exp1_next_utterance"  # fine-tuned systems and the retrieval fl
 LLM_STAGE = "06_llm_baselines"  # prompt-based LLMs; Figure 2 is written under this stage
 SCORES_FILE = "scores.parquet"
 FIGURE_NAME = "figure2"
+FIGURE2_TITLE = "Frequency distribution of similarity between generated and reference utterances"
+# Figure 2's size in inches: a panel per dataset, its legend beside it (`make_room_for_legends`).
+PANEL_MIN_WIDTH, PANEL_WIDTH_PER_BIN = 4.5, 0.75
+FIGURE_HEIGHT = 4.2
+PANEL_MIN_HEIGHT = 2.6  # of the plot area: the rest of FIGURE_HEIGHT holds the titles and the tick labels
+LEGEND_GAP = 0.2  # between a legend and the next panel
 
 PRETRAINS: tuple[str, ...] = ("plain_t5", "plain_dialogue", "psp", "ppp")  # fine-tuned T5 systems, in table order
 FLOOR_PRETRAIN = "none"  # retrieval floor
@@ -202,7 +209,8 @@ def plot_similarity_histograms(
 
     `systems` names the systems to show (in every dataset that has them); by default `figure2_systems`.
     Prompt-based models are hatched so they stand out beside the fine-tuned ones; a system keeps its colour
-    across panels.
+    across panels. Each panel's legend stands beside it, and the figure grows to hold the legends and wraps its
+    title, so that nothing is cut off or covered for any number of datasets and systems.
     """
     scores = check_scores(scores)
     histogram = similarity_histogram(scores, bin_width)
@@ -220,7 +228,8 @@ def plot_similarity_histograms(
     colour = dict(zip(shown, palette))
 
     bins = histogram.drop_duplicates("bin_low").sort_values("bin_low")["bin"].tolist()
-    fig = Figure(figsize=(max(6.0, 1.0 * len(bins)) * len(datasets), 4.2), layout="constrained")
+    panel_width = max(PANEL_MIN_WIDTH, PANEL_WIDTH_PER_BIN * len(bins))
+    fig = Figure(figsize=(panel_width * len(datasets), FIGURE_HEIGHT), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(datasets), sharey=True, squeeze=False)[0])
     x = np.arange(len(bins))
     for ax, dataset in zip(axes, datasets):
@@ -239,10 +248,40 @@ def plot_similarity_histograms(
         ax.set_title(dataset)
         ax.grid(axis="y", alpha=0.3)
         if names:
-            ax.legend(fontsize="small")
+            # beside the panel, not over its bars (constrained layout makes room for it)
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     axes[0].set_ylabel("share of replies")
-    fig.suptitle("Frequency distribution of similarity between generated and reference utterances")
+    make_room_for_legends(fig, panel_width, len(datasets))
+    fit_suptitle(fig, FIGURE2_TITLE)
     return fig
+
+
+def make_room_for_legends(fig: Figure, panel_width: float, n_panels: int) -> None:
+    """Widen the figure by the widest panel legend per panel, and make it tall enough for the tallest one,
+    so that the panels keep `panel_width` inches whatever the number and names of the systems."""
+    legends = [legend for ax in fig.get_axes() if (legend := ax.get_legend()) is not None]
+    extents = [legend.get_window_extent() for legend in legends]
+    widest = max((extent.width for extent in extents), default=0.0) / fig.dpi
+    tallest = max((extent.height for extent in extents), default=0.0) / fig.dpi
+    fig.set_size_inches((panel_width + widest + LEGEND_GAP) * n_panels,
+                        max(FIGURE_HEIGHT, tallest + FIGURE_HEIGHT - PANEL_MIN_HEIGHT))
+
+
+def fit_suptitle(fig: Figure, title: str, margin: float = 0.04) -> None:
+    """Set the figure's title, wrapped onto more lines where the figure is narrower than it (one panel).
+
+    Constrained layout makes room for a title's height, never for its width: a line wider than the figure
+    is cut off at both edges of the saved image. `margin` is the share of the width left free.
+    """
+    text = fig.suptitle(title)
+    width, available = text.get_window_extent().width, fig.bbox.width * (1 - margin)
+    if width > available:
+        fits = max(1, int(len(title) * available / width))  # characters per line
+        n_lines = len(textwrap.wrap(title, fits))
+        # the narrowest wrap into that many lines, so that they come out about even
+        even = next(w for w in range(math.ceil(len(title) / n_lines), fits + 1)
+                    if len(textwrap.wrap(title, w)) <= n_lines)
+        text.set_text(textwrap.fill(title, even))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from tqdm.auto import tqdm
 
+from udg_lib.progress import progress_bar
 from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN, has_known_profile, profile_lookup, unknown_if_blank
 
 if TYPE_CHECKING:
@@ -617,7 +617,7 @@ def infer_profiles(turns: pd.DataFrame, users: pd.DataFrame, inferrer: UnitInfer
     ids = list(table.index) if user_ids is None else [str(u) for u in user_ids]
     rng = np.random.default_rng(seed)
     rows = []
-    for user_id in tqdm(ids, desc="profiles", disable=not progress):
+    for user_id in progress_bar(ids, desc="profiles", disable=not progress):
         posts = posts_by_user.get(user_id, [])
         units = split_into_units(posts, unit_size)
         if max_units is not None and len(units) > max_units:
