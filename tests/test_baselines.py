@@ -25,6 +25,7 @@ from conftest import assert_close_to_scale
 from udg_lib.baselines import (
     EndpointError,
     LocalLLM,
+    NewlineStop,
     OpenAICompatibleClient,
     RolePlay,
     baseline_prompts,
@@ -33,6 +34,7 @@ from udg_lib.baselines import (
     clean_reply,
     describe_profile,
     dialogue_history,
+    newline_tables,
     on_contexts,
     run_baseline,
     self_introduction,
@@ -472,6 +474,108 @@ def test_reference_nll_is_the_summed_log_softmax_of_the_reference(tiny_llm, fmt)
         tiny_llm.reference_nll(prompts[:2], references[:1], fmt)
 
 
+class DecodingNewlineStop:
+    """The stopping rule as it was written before `NewlineStop`: decode every row at every step and stop once
+    its generated text holds a newline after some non-newline text. The reference `NewlineStop` must equal."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip("\n") for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+class PieceTokenizer:
+    """A tokenizer reduced to what the stopping rules read: its size and decoding (each id's piece, joined;
+    the last id is a special token that decodes to nothing)."""
+
+    PIECES = ["a", "b ", " ", "\n", "\n\n", "a\n", "\nb", " \n", "a\nb", "\n \n", "\n\nc", "."]
+
+    def __len__(self):
+        return len(self.PIECES) + 1
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(self.PIECES[int(i)] for i in row if int(i) < len(self.PIECES)) for row in rows]
+
+
+def _first_stops(criterion, sequences: torch.Tensor, prompt_length: int) -> list[int | None]:
+    """The step at which each row first stops (None: never), feeding `sequences` one token at a time."""
+    first: list[int | None] = [None] * sequences.shape[0]
+    for step in range(prompt_length + 1, sequences.shape[1] + 1):
+        stop = criterion(sequences[:, :step], None)
+        for row in torch.nonzero(stop).flatten().tolist():
+            first[row] = step if first[row] is None else first[row]
+    return first
+
+
+@pytest.mark.parametrize("vocabulary", ["pieces", "tiny_bpe"])
+def test_newline_stop_on_the_device_equals_decoding_every_step(tiny_llm, vocabulary):
+    tokenizer = PieceTokenizer() if vocabulary == "pieces" else tiny_llm.tokenizer
+    size = len(tokenizer)
+    newline, _, _ = newline_tables(tokenizer)
+    with_newline = torch.nonzero(newline).flatten()
+    assert len(with_newline) > 0  # the tokenizer has newline tokens to stop on
+    generator = torch.Generator().manual_seed(0)
+    prompt_length, rows, steps = 3, 300, 12
+    sequences = torch.randint(0, size, (rows, prompt_length + steps), generator=generator)
+    # a fifth of the generated tokens are drawn among those with a newline, so rows stop at all kinds of places
+    newlines = with_newline[torch.randint(0, len(with_newline), (rows, steps), generator=generator)]
+    pick = torch.rand((rows, steps), generator=generator) < 0.2
+    sequences[:, prompt_length:] = torch.where(pick, newlines, sequences[:, prompt_length:])
+    expected = _first_stops(DecodingNewlineStop(tokenizer, prompt_length), sequences, prompt_length)
+    assert _first_stops(NewlineStop(tokenizer, prompt_length), sequences, prompt_length) == expected
+    assert len(set(expected)) >= 5  # rows stop at many different steps
+    with pytest.raises(RuntimeError, match="one per generate call"):
+        reused = NewlineStop(tokenizer, prompt_length)
+        reused(sequences[:, :prompt_length + 1], None)
+        reused(sequences[:, :prompt_length + 1], None)
+
+
+@pytest.mark.parametrize("fmt", ["chat", "completion"])
+def test_generation_from_the_prompt_cache_equals_plain_generate(tiny_llm, fmt):
+    """`generate` (prompt cache, then `model.generate` from it) gives what `model.generate` on the whole prompt
+    with the decoding stop rule gave before, row by row."""
+    prompts = _prompt_set(fmt)
+    replies = tiny_llm.generate(prompts, fmt, max_new_tokens=12, batch_size=3)
+    for prompt, reply in zip(prompts, replies):
+        ids = torch.tensor([tiny_llm.encode_prompt(prompt, fmt)])
+        with torch.no_grad():
+            output = tiny_llm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                             do_sample=False, pad_token_id=tiny_llm.pad_token_id,
+                                             stopping_criteria=[DecodingNewlineStop(tiny_llm.tokenizer, ids.shape[1])])
+        assert reply == tiny_llm.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("fmt", ["chat", "completion"])
+def test_one_pass_generates_and_scores_as_the_separate_passes(tiny_llm, fmt):
+    prompts = _prompt_set(fmt)
+    references = ["I think so too.", "hiking on weekends", "", "ok", "well, maybe next time"]
+    replies, scores = tiny_llm.generate_and_score(prompts, references, fmt, max_new_tokens=12, batch_size=3)
+    assert replies == tiny_llm.generate(prompts, fmt, max_new_tokens=12, batch_size=3)
+    separate = tiny_llm.reference_nll(prompts, references, fmt, batch_size=3)
+    alone = [tiny_llm.reference_nll([p], [r], fmt)[0] for p, r in zip(prompts, references)]
+    assert [n for _, n in scores] == [n for _, n in separate] == [n for _, n in alone]
+    if fmt == "chat":  # (a completion reference follows the label after a space, which is scored)
+        assert scores[2] == (0.0, 0)  # an empty reference scores nothing
+    for (nll, _), (expected, _), (one, _) in zip(scores, separate, alone):
+        assert nll == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert nll == pytest.approx(one, rel=1e-5, abs=1e-6)  # batching does not change a score
+
+
+def test_scores_of_a_bf16_model_are_summed_in_fp32(tiny_llm):
+    import copy
+
+    prompts = _prompt_set("completion")[:3]
+    references = ["I think so too.", "hiking on weekends", "ok"]
+    half = LocalLLM.from_model(copy.deepcopy(tiny_llm.model).to(torch.bfloat16), tiny_llm.tokenizer, name="bf16")
+    replies, scores = half.generate_and_score(prompts, references, "completion", max_new_tokens=6, batch_size=2)
+    assert len(replies) == 3 and all(isinstance(nll, float) for nll, _ in scores)
+    full = tiny_llm.reference_nll(prompts, references, "completion")
+    for (nll, n), (expected, m) in zip(scores, full):
+        assert n == m and nll == pytest.approx(expected, rel=0.05)  # bf16 weights: close, not equal
+
+
 def test_run_baseline_with_a_local_model_adds_clean_replies_and_nll(tiny_llm):
     pairs = _pairs()
     prompts = baseline_prompts(pairs, _users(), pairs, _turns(), "completion")
@@ -482,6 +586,12 @@ def test_run_baseline_with_a_local_model_adds_clean_replies_and_nll(tiny_llm):
     assert (result["nll"] > 0).all() and (result["n_tokens"] > 0).all()
     ppl = math.exp(result["nll"].sum() / result["n_tokens"].sum())
     assert ppl > 1
+    # one pass over each prompt, the results of the two separate calls
+    items, references = prompts["prompt"].tolist(), prompts["reference"].tolist()
+    assert result["raw_generated"].tolist() == tiny_llm.generate(items, "completion", max_new_tokens=8, batch_size=2)
+    separate = tiny_llm.reference_nll(items, references, "completion", batch_size=2)
+    assert result["n_tokens"].tolist() == [n for _, n in separate]
+    assert result["nll"].tolist() == pytest.approx([nll for nll, _ in separate], rel=1e-5)
     with pytest.raises(TypeError, match="LocalLLM or an OpenAICompatibleClient"):
         run_baseline(object(), prompts, "completion")
 
@@ -502,6 +612,12 @@ def test_packaged_smollm2_generates_replies():
     assert len(replies) == 2 and all(clean_reply(r) for r in replies), replies
     [(nll, n_tokens)] = model.reference_nll(prompts[:1], ["I usually go hiking in the hills."], "chat")
     assert n_tokens > 5 and 0 < nll / n_tokens < 10
+    # one pass over each prompt (its cache scores the reference, then generates): the separate calls' results
+    references = ["I usually go hiking in the hills.", "It's fine, a bit cold."]
+    one_pass, scores = model.generate_and_score(prompts, references, "chat", max_new_tokens=20, batch_size=2)
+    assert one_pass == replies
+    for (nll, n), (expected, m) in zip(scores, model.reference_nll(prompts, references, "chat", batch_size=1)):
+        assert n == m and nll == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow

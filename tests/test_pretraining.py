@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,7 @@ from udg_lib.pretraining import (
     t5_config,
     tokenize_pairs,
 )
+from udg_lib.precision import resolve_precision
 from udg_lib.prompts import build_prompt, build_prompts
 from udg_lib.splits import build_reply_pairs
 from udg_lib.tokenizer import train_sentencepiece_tokenizer
@@ -452,6 +454,33 @@ def test_profile_perplexity_gap(tokenizer, corpus):
     assert result["perplexity_true_profiles"] > 1 and result["perplexity_shuffled_profiles"] > 1
     assert math.isclose(result["gap"], result["perplexity_shuffled_profiles"] - result["perplexity_true_profiles"])
 
+
+
+def test_conditioning_checks_run_on_the_device_they_are_given(tokenizer, corpus, monkeypatch):
+    """Stage 02 passes its device (cuda on a GPU node) and precision; the model is moved there, and the results
+    on the model's own device are those of a call without them (CPU here: the tests need no GPU)."""
+    pairs, users = corpus
+    model = tiny_model(tokenizer)
+    table = profile_swap_table(model, tokenizer, pairs, users, "psp", n=6, seed=0, max_new_tokens=4)
+    gap = profile_perplexity_gap(model, tokenizer, pairs.head(12), users, "psp", seed=0)
+    moved, to = [], model.to
+    monkeypatch.setattr(model, "to", lambda *args, **kwargs: moved.append(args) or to(*args, **kwargs))
+    on_device = profile_swap_table(model, tokenizer, pairs, users, "psp", n=6, seed=0, max_new_tokens=4,
+                                   device="cpu", precision="fp32")
+    assert on_device.equals(table)
+    assert profile_perplexity_gap(model, tokenizer, pairs.head(12), users, "psp", seed=0, device="cpu",
+                                  precision="fp32") == pytest.approx(gap, nan_ok=True)
+    assert moved == [("cpu",)] * 3  # the swaps once, the true and the shuffled profiles' scores once each
+    # held in bf16 as stage 02 holds it where bf16 is native (`Precision.for_inference`): NLLs still in fp32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 emulated on a CPU without AVX512-BF16: slow, not wrong
+        numerics = resolve_precision("bf16", "cpu")
+    half = numerics.for_inference(tiny_model(tokenizer))
+    result = profile_perplexity_gap(half, tokenizer, pairs.head(12), users, "psp", seed=0, device="cpu",
+                                    precision=numerics)
+    assert result["perplexity_true_profiles"] == pytest.approx(gap["perplexity_true_profiles"], rel=0.05)
+    assert len(profile_swap_table(half, tokenizer, pairs, users, "psp", n=6, seed=0, max_new_tokens=4,
+                                  device="cpu", precision=numerics)) == 6
 
 def test_shuffle_profiles_moves_known_profiles_only():
     users = pd.DataFrame({"user_id": list("abcd"), **{f: ["unknown"] * 4 for f in PROFILE_FIELDS}})

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -334,6 +335,36 @@ def test_ray_tasks_give_the_local_executors_adapters(base_dir, data, tmp_path, l
     assert again["status"].tolist() == ["skipped", "skipped"]
     assert leftovers(tmp_path / "ray") == []
 
+
+
+def test_batched_lora_in_ray_tasks_equals_batched_lora_here(base_dir, data, tmp_path, local_ray):
+    """`lora_training="batched"` on Ray: each task trains its users with `multilora.run_users_batched`, on a base
+    held in the precision's frozen dtype (bf16 here), as this process does; one task of three users, two per step
+    (a rolling queue), gives the adapters of the same call here."""
+    pairs, users = data
+    config = replace(CONFIG, precision="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 emulated on a CPU without AVX512-BF16: slow, not wrong
+        local = train_users("lora", base_dir, pairs, users, USERS[:3], "ppp", tmp_path / "local", config,
+                            lora_training="batched", users_per_batch=2, progress=False)
+        remote = train_users("lora", base_dir, pairs, users, USERS[:3], "ppp", tmp_path / "ray", config,
+                             executor="ray", users_per_task=3, num_cpus_per_task=1, lora_training="batched",
+                             users_per_batch=2, progress=False)
+    fp32 = train_users("lora", base_dir, pairs, users, USERS[:3], "ppp", tmp_path / "fp32", CONFIG,
+                       lora_training="batched", users_per_batch=2, progress=False)
+    assert remote["status"].tolist() == ["trained"] * 3
+    assert remote.drop(columns=["dir", "seconds"]).equals(local.drop(columns=["dir", "seconds"]))
+    for user in USERS[:3]:
+        assert same_tensors(adapter_tensors(tmp_path / "local", user), adapter_tensors(tmp_path / "ray", user))
+        record = done_record(tmp_path / "ray", user)
+        assert record == done_record(tmp_path / "local", user)
+        assert record["users_per_batch"] == 2 and record["config"]["precision"] == "bf16"  # the batched path ran
+    # the frozen base's dtype reaches the adapters: an fp32 base trains another adapter
+    assert not same_tensors(adapter_tensors(tmp_path / "fp32", "u0"), adapter_tensors(tmp_path / "ray", "u0"))
+    assert fp32["status"].tolist() == ["trained"] * 3
+    with pytest.raises(ValueError, match="unknown lora_training 'mixed'"):
+        train_users("lora", base_dir, pairs, users, ["u0"], "ppp", tmp_path / "bad", CONFIG, executor="ray",
+                    lora_training="mixed")
 
 @seq2seq_only
 def test_failed_ray_task_names_its_users_and_keeps_finished_ones(base_dir, data, tmp_path, local_ray):

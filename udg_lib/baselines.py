@@ -19,8 +19,10 @@ appearance in the shown history. User ids are not shown: in the sitcoms they are
 would let an LLM draw on scripts it may have read, information no fine-tuned model gets.
 
 Two generators run them: `LocalLLM` (a transformers causal LM; greedy; it also scores the reference,
-so perplexity is available) and `OpenAICompatibleClient` (any OpenAI-compatible HTTP endpoint; it
-only returns text, so perplexity is NA, as for GPT-3.5 in the paper's tables).
+so perplexity is available; `generate_and_score` reads each prompt once for both, in left-padded
+batches, and stops a reply at its newline on the device) and `OpenAICompatibleClient` (any
+OpenAI-compatible HTTP endpoint; it only returns text, so perplexity is NA, as for GPT-3.5 in the
+paper's tables).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,76 +402,204 @@ class LocalLLM:
     def generate(self, prompts: Sequence[str | Sequence[dict]], fmt: str, max_new_tokens: int = 40,
                  batch_size: int = 8, progress: bool = False) -> list[str]:
         """Greedy continuations of `prompts` (chat: message lists or their JSON; completion: text),
-        decoded without special tokens. A row stops at its first newline (replies are one line) or
-        at EOS; the batching does not change the result."""
-        import torch
-
-        encoded = [self.encode_prompt(p, fmt) for p in prompts]
-        results: list[str] = [""] * len(encoded)
-        batches = self._batches([len(e) for e in encoded], batch_size)
-        for batch in progress_bar(batches, desc=f"generate {self.name}", disable=not progress):
-            ids, mask = self._pad([encoded[i] for i in batch], side="left")
-            with torch.inference_mode():
-                output = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                             do_sample=False, pad_token_id=self.pad_token_id,
-                                             stopping_criteria=[_NewlineStop(self.tokenizer, ids.shape[1])])
-            for row, index in enumerate(batch):
-                # a row that stopped early was filled with padding, which decoding drops
-                results[index] = self.tokenizer.decode(output[row, ids.shape[1]:], skip_special_tokens=True)
-        return results
+        decoded without special tokens. A row stops at its first newline after some text (replies are one
+        line; `NewlineStop`) or at EOS; the batching does not change the result."""
+        replies, _ = self._batched(prompts, None, fmt, max_new_tokens, batch_size, progress)
+        return replies
 
     def reference_nll(self, prompts: Sequence[str | Sequence[dict]], references: Sequence[str], fmt: str,
-                      ) -> list[tuple[float, int]]:
+                      batch_size: int = 8, progress: bool = False) -> list[tuple[float, int]]:
         """(summed negative log-likelihood in nats, number of tokens) of each reference given its prompt.
 
         The reference is encoded on its own (after a space in the completion format, whose prompt ends
         with "Label:") and appended to the prompt's tokens; no end-of-turn token is scored. Perplexity
         over a set is exp(sum of NLLs / sum of tokens).
 
-        One sequence per forward pass, asking the model for the logits of the reference positions only
-        (`logits_to_keep`): a batch of full logits is batch x length x vocabulary floats, which for
-        Gemma-3's 262k vocabulary and chat-length prompts reached 18 GB at batch 8.
+        Batched as `generate` (left-padded prompts, grouped by length): one pass over the prompts that asks
+        for no logits, then one over the references on its cache, which computes the logits of the reference
+        positions only. A batch's logits are thus batch x longest reference x vocabulary floats (Gemma-3's
+        262k vocabulary: ~0.3 GB in fp32 at batch 8 and 40-token references), where full logits over prompt
+        and reference reached 18 GB at batch 8. Log-probabilities in fp32 whatever the model's dtype.
         """
+        _, scores = self._batched(prompts, references, fmt, None, batch_size, progress)
+        return scores
+
+    def generate_and_score(self, prompts: Sequence[str | Sequence[dict]], references: Sequence[str], fmt: str,
+                           max_new_tokens: int = 40, batch_size: int = 8, progress: bool = False
+                           ) -> tuple[list[str], list[tuple[float, int]]]:
+        """`generate` and `reference_nll` of the same prompts from one pass over each prompt: the prompt's
+        cache is computed once, a copy of it scores the reference and the original continues into the
+        greedy reply. The same replies and NLLs as the two calls (tested), at the cost of one prompt pass."""
+        return self._batched(prompts, references, fmt, max_new_tokens, batch_size, progress)
+
+    def _batched(self, prompts: Sequence[str | Sequence[dict]], references: Sequence[str] | None, fmt: str,
+                 max_new_tokens: int | None, batch_size: int, progress: bool
+                 ) -> tuple[list[str], list[tuple[float, int]]]:
+        """Replies (when `max_new_tokens` is given) and reference scores (when `references` are), batch by batch.
+
+        Per batch of left-padded prompts (width W, so every row's last prompt token is in column W - 1): a
+        forward over columns 0..W-2 fills the cache (`_prefill`); the references are scored over a copy of it,
+        starting from each row's last prompt token (`_score_references`); `model.generate` continues from the
+        cache, feeding only the last column. Positions follow the attention mask, as `generate` numbers them.
+        """
+        import copy
+
         import torch
 
-        if len(prompts) != len(references):
-            raise ValueError(f"{len(prompts)} prompts but {len(references)} references")
         _check_format(fmt)
-        results: list[tuple[float, int]] = []
-        for prompt, reference in zip(prompts, references):
-            prompt_ids = self.encode_prompt(prompt, fmt)
-            continuation = (" " if fmt == "completion" else "") + " ".join(str(reference).split())
-            reference_ids = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if references is not None and len(prompts) != len(references):
+            raise ValueError(f"{len(prompts)} prompts but {len(references)} references")
+        encoded = [self.encode_prompt(p, fmt) for p in prompts]
+        for prompt_ids, prompt in zip(encoded, prompts):
             if not prompt_ids:
-                raise ValueError(f"empty prompt for reference {reference!r}: nothing to condition on")
-            if not reference_ids:
-                results.append((0.0, 0))
-                continue
-            ids = torch.tensor([prompt_ids + reference_ids], device=self.model.device)
-            keep = len(reference_ids) + 1  # logits at position t predict token t + 1
+                raise ValueError(f"empty prompt {prompt!r}: nothing to condition on")
+        reference_ids = None if references is None else [self.encode_reference(r, fmt) for r in references]
+        replies: list[str] = [""] * len(encoded)
+        scores: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+        task = "generate" if references is None else "score" if max_new_tokens is None else "generate+score"
+        for batch in progress_bar(self._batches([len(e) for e in encoded], batch_size), desc=f"{task} {self.name}",
+                                  disable=not progress):
+            ids, mask = self._pad([encoded[i] for i in batch], side="left")
             with torch.inference_mode():
-                try:
-                    logits = self.model(input_ids=ids, logits_to_keep=keep).logits
-                except TypeError:  # a model without logits_to_keep
-                    logits = self.model(input_ids=ids).logits
-            logits = logits[0, -keep:-1].float()
-            targets = ids[0, len(prompt_ids):]
-            nll = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            results.append((nll, len(reference_ids)))
-        return results
+                cache = self._prefill(ids, mask)
+                if reference_ids is not None:
+                    scoring_cache = copy.deepcopy(cache) if max_new_tokens is not None else cache
+                    for index, score in zip(batch, self._score_references(scoring_cache, ids, mask,
+                                                                          [reference_ids[i] for i in batch])):
+                        scores[index] = score
+                    del scoring_cache
+                if max_new_tokens is not None:
+                    output = self._generate_from(cache, ids, mask, max_new_tokens)
+                    for row, index in enumerate(batch):
+                        # a row that stopped early was filled with padding, which decoding drops
+                        replies[index] = self.tokenizer.decode(output[row, ids.shape[1]:], skip_special_tokens=True)
+        return replies, scores
+
+    def encode_reference(self, reference: str, fmt: str) -> list[int]:
+        """The reference's tokens as they follow the prompt: after a space in the completion format."""
+        continuation = (" " if fmt == "completion" else "") + " ".join(str(reference).split())
+        return list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+    def _cache_argument(self) -> str:
+        # transformers 5.2x names the cache `cache` (`past_key_values` is deprecated); earlier 5.x `past_key_values`
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        """The model's cache of every column but the last (None when there is only one); no logits asked for."""
+        if ids.shape[1] < 2:
+            return None
+        head, head_mask = ids[:, :-1], mask[:, :-1]
+        positions = (head_mask.cumsum(-1) - 1).clamp(min=0)  # `generate`'s numbering for left padding
+        kwargs = dict(input_ids=head, attention_mask=head_mask, position_ids=positions, use_cache=True)
+        try:
+            output = self.model(**kwargs, logits_to_keep=1)
+        except TypeError:  # a model without logits_to_keep
+            output = self.model(**kwargs)
+        return output["cache"] if "cache" in output.keys() else output["past_key_values"]
+
+    def _score_references(self, cache: Any, ids: torch.Tensor, mask: torch.Tensor,
+                          references: list[list[int]]) -> list[tuple[float, int]]:
+        """(NLL, tokens) per row of each reference after its prompt, from the prompt's cache (columns 0..W-2):
+        row i reads its last prompt token and its reference but the last token, right-padded; position k
+        predicts reference token k."""
+        import torch
+
+        width = max(len(r) for r in references)
+        if width == 0:
+            return [(0.0, 0)] * len(references)
+        rows = len(references)
+        inputs = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        targets = torch.full((rows, width), -100, dtype=torch.long)  # cross_entropy's ignore_index
+        reads = torch.zeros((rows, width), dtype=torch.long)
+        for row, reference in enumerate(references):
+            inputs[row, 0] = ids[row, -1]
+            inputs[row, 1:len(reference)] = torch.tensor(reference[:-1], dtype=torch.long)
+            targets[row, :len(reference)] = torch.tensor(reference, dtype=torch.long)
+            reads[row, :max(len(reference), 1)] = 1
+        device = ids.device
+        inputs, targets, reads = inputs.to(device), targets.to(device), reads.to(device)
+        positions = mask.sum(-1, keepdim=True) - 1 + torch.arange(width, device=device)
+        kwargs = {} if cache is None else {self._cache_argument(): cache}
+        logits = self.model(input_ids=inputs, attention_mask=torch.cat([mask[:, :-1], reads], dim=1),
+                            position_ids=positions, use_cache=cache is not None, **kwargs).logits
+        token_nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+                                                      reduction="none")
+        sums = token_nll.double().sum(dim=1).cpu().tolist()
+        return [(float(total), len(reference)) for total, reference in zip(sums, references)]
+
+    def _generate_from(self, cache: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation of the whole batch from its prompt cache (columns 0..W-2): `generate` reads the
+        last column and goes on from there."""
+        import copy
+
+        kwargs: dict[str, Any] = {}
+        if cache is not None:
+            kwargs[self._cache_argument()] = cache
+            if getattr(self.model.generation_config, "cache_implementation", None) is not None:
+                # a checkpoint that asks for its own cache type (Gemma-3's "hybrid") gets ours, which the model made
+                config = copy.deepcopy(self.model.generation_config)
+                config.cache_implementation = None
+                kwargs["generation_config"] = config
+        return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=self.pad_token_id,
+                                   stopping_criteria=[NewlineStop(self.tokenizer, ids.shape[1])], **kwargs)
 
 
-class _NewlineStop:
-    """Stops each row once its generated text holds a newline after some non-newline text."""
+_TOKEN_NEWLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its tables)
+
+
+def newline_tables(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token id, from its text decoded alone without special tokens (computed once per tokenizer):
+    whether it holds a newline, a newline after some other character, and any character but a newline."""
+    import torch
+
+    cached = _TOKEN_NEWLINES.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    tables = (torch.tensor(["\n" in t for t in texts], dtype=torch.bool),
+              torch.tensor(["\n" in t.lstrip("\n") for t in texts], dtype=torch.bool),
+              torch.tensor([bool(t.replace("\n", "")) for t in texts], dtype=torch.bool))
+    _TOKEN_NEWLINES[tokenizer] = (len(tokenizer), tables)
+    return tables
+
+
+class NewlineStop:
+    """`generate`'s stopping criterion for one-line replies: a row stops once its generated text holds a
+    newline after some non-newline text (leading newlines are skipped).
+
+    Decided on the device from the newest token alone, without decoding: per row, whether text has been seen
+    is kept as a tensor; a token stops the row when it holds a newline after text of its own, or any newline
+    once text was seen (`newline_tables`). That equals decoding the row at every step wherever a token's text
+    is the same alone and in context (byte-level BPE such as SmolLM2's; Gemma's SentencePiece, which adds no
+    leading space) (tested against the decoding version). Make one per `generate` call: it counts the steps.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+        self.tables = newline_tables(tokenizer)
+        self.prompt_length = prompt_length
+        self.seen_text: torch.Tensor | None = None
+        self.steps = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         import torch
 
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor(["\n" in t.lstrip("\n") for t in texts], dtype=torch.bool, device=input_ids.device)
+        self.steps += 1
+        if input_ids.shape[1] != self.prompt_length + self.steps:
+            raise RuntimeError(f"NewlineStop expected {self.prompt_length} prompt tokens and {self.steps} new ones, "
+                               f"got {input_ids.shape[1]} tokens: make one per generate call")
+        if self.seen_text is None:
+            self.tables = tuple(t.to(input_ids.device) for t in self.tables)
+            self.seen_text = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        newline, newline_after_text, text = self.tables
+        token = input_ids[:, -1]
+        known = token < len(newline)  # ids past the tokenizer (a padded embedding) decode to nothing
+        token = torch.where(known, token, torch.zeros_like(token))
+        stop = known & (newline_after_text[token] | (self.seen_text & newline[token]))
+        self.seen_text = self.seen_text | (known & text[token])
+        return stop
 
 
 class EndpointError(RuntimeError):
@@ -638,8 +769,9 @@ def run_baseline(generator: LocalLLM | OpenAICompatibleClient, prompts: pd.DataF
         raise ValueError(f"prompts lack columns {sorted(missing)}")
     items = prompts["prompt"].tolist()
     if isinstance(generator, LocalLLM):
-        raw = generator.generate(items, fmt, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-        scores = generator.reference_nll(items, prompts["reference"].tolist(), fmt)
+        raw, scores = generator.generate_and_score(items, prompts["reference"].tolist(), fmt,
+                                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                   progress=progress)  # one pass over each prompt
     elif isinstance(generator, OpenAICompatibleClient):
         raw = (generator.generate(items, max_new_tokens, progress=progress) if fmt == "chat"
                else generator.complete(items, max_new_tokens, progress=progress))

@@ -1,10 +1,15 @@
 """Scale-out of per-user fine-tuning (§4.1.3: one LoRA or FULL model per user; §4.2 tests thousands of them).
 
 `train_users` runs `finetuning.run_users` for many users either in this process (`executor="local"`) or as
-Ray tasks (`executor="ray"`), each task training a chunk of users on a base model it loads once. Both write
-the same per-user folders (`out_dir/<user_dir_name>/` with `done.json` last, renamed into place), so a run
-can be resumed by either executor, and a user's adapter does not depend on which executor trained it, on
-the chunking, or on the order (each user is seeded from (seed, user_id) and starts from the saved base).
+Ray tasks (`executor="ray"`), each task training a chunk of users on a base model it loads once. LoRA users
+train one at a time (`lora_training="per_user"`) or several per step (`"batched"`,
+`multilora.run_users_batched`), in a task as in this process; the frozen LoRA base is held in the precision's
+`frozen_dtype` (bf16 where `config.precision` resolves so on the device), as stage 03's local path holds it.
+Both executors write the same per-user folders (`out_dir/<user_dir_name>/` with `done.json` last, renamed into
+place), so a run can be resumed by either executor, and a user's adapter does not depend on which executor
+trained it, on the chunking, or on the order (each user is seeded from (seed, user_id) and starts from the
+saved base; batched LoRA: for the same chunks of `users_per_batch`, which a task of `users_per_task` users
+cuts from its own chunk).
 
 On a Ray cluster every node must see `base_model_dir` and `out_dir` at the same path (a shared filesystem:
 NFS, Lustre, a mounted bucket) and have this package installed in the same environment; `pairs` and `users`
@@ -37,10 +42,12 @@ from udg_lib.finetuning import (
     user_table,
 )
 from udg_lib.families import build_model
+from udg_lib.precision import resolve_precision
 from udg_lib.progress import progress_bar
 from udg_lib.tokenizer import load_tokenizer
 
 EXECUTORS: tuple[str, ...] = ("local", "ray")
+LORA_TRAINING: tuple[str, ...] = ("per_user", "batched")
 
 
 class UserTrainingError(RuntimeError):
@@ -89,9 +96,14 @@ def clear_staging_leftovers(out_dir: str | Path, user_ids: Sequence[str]) -> lis
 
 
 def _check_inputs(method: str, executor: str, users: pd.DataFrame, user_ids: Sequence[str],
-                  users_per_task: int, num_cpus_per_task: float, num_gpus_per_task: float) -> None:
+                  users_per_task: int, num_cpus_per_task: float, num_gpus_per_task: float,
+                  lora_training: str = "per_user", users_per_batch: int = 8) -> None:
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; expected one of {EXECUTORS}")
+    if lora_training not in LORA_TRAINING:
+        raise ValueError(f"unknown lora_training {lora_training!r}; expected one of {LORA_TRAINING}")
+    if users_per_batch < 1:
+        raise ValueError(f"users_per_batch must be at least 1, got {users_per_batch}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if isinstance(user_ids, str):
@@ -115,7 +127,7 @@ def train_users(method: str, base_model_dir: str | Path, pairs: pd.DataFrame, us
                 executor: str = "local", ray_address: str | None = None, users_per_task: int = 4,
                 num_cpus_per_task: float = 1, num_gpus_per_task: float = 0.0, device: str | None = None,
                 save_full_models: bool = False, after_user: AfterUser | None = None,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, lora_training: str = "per_user", users_per_batch: int = 8) -> pd.DataFrame:
     """One LoRA adapter or FULL model per user (`finetuning.run_users`), in this process or on Ray; resumable.
 
     `base_model_dir` holds the (domain-adapted) model and its tokenizer as `save_pretrained` wrote them.
@@ -124,7 +136,8 @@ def train_users(method: str, base_model_dir: str | Path, pairs: pd.DataFrame, us
     "trained" / "skipped", read back from the done.json files.
 
     - "local": the base is loaded once on `device` (default cuda if available, else cpu) and every user is
-      trained here, one after the other.
+      trained here: one after the other, or LoRA users `users_per_batch` at a time with
+      `lora_training="batched"` (`multilora.run_users_batched`).
     - "ray": the users still to train are cut into chunks of `users_per_task`; each chunk is one Ray task
       that loads the base once and runs `run_users` on it, writing into `out_dir` itself (so out_dir and
       base_model_dir must be on a filesystem all nodes share). A task asks Ray for `num_cpus_per_task` CPUs
@@ -134,14 +147,17 @@ def train_users(method: str, base_model_dir: str | Path, pairs: pd.DataFrame, us
       local instance on this machine's CPUs and shuts it down at the end. A Ray already initialized by the
       caller is used as it is and left running. Without `ray_address` the instance is taken to be fixed
       (a request for more CPUs or GPUs than it has fails at once); give the address of an autoscaling
-      cluster so that tasks wait for nodes instead. `after_user` runs inside the tasks, so cloudpickle must
+      cluster so that tasks wait for nodes instead. A task trains its chunk as the local executor would
+      (`lora_training="batched"`: up to `users_per_batch` of its users per step, so give a GPU task at least
+      that many `users_per_task`). `after_user` runs inside the tasks, so cloudpickle must
       be able to ship it (a module-level function or a closure over plain data, not over a model or a file).
       When tasks fail, the others still finish; then `UserTrainingError` names the users of the failed
       tasks. Users finished before a failure keep their done.json, so a rerun trains only the rest. Ray
       retries a task whose worker died (e.g. killed for memory); resuming makes that safe.
     """
     user_ids = list(user_ids)
-    _check_inputs(method, executor, users, user_ids, users_per_task, num_cpus_per_task, num_gpus_per_task)
+    _check_inputs(method, executor, users, user_ids, users_per_task, num_cpus_per_task, num_gpus_per_task,
+                  lora_training, users_per_batch)
     base_model_dir = Path(base_model_dir).resolve()
     if not (base_model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{base_model_dir} holds no saved model (no config.json)")
@@ -150,9 +166,10 @@ def train_users(method: str, base_model_dir: str | Path, pairs: pd.DataFrame, us
     clear_staging_leftovers(out_dir, user_ids)
 
     if executor == "local":
+        device = device or default_device()
         model, tokenizer = load_base_model(base_model_dir, device)
-        return run_users(method, model, tokenizer, pairs, users, user_ids, fmt, out_dir, config,
-                         save_full_models=save_full_models, after_user=after_user, progress=progress)
+        return _train_on_base(method, model, tokenizer, pairs, users, user_ids, fmt, out_dir, config, device,
+                              lora_training, users_per_batch, save_full_models, after_user, progress)
 
     statuses = {u: "skipped" for u in user_ids if is_user_done(out_dir, u)}
     todo = [u for u in user_ids if u not in statuses]
@@ -161,22 +178,41 @@ def train_users(method: str, base_model_dir: str | Path, pairs: pd.DataFrame, us
         task_args = {"method": method, "base_model_dir": str(base_model_dir), "fmt": fmt, "out_dir": str(out_dir),
                      "config": config, "device": device or ("cuda" if num_gpus_per_task > 0 else "cpu"),
                      "num_threads": max(1, int(num_cpus_per_task)), "save_full_models": save_full_models,
-                     "after_user": after_user}
+                     "after_user": after_user, "lora_training": lora_training, "users_per_batch": users_per_batch}
         # A task sees only the rows of the users it may train: nothing else need cross the network.
         statuses.update(_run_ray_tasks(chunks, pairs[pairs["speaker_id"].isin(set(todo))], users, task_args,
                                        ray_address, num_cpus_per_task, num_gpus_per_task, progress))
     return user_table(out_dir, user_ids, statuses)
 
 
+def _train_on_base(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
+                   users: pd.DataFrame, user_ids: list[str], fmt: str, out_dir: str | Path, config: FinetuneConfig,
+                   device: str, lora_training: str, users_per_batch: int, save_full_models: bool,
+                   after_user: AfterUser | None, progress: bool) -> pd.DataFrame:
+    """`user_ids` trained on a base loaded once: LoRA on a base held in the precision's frozen dtype (adapters
+    stay fp32), one user at a time or batched; FULL one user at a time (`run_users`)."""
+    if method == "lora":
+        model.to(dtype=resolve_precision(config.precision, device).frozen_dtype)
+        if lora_training == "batched":
+            from udg_lib.multilora import run_users_batched  # imported here: multilora loads peft's internals
+
+            return run_users_batched(model, tokenizer, pairs, users, user_ids, fmt, out_dir, config,
+                                     users_per_batch=users_per_batch, after_user=after_user, progress=progress)
+    return run_users(method, model, tokenizer, pairs, users, user_ids, fmt, out_dir, config,
+                     save_full_models=save_full_models, after_user=after_user, progress=progress)
+
+
 def train_user_chunk(method: str, base_model_dir: str, pairs: pd.DataFrame, users: pd.DataFrame,
                      user_ids: list[str], fmt: str, out_dir: str, config: FinetuneConfig, device: str,
-                     num_threads: int, save_full_models: bool, after_user: AfterUser | None) -> dict[str, str]:
-    """One Ray task's work: load the base once, run_users on `user_ids`; returns {user_id: status}."""
+                     num_threads: int, save_full_models: bool, after_user: AfterUser | None,
+                     lora_training: str = "per_user", users_per_batch: int = 8) -> dict[str, str]:
+    """One Ray task's work: load the base once, train `user_ids` on it as the local executor would (LoRA batched
+    or per user); returns {user_id: status}."""
     torch.set_num_threads(num_threads)  # as many threads as CPUs reserved, or tasks sharing a node oversubscribe
     hf_logging.disable_progress_bar()  # workers' load/save bars would interleave in the driver's log
     model, tokenizer = load_base_model(base_model_dir, device)
-    table = run_users(method, model, tokenizer, pairs, users, user_ids, fmt, out_dir, config,
-                      save_full_models=save_full_models, after_user=after_user, progress=False)
+    table = _train_on_base(method, model, tokenizer, pairs, users, user_ids, fmt, out_dir, config, device,
+                           lora_training, users_per_batch, save_full_models, after_user, progress=False)
     return dict(zip(table["user_id"], table["status"]))
 
 

@@ -104,7 +104,7 @@ class UserTrainingOptions:
 
     lora_training: str = "batched"  # "batched": several users' adapters in one pass (multilora); "per_user"
     users_per_batch: int = 8  # batched LoRA: users trained together
-    executor: str = "local"  # "local" or "ray" (per-user jobs as Ray tasks; LoRA then trains per user)
+    executor: str = "local"  # "local" or "ray" (users_per_task users per Ray task; LoRA as lora_training says)
     ray_address: str | None = None  # a Ray cluster; None starts a local instance
     users_per_task: int = 4
     num_cpus_per_task: float = 1.0
@@ -272,7 +272,8 @@ def _train_users(method: str, base_dir: Path, tokenizer: PreTrainedTokenizerBase
                            ray_address=options.ray_address, users_per_task=options.users_per_task,
                            num_cpus_per_task=options.num_cpus_per_task, num_gpus_per_task=options.num_gpus_per_task,
                            device=device, save_full_models=options.save_full_models, after_user=after_user,
-                           progress=options.progress)
+                           progress=options.progress, lora_training=options.lora_training,
+                           users_per_batch=options.users_per_batch)
     from udg_lib.executors import clear_staging_leftovers
 
     clear_staging_leftovers(out_dir, user_ids)  # half-written user folders of a killed run

@@ -45,7 +45,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from udg_lib import io
-from udg_lib.precision import resolve_precision
+from udg_lib.precision import Precision, resolve_precision
 from udg_lib.data.schema import PROFILE_FIELDS, has_known_profile, profile_lookup  # noqa: F401 (has_known_profile: used by notebook 02)
 from udg_lib.prompts import SEP, USER, USER1, build_prompt, build_prompts, render_profile
 
@@ -588,19 +588,31 @@ def _batches(indices: Sequence[int], batch_size: int):
         yield indices[start: start + batch_size]
 
 
+def _on_device(model: PreTrainedModel, device: str | torch.device | None) -> PreTrainedModel:
+    """`model` moved to `device` (in place, as `Module.to` moves it); where it is when `device` is None. The
+    families put each batch's inputs on the model's device."""
+    return model if device is None else model.to(device)
+
+
 def greedy_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
-                   max_new_tokens: int = 48, batch_size: int = 32, max_source_length: int = 128) -> list[str]:
-    """Greedy decoding in the order of `sources`, for either model family (`generation.greedy_generate`)."""
+                   max_new_tokens: int = 48, batch_size: int = 32, max_source_length: int = 128, *,
+                   device: str | torch.device | None = None, precision: str | Precision = "fp32") -> list[str]:
+    """Greedy decoding in the order of `sources`, for either model family (`generation.greedy_generate`), on
+    `device` (the model is moved there; None: where it is) under `precision`'s autocast."""
     from udg_lib.generation import greedy_generate  # imported here: generation builds on this module
 
-    return greedy_generate(model, tokenizer, sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           max_source_length=max_source_length)
+    return greedy_generate(_on_device(model, device), tokenizer, sources, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, max_source_length=max_source_length, precision=precision)
 
 
 def profile_swap_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                        users: pd.DataFrame, fmt: str, n: int = 200, seed: int = 0, max_new_tokens: int = 48,
-                       batch_size: int = 32, max_source_length: int = 128) -> pd.DataFrame:
+                       batch_size: int = 32, max_source_length: int = 128, *, device: str | torch.device | None = None,
+                       precision: str | Precision = "fp32") -> pd.DataFrame:
     """Per held-out context: the greedy reply with the true speaker profile and with another user's.
+
+    The replies are decoded on `device` (the model is moved there; None: where it is; stage 02 passes its
+    GPU) under `precision`'s autocast (`greedy_replies`).
 
     The other user is drawn uniformly among those whose rendered profile differs from the speaker's; for
     PPP only the speaker's profile ([USER1]) is swapped. Contexts whose speaker has no such user are left
@@ -631,7 +643,7 @@ def profile_swap_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         })
     table = pd.DataFrame(rows, columns=["pair_id", "speaker_id", "swap_user_id", "source", "swapped_source"])
     replies = greedy_replies(model, tokenizer, table["source"].tolist() + table["swapped_source"].tolist(),
-                             max_new_tokens, batch_size, max_source_length)
+                             max_new_tokens, batch_size, max_source_length, device=device, precision=precision)
     table["reply"] = replies[: len(table)]
     table["swapped_reply"] = replies[len(table):]
     table["changed"] = table["reply"] != table["swapped_reply"]
@@ -651,19 +663,24 @@ def profile_swap_change_rate(model: PreTrainedModel, tokenizer: PreTrainedTokeni
 
 def reply_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                  targets: Sequence[str], batch_size: int = 32, max_source_length: int = 128,
-                 max_target_length: int = 48):
-    """Per reply: summed NLL and token count, eos included (`generation.reference_nll`, either family)."""
+                 max_target_length: int = 48, *, device: str | torch.device | None = None,
+                 precision: str | Precision = "fp32"):
+    """Per reply: summed NLL and token count, eos included (`generation.reference_nll`, either family), on
+    `device` (the model is moved there; None: where it is) under `precision`'s autocast."""
     from udg_lib.generation import reference_nll  # imported here: generation builds on this module
 
-    return reference_nll(model, tokenizer, list(sources), list(targets), batch_size=batch_size,
-                         max_source_length=max_source_length, max_target_length=max_target_length)
+    return reference_nll(_on_device(model, device), tokenizer, list(sources), list(targets), batch_size=batch_size,
+                         max_source_length=max_source_length, max_target_length=max_target_length,
+                         precision=precision)
 
 
 def reply_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                      targets: Sequence[str], batch_size: int = 32, max_source_length: int = 128,
-                     max_target_length: int = 48) -> float:
+                     max_target_length: int = 48, *, device: str | torch.device | None = None,
+                     precision: str | Precision = "fp32") -> float:
     """Token-level perplexity of the replies: exp(total NLL / total target tokens, eos included)."""
-    scores = reply_scores(model, tokenizer, sources, targets, batch_size, max_source_length, max_target_length)
+    scores = reply_scores(model, tokenizer, sources, targets, batch_size, max_source_length, max_target_length,
+                          device=device, precision=precision)
     total = int(scores.n_tokens.sum())
     return math.exp(float(scores.nll.sum()) / total) if total else float("nan")
 
@@ -684,18 +701,21 @@ def shuffle_profiles(users: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 def profile_perplexity_gap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                            pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, seed: int = 0,
                            batch_size: int = 32, max_source_length: int = 128,
-                           max_target_length: int = 48) -> dict[str, float]:
+                           max_target_length: int = 48, *, device: str | torch.device | None = None,
+                           precision: str | Precision = "fp32") -> dict[str, float]:
     """Reply perplexity with the true profiles vs with shuffled ones (`shuffle_profiles`), with a paired test.
 
     A model that uses the profile scores its own users' replies better: `gap` = shuffled - true > 0. The
     units are the held-out replies, paired by reply: each one's mean NLL per token under the shuffled minus
     the true profiles. `nll_diff_mean` is that mean difference (nats per token) with its 95% bootstrap CI,
     `p_value` a two-sided Wilcoxon signed-rank test on it (`stats.signed_rank_test`; NaN below 2 pairs).
+    Scored on `device` (the model is moved there; None: where it is) under `precision`'s autocast.
     """
     from udg_lib import stats  # imported here: statsmodels is not needed for pre-training itself
 
     targets = pairs["response"].tolist()
-    kwargs = dict(batch_size=batch_size, max_source_length=max_source_length, max_target_length=max_target_length)
+    kwargs = dict(batch_size=batch_size, max_source_length=max_source_length, max_target_length=max_target_length,
+                  device=device, precision=precision)
     true = reply_scores(model, tokenizer, build_prompts(pairs, users, fmt).tolist(), targets, **kwargs)
     shuffled = reply_scores(model, tokenizer, build_prompts(pairs, shuffle_profiles(users, seed), fmt).tolist(),
                             targets, **kwargs)
