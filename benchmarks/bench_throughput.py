@@ -277,16 +277,18 @@ def padding_shares(prepared: Path) -> list[dict[str, Any]]:
     (8), and generation / scoring batches (16 test prompts): random or data order before, length-bucketed or
     length-sorted now."""
     from udg_lib.data.prepare import eval_corpus_names
+    from udg_lib.data.schema import PROFILE_FIELDS
     from udg_lib.families import CAUSAL
     from udg_lib.finetuning import LengthBucketSampler, padding_share
     from udg_lib.prompts import build_prompts
     from udg_lib.tokenizer import load_tokenizer
 
     tokenizer, _ = load_tokenizer(prepared / "tokenizer")
+    no_profiles = pd.DataFrame(columns=["user_id", *PROFILE_FIELDS])  # plain prompts carry none
     source, target = 48, 24  # the cpu profile's max_source_length / max_target_length
 
     def lengths_of(pairs: pd.DataFrame) -> list[int]:
-        examples = CAUSAL.tokenize_pairs(build_prompts(pairs, pd.DataFrame(columns=["user_id"]), "plain").tolist(),
+        examples = CAUSAL.tokenize_pairs(build_prompts(pairs, no_profiles, "plain").tolist(),
                                          pairs["response"].tolist(), tokenizer, source, target)
         return [len(examples[i]["input_ids"]) for i in range(len(examples))]
 
@@ -383,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     note = ("this CPU multiplies bf16 natively (AVX512-BF16/AMX)" if native else
             "this CPU has no AVX512-BF16 or AMX: bf16 products are converted, so bf16 may run slower than fp32")
     print(f"CPU: {cpu_flags_line()}; {note}; precision auto -> {auto}", flush=True)
+    padding = padding_shares(args.prepared) if args.prepared else None  # cheap: before the long timings
     models = {name: MODELS[name](args.smoke, args.seed) for name in args.families}
     lora_counts = {}
     for name, (model, description) in models.items():
@@ -409,7 +412,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         compiled = bench_compile(models["causal"][0], args, auto) if args.compile and "causal" in models else None
     finally:
         torch.set_num_threads(threads_before)
-    padding = padding_shares(args.prepared) if args.prepared else None
     print()
     print(format_table(rows))
     result = {"rows": rows, "roofline": roofline_rows, "precision_auto": auto, "compile": compiled,
