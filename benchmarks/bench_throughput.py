@@ -11,7 +11,9 @@ For each torch thread count (`--threads`, default 1 and 2), in one run:
   FULL (every weight), in three precisions (`variant`): fp32; bf16 autocast over fp32 weights (FULL's bf16,
   and LoRA's with its base left in fp32); and, for LoRA, bf16 as stage 03 runs it (`precision.Precision`:
   the frozen base held in bf16, the adapters fp32, autocast). `pipeline_auto` marks the rows stage 03 runs
-  with `precision: auto` on this CPU (bf16 where it multiplies bf16 natively, else fp32);
+  with `precision: auto` on this CPU (bf16 where it multiplies bf16 natively, else fp32); beside the 1024²
+  roofline, `shape_roofline_share`: the counted rate over what this CPU reaches on the model's own product
+  shapes at the step's tokens (`shape_roofline`), the best such a step could do;
 - `--compile`: the same step of the causal family's LoRA in the precision `auto` chooses, eager against
   `torch.compile` (inductor), with the compile time and the loss difference (adopted in the pipeline only
   where it is at least 1.2x faster with equal results; the JSON records the measurement either way);
@@ -141,6 +143,31 @@ def matmul_roofline(n: int, dtype: torch.dtype, repeats: int) -> dict[str, float
     return result
 
 
+def shape_roofline(model: torch.nn.Module, tokens: int, dtype: torch.dtype, repeats: int) -> float:
+    """GFLOP/s this CPU reaches on the model's own products: every `nn.Linear` shape of the model applied to
+    `tokens` rows (a training batch's tokens), each timed at its best of `repeats`, the rate of their FLOP-weighted
+    sum (forward products; the backward pass multiplies the same shapes transposed). Small products run below
+    the 1024² roofline; this is the rate a step made of these shapes could reach at best."""
+    shapes: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes[tuple(module.weight.shape)] = shapes.get(tuple(module.weight.shape), 0) + 1
+    generator = torch.Generator().manual_seed(0)
+    flops = seconds = 0.0
+    for (out_features, in_features), count in shapes.items():
+        x = torch.randn(tokens, in_features, generator=generator).to(dtype)
+        w = torch.randn(out_features, in_features, generator=generator).to(dtype)
+        torch.nn.functional.linear(x, w)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - started)
+        flops += count * 2 * tokens * in_features * out_features
+        seconds += count * best
+    return flops / seconds / 1e9
+
+
 def training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                   autocast: bool) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
@@ -189,6 +216,10 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
     tokens = args.batch * (args.source_tokens + args.reply_tokens)
     n_parameters = count_parameters(model)
     config = FinetuneConfig()  # r = 12, alpha 24, dropout 0.1; the family's own q, k, v, o
+    at_shapes = {d: shape_roofline(model, tokens, t, max(args.matmul_repeats, 3))
+                 for d, t in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"  {name}: its own product shapes at {tokens} tokens reach fp32 {at_shapes['fp32']:.1f}, bf16 "
+          f"{at_shapes['bf16']:.1f} GFLOP/s", flush=True)
     rows = []
     for (mode, variant), (frozen, autocast) in VARIANTS.items():
         model.to(dtype=torch.bfloat16 if frozen == "bf16" else torch.float32)
@@ -218,11 +249,14 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
             "flops_counted": result["flops_counted"], "gflops_counted": round(gflops_counted, 2),
             "roofline_gflops": round(roofline[dtype], 1),
             "roofline_share": round(gflops_counted / roofline[dtype], 3),
+            "shape_roofline_gflops": round(at_shapes[dtype], 1),
+            "shape_roofline_share": round(gflops_counted / at_shapes[dtype], 3),
         })
         row = rows[-1]
         print(f"  {name:8s} {mode:4s} {variant:13s}: {row['seconds']:8.3f} s/step  {row['tokens_per_s']:9.1f} "
               f"tokens/s  {row['gflops_counted']:7.2f} GFLOP/s counted ({row['roofline_share']:.1%} of the {dtype} "
-              f"roofline){'  <- stage 03 with precision auto' if row['pipeline_auto'] else ''}", flush=True)
+              f"roofline, {row['shape_roofline_share']:.1%} of its shapes' rate)"
+              f"{'  <- stage 03 with precision auto' if row['pipeline_auto'] else ''}", flush=True)
     model.to(dtype=torch.float32)
     return rows
 
@@ -368,7 +402,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 COLUMNS = ["threads", "family", "mode", "variant", "pipeline_auto", "trainable_parameters", "tokens_per_step", "seconds",
-           "timed_steps", "tokens_per_s", "gflops_6N", "gflops_counted", "roofline_gflops", "roofline_share"]
+           "timed_steps", "tokens_per_s", "gflops_6N", "gflops_counted", "roofline_gflops", "roofline_share",
+           "shape_roofline_share"]
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -1155,13 +1155,18 @@ def render_benchmarks_block(folder: str | Path) -> str:
         rows["variant"] = [f"**{v}** (auto)" if auto else v for v, auto in zip(rows["variant"], rows["pipeline_auto"])]
         if "precision_auto" in throughput:
             lines += [f"- precision `auto` here: **{throughput['precision_auto']}** (bold rows: stage 03's step with it)"]
+        if "shape_roofline_share" not in rows:
+            rows["shape_roofline_share"] = float("nan")
         table = rows.rename(columns={"seconds": "s/step", "gflops_counted": "GFLOP/s", "roofline_share":
-                                     "share of roofline"})[["threads", "model", "mode", "variant", "s/step",
-                                                            "tokens_per_s", "GFLOP/s", "share of roofline"]]
+                                     "share of roofline", "shape_roofline_share": "share of its shapes' rate"})[
+            ["threads", "model", "mode", "variant", "s/step", "tokens_per_s", "GFLOP/s", "share of roofline",
+             "share of its shapes' rate"]]
         table = table.assign(**{"s/step": table["s/step"].map(lambda v: f"{v:.3g}"),
                                 "tokens_per_s": table["tokens_per_s"].map(lambda v: f"{v:,.1f}"),
                                 "GFLOP/s": table["GFLOP/s"].map(lambda v: f"{v:.3g}"),
-                                "share of roofline": table["share of roofline"].map(lambda v: f"{v:.0%}")})
+                                "share of roofline": table["share of roofline"].map(lambda v: f"{v:.0%}"),
+                                "share of its shapes' rate": table["share of its shapes' rate"].map(
+                                    lambda v: "—" if v != v else f"{v:.0%}")})
         lines += ["", table.to_markdown(index=False)]
         compiled = throughput.get("compile")
         if compiled:
