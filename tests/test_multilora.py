@@ -195,8 +195,8 @@ def test_other_users_rows_give_no_gradient(tokenizer, data, family):
         assert any(g.abs().sum() > 0 for g in alone)
         # not exact: 15 rows or 6 (and their padded length) change the kernels' summation order. Each gradient
         # is a sum over u0's rows and positions, so its rounding is relative to the largest gradient, not to
-        # each element (an element-wise rtol failed on near-zero ones, 5-7e-6 apart at scale 30 with AMX and
-        # AVX-512 kernels; 1.6e-5 with AVX2)
+        # each element (an element-wise rtol failed on near-zero ones: 7e-6 apart at scale 30 with AMX kernels,
+        # 1.6e-5 with AVX-512 ones; 5e-6 with AVX2)
         for m, a in zip(mixed, alone):
             assert_close_to_scale(m, a, reduction_size=batch["input_ids"][:6].numel())
 
