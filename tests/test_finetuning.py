@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import CANARY, sentences, tiny_model
+from conftest import CANARY, assert_close_to_scale, sentences, tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.families import get_family
 from udg_lib.finetuning import (
@@ -70,6 +70,8 @@ def state(model) -> dict[str, torch.Tensor]:
 
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-equal: for weights left alone or computed the same way twice on this machine (determinism, resume,
+    a user trained after others or alone), which holds by construction."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -176,8 +178,8 @@ def test_lora_trains_only_adapters_and_saved_adapter_reloads(tokenizer, data, tm
         reloaded.eval()
         batch = seq2seq_collator(tokenizer)([encode_pairs(user_examples(pairs, user, "test"), users, "psp",
                                                           tokenizer, CONFIG)[0]])
-        with torch.no_grad():
-            assert torch.allclose(reloaded(**batch).logits, seen[user], atol=1e-6)
+        with torch.no_grad():  # peft from disk vs peft in memory: the same computation, equal up to rounding at most
+            assert_close_to_scale(reloaded(**batch).logits, seen[user], reduction_size=fresh.config.hidden_size)
     again = load_user_adapter(tiny_model(tokenizer), user_dir(tmp_path, "u0") / ADAPTER_DIR)
     assert isinstance(again, PeftModel)
 

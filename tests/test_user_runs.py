@@ -75,6 +75,8 @@ def adapter_tensors(out_dir: Path, user: str) -> dict[str, torch.Tensor]:
 
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-equal: for the same computation run twice on this machine (same seed, a resumed run, a Ray task),
+    which holds by construction; tensors from different computations go to `assert_close_to_scale`."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
