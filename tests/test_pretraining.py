@@ -6,6 +6,7 @@ well under a minute on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from udg_lib.data.schema import PROFILE_FIELDS
+from udg_lib.precision import native_bf16
 from udg_lib.data.prepare import pretraining_texts
 from udg_lib.pretraining import (
     LABEL_PAD_ID,
@@ -489,3 +491,17 @@ def test_shuffle_profiles_moves_known_profiles_only():
     shuffled = shuffle_profiles(users, seed=3)
     assert (shuffled.loc[[1, 3], list(PROFILE_FIELDS)] == "unknown").all().all()  # all-unknown users stay put
     assert sorted(shuffled.loc[[0, 2], "gender"]) == ["female", "male"]
+
+
+def test_bf16_pretraining_runs_on_a_cpu(tokenizer, corpus, tmp_path):
+    """precision "bf16" reaches the Trainer's bf16 mixed precision on a CPU too (the Trainer accepts it only
+    with use_cpu, which a machine without a GPU now always passes); weights are saved in fp32."""
+    data = dialogue_data(tokenizer, corpus)
+    config = PretrainConfig(max_steps=2, per_device_batch_size=4, eval_steps=1, save_steps=2, logging_steps=1,
+                            precision="bf16")
+    with pytest.warns(UserWarning, match="emulated") if not native_bf16("cpu") else contextlib.nullcontext():
+        summary = pretrain(tiny_model(tokenizer), tokenizer, *data, DataCollatorForSeq2Seq(tokenizer),
+                           tmp_path / "run", config)
+    assert summary["steps"] == 2 and math.isfinite(summary["eval_loss"])
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())

@@ -483,7 +483,7 @@ def _training_arguments(output_dir: Path, config: PretrainConfig, has_eval: bool
         predict_with_generate=False,
         # Keep every item key for the collator (`mask_draw`): the datasets here hold model inputs only.
         remove_unused_columns=False,
-        use_cpu=config.use_cpu,
+        use_cpu=config.use_cpu or not on_gpu,  # the Trainer runs bf16 on a CPU only when told it is one
     )
 
 
