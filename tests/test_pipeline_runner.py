@@ -315,33 +315,38 @@ def test_the_executed_copy_names_the_stage_folder_and_reruns_in_place(notebooks:
     assert run(notebooks, outputs) == [("00_make_number", "skipped"), ("01_add_one", "skipped")]
 
 
-# Counts to 13 with a progress bar, printing and showing a table while it runs, as stage notebooks do.
-COUNT_WITH_A_BAR = """\
+# Counts to 13 with a udg_lib bar, printing and showing a table while it runs, as stage notebooks do; then
+# to 7 with tqdm.auto's bar, as other libraries draw theirs (transformers' "Loading weights").
+COUNT_WITH_BARS = """\
 from IPython.display import Markdown, display
+from tqdm.auto import tqdm
 from udg_lib.progress import progress_bar
 from udg_lib.provenance import write_metrics
 for i in progress_bar(range(13), desc="generate tiny", mininterval=0):
     if i == 5:
         print("halfway")
         display(Markdown("| a table |"))
+for i in tqdm(range(7), desc="Loading weights", mininterval=0):
+    pass
 path = write_metrics(output_dir, {"n": 13})"""
 
 
 def test_a_saved_progress_bar_reads_its_final_state(tmp_path: Path) -> None:
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    write_notebook(notebooks / "00_count.ipynb", COUNT_WITH_A_BAR)
+    write_notebook(notebooks / "00_count.ipynb", COUNT_WITH_BARS)
     (tmp_path / "params").mkdir()
     run_pipeline("tiny", params_dir=tmp_path / "params", outputs_root=tmp_path / "outputs", notebooks_dir=notebooks)
     saved = tmp_path / "outputs" / "00_count" / "00_count.ipynb"
     outputs = nbformat.read(saved, as_version=4).cells[-1].outputs
     assert [(o.output_type, o.get("name")) for o in outputs] == [
-        ("stream", "stdout"), ("display_data", None), ("stream", "stderr")]
-    assert outputs[2].text.startswith("generate tiny: 100%|██████████| 13/13 [")
+        ("stream", "stdout"), ("display_data", None), ("stream", "stderr"), ("display_data", None)]
+    assert outputs[2].text.startswith("generate tiny: 100%|██████████| 13/13 [")  # a text bar
     assert outputs[2].text.count("\n") == 1 and "\r" not in outputs[2].text
+    assert "application/vnd.jupyter.widget-view+json" in outputs[3].data  # a widget, as trusted readers see it
+    assert outputs[3].data["text/plain"].startswith("Loading weights: 100%|██████████| 7/7 [")  # and untrusted
     text = saved.read_text(encoding="utf-8")
     assert not re.search(r"(?<![0-9])0%\|", text)  # no first state: " 0%|" (100%| is the last one)
-    assert "widget-view" not in text  # no widget, whose text fallback would be its first state
 
 
 # --- parameters checked before anything runs ---------------------------------------------------------

@@ -14,13 +14,15 @@ The executed copy `outputs/<profile>/NN_name/NN_name.ipynb` is made to read as t
 rename (`finish_executed_copy`): its injected parameters name the stage's final folder as `output_dir` (and the
 profile's outputs folder as `outputs_root`), not the hidden work folder the run wrote to (its comment line names
 that one), so a reader who reruns the copy in JupyterLab or with papermill reproduces the stage in place, as
-running `notebooks/NN_name.ipynb` by hand with its defaults does. Such a rerun rewrites the stage's files one by
-one, not atomically, and `provenance.write_metrics` merges into the metrics.json there, keeping the runner's
-`stage` block: the pipeline still counts the stage as up to date, which holds for a rerun that reproduces it.
-After changing a parameter in the copy, rerun the stage through the pipeline (`--only NN --force`) so that its
-record and the later stages follow. Stage 03 skips the users already finished in its folder, in place as in a
-work folder. Each stage's kernel draws plain text progress bars, and the executed copy keeps only their last
-state (`udg_lib.progress`).
+running `notebooks/NN_name.ipynb` by hand with its defaults does. (The run itself still writes to the work
+folder, so that a failed stage leaves outputs/ as it was and a killed one resumes there; only the copy is
+rewritten, so the run key does not change.) A rerun in place rewrites the stage's files one by one, not
+atomically; `provenance.write_metrics` merges into the metrics.json there, keeping the runner's `stage` block,
+so the pipeline still counts the stage as up to date, which holds for a rerun that reproduces it. A parameter
+changed in the copy alone would leave that record describing the old value: change it in the profile's yaml
+file and run the pipeline `--from NN` instead. Stage 03 skips the users already finished in its folder, in
+place as in a work folder. Each stage's kernel draws plain text progress bars, and in the executed copy every
+bar reads its last state (`udg_lib.progress`).
 
 Before any stage runs, every stage's yaml values are checked against the types annotated in its notebook's
 parameters cell (int, float, str, bool, list, dict), stage 00's corpus specs against their formats and the
@@ -56,7 +58,7 @@ from traitlets.config import Config
 
 from udg_lib import paths
 from udg_lib.io import replace_dir, write_json
-from udg_lib.progress import PROGRESS_ENV, TEXT_BARS, settle_stream_outputs
+from udg_lib.progress import PROGRESS_ENV, TEXT_BARS, settle_stream_outputs, settle_widget_bars
 from udg_lib.provenance import METRICS_FILE, fingerprint_cached
 
 # Parameters the runner sets itself, injected only into notebooks that declare them.
@@ -545,7 +547,8 @@ def finish_executed_copy(executed: Path, parameters: dict[str, Any], work_dir: P
       rerunning the copy in JupyterLab, or with papermill, writes into the stage's folder, not into a hidden
       work folder that no longer exists. The cell's comment line names the work folder the run wrote to. The
       source notebook, hence the run key, is untouched.
-    - Each text progress bar keeps only its last state (`progress.settle_stream_outputs`).
+    - Each progress bar reads its last state: text bars (`progress.settle_stream_outputs`), and the text
+      fallback of other libraries' widget bars (`progress.settle_widget_bars`).
     """
     notebook = nbformat.read(executed, as_version=nbformat.NO_CONVERT)
     record = notebook.metadata.get("papermill", {})
@@ -556,6 +559,7 @@ def finish_executed_copy(executed: Path, parameters: dict[str, Any], work_dir: P
             cell.source = translate_parameters("python3", "python", parameters, note)
         if cell.cell_type == "code":
             cell.outputs = settle_stream_outputs(cell.outputs)
+    settle_widget_bars(notebook)
     if "parameters" in record:
         record["parameters"] = parameters
     if "output_path" in record:
