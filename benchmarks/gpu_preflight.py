@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -140,8 +139,15 @@ def _version(package: str) -> str | None:
         return None
 
 
+NEEDED_MODULES = ("torch", "transformers", "peft", "accelerate", "sentencepiece", "udg_lib.families",
+                  "udg_lib.multilora", "udg_lib.generation", "udg_lib.plan")  # what the steps import first
+
+
 def environment() -> dict[str, Any]:
-    """What this Python computes with: packages, CUDA, the GPU, TF32 and bf16, and what precision "auto" becomes."""
+    """What this Python computes with: packages, CUDA, the GPU, TF32 and bf16, and what precision "auto" becomes.
+    Imports what the steps need first, so a package the node lacks fails here (ImportError), not in a step."""
+    for module in NEEDED_MODULES:
+        importlib.import_module(module)
     import torch
 
     info: dict[str, Any] = {
@@ -175,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = environment()
     except ImportError as error:  # a node's Python without the project's packages
-        print(f"gpu_check.sh: {sys.executable} cannot import what the check needs ({error}); install the wheels "
-              "README's GPU section lists, or set PYTHON", file=sys.stderr)
+        print(f"gpu_check.sh: {sys.executable} cannot import what the check needs ({error}); bring the wheels "
+              "README's GPU section lists (PYTHONPATH to their --target folder), or set PYTHON", file=sys.stderr)
         return 2
     yes = {True: "yes", False: "no", None: "?"}
     packages = info["packages"]
