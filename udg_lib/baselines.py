@@ -490,7 +490,8 @@ class LocalLLM:
         return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:
-        """The model's cache of every column but the last (None when there is only one); no logits asked for."""
+        """The model's cache of every column but the last (None when there is only one). The pass is for its
+        cache: of the logits only the last position's are computed (`logits_to_keep=1`)."""
         if ids.shape[1] < 2:
             return None
         head, head_mask = ids[:, :-1], mask[:, :-1]
