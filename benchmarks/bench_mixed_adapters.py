@@ -12,11 +12,15 @@ contexts. Three ways to do it on one base model:
 - routed batches (what `udg_lib.experiments` does by default): the same batches through a
   `generation.RoutedAdapters` on the plain base, each row through its own user's adapter in one pass per layer.
 
-Everything is synthetic and made on the fly: a SentencePiece tokenizer trained on pseudo-word sentences, a
+Everything is synthetic and made on the fly: a Unigram tokenizer built (not trained) from a pseudo-word
+lexicon at the vocabulary size of the shape (`quick_tokenizer`: 32k rows for t5-base in well under a second,
+where training a SentencePiece model of that size took most of the GPU check's time limit for the step), a
 randomly initialised T5 of a `udg_lib.pretraining` preset shape, random non-zero adapters saved in PEFT's own
 format with `udg_lib.finetuning.lora_config(FinetuneConfig())`, and PPP prompts (§3.4) of ~20-60 tokens.
 The replies of every way must be identical to peft's mixed batches, context by context; the script prints OK
-or the mismatches and exits 1 on any mismatch. Timings are printed (and written with `--out`), never asserted.
+or the mismatches and exits 1 on any mismatch. Timings are printed, never asserted; with `--out` the JSON is
+rewritten after every timed variant (`complete: false` until the end), so a run stopped at a time limit
+still leaves the figures it had; on CUDA each variant's peak GPU memory is recorded beside its time.
 
     .venv/bin/python benchmarks/bench_mixed_adapters.py                      # cpu shape, 32 users x 8
     .venv/bin/python benchmarks/bench_mixed_adapters.py --shape t5-base --device cuda --out results.json
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import random
 import sys
 import tempfile
@@ -38,16 +43,16 @@ from typing import Any, TypeVar
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, T5ForConditionalGeneration
 
 from udg_lib import io
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.finetuning import FinetuneConfig, lora_config
 from udg_lib.generation import RoutedAdapters, greedy_generate, load_routed_adapters, load_user_adapters
 from udg_lib.pretraining import T5_PRESETS, build_model, count_parameters, t5_config
-from udg_lib.prompts import build_ppp_prompt
+from udg_lib.prompts import PROMPT_SPECIAL_TOKENS, build_ppp_prompt
 from udg_lib.provenance import provenance
-from udg_lib.tokenizer import train_sentencepiece_tokenizer
 
 # Tokenizer size per shape: the "cpu" preset was sized with an 8k vocabulary, t5-base checkpoints carry 32k.
 DEFAULT_VOCAB = {"test": 1000, "cpu": 8000, "t5-base": 32000}
@@ -108,13 +113,34 @@ def adapter_name(user: int) -> str:
     return f"u{user}"  # a valid module name, as peft requires
 
 
-def make_tokenizer(folder: Path, vocab_size: int, seed: int = 0, threads: int = 2) -> PreTrainedTokenizerBase:
-    """A SentencePiece tokenizer trained on pseudo-word sentences and the profile values (which would
-    otherwise fall apart into bytes and pieces and make the prompts unrealistically long)."""
-    lexicon = pseudo_words(max(2 * vocab_size, 200), seed)
-    profiles = [", ".join(values) for values in PROFILE_VALUES.values()] * 50
-    corpus = synthetic_sentences(max(2 * vocab_size, 2000), lexicon, seed) + profiles
-    return train_sentencepiece_tokenizer(corpus, folder, vocab_size=vocab_size, extra_ids=10, num_threads=threads)
+QUICK_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2 (pretraining.t5_config's pad, eos, unk)
+QUICK_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'-+()/"
+
+
+def quick_tokenizer(vocab_size: int, lexicon: Sequence[str]) -> PreTrainedTokenizerBase:
+    """A SentencePiece-style Unigram tokenizer of `vocab_size` ids, built from `lexicon` without training.
+
+    Ids: T5's pad 0, eos 1, unk 2; "▁" and one piece per character of QUICK_CHARACTERS (any word can be spelled);
+    the words of the profile values (PPP prompts stay short); then the most frequent words of `lexicon` (it is
+    ranked: `synthetic_sentences` draws word i with weight 1 / (i + 1)), scored by that Zipf frequency, up to
+    `vocab_size`; the §3.4 markers last, as added special tokens. Every id decodes to text, so greedy replies of
+    random weights are words that the equality check can compare.
+    """
+    profile_words = dict.fromkeys(w for values in PROFILE_VALUES.values() for v in values for w in v.split())
+    fixed = [*QUICK_SPECIALS, "▁", *QUICK_CHARACTERS, *(f"▁{w}" for w in profile_words)]
+    n_words = vocab_size - len(fixed) - len(PROMPT_SPECIAL_TOKENS)
+    if n_words < 1:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for words beside {len(fixed)} fixed pieces")
+    words = [f"▁{w}" for w in lexicon if w not in profile_words][:n_words]
+    vocab = ([(piece, 0.0) for piece in QUICK_SPECIALS] + [(piece, -20.0) for piece in fixed[3:]]
+             + [(word, -math.log(rank + 2)) for rank, word in enumerate(words)])
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(PROMPT_SPECIAL_TOKENS)})
+    return tokenizer
 
 
 def save_random_adapters(base: T5ForConditionalGeneration, n_users: int, folder: Path, seed: int = 0
@@ -225,6 +251,11 @@ def timed(run: Callable[[], T], device: torch.device) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes of GPU memory allocated at most since the last `reset_peak_memory_stats` (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -264,13 +295,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
     vocab = args.vocab or DEFAULT_VOCAB[args.shape]
+    config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "threads_used": torch.get_num_threads()}
 
     with tempfile.TemporaryDirectory(prefix="bench_mixed_adapters_") as tmp:
         start = time.perf_counter()
-        tokenizer = make_tokenizer(Path(tmp) / "tokenizer", vocab, args.seed, threads=torch.get_num_threads())
+        lexicon = pseudo_words(max(2 * vocab, 200), args.seed)
+        tokenizer = quick_tokenizer(vocab, lexicon)
+        config["vocab_size"] = len(tokenizer)
         base = build_model(t5_config(args.shape, len(tokenizer)), tokenizer, seed=args.seed).eval()
         adapter_dirs = save_random_adapters(base, args.users, Path(tmp) / "adapters", args.seed)
-        lexicon = pseudo_words(max(2 * vocab, 200), args.seed)
         sources, owners = synthetic_prompts(args.users, args.contexts, lexicon, args.seed + 1)
         prompt_tokens = [len(ids) for ids in tokenizer(sources)["input_ids"]]
         setup_s = time.perf_counter() - start
@@ -289,10 +323,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         replies: dict[str, list[str]] = {}
         seconds: dict[str, float] = {}
+        peaks: dict[str, int | None] = {}
+        model_info = {"shape": args.shape, "parameters": count_parameters(base)}
 
         def record(variant: str, run: Callable[[], list[str]]) -> None:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             replies[variant], took = timed(run, device)
             seconds[variant] = min(took, seconds.get(variant, float("inf")))
+            peak = peak_memory(device)
+            peaks[variant] = None if peak is None else max(peak, peaks.get(variant) or 0)
+            if args.out is not None:  # the figures so far, in case the run is stopped before the end
+                io.write_json(args.out, {"config": config, "model": model_info, "contexts": len(sources),
+                                         "complete": False, "setup_seconds": setup_s, "seconds": seconds,
+                                         "contexts_per_second": {k: len(sources) / v for k, v in seconds.items()},
+                                         "peak_gpu_memory_bytes": max((p for p in peaks.values() if p), default=None),
+                                         "peak_gpu_memory_bytes_by_variant": peaks})
 
         for _ in range(args.repeats):  # rounds interleave the variants, so a busy spell hits all of them
             fresh = copy.deepcopy(base)  # loading wraps the base in place; copied outside the timing
@@ -321,12 +367,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n = len(sources)
     reply_tokens = [len(ids) for ids in tokenizer(mixed, add_special_tokens=False)["input_ids"]]
     report: dict[str, Any] = {
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "vocab_size": len(tokenizer), "threads_used": torch.get_num_threads()},
-        "model": {"shape": args.shape, "parameters": count_parameters(base),
-                  "lora_parameters_per_user": sum(p.numel() for n_, p in all_adapters.named_parameters()
-                                                  if "lora_" in n_ and f".{owners[0]}." in n_)},
+        "config": config,
+        "model": {**model_info, "lora_parameters_per_user": sum(p.numel() for n_, p in all_adapters.named_parameters()
+                                                                if "lora_" in n_ and f".{owners[0]}." in n_)},
         "contexts": n,
+        "complete": True,
         "prompt_tokens": {"mean": sum(prompt_tokens) / n, "min": min(prompt_tokens), "max": max(prompt_tokens)},
         "reply_tokens_mean": sum(reply_tokens) / n,
         "replies_differing_from_base": sum(a != b for a, b in zip(mixed, base_replies)),
@@ -340,11 +385,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                 "mixed": mixed_s / routed_s},
         "mismatches": {k: [vars(m) for m in v] for k, v in mismatches.items()},
         "identical": not any(mismatches.values()),
+        "peak_gpu_memory_bytes": max((p for p in peaks.values() if p), default=None),
+        "peak_gpu_memory_bytes_by_variant": peaks,
         "provenance": provenance({"seed": args.seed}),
     }
     print_report(report)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         io.write_json(args.out, report)
         print(f"wrote {args.out}")
     return report
@@ -361,6 +407,9 @@ def print_report(report: Mapping[str, Any]) -> None:
     print(f"setup {report['setup_seconds']:.1f} s; loading all {config['users']} adapters once "
           f"{report['load_all_adapters_seconds']:.2f} s into peft, {report['load_routed_adapters_seconds']:.2f} s "
           "routed (not in the switch/mixed/routed times)")
+    if report["peak_gpu_memory_bytes"] is not None:
+        print("peak GPU memory: " + ", ".join(f"{v} {b / 2**30:.2f} GiB" for v, b in
+                                              report["peak_gpu_memory_bytes_by_variant"].items()))
     print(f"{'variant':<26}{'seconds':>9}{'contexts/s':>12}{'(b) speedup':>13}{'(c) speedup':>13}")
     mixed_s = next(s for v, s in report["seconds"].items() if v.startswith("(b)"))
     routed_s = next(s for v, s in report["seconds"].items() if v.startswith("(c)"))

@@ -26,7 +26,9 @@ prompts (§3.4) of pseudo-word dialogues with three context turns (~70-110 token
 
 Timings are printed (and written with `--out`), never asserted. The ratios are measured side by side in one
 run, variants interleaved over `--repeats` rounds, each variant's fastest run reported, with its CPU seconds
-beside it. torch runs on one thread by default: on a machine shared with other jobs its threads spin while
+beside it and, on CUDA, its peak GPU memory (`torch.cuda.max_memory_allocated`). With `--out` the JSON is
+rewritten after every timed run (`complete: false` until the end), so a run stopped at a time limit still
+leaves the figures it had. torch runs on one thread by default: on a machine shared with other jobs its threads spin while
 they wait for a core, and oversubscribed they made single runs up to 5x slower at random (`--threads 0`
 restores torch's own choice, for an idle machine).
 
@@ -181,6 +183,16 @@ def timed(device: str, run: Callable[[], pd.DataFrame]) -> tuple[float, float, p
     return time.perf_counter() - started, time.process_time() - cpu_started, table
 
 
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: str) -> int | None:
+    """Bytes of GPU memory allocated at most since the last `reset_peak_memory` (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+
+
 def max_adapter_difference(a: Path, b: Path, user_ids: Sequence[str]) -> float:
     diffs = []
     for user in user_ids:
@@ -193,11 +205,12 @@ def max_adapter_difference(a: Path, b: Path, user_ids: Sequence[str]) -> float:
 
 
 def bench_shape(shape: str, n_users: int, steps: int, users_per_batch: int, batch_size: int, dev_per_user: int,
-                device: str, work: Path, repeats: int = 1, seed: int = 0,
-                family_name: str = "seq2seq") -> list[dict[str, Any]]:
+                device: str, work: Path, repeats: int = 1, seed: int = 0, family_name: str = "seq2seq",
+                on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Time the three variants on one model shape; one row per variant, its fastest of `repeats` runs.
 
-    For the causal family a variant the library cannot run yet gives a row with `error` set and no timings."""
+    For the causal family a variant the library cannot run yet gives a row with `error` set and no timings.
+    `on_rows` gets the rows as they stand after every timed run (variants not timed yet without figures)."""
     family = get_family(family_name)
     pairs, users = synthetic_pairs(n_users, steps * batch_size, dev_per_user, seed=seed)
     tokenizer = synthetic_tokenizer(pairs, work / "tokenizer")
@@ -228,12 +241,37 @@ def bench_shape(shape: str, n_users: int, steps: int, users_per_batch: int, batc
     # warm-up (untimed): first calls pay one-off costs (allocator, kernels, lazy imports) that belong to no variant
     reload_per_user(model_dir, device, tokenizer, pairs, users, user_ids[:1], work / "warmup", config, family)
     best: dict[str, tuple[float, float]] = {}
+    peaks: dict[str, int | None] = {}
+    diffs: dict[str, float] = {}  # each variant's first run against (a)'s, read once
     errors: dict[str, str] = {}
+
+    def current_rows() -> list[dict[str, Any]]:
+        rows = []
+        for variant in runs:
+            row = {"family": family.name, "shape": shape, "variant": variant, "users": n_users,
+                   "steps_per_user": steps, "seconds": None, "users_per_hour": None, "cpu_seconds": None,
+                   "repeats": repeats, "parameters": parameters,
+                   "users_per_batch": users_per_batch if variant == VARIANTS[2] else 1,
+                   "max_adapter_diff_vs_a": None, "peak_gpu_memory_bytes": peaks.get(variant),
+                   "error": errors.get(variant)}
+            if variant in best:
+                if VARIANTS[0] in best and variant not in diffs:
+                    diffs[variant] = max_adapter_difference(work / "a0", work / f"{variant[0]}0", user_ids)
+                seconds, cpu_seconds = best[variant]
+                row.update(seconds=round(seconds, 2), users_per_hour=round(n_users * 3600 / seconds, 1),
+                           cpu_seconds=round(cpu_seconds, 2), max_adapter_diff_vs_a=diffs.get(variant))
+            rows.append(row)
+        for row in rows:
+            row["speedup_vs_a"] = (round(rows[0]["seconds"] / row["seconds"], 2)
+                                   if row["seconds"] and rows[0]["seconds"] else None)
+        return rows
+
     for repeat in range(repeats):  # variants interleaved, so a burst of load elsewhere hits all of them alike
         for variant, run in runs.items():
             if variant in errors:
                 continue
             out = work / f"{variant[0]}{repeat}"
+            reset_peak_memory(device)
             try:
                 seconds, cpu_seconds, table = timed(device, lambda run=run, out=out: run(out))
             except Exception as exc:  # the causal family's path not wired yet: reported, not raised
@@ -245,22 +283,11 @@ def bench_shape(shape: str, n_users: int, steps: int, users_per_batch: int, batc
                 raise RuntimeError(f"{shape} {variant}: optimizer steps per user {table['steps'].tolist()}, "
                                    f"expected {steps} each")
             best[variant] = min(best.get(variant, (seconds, cpu_seconds)), (seconds, cpu_seconds))
-    rows = []
-    for variant in runs:
-        row = {"family": family.name, "shape": shape, "variant": variant, "users": n_users, "steps_per_user": steps,
-               "seconds": None, "users_per_hour": None, "cpu_seconds": None, "repeats": repeats,
-               "parameters": parameters, "users_per_batch": users_per_batch if variant == VARIANTS[2] else 1,
-               "max_adapter_diff_vs_a": None, "error": errors.get(variant)}
-        if variant in best:
-            seconds, cpu_seconds = best[variant]
-            row.update(seconds=round(seconds, 2), users_per_hour=round(n_users * 3600 / seconds, 1),
-                       cpu_seconds=round(cpu_seconds, 2),
-                       max_adapter_diff_vs_a=max_adapter_difference(work / "a0", work / f"{variant[0]}0", user_ids))
-        rows.append(row)
-    for row in rows:
-        row["speedup_vs_a"] = round(rows[0]["seconds"] / row["seconds"], 2) if row["seconds"] and rows[0]["seconds"] \
-            else None
-    return rows
+            peak = peak_memory(device)
+            peaks[variant] = None if peak is None else max(peak, peaks.get(variant) or 0)
+            if on_rows is not None:
+                on_rows(current_rows())
+    return current_rows()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,21 +349,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would bury the table
     rows: list[dict[str, Any]] = []
+
+    def write(current: list[dict[str, Any]], complete: bool) -> None:
+        if args.out is None:
+            return
+        peaks = [r["peak_gpu_memory_bytes"] for r in current if r.get("peak_gpu_memory_bytes")]
+        io.write_json(args.out, {"rows": current, "complete": complete,
+                                 "peak_gpu_memory_bytes": max(peaks, default=None),
+                                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                 "torch_threads": torch.get_num_threads(),
+                                 "provenance": provenance(seeds={"seed": args.seed})})
+
     for shape in args.shapes:
         n_users = args.users or DEFAULT_USERS[shape]
         steps = args.steps or DEFAULT_STEPS[shape]
         with tempfile.TemporaryDirectory(prefix=f"bench-user-training-{shape}-") as work:
             rows.extend(bench_shape(shape, n_users, steps, min(args.users_per_batch, n_users), args.batch_size,
                                     args.dev, args.device, Path(work), repeats=args.repeats, seed=args.seed,
-                                    family_name=args.family))
+                                    family_name=args.family,
+                                    on_rows=lambda so_far: write(rows + so_far, complete=False)))
         print(format_table([r for r in rows if r["shape"] == shape]), flush=True)
     print()
     print(format_table(rows))
-    if args.out is not None:
-        io.write_json(args.out, {"rows": rows, "args": {k: str(v) if isinstance(v, Path) else v
-                                                        for k, v in vars(args).items()},
-                                 "torch_threads": torch.get_num_threads(),
-                                 "provenance": provenance(seeds={"seed": args.seed})})
+    write(rows, complete=True)
     return rows
 
 

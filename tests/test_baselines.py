@@ -6,6 +6,7 @@ The SmolLM2 smoke test (marked `slow`, a few seconds once its cache exists) load
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -562,6 +563,31 @@ def test_one_pass_generates_and_scores_as_the_separate_passes(tiny_llm, fmt):
         assert nll == pytest.approx(expected, rel=1e-5, abs=1e-6)
         assert nll == pytest.approx(one, rel=1e-5, abs=1e-6)  # batching does not change a score
 
+
+def test_one_pass_reads_each_prompt_once_and_scores_without_a_cache_it_cannot_cut(tiny_llm, monkeypatch):
+    prompts = _prompt_set("completion")
+    references = ["I think so too.", "hiking on weekends", "ok", "sure", "well, maybe next time"]
+    shortest = min(len(tiny_llm.encode_prompt(p, "completion")) for p in prompts)
+    widths: list[int] = []
+    forward = tiny_llm.model.forward
+
+    @functools.wraps(forward)  # the same signature, which names the cache argument
+    def counting(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_llm.model, "forward", counting)
+    replies, scores = tiny_llm.generate_and_score(prompts, references, "completion", max_new_tokens=8, batch_size=3)
+    assert sum(width >= shortest - 1 for width in widths) == 2  # one pass over the prompts of each of 2 batches
+    widths.clear()
+    tiny_llm.generate(prompts, "completion", max_new_tokens=8, batch_size=3)
+    tiny_llm.reference_nll(prompts, references, "completion", batch_size=3)
+    assert sum(width >= shortest - 1 for width in widths) == 4  # the separate calls read them twice
+    # a cache that cannot be cut back to the prompt (a full sliding window): the prompts are read again
+    monkeypatch.setattr(LocalLLM, "_prompt_cache", staticmethod(lambda cache, length: None))
+    again, rescored = tiny_llm.generate_and_score(prompts, references, "completion", max_new_tokens=8, batch_size=3)
+    assert again == replies
+    assert [nll for nll, _ in rescored] == pytest.approx([nll for nll, _ in scores], rel=1e-5)
 
 def test_scores_of_a_bf16_model_are_summed_in_fp32(tiny_llm):
     import copy

@@ -84,6 +84,40 @@ def test_a_wrong_routed_reply_is_reported(bench, monkeypatch, capsys):
     assert "MISMATCH: routed vs mixed batches differ on 1/6 contexts" in capsys.readouterr().out
 
 
+def test_the_json_holds_each_variant_as_soon_as_it_is_timed(bench, monkeypatch, tmp_path):
+    """A run stopped part-way (gpu_check.sh's time limit) leaves the figures of the variants it timed."""
+    def stopped(*args, **kwargs):
+        if len(args[2]) > 2:  # not the warm-up
+            raise KeyboardInterrupt("stopped at the time limit")
+        return routed(*args, **kwargs)
+
+    routed = bench.generate_routed
+    monkeypatch.setattr(bench, "generate_routed", stopped)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*TINY, "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["complete"] is False and "identical" not in written
+    assert list(written["seconds"]) == ["(a) load per user", "(a) switch per user", "(b) mixed, batch 4"]
+    assert written["peak_gpu_memory_bytes"] is None  # on a CPU
+    assert written["config"]["vocab_size"] == 400  # the quick tokenizer is exactly as large as asked
+
+
+def test_quick_tokenizer_spells_any_prompt_and_decodes_every_id(bench):
+    lexicon = bench.pseudo_words(2000, seed=0)
+    tokenizer = bench.quick_tokenizer(1000, lexicon)
+    assert len(tokenizer) == 1000
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)  # T5's ids
+    prompts, _ = bench.synthetic_prompts(2, 2, lexicon, seed=1)
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == prompt  # markers, profile values and words come back as written
+        assert tokenizer.convert_tokens_to_ids("[SEP]") in ids
+    assert tokenizer.convert_ids_to_tokens(3) == "▁"  # a space alone, which decodes to nothing at the start
+    assert all(tokenizer.decode([i]) for i in range(4, len(tokenizer)))  # every other id decodes to some text
+
+
 def test_find_mismatches(bench):
     found = bench.find_mismatches(["a", "b", "c"], ["a", "x", "c"], ["u0", "u1", "u1"])
     assert [(m.index, m.user, m.expected, m.got) for m in found] == [(1, "u1", "b", "x")]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -38,6 +39,28 @@ def test_bench_user_training_smoke(tmp_path, capsys):
     assert written["rows"] == rows and "packages" in written["provenance"]
     printed = capsys.readouterr().out
     assert "users_per_hour" in printed and "c: run_users_batched" in printed
+
+
+def test_bench_user_training_writes_each_variant_as_soon_as_it_is_timed(tmp_path, monkeypatch):
+    """A run stopped part-way (gpu_check.sh's time limit) leaves the rows of the variants it timed."""
+    bench = load_script("bench_user_training")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped at the time limit")
+
+    monkeypatch.setattr(bench, "run_users_batched", stopped)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(["--shapes", "test", "--users", "2", "--steps", "1", "--repeats", "1", "--threads", "1",
+                        "--out", str(tmp_path / "bench.json")])
+    finally:
+        torch.set_num_threads(threads)
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["complete"] is False and written["peak_gpu_memory_bytes"] is None  # on a CPU
+    timed = {r["variant"]: r["seconds"] for r in written["rows"]}
+    assert timed[bench.VARIANTS[0]] > 0 and timed[bench.VARIANTS[1]] > 0 and timed[bench.VARIANTS[2]] is None
+    assert all("peak_gpu_memory_bytes" in r for r in written["rows"])
 
 
 def test_bench_throughput_smoke(tmp_path, capsys):

@@ -427,9 +427,10 @@ class LocalLLM:
     def generate_and_score(self, prompts: Sequence[str | Sequence[dict]], references: Sequence[str], fmt: str,
                            max_new_tokens: int = 40, batch_size: int = 8, progress: bool = False
                            ) -> tuple[list[str], list[tuple[float, int]]]:
-        """`generate` and `reference_nll` of the same prompts from one pass over each prompt: the prompt's
-        cache is computed once, a copy of it scores the reference and the original continues into the
-        greedy reply. The same replies and NLLs as the two calls (tested), at the cost of one prompt pass."""
+        """`generate` and `reference_nll` of the same prompts from one pass over each prompt: `generate` runs
+        as it does alone and its cache, cut back to the prompt, scores the references. The replies of
+        `generate` (the same call) and its NLLs to floating-point rounding (tested), at the cost of one
+        prompt pass."""
         return self._batched(prompts, references, fmt, max_new_tokens, batch_size, progress)
 
     def _batched(self, prompts: Sequence[str | Sequence[dict]], references: Sequence[str] | None, fmt: str,
@@ -437,13 +438,13 @@ class LocalLLM:
                  ) -> tuple[list[str], list[tuple[float, int]]]:
         """Replies (when `max_new_tokens` is given) and reference scores (when `references` are), batch by batch.
 
-        Per batch of left-padded prompts (width W, so every row's last prompt token is in column W - 1): a
-        forward over columns 0..W-2 fills the cache (`_prefill`); the references are scored over a copy of it,
-        starting from each row's last prompt token (`_score_references`); `model.generate` continues from the
-        cache, feeding only the last column. Positions follow the attention mask, as `generate` numbers them.
+        Per batch of left-padded prompts (width W, so every row's last prompt token is in column W - 1):
+        `model.generate` runs as it always did (its own pass over the prompts, then one token at a time) and
+        hands back its cache, which is cut back to columns 0..W-2 (`_prompt_cache`); the references are scored
+        over it, starting from each row's last prompt token (`_score_references`). Scoring alone fills that
+        cache with a forward over columns 0..W-2 (`_prefill`), as does a cache that cannot be cut (a sliding-
+        window layer past its window). Positions follow the attention mask, as `generate` numbers them.
         """
-        import copy
-
         import torch
 
         _check_format(fmt)
@@ -461,18 +462,20 @@ class LocalLLM:
                                   disable=not progress):
             ids, mask = self._pad([encoded[i] for i in batch], side="left")
             with torch.inference_mode():
-                cache = self._prefill(ids, mask)
-                if reference_ids is not None:
-                    scoring_cache = copy.deepcopy(cache) if max_new_tokens is not None else cache
-                    for index, score in zip(batch, self._score_references(scoring_cache, ids, mask,
-                                                                          [reference_ids[i] for i in batch])):
-                        scores[index] = score
-                    del scoring_cache
+                cache = None
                 if max_new_tokens is not None:
-                    output = self._generate_from(cache, ids, mask, max_new_tokens)
+                    output, cache = self._generate(ids, mask, max_new_tokens, keep_cache=reference_ids is not None)
                     for row, index in enumerate(batch):
                         # a row that stopped early was filled with padding, which decoding drops
                         replies[index] = self.tokenizer.decode(output[row, ids.shape[1]:], skip_special_tokens=True)
+                    cache = self._prompt_cache(cache, ids.shape[1] - 1)
+                if reference_ids is not None:
+                    if cache is None:
+                        cache = self._prefill(ids, mask)
+                    for index, score in zip(batch, self._score_references(cache, ids, mask,
+                                                                          [reference_ids[i] for i in batch])):
+                        scores[index] = score
+                del cache
         return replies, scores
 
     def encode_reference(self, reference: str, fmt: str) -> list[int]:
@@ -487,7 +490,8 @@ class LocalLLM:
         return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:
-        """The model's cache of every column but the last (None when there is only one); no logits asked for."""
+        """The model's cache of every column but the last (None when there is only one). The pass is for its
+        cache: of the logits only the last position's are computed (`logits_to_keep=1`)."""
         if ids.shape[1] < 2:
             return None
         head, head_mask = ids[:, :-1], mask[:, :-1]
@@ -529,22 +533,37 @@ class LocalLLM:
         sums = token_nll.double().sum(dim=1).cpu().tolist()
         return [(float(total), len(reference)) for total, reference in zip(sums, references)]
 
-    def _generate_from(self, cache: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy continuation of the whole batch from its prompt cache (columns 0..W-2): `generate` reads the
-        last column and goes on from there."""
-        import copy
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                  keep_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        """Greedy continuation of the batch (prompt and new tokens) and, with `keep_cache`, `generate`'s cache."""
+        output = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=self.pad_token_id,
+                                     stopping_criteria=[NewlineStop(self.tokenizer, ids.shape[1])],
+                                     return_dict_in_generate=keep_cache)
+        if not keep_cache:
+            return output, None
+        cache = output["cache"] if "cache" in output.keys() else output.get("past_key_values")
+        return output["sequences"], cache
 
-        kwargs: dict[str, Any] = {}
-        if cache is not None:
-            kwargs[self._cache_argument()] = cache
-            if getattr(self.model.generation_config, "cache_implementation", None) is not None:
-                # a checkpoint that asks for its own cache type (Gemma-3's "hybrid") gets ours, which the model made
-                config = copy.deepcopy(self.model.generation_config)
-                config.cache_implementation = None
-                kwargs["generation_config"] = config
-        return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=self.pad_token_id,
-                                   stopping_criteria=[NewlineStop(self.tokenizer, ids.shape[1])], **kwargs)
+    @staticmethod
+    def _prompt_cache(cache: Any, length: int) -> Any:
+        """`cache` cut back to its first `length` positions, in place; None when there is none, `length` is 0 or
+        the cache cannot be cut (not a `DynamicCache`, or a sliding-window layer that already dropped positions).
+        `crop` with a negative count removes that many positions in every transformers 5 (5.2x refuses a
+        positive one)."""
+        from transformers import DynamicCache
+
+        if not isinstance(cache, DynamicCache) or length < 1:  # a static or hybrid cache keeps its own size
+            return None
+        try:
+            excess = cache.get_seq_length() - length
+            if excess < 0:
+                return None
+            if excess:
+                cache.crop(-excess)
+        except (RuntimeError, ValueError, TypeError):  # e.g. a sliding window already full
+            return None
+        return cache if cache.get_seq_length() == length else None
 
 
 _TOKEN_NEWLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its tables)
