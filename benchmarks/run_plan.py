@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         print(f"== plan {dtype}", flush=True)
-        rc = plan.main([*forwarded, "--dtype", dtype, "--json", str(target)])
+        rc = plan.main([*forwarded, "--precision", dtype, "--json", str(target)])
         if rc != 0 or not target.is_file():
             failed += 1
             continue
