@@ -87,6 +87,10 @@ def test_the_family_comes_from_model_family_and_precision_is_resolved(tmp_path):
               "03_finetune_users": {**PARAMS["03_finetune_users"], "precision": "fp32"}}
     loaded, _ = cost_plan.profile_params("tmp", write_params(tmp_path / "params", params))
     assert cost_plan.profile_shape(loaded).family == "causal"  # stage 02's parameter is model_family
+    assert cost_plan.profile_shape(loaded).preset == "test"  # trained from scratch at its preset
+    with_checkpoint = {**loaded, "02_pretrain_models": {**loaded["02_pretrain_models"], "checkpoint": "smollm2"}}
+    shape = cost_plan.profile_shape(with_checkpoint)  # the cpu profile: SmolLM2 as shipped, not the default preset
+    assert (shape.preset, shape.vocab_size) == ("smollm2-135m", 49152)
     planned = cost_plan.plan_profile("tmp", params_dir=tmp_path / "params", steps=1, device="cpu", max_rows=1,
                                      outputs_root=write_stage00(tmp_path / "outputs"))
     assert planned.shape.family == "causal"

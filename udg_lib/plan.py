@@ -229,8 +229,9 @@ def profile_shape(params: Mapping[str, dict[str, Any]], family: str | None = Non
 
     stage00, stage02 = _stage(params, "00"), _stage(params, "02")
     family = family or stage02.get("model_family") or "seq2seq"
-    if family == "causal":
-        preset = stage02["model_preset"] if stage02["model_preset"] in LLAMA_PRESETS else "smollm2-135m"
+    if family == "causal":  # a causal checkpoint is taken as SmolLM2-135M's shape (the packaged and hub bases)
+        preset = ("smollm2-135m" if stage02["checkpoint"] or stage02["model_preset"] not in LLAMA_PRESETS
+                  else stage02["model_preset"])
         vocab = SMOLLM2_VOCAB if preset == "smollm2-135m" else stage00["vocab_size"] + 102
         return ModelShape("causal", preset, vocab, f"causal track, {preset} shape")
     if family != "seq2seq":
