@@ -1197,6 +1197,14 @@ def render_benchmarks_block(folder: str | Path) -> str:
         cpus = {f"{r['cpu']['model_name']} ({'AVX512-BF16' if r['cpu'].get('avx512_bf16') else 'no AVX512-BF16'}, "
                 f"{'AMX' if r['cpu'].get('amx_bf16') else 'no AMX'})" for r in runs["runs"]}
         lines += [table.to_markdown(index=False, floatfmt=".1f"), "", f"CPU: {'; '.join(sorted(cpus))}."]
+        plan, tuned = _bench_json(folder, "plan_cpu"), _metrics(folder.parents[1] / "results" / "cpu" / "03_finetune_users")
+        if plan is not None and tuned is not None:
+            planned = sum(r["device_hours"] for r in plan["table"] if r["stage"] == "03") * 60
+            measured = tuned["metrics"]["training_seconds"] / 60
+            lines += ["", f"The cost planner (`python -m udg_lib.plan --profile cpu`, `plan_cpu.json`, "
+                      f"{plan['precision']['used']}, epochs of an earlier run) put stage 03's training at "
+                      f"{planned:.1f} min; the published run measured {measured:.1f} min "
+                      f"({measured / planned - 1:+.0%} against the plan)."]
     for name in ("bench_user_training", "bench_user_training_causal"):
         record = _bench_json(folder, name)
         if record is None:
