@@ -235,6 +235,51 @@ def test_second_run_skips_up_to_date_stages(test_run: Path):
     assert {r.status for r in results} == {"skipped"}
 
 
+# A tqdm bar as its text shows it, from the start of its line: "generate smollm2:  46%|████▌     | 6/13 [...]".
+BAR_STATE = re.compile(r"[^\n\r]*?(\d+)%\|[^|\n]*\| *(\d+)/(\d+) \[")
+
+
+def test_saved_progress_bars_read_their_final_state(test_run: Path):
+    """Opened untrusted (on another machine), an executed copy shows outputs as saved: every progress bar of a
+    finished loop must read its final state there, never the "0%" first state of a widget's text fallback."""
+    bars = []
+    for executed in sorted(test_run.glob("*/[0-9][0-9]_*.ipynb")):
+        notebook = json.loads(executed.read_text(encoding="utf-8"))
+        for cell in notebook["cells"]:
+            for output in cell.get("outputs", []):
+                text = "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+                for state in BAR_STATE.finditer(text):
+                    bars.append(state[0])
+                    assert state[1] == "100" and state[2] == state[3], (executed.name, state[0])
+    assert any(bar.startswith("generate smollm2: 100%|██████████| ") for bar in bars), bars
+
+
+def test_an_executed_copy_reruns_in_its_own_folder_with_the_same_results(test_run: Path, tmp_path: Path):
+    """The executed copy's parameters name the stage's final folder, so papermill (or JupyterLab) rerunning it
+    there reproduces the stage in place. Run on a copy of the outputs, with the stage rerun by the runner first
+    so that its executed copy names the copy's folder."""
+    import papermill
+
+    outputs = Path(shutil.copytree(test_run, tmp_path / "test"))
+    stage = outputs / "05_exp2_diversity"
+    [result] = run_pipeline("test", only="05", force=True, outputs_root=outputs)
+    assert result.run_key == metrics(test_run, "05_exp2_diversity")["stage"]["run_key"]
+    executed = stage / "05_exp2_diversity.ipynb"
+    [injected] = [c for c in json.loads(executed.read_text())["cells"] if "injected-parameters" in c["metadata"]["tags"]]
+    assert f'output_dir = "{stage}"\n' in injected["source"] and f'outputs_root = "{outputs}"\n' in injected["source"]
+    before = metrics(outputs, "05_exp2_diversity")
+    table7 = pd.read_csv(stage / "table7.csv", index_col=0)
+    (stage / "table7.csv").unlink()
+
+    papermill.execute_notebook(executed, executed, kernel_name="python3", cwd=stage, progress_bar=False)
+    after = metrics(outputs, "05_exp2_diversity")
+    assert after["metrics"] == before["metrics"] == metrics(test_run, "05_exp2_diversity")["metrics"]
+    assert after["stage"] == before["stage"]  # the runner's record stands: the stage is reproduced
+    pd.testing.assert_frame_equal(pd.read_csv(stage / "table7.csv", index_col=0), table7)
+    assert not [path.name for path in outputs.iterdir() if path.name.startswith(".")]  # nothing hidden written
+    assert {result.status for result in run_pipeline("test", outputs_root=outputs)} == {"skipped"}
+
+
 def test_malformed_generic_corpus_fails_in_one_line_and_writes_nothing(tmp_path: Path, capsys):
     bad = tmp_path / "turns.jsonl"
     bad.write_text('{"dialogue_id": "d1", "turn_index": 0, "speaker_id": "a", "text": "hi"}\n'
