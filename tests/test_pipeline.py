@@ -251,7 +251,7 @@ def test_saved_progress_bars_read_their_final_state(test_run: Path):
                 for state in BAR_STATE.finditer(text):
                     bars.append(state[0])
                     assert state[1] == "100" and state[2] == state[3], (executed.name, state[0])
-    assert any(bar.startswith("generate smollm2: 100%|██████████| ") for bar in bars), bars
+    assert any(bar.startswith("generate+score smollm2: 100%|██████████| ") for bar in bars), bars
 
 
 def test_an_executed_copy_reruns_in_its_own_folder_with_the_same_results(test_run: Path, tmp_path: Path):
