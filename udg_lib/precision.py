@@ -114,9 +114,6 @@ class Precision:
             f"; CPU: {cpu_flags_line()}" if self.device_type == "cpu" else "")
 
 
-FP32 = Precision("fp32", "fp32", "cpu")  # the reference, for callers that pass no precision
-
-
 def resolve_precision(requested: str | Precision, device: torch.device | str) -> Precision:
     """The precision a stage uses on `device` for `requested` ("auto", "fp32", "bf16"; a `Precision` is
     re-resolved for `device`). Enables TF32 on CUDA. bf16 forced where it is emulated warns once."""
