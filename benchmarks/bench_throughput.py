@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from peft import get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging as hf_logging
@@ -69,7 +70,8 @@ from transformers.utils import logging as hf_logging
 from udg_lib import io
 from udg_lib.families import CAUSAL, SEQ2SEQ, SMOLLM2_VOCAB, ModelFamily, get_family, llama_config, load_model
 from udg_lib.finetuning import FinetuneConfig
-from udg_lib.precision import cpu_flags, cpu_flags_line, native_bf16, resolve_precision
+from udg_lib.precision import (attention_implementation, cpu_flags, cpu_flags_line, native_bf16, resolve_precision,
+                               training_attention)
 from udg_lib.pretraining import LABEL_PAD_ID, count_parameters, t5_config
 from udg_lib.provenance import provenance
 
@@ -79,6 +81,19 @@ DTYPES = ("fp32", "bf16")
 VARIANTS = {("lora", "fp32"): ("fp32", False), ("lora", "bf16-autocast"): ("fp32", True),
             ("lora", "bf16"): ("bf16", True), ("full", "fp32"): ("fp32", False), ("full", "bf16"): ("fp32", True)}
 PAPER_LORA_PARAMETERS = 1_800_000  # §4.1.3: "1.8 million" trainable LoRA parameters on t5-base
+# The profile whose stage 03 each family's rows stand for: its LoRA dropout and per-user batch shape.
+PIPELINE_PROFILES = {"causal": "cpu", "seq2seq": "cpu-t5"}
+NOTEBOOK_LORA_DROPOUT = 0.1  # notebook 03's default (T5's own dropout rate) where a profile sets none
+
+
+def stage03_settings(family: str) -> dict[str, Any]:
+    """What stage 03 of the family's profile (`PIPELINE_PROFILES`) trains with: LoRA dropout, per-user batch
+    size, prompt and reply token caps (params/<profile>/03_finetune_users.yaml over the notebook's defaults)."""
+    path = Path(__file__).resolve().parents[1] / "params" / PIPELINE_PROFILES[family] / "03_finetune_users.yaml"
+    params = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    return {"profile": PIPELINE_PROFILES[family], "lora_dropout": float(params.get("lora_dropout", NOTEBOOK_LORA_DROPOUT)),
+            "batch_size": int(params.get("batch_size", 8)), "source_tokens": int(params.get("max_source_length", 64)),
+            "reply_tokens": int(params.get("max_target_length", 16))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,7 +230,8 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
     batch = synthetic_batch(family, args.batch, args.source_tokens, args.reply_tokens, vocab, args.seed)
     tokens = args.batch * (args.source_tokens + args.reply_tokens)
     n_parameters = count_parameters(model)
-    config = FinetuneConfig()  # r = 12, alpha 24, dropout 0.1; the family's own q, k, v, o
+    # r = 12, alpha 24, the family's own q, k, v, o and the dropout its profile's stage 03 uses
+    config = FinetuneConfig(lora_dropout=stage03_settings(name)["lora_dropout"])
     at_shapes = {d: shape_roofline(model, tokens, t, max(args.matmul_repeats, 3))
                  for d, t in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"  {name}: its own product shapes at {tokens} tokens reach fp32 {at_shapes['fp32']:.1f}, bf16 "
@@ -232,7 +248,9 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
                 p.requires_grad_(True)
         dtype = "bf16" if autocast else "fp32"  # the products' dtype: whose roofline applies
         try:
-            result = measure(target, batch, autocast, args.steps, args.slow_step_seconds)
+            with training_attention(target, "cpu"):  # as stage 03 trains (eager attention on a CPU)
+                attention = attention_implementation(target)
+                result = measure(target, batch, autocast, args.steps, args.slow_step_seconds)
         finally:
             if mode == "lora":
                 target.unload()  # the plain model back for the next variant
@@ -240,6 +258,7 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
         rows.append({
             "threads": threads, "family": name, "model": description, "mode": mode, "variant": variant,
             "dtype": dtype, "pipeline_auto": variant == auto or (mode == "lora" and auto == "bf16" and variant == "bf16"),
+            "attention": attention, "lora_dropout": config.lora_dropout if mode == "lora" else None,
             "parameters": n_parameters, "trainable_parameters": result["trainable_parameters"],
             "batch": args.batch, "tokens_per_step": tokens, "seconds": round(result["seconds"], 4),
             "min_seconds": round(result["min_seconds"], 4), "cpu_seconds": round(result["cpu_seconds"], 4),
@@ -262,7 +281,8 @@ def bench_family(name: str, model: torch.nn.Module, description: str, args: argp
 
 
 def bench_compile(model: torch.nn.Module, args: argparse.Namespace, auto: str) -> dict[str, Any]:
-    """The causal LoRA step in the precision `auto` picks, eager vs `torch.compile`: seconds per step (median of
+    """The causal LoRA step in the precision `auto` picks (eager attention, as stage 03 trains on a CPU), eager
+    mode vs `torch.compile`: seconds per step (median of
     `args.steps` after the warm-up), the first compiled step's seconds (compilation included), and the largest
     relative difference of the losses of the same steps from the same start."""
     family = get_family("causal")
@@ -277,6 +297,8 @@ def bench_compile(model: torch.nn.Module, args: argparse.Namespace, auto: str) -
         target = get_peft_model(model, family.lora_config(FinetuneConfig(lora_dropout=0.0)))
         runner = torch.compile(target) if how == "compiled" else target
         optimizer = torch.optim.Adam([p for p in target.parameters() if p.requires_grad], lr=1e-4)
+        switch = training_attention(target, "cpu")  # as stage 03 trains
+        switch.__enter__()
         try:
             started = time.perf_counter()
             losses[how] = [training_step(runner, batch, optimizer, numerics.bf16)]
@@ -291,6 +313,7 @@ def bench_compile(model: torch.nn.Module, args: argparse.Namespace, auto: str) -
             result[f"{how}_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
             break
         finally:
+            switch.__exit__(None, None, None)
             target.unload()
             torch._dynamo.reset()
     model.to(dtype=torch.float32)
@@ -368,6 +391,49 @@ def padding_shares(prepared: Path) -> list[dict[str, Any]]:
 # Command line
 
 
+def bench_attention(model: torch.nn.Module, args: argparse.Namespace, auto: str, threads: int,
+                    roofline: dict[str, float]) -> list[dict[str, Any]]:
+    """The causal LoRA step as stage 03 trains it (precision `auto`, its profile's dropout) with the model's
+    own SDPA attention and with the eager attention `precision.training_attention` switches to on a CPU, side
+    by side, at the benchmark's shape and at stage 03's own per-user shape (its profile's batch size, prompt
+    and reply caps, unpadded): seconds per step (median of `args.steps` after a warm-up), counted GFLOP/s
+    and its share of the roofline of the precision used."""
+    family = get_family("causal")
+    settings = stage03_settings("causal")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    numerics = resolve_precision(auto, "cpu")
+    shapes = {"benchmark": (args.batch, args.source_tokens, args.reply_tokens),
+              f"stage 03 ({settings['profile']})": (settings["batch_size"], settings["source_tokens"],
+                                                    settings["reply_tokens"])}
+    rows = []
+    model.to(dtype=numerics.frozen_dtype)
+    for shape, (batch_size, source, reply) in shapes.items():
+        batch = synthetic_batch(family, batch_size, source, reply, vocab, args.seed)
+        for how in ("sdpa", "eager"):
+            torch.manual_seed(args.seed)
+            target = get_peft_model(model, family.lora_config(FinetuneConfig(lora_dropout=settings["lora_dropout"])))
+            switch = training_attention(target, "cpu") if how == "eager" else nullcontext()
+            try:
+                with switch:
+                    used = attention_implementation(target)
+                    result = measure(target, batch, numerics.bf16, max(args.steps, 3), args.slow_step_seconds)
+            finally:
+                target.unload()
+            gflops = result["flops_counted"] / result["seconds"] / 1e9
+            rows.append({"threads": threads, "shape": shape, "batch": batch_size, "tokens_per_step": batch_size * (source + reply),
+                         "attention": used, "precision": numerics.used, "lora_dropout": settings["lora_dropout"],
+                         "seconds": round(result["seconds"], 4), "gflops_counted": round(gflops, 2),
+                         "roofline_gflops": round(roofline[numerics.used], 1),
+                         "roofline_share": round(gflops / roofline[numerics.used], 3)})
+            print(f"  attention {used:5s} at the {shape} shape ({batch_size} x {source + reply} tokens), causal LoRA "
+                  f"{numerics.used}: {result['seconds']:.3f} s/step, {gflops:.1f} GFLOP/s counted "
+                  f"({rows[-1]['roofline_share']:.1%} of the {numerics.used} roofline)", flush=True)
+        sdpa, eager = rows[-2], rows[-1]
+        eager["speedup_vs_sdpa"] = round(sdpa["seconds"] / eager["seconds"], 3)
+    model.to(dtype=torch.float32)
+    return rows
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models and matrices: a run of seconds")
@@ -429,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{name}: {description}; {count_parameters(model):,} parameters; LoRA r=12 on q,k,v,o: "
               f"{lora_counts[name]:,} trainable (the paper's t5-base: {PAPER_LORA_PARAMETERS / 1e6:.1f} M)",
               flush=True)
-    roofline_rows, rows = [], []
+    roofline_rows, rows, attention_rows = [], [], []
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -444,12 +510,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{d} matmul {p['matmul']:.2f}, linear {p['linear']:.2f}" for d, p in products.items()), flush=True)
             for name, (model, description) in models.items():
                 rows.extend(bench_family(name, model, description, args, threads, roofline, auto))
+            if "causal" in models:
+                attention_rows.extend(bench_attention(models["causal"][0], args, auto, threads, roofline))
         compiled = bench_compile(models["causal"][0], args, auto) if args.compile and "causal" in models else None
     finally:
         torch.set_num_threads(threads_before)
     print()
     print(format_table(rows))
     result = {"rows": rows, "roofline": roofline_rows, "precision_auto": auto, "compile": compiled,
+              "attention": attention_rows, "stage03": {name: stage03_settings(name) for name in models},
               "padding": padding, "lora_trainable_parameters": lora_counts,
               "paper_lora_parameters": PAPER_LORA_PARAMETERS, "cpu": flags, "note": note,
               "models": {name: description for name, (_, description) in models.items()},

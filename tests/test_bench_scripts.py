@@ -75,6 +75,15 @@ def test_bench_throughput_smoke(tmp_path, capsys):
     assert sorted(auto) == sorted((f, m, result["precision_auto"]) for f in ("seq2seq", "causal") for m in bench.MODES)
     assert result["compile"] is None and result["padding"] is None  # --compile / --prepared not asked
     assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["flops_counted"] > 0 for r in rows)
+    # every step as stage 03 trains: eager attention for the causal model on a CPU, the profile's LoRA dropout
+    assert {r["attention"] for r in rows if r["family"] == "causal"} == {"eager"}
+    assert {r["lora_dropout"] for r in rows if r["mode"] == "lora"} == \
+        {result["stage03"]["causal"]["lora_dropout"], result["stage03"]["seq2seq"]["lora_dropout"]}
+    attention = result["attention"]  # SDPA vs eager at two shapes, side by side
+    assert [(r["shape"].split()[0], r["attention"]) for r in attention] == \
+        [("benchmark", "sdpa"), ("benchmark", "eager"), ("stage", "sdpa"), ("stage", "eager")]
+    assert all(r["seconds"] > 0 and 0 < r["roofline_share"] for r in attention)
+    assert all(r["speedup_vs_sdpa"] > 0 for r in attention if r["attention"] == "eager")
     lora = {r["family"]: r["trainable_parameters"] for r in rows if r["mode"] == "lora"}
     full = {r["family"]: r["trainable_parameters"] for r in rows if r["mode"] == "full"}
     assert lora == result["lora_trainable_parameters"] and all(lora[f] < full[f] for f in lora)

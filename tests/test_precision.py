@@ -3,6 +3,7 @@ bf16 run trains and scores (LoRA on a base held in bf16, FULL under autocast, ge
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import replace
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import sentences, tiny_model
+from udg_lib import finetuning as ft_module
 from udg_lib import precision as pr
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.families import get_family
@@ -151,3 +153,34 @@ def test_bf16_full_training_keeps_fp32_weights(tokenizer, family, data):
                                         replace(CONFIG, precision="bf16", max_epochs=2))
     assert summary.steps > 0 and math.isfinite(summary.best_dev_loss) and summary.best_dev_loss < summary.initial_dev_loss
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_training_attention_is_eager_on_a_cpu_only_while_training_and_trains_alike(tokenizer, family, data):
+    """A causal model (SDPA by default) trains with eager attention on a CPU and gets SDPA back; a T5 (its own
+    attention) is left alone. In fp32 both attentions give the same training within float rounding: the dev
+    losses of the same seeded run agree to 1e-4 relative (the two compute softmax(QK^T)V in different orders)."""
+    pairs, users = data
+    model = tiny_model(tokenizer, family)
+    before = pr.attention_implementation(model)
+    with pr.training_attention(model, "cpu"):
+        during = pr.attention_implementation(model)
+    assert pr.attention_implementation(model) == before
+    assert during == ("eager" if before == "sdpa" else before)
+    if family == "causal":
+        assert before == "sdpa" and during == "eager"
+        with pr.training_attention(model, "meta"):  # not a CPU: nothing changes
+            assert pr.attention_implementation(model) == "sdpa"
+
+    fam = get_family(family)
+    train = encode_pairs(user_examples(pairs, "u0", "train_ft"), users, "psp", tokenizer, CONFIG, family=fam)
+    dev = encode_pairs(user_examples(pairs, "u0", "dev"), users, "psp", tokenizer, CONFIG, family=fam)
+    config = replace(CONFIG, max_epochs=2, patience=5)
+    trained = {}
+    for how in ("switched", "sdpa"):
+        model = tiny_model(tokenizer, family, seed=2)
+        with pytest.MonkeyPatch.context() as patch:
+            if how == "sdpa":  # what training did before the switch
+                patch.setattr(ft_module, "training_attention", lambda m, d: contextlib.nullcontext())
+            trained[how] = train_with_early_stopping(model, train, dev, fam.collator(tokenizer), config)
+        assert pr.attention_implementation(model) == before  # given back after training
+    np.testing.assert_allclose(trained["switched"].dev_losses, trained["sdpa"].dev_losses, rtol=1e-4)

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
 from udg_lib import io
-from udg_lib.precision import Precision, autocast_for
+from udg_lib.precision import Precision, autocast_for, training_attention
 from udg_lib.families import (  # SELF_ATTENTION_QKVO and seq2seq_collator are re-exported for callers of old
     SELF_ATTENTION_QKVO,
     SEQ2SEQ,
@@ -206,7 +206,15 @@ def train_with_early_stopping(model: torch.nn.Module, train_examples: Dataset, d
 
     Deterministic given `config.seed`: dropout draws from torch's global generator, seeded here, and the
     shuffling from its own seeded generator. Only `params` go to the optimizer; other weights stay as they are.
+    On a CPU the model trains with eager attention (`precision.training_attention`), then gets its own back.
     """
+    with training_attention(model, _device(model)):
+        return _train_with_early_stopping(model, train_examples, dev_examples, collator, config, params)
+
+
+def _train_with_early_stopping(model: torch.nn.Module, train_examples: Dataset, dev_examples: Dataset,
+                               collator: Callable, config: FinetuneConfig,
+                               params: Iterable[torch.nn.Parameter] | None) -> TrainingSummary:
     started = time.perf_counter()
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:

@@ -65,7 +65,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from udg_lib import io
 from udg_lib.families import ModelFamily, family_of
-from udg_lib.precision import autocast_for
+from udg_lib.precision import autocast_for, training_attention
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
@@ -481,7 +481,7 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
     try:
         for p in base_model.parameters():
             p.requires_grad_(False)  # only the adapters get gradients
-        with MultiLora(base_model, config) as multi:
+        with MultiLora(base_model, config) as multi, training_attention(base_model, device):
             base_model.train()
             while queue or active:
                 joined = []

@@ -45,7 +45,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from udg_lib import io
-from udg_lib.precision import Precision, resolve_precision
+from udg_lib.precision import Precision, resolve_precision, training_attention
 from udg_lib.data.schema import PROFILE_FIELDS, has_known_profile, profile_lookup  # noqa: F401 (has_known_profile: used by notebook 02)
 from udg_lib.prompts import SEP, USER, USER1, build_prompt, build_prompts, render_profile
 
@@ -520,7 +520,8 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_d
         trainer.state = TrainerState.load_from_json(str(Path(last_checkpoint) / TRAINER_STATE_FILE))
         train_loss = float("nan")
     else:
-        train_loss = trainer.train(resume_from_checkpoint=last_checkpoint).training_loss
+        with training_attention(model, args.device):  # eager attention on a CPU (see precision.py)
+            train_loss = trainer.train(resume_from_checkpoint=last_checkpoint).training_loss
     train_seconds = time.perf_counter() - started
 
     state = trainer.state

@@ -1177,6 +1177,18 @@ def render_benchmarks_block(folder: str | Path) -> str:
                 + ("adopted" if compiled["adopt"] else "not adopted (below 1.2× or unequal)")
                 if "compiled_seconds" in compiled else
                 f"failed: {compiled.get('compiled_error') or compiled.get('eager_error')}")]
+        if throughput.get("attention"):
+            attention = pd.DataFrame(throughput["attention"])
+            lines += ["", "Stage 03's causal LoRA step with SDPA and with the eager attention it trains with on a CPU "
+                      "(`precision.training_attention`), at the benchmark's shape and at stage 03's own per-user "
+                      "shape; LoRA dropout as its profile sets it:", "",
+                      attention.assign(**{"s/step": attention["seconds"].map(lambda v: f"{v:.3g}"),
+                                          "GFLOP/s": attention["gflops_counted"].map(lambda v: f"{v:.3g}"),
+                                          "share of roofline": attention["roofline_share"].map(lambda v: f"{v:.0%}"),
+                                          "speed-up": attention.get("speedup_vs_sdpa", pd.Series(dtype=float)).map(
+                                              lambda v: "" if v != v else f"×{v:.2f}")})[
+                          ["threads", "shape", "tokens_per_step", "precision", "lora_dropout", "attention", "s/step",
+                           "GFLOP/s", "share of roofline", "speed-up"]].to_markdown(index=False)]
         if throughput.get("padding"):
             lines += ["", "Padding share of the pipeline's batches on real prompts (before issue #21: random or data "
                       "order; now: length-bucketed or sorted):", "",
