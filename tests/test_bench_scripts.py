@@ -82,7 +82,7 @@ def test_bench_throughput_smoke(tmp_path, capsys):
     attention = result["attention"]  # SDPA vs eager at two shapes, side by side
     assert [(r["shape"].split()[0], r["attention"]) for r in attention] == \
         [("benchmark", "sdpa"), ("benchmark", "eager"), ("stage", "sdpa"), ("stage", "eager")]
-    assert all(r["seconds"] > 0 and 0 < r["roofline_share"] for r in attention)
+    assert all(r["seconds"] > 0 and 0 < r["roofline_share"] and 0 < r["shape_roofline_share"] for r in attention)
     assert all(r["speedup_vs_sdpa"] > 0 for r in attention if r["attention"] == "eager")
     lora = {r["family"]: r["trainable_parameters"] for r in rows if r["mode"] == "lora"}
     full = {r["family"]: r["trainable_parameters"] for r in rows if r["mode"] == "full"}

@@ -1173,8 +1173,11 @@ def render_benchmarks_block(folder: str | Path) -> str:
             lines += ["", f"- `torch.compile` of the causal LoRA step ({compiled['precision']}): " + (
                 f"{compiled['eager_seconds']:.3g} s eager, {compiled['compiled_seconds']:.3g} s compiled "
                 f"(×{compiled['speedup']:.2f}; first compiled step {compiled['compiled_first_step_seconds']:.0f} s), "
-                f"losses within {compiled['max_relative_loss_difference']:.1e}: "
-                + ("adopted" if compiled["adopt"] else "not adopted (below 1.2× or unequal)")
+                f"losses within {compiled['max_relative_loss_difference']:.1e}"
+                + (f"; it pays off after {compiled['break_even_steps']} steps, a per-user model trains "
+                   f"{compiled['steps_per_model']}" if compiled.get("break_even_steps") is not None else "") + ": "
+                + ("adopted" if compiled["adopt"] else "not adopted (below 1.2×, unequal, or compiling costs more "
+                   "than it saves)")
                 if "compiled_seconds" in compiled else
                 f"failed: {compiled.get('compiled_error') or compiled.get('eager_error')}")]
         if throughput.get("attention"):
@@ -1185,10 +1188,14 @@ def render_benchmarks_block(folder: str | Path) -> str:
                       attention.assign(**{"s/step": attention["seconds"].map(lambda v: f"{v:.3g}"),
                                           "GFLOP/s": attention["gflops_counted"].map(lambda v: f"{v:.3g}"),
                                           "share of roofline": attention["roofline_share"].map(lambda v: f"{v:.0%}"),
+                                          "share of its shapes' rate": attention.get(
+                                              "shape_roofline_share", pd.Series(float("nan"), index=attention.index)).map(
+                                              lambda v: "—" if v != v else f"{v:.0%}"),
                                           "speed-up": attention.get("speedup_vs_sdpa", pd.Series(dtype=float)).map(
                                               lambda v: "" if v != v else f"×{v:.2f}")})[
                           ["threads", "shape", "tokens_per_step", "precision", "lora_dropout", "attention", "s/step",
-                           "GFLOP/s", "share of roofline", "speed-up"]].to_markdown(index=False)]
+                           "GFLOP/s", "share of roofline", "share of its shapes' rate", "speed-up"]].to_markdown(
+                              index=False)]
         if throughput.get("padding"):
             lines += ["", "Padding share of the pipeline's batches on real prompts (before issue #21: random or data "
                       "order; now: length-bucketed or sorted):", "",
