@@ -297,6 +297,9 @@ def test_a_published_folder_without_stage_06_says_llm_comparisons_are_unavailabl
     assert line.split()[-4:] == [f"{c2['sd']:.3g}", f"{c2['detectable']:.3g}", "0.01", str(int(c2["n_needed"]))]
     assert "bits_per_char" in printed and "lower is better" in printed
     assert sum(line.lstrip().startswith(("C2", "C4", "Q2")) for line in printed.splitlines()) == len(table)
+    assert cost_plan.main(["--power", str(tmp_path / "results"), "--target-similarity", "0.05"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("C2")]
+    assert [(r[-9], r[-2]) for r in rows] == [("similarity", "0.05"), ("bits_per_char", "0.02")]
 
 
 def test_command_line_power_refuses_a_folder_without_scores(tmp_path, capsys):

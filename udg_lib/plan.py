@@ -45,7 +45,6 @@ import pandas as pd
 import torch
 
 from udg_lib import paths
-from udg_lib.power import DEFAULT_TARGETS
 from udg_lib.precision import PRECISIONS, cpu_flags_line, resolve_precision
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -769,7 +768,8 @@ def format_plan(plan: Plan) -> str:
 
 
 def print_power(run_dir: Path, targets: Mapping[str, float]) -> int:
-    """`--power RUN_DIR`: the power table of a finished run (`udg_lib.power`)."""
+    """`--power RUN_DIR`: the power table of a finished run (`udg_lib.power`; imported here, so that a cost plan
+    does not load statsmodels)."""
     from udg_lib.power import format_power, power_table, read_run
 
     try:
@@ -788,10 +788,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--power", type=Path, metavar="RUN_DIR",
                         help="instead of a cost plan: the power of a finished run's paired comparisons (an outputs "
                              "folder, or a published results/<profile>/), see udg_lib.power")
-    parser.add_argument("--target-similarity", type=float, default=DEFAULT_TARGETS["similarity"],
-                        help="--power: the similarity difference n_needed is computed for")
-    parser.add_argument("--target-bpc", type=float, default=DEFAULT_TARGETS["bits_per_char"],
-                        help="--power: the bits-per-character difference n_needed is computed for")
+    parser.add_argument("--target-similarity", type=float,
+                        help="--power: the similarity difference n_needed is computed for (default 0.01)")
+    parser.add_argument("--target-bpc", type=float,
+                        help="--power: the bits-per-character difference n_needed is computed for (default 0.02)")
     parser.add_argument("--params-dir", help="folder of <stage>.yaml files instead of params/<profile>")
     parser.add_argument("--outputs-root", help="stage outputs instead of outputs/<profile> (stage 00's users)")
     parser.add_argument("--steps", type=int, help="timed repetitions per kind, after a warm-up (default: 1 on CPU, 3 on GPU)")
@@ -804,7 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the plan as JSON here")
     args = parser.parse_args(argv)
     if args.power is not None:
-        return print_power(args.power, {"similarity": args.target_similarity, "bits_per_char": args.target_bpc})
+        targets = {"similarity": args.target_similarity, "bits_per_char": args.target_bpc}
+        return print_power(args.power, {k: v for k, v in targets.items() if v is not None})
     if args.profile is None:
         parser.error("--profile is required (or --power RUN_DIR)")
     if args.steps is not None and args.steps < 1:

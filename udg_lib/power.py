@@ -42,7 +42,7 @@ from udg_lib import report, stats
 
 METRICS = ("similarity", "bits_per_char")
 LOWER_IS_BETTER = {"similarity": False, "bits_per_char": True}
-DEFAULT_TARGETS = {"similarity": 0.01, "bits_per_char": 0.02}
+DEFAULT_TARGETS = {"similarity": 0.01, "bits_per_char": 0.02}  # plan --power says so in its help
 POWER = 0.8
 MAX_USERS = 1_000_000  # n_needed searches up to here; beyond it the table says "> 1e6"
 EXP1 = "04_exp1_next_utterance"

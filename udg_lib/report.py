@@ -4,7 +4,8 @@ Tables 1-7 and Figure 2 of our run, the paper's numbers beside ours where they a
 wall time, peak memory and model sizes, generation health, and the paper's claims C1-C6 judged from the
 saved per-sample scores (`judge_claims`). Nothing here runs a model:
 `python -m udg_lib.report --profile cpu` rebuilds it from the files; `--publish` copies a small reference
-folder to `results/<profile>/` and regenerates README's results block from it; `--compare REF RUN` prints
+folder to `results/<profile>/` and regenerates README's results block from it, only from a run whose stages
+all ran from a clean commit that includes the last change to the code and the profile's params; `--compare REF RUN` prints
 the headline numbers of two such folders side by side.
 
 How a claim is judged (the paper gives no test): each claim is a family of paired comparisons across
