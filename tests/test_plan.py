@@ -290,7 +290,7 @@ def test_a_published_folder_without_stage_06_says_llm_comparisons_are_unavailabl
     assert "C1" not in set(table["family"])
     assert cost_plan.main(["--power", str(tmp_path / "results")]) == 0
     printed = capsys.readouterr().out
-    assert "LLM comparisons (C1, C5) are not available from this folder" in printed
+    assert "LLM comparisons (C1) are not available from this folder" in printed
     header = next(line for line in printed.splitlines() if line.lstrip().startswith("family"))
     assert header.split()[-4:] == ["sd", "detectable", "target", "n_needed"]  # no per-sample split columns
     line = next(line for line in printed.splitlines() if line.lstrip().startswith("C2") and "similarity" in line)

@@ -5,7 +5,8 @@
 
 The comparisons are the judge's (`report.claim_comparisons`, `report.question_comparisons`), each taken on
 similarity and on bits per character (`dataclasses.replace(comparison, metric=...)`), per user as the judge
-pairs them (`report.unit_differences`). Per comparison and metric:
+pairs them (`report.unit_differences`); C3 (Distinct-S across questions) and C5 (the share of replies under
+0.2) are judged on other metrics and are not planned here. Per comparison and metric:
 
 - `sd`: the SD of the per-user differences a - b (the comparison's label reads a - b). Similarity: higher is
   better, so a claimed "a > b" is a positive difference; bits per character: lower is better, so the same
@@ -81,7 +82,8 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
     else from stage 04's `per_user_scores.csv` in a published folder (no per-user file for stage 06 there)."""
     run = Path(run_dir)
     exp1, llm = run / EXP1, run / LLM
-    table2 = report._csv(run / "00_prepare_corpus" / "table2.csv")
+    table2_file = run / "00_prepare_corpus" / "table2.csv"
+    table2 = pd.read_csv(table2_file) if table2_file.is_file() else None
     small = report.small_data_datasets(table2, settings.small_data_max_train)
     notes = [] if table2 is not None else ["no stage 00 table2.csv: every dataset is in C2 / C6's scope"]
     if (exp1 / "scores.parquet").is_file():
@@ -97,7 +99,7 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
                 frames.append(_unit_means(both, f"llm:{method}"))
                 samples.append(both.assign(source=f"llm:{method}"))
         else:
-            notes.append(f"no {LLM}/scores.parquet: LLM comparisons (C1, C5) are not available from this folder")
+            notes.append(f"no {LLM}/scores.parquet: LLM comparisons (C1) are not available from this folder")
         return RunValues(pd.concat(frames, ignore_index=True), pd.concat(samples, ignore_index=True), small, notes)
     per_user = exp1 / "per_user_scores.csv"
     if not per_user.is_file():
@@ -108,7 +110,7 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
               .rename(columns={"user_id": "unit"}).assign(source="exp1"))
     notes += [f"{per_user.relative_to(run)}: per-user means only, so the SD of a difference is measured at the "
               "run's test pairs and kept as it is for any other number of test pairs",
-              f"LLM comparisons (C1, C5) are not available from this folder: it has no per-user file for {LLM}"]
+              f"LLM comparisons (C1) are not available from this folder: it has no per-user file for {LLM}"]
     return RunValues(values, None, small, notes)
 
 
@@ -243,7 +245,8 @@ def format_power(table: pd.DataFrame, run: RunValues, run_dir: str | Path, power
             if column in shown:
                 shown[column] = shown[column].map(lambda v, spec=spec: "-" if v != v else format(v, spec))
         lines.append(shown.to_string(index=False))
-    lines += [""] + [f"note: {n}" for n in run.notes]
+    lines += ["", "note: C3 (Distinct-S) and C5 (share of replies under 0.2) are judged on other metrics: not here"]
+    lines += [f"note: {n}" for n in run.notes]
     return "\n".join(lines)
 
 
