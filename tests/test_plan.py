@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -166,3 +167,177 @@ def test_command_line_prints_the_plan_and_writes_json(tmp_path, capsys):
 def test_command_line_names_the_known_profiles_for_an_unknown_one(capsys):
     assert cost_plan.main(["--profile", "no-such-profile"]) == 1
     assert "no params/no-such-profile/" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --power: a finished run's paired comparisons (udg_lib.power)
+
+from statsmodels.stats.power import TTestPower  # noqa: E402
+
+from udg_lib import power as run_power  # noqa: E402
+
+N_USERS, N_PAIRS = 12, 5
+SYSTEMS = [("plain_dialogue", "lora"), ("plain_dialogue", "full"), ("psp", "lora"), ("psp", "full")]
+
+
+def synthetic_scores(seed=0):
+    """Stage 04 scores: N_USERS users x N_PAIRS test pairs x SYSTEMS, a user effect and reply noise per system;
+    every reference 10 characters long, so a user's bits per character is the mean of its replies'."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(N_USERS):
+        user_shift = {s: rng.normal(0, 0.05) for s in SYSTEMS}
+        for pair in range(N_PAIRS):
+            for s in SYSTEMS:
+                rows.append({"dataset": "d", "split_set": 0, "user_id": f"u{u:02d}", "pair_id": pair,
+                             "pretrain": s[0], "method": s[1], "system": "/".join(s),
+                             "similarity": 0.3 + user_shift[s] + rng.normal(0, 0.1),
+                             "text_nll": 10 * math.log(2) * (1.5 + user_shift[s] + rng.normal(0, 0.2)),
+                             "text_chars": 10})
+    scores = pd.DataFrame(rows)
+    scores["bits_per_char"] = scores["text_nll"] / math.log(2) / scores["text_chars"]
+    return scores
+
+
+def user_diffs(scores, metric, a, b):
+    """By hand: per user, the mean over its replies of a's systems minus b's."""
+    wide = scores.pivot_table(index="user_id", columns=["pretrain", "method"], values=metric, aggfunc="mean")
+    return (wide[a].mean(axis=1) - wide[b].mean(axis=1)).to_numpy()
+
+
+def write_outputs(root, scores, llm=None):
+    (root / "04_exp1_next_utterance").mkdir(parents=True)
+    scores.to_parquet(root / "04_exp1_next_utterance" / "scores.parquet")
+    if llm is not None:
+        (root / "06_llm_baselines").mkdir(parents=True)
+        llm.to_parquet(root / "06_llm_baselines" / "scores.parquet")
+    return root
+
+
+def test_power_table_matches_statsmodels_by_hand(tmp_path):
+    scores = synthetic_scores()
+    run = run_power.read_run(write_outputs(tmp_path / "run", scores))
+    table = run_power.power_table(run, {"similarity": 0.01, "bits_per_char": 0.02})
+    assert set(table["family"]) == {"C2", "C4", "Q2"}  # no One-ID, DA or LLM in this run
+    solver = TTestPower()
+    for metric, target in (("similarity", 0.01), ("bits_per_char", 0.02)):
+        # C2 (family of 1): PSP LoRA/FULL > Plain Dialogue LoRA/FULL, one-sided at alpha 0.05
+        c2 = table[(table["family"] == "C2") & (table["metric"] == metric)].iloc[0]
+        d = user_diffs(scores, metric, [("psp", "lora"), ("psp", "full")],
+                       [("plain_dialogue", "lora"), ("plain_dialogue", "full")])
+        sd = np.std(d, ddof=1)
+        assert (c2["n"], c2["m"]) == (N_USERS, 1)
+        assert c2["sd"] == pytest.approx(sd)
+        assert c2["detectable"] == pytest.approx(
+            solver.solve_power(nobs=N_USERS, alpha=0.05, power=0.8, alternative="larger") * sd)
+        assert c2["n_needed"] == math.ceil(
+            solver.solve_power(effect_size=target / sd, alpha=0.05, power=0.8, alternative="larger"))
+        # Q2 (family of 2: LoRA and FULL): two-sided at 0.05 / 2
+        q2 = table[(table["family"] == "Q2") & (table["metric"] == metric) & (table["comparison"].str.contains("LoRA"))]
+        d = user_diffs(scores, metric, [("psp", "lora")], [("plain_dialogue", "lora")])
+        sd = np.std(d, ddof=1)
+        assert q2.iloc[0]["m"] == 2 and q2.iloc[0]["sd"] == pytest.approx(sd)
+        assert q2.iloc[0]["detectable"] == pytest.approx(
+            solver.solve_power(nobs=N_USERS, alpha=0.025, power=0.8, alternative="two-sided") * sd)
+        assert q2.iloc[0]["n_needed"] == math.ceil(
+            solver.solve_power(effect_size=target / sd, alpha=0.025, power=0.8, alternative="two-sided"))
+
+
+def test_variance_components_reproduce_the_measured_sd_at_the_runs_test_pairs(tmp_path):
+    # balanced users: between + within / k is MS_between / k, the variance of the users' means, exactly
+    scores = synthetic_scores(seed=3)
+    run = run_power.read_run(write_outputs(tmp_path / "run", scores))
+    table = run_power.power_table(run)
+    assert (table["pairs_per_user"] == N_PAIRS).all() and (table["sd_between"] > 0).sum() >= 4
+    for row in table.itertuples():
+        if row.sd_between > 0:  # not clipped at zero
+            assert math.sqrt(row.sd_between ** 2 + row.sd_within ** 2 / N_PAIRS) == pytest.approx(row.sd)
+    # the split itself, by hand on known data: user means 0, 1, 2, 3 and replies +-1 around them
+    diffs = pd.DataFrame({"dataset": "d", "user_id": np.repeat(list("abcd"), 2),
+                          "diff": [-1, 1, 0, 2, 1, 3, 2, 4]}).astype({"diff": float})
+    parts = run_power.variance_components(diffs)
+    assert parts.within == pytest.approx(2.0)  # (1 + 1) x 4 / (8 - 4)
+    assert parts.between == pytest.approx((2 * 5 / 3 - 2.0) / 2)  # (MS_between - MS_within) / k, MS_between = 2 x var(0..3)
+    assert parts.sd(2) == pytest.approx(math.sqrt(5 / 3))
+
+
+def test_llm_comparisons_come_from_stage_06_scores(tmp_path):
+    scores = synthetic_scores()
+    llm = scores[scores["system"] == "psp/lora"].assign(pretrain="llm", method="chat", system="llm/chat")
+    llm["similarity"] -= 0.1
+    run = run_power.read_run(write_outputs(tmp_path / "run", scores, llm))
+    table = run_power.power_table(run)
+    c1 = table[(table["family"] == "C1") & (table["metric"] == "similarity")]
+    assert len(c1) == 1 and c1.iloc[0]["n"] == N_USERS and c1.iloc[0]["effect"] > 0
+    assert not any("not available" in note for note in run.notes)
+
+
+def test_a_published_folder_without_stage_06_says_llm_comparisons_are_unavailable(tmp_path, capsys):
+    scores = synthetic_scores()
+    from udg_lib.metrics import per_user_means
+
+    folder = tmp_path / "results" / "04_exp1_next_utterance"
+    folder.mkdir(parents=True)
+    per_user_means(scores, ["similarity", "bits_per_char"]).to_csv(folder / "per_user_scores.csv", index=False)
+    (tmp_path / "results" / "06_llm_baselines").mkdir()  # published: metrics and tables, no per-user file
+    run = run_power.read_run(tmp_path / "results")
+    assert run.samples is None
+    table = run_power.power_table(run)
+    c2 = table[(table["family"] == "C2") & (table["metric"] == "similarity")].iloc[0]
+    assert c2["sd"] == pytest.approx(np.std(user_diffs(scores, "similarity", [("psp", "lora"), ("psp", "full")],
+                                                       [("plain_dialogue", "lora"), ("plain_dialogue", "full")]),
+                                            ddof=1))
+    assert "C1" not in set(table["family"])
+    assert cost_plan.main(["--power", str(tmp_path / "results")]) == 0
+    printed = capsys.readouterr().out
+    assert "LLM comparisons (C1) are not available from this folder" in printed
+    header = next(line for line in printed.splitlines() if line.lstrip().startswith("family"))
+    assert header.split()[-4:] == ["sd", "detectable", "target", "n_needed"]  # no per-sample split columns
+    line = next(line for line in printed.splitlines() if line.lstrip().startswith("C2") and "similarity" in line)
+    assert line.split()[-4:] == [f"{c2['sd']:.3g}", f"{c2['detectable']:.3g}", "0.01", str(int(c2["n_needed"]))]
+    assert "bits_per_char" in printed and "lower is better" in printed
+    assert sum(line.lstrip().startswith(("C2", "C4", "Q2")) for line in printed.splitlines()) == len(table)
+    assert cost_plan.main(["--power", str(tmp_path / "results"), "--target-similarity", "0.05"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("C2")]
+    assert [(r[-9], r[-2]) for r in rows] == [("similarity", "0.05"), ("bits_per_char", "0.02")]
+
+
+def test_command_line_power_refuses_a_folder_without_scores(tmp_path, capsys):
+    assert cost_plan.main(["--power", str(tmp_path)]) == 1
+    assert "per_user_scores.csv" in capsys.readouterr().err
+
+
+def test_users_needed_is_the_smallest_n_that_reaches_the_target():
+    assert run_power.users_needed(lambda n: 10 / n, 1.0) == 10
+    assert run_power.users_needed(lambda n: 10 / n, 0.9) == 12
+    assert run_power.users_needed(lambda n: 1.0, 0.5) is None
+
+
+def test_design_tradeoff_costs_and_shrinks_with_users_and_test_pairs(tmp_path):
+    scores = synthetic_scores(seed=3)
+    run = run_power.read_run(write_outputs(tmp_path / "run", scores))
+    table = run_power.power_table(run)
+    grid = run_power.design_tradeoff(table, run, lambda users, train, test: users * train * test / 60,
+                                     users=[N_USERS, 4 * N_USERS], train_pairs=[10], test_pairs=[N_PAIRS, 4 * N_PAIRS])
+    assert grid["minutes"].tolist() == pytest.approx([u * 10 * t for u in (N_USERS, 4 * N_USERS)
+                                                      for t in (N_PAIRS, 4 * N_PAIRS)])
+    at_run = grid[(grid["users"] == N_USERS) & (grid["test_pairs"] == N_PAIRS)].iloc[0]
+    on_similarity = table[table["metric"] == "similarity"]
+    for family, rows in on_similarity.groupby("family"):
+        hardest = rows.loc[rows["sd"].idxmax()]
+        if hardest["sd_between"] > 0:  # the model reproduces the measured SD at the run's design
+            assert at_run[family] == pytest.approx(hardest["detectable"])
+        assert (grid.loc[grid["users"] > N_USERS, family].to_numpy()
+                < grid.loc[grid["users"] == N_USERS, family].to_numpy()).all()
+        assert (grid.loc[grid["test_pairs"] > N_PAIRS, family].to_numpy()
+                < grid.loc[grid["test_pairs"] == N_PAIRS, family].to_numpy()).all()
+
+
+def test_design_hours_recost_the_planned_stages(tmp_path, monkeypatch):
+    monkeypatch.delitem(USERS, "beta")  # one dataset: the plan's own design is one (users, pairs) point
+    planned = cost_plan.plan_profile("tmp", params_dir=write_params(tmp_path / "params"),
+                                     outputs_root=write_stage00(tmp_path / "outputs"), steps=1, device="cpu")
+    own = planned.design_hours(USERS["alpha"], PAIRS["train_ft"], PAIRS["test"])
+    assert own == pytest.approx(planned.stage_hours("03") + planned.stage_hours("04-05"))
+    assert planned.design_hours(2 * USERS["alpha"], PAIRS["train_ft"], PAIRS["test"]) > own
+    assert planned.design_hours(USERS["alpha"], 4 * PAIRS["train_ft"], PAIRS["test"]) > own

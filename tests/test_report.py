@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -352,9 +353,79 @@ def test_report_without_stage_outputs(tmp_path):
     assert report.main(["--profile", "cpu", "--outputs-root", str(tmp_path / "none")]) == 1
 
 
-def test_publish_renders_readme_block_and_compares(tmp_path, capsys):
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def commit_file(repo, path, text):
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_text(text)
+    git(repo, "add", path)
+    git(repo, "commit", "-q", "-m", f"change {path}")
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A git repo shaped like this one: udg_lib/, notebooks/, params/cpu/, committed."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "t@example.org")
+    git(repo, "config", "user.name", "t")
+    commit_file(repo, "notebooks/00.ipynb", "{}")
+    commit_file(repo, "params/cpu/00.yaml", "a: 1\n")
+    commit_file(repo, "udg_lib/x.py", "x = 1\n")
+    return repo
+
+
+def stamp_commit(root, commit, stages=report.STAGES):
+    """Record `commit` as the git commit every stage of `root` ran from."""
+    for stage in stages:
+        path = root / stage / "metrics.json"
+        record = json.loads(path.read_text())
+        record["provenance"]["git_commit"] = commit
+        path.write_text(json.dumps(record))
+
+
+def test_publish_refuses_dirty_stale_or_unrecorded_commits(tmp_path, checkout):
+    root, dest = tmp_path / "outputs", tmp_path / "results" / "cpu"
+    fake_outputs(root)
+    run_commit = git(checkout, "rev-parse", "HEAD")
+    with pytest.raises(ValueError, match="no git commit recorded"):  # fake_outputs records none
+        report.publish_results(root, dest, "cpu", repo=checkout)
+    stamp_commit(root, run_commit + "+dirty", ["03_finetune_users"])
+    stamp_commit(root, run_commit, [s for s in report.STAGES if s != "03_finetune_users"])
+    with pytest.raises(ValueError, match=r"03_finetune_users/metrics.json: ran on a dirty tree"):
+        report.publish_results(root, dest, "cpu", repo=checkout)
+    stamp_commit(root, run_commit)
+    commit_file(checkout, "README.md", "docs only\n")  # not code: the run stays current
+    commit_file(checkout, "params/full-en/00.yaml", "b: 2\n")  # another profile's params: still current
+    assert report.publish_results(root, dest, "cpu", repo=checkout)
+    shutil.rmtree(dest)
+    for changed in ("udg_lib/x.py", "notebooks/00.ipynb", "params/cpu/00.yaml"):
+        stamp_commit(root, git(checkout, "rev-parse", "HEAD"))
+        last = commit_file(checkout, changed, f"changed {changed}\n")
+        with pytest.raises(ValueError, match=f"stale: commit .* predates {last[:10]}") as refused:
+            report.publish_results(root, dest, "cpu", repo=checkout)
+        assert "\n" not in str(refused.value) and "(and 6 more stage(s))" in str(refused.value)
+        assert not dest.exists()  # refused before anything was written
+    stamp_commit(root, "0" * 40)
+    with pytest.raises(ValueError, match="is not in the repository"):
+        report.publish_results(root, dest, "cpu", repo=checkout)
+    stamp_commit(root, git(checkout, "rev-parse", "HEAD"))  # rerun from the current commit: published
+    published = report.publish_results(root, dest, "cpu", repo=checkout)
+    assert dest / "03_finetune_users" / "metrics.json" in published and all(p.is_file() for p in published)
+
+
+def test_publish_renders_readme_block_and_compares(tmp_path, capsys, checkout, monkeypatch):
     root, results = tmp_path / "outputs", tmp_path / "results" / "cpu"
     fake_outputs(root)
+    monkeypatch.setattr(paths, "repo_root", lambda: checkout)  # main checks the stages' commits against it
+    assert report.main(["--profile", "cpu", "--outputs-root", str(root), "--publish", "--results-dir", str(results),
+                        "--readme", str(tmp_path / "README.md")]) == 1
+    assert "refused to publish" in capsys.readouterr().err and not results.exists()
+    stamp_commit(root, git(checkout, "rev-parse", "HEAD"))
     readme = tmp_path / "README.md"
     start, end = report.readme_markers("cpu")
     readme.write_text(f"# Title\n\n{start}\nold hand-typed results\n{end}\n\nAfter.\n")
@@ -446,3 +517,15 @@ def test_benchmark_block_names_missing_figures_and_needs_markers(tmp_path, capsy
                                                  "Qwen2.5-1.5B-Instruct")])
 def test_llm_names(name, short, shown):
     assert ex.llm_short_name(name) == short and ex.llm_display_name(name) == shown
+
+
+def test_stale_faults_without_a_profile_watch_every_params_folder(tmp_path, checkout):
+    from udg_lib.provenance import stale_stage_faults
+
+    record = tmp_path / "metrics.json"
+    record.write_text(json.dumps({"provenance": {"git_commit": git(checkout, "rev-parse", "HEAD")}}))
+    assert stale_stage_faults([record], None, checkout) == []
+    commit_file(checkout, "params/full-en/00.yaml", "b: 2\n")
+    assert stale_stage_faults([record], "cpu", checkout) == []
+    assert "stale" in stale_stage_faults([record], None, checkout)[0]
+    assert "not a git checkout" in stale_stage_faults([record], "cpu", tmp_path / "nowhere")[0]

@@ -2,6 +2,7 @@
 
     python -m udg_lib.plan --profile full-en                 # counts, timings, estimate; the paper's counts too
     python -m udg_lib.plan --profile cpu --steps 3 --json plan.json
+    python -m udg_lib.plan --power results/cpu               # a finished run's power per comparison (udg_lib.power)
 
 Counts come from the profile's parameters (params/<profile>/*.yaml over each notebook's parameters cell,
 resolved by `pipeline.load_stage`, as a run would see them): users x split sets x pre-trained models x
@@ -36,7 +37,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -501,6 +502,18 @@ class Plan:
     table: pd.DataFrame  # one row per stage's kind of work
     paper_table: pd.DataFrame  # the same at the paper's counts
     assumptions: list[str]
+    work: list[WorkCounts] = field(default_factory=list)  # stage 03's datasets as counted
+    count_settings: dict[str, Any] = field(default_factory=dict)  # `count_rows`' keyword arguments as planned
+
+    def design_hours(self, users: int, train_pairs: float, test_pairs: float) -> float:
+        """Stages 03 and 04-05 re-costed (`count_rows`, the same timings and settings) with every dataset at
+        `users` users of `train_pairs` fine-tuning and `test_pairs` test pairs each (dev pairs, DA halves,
+        split sets and pre-trained models as planned): the cost side of `power.design_tradeoff`."""
+        if not self.work:
+            raise PlanError("this plan kept no counts to re-cost (made before design_hours existed)")
+        work = [replace(w, users=users, train_ft=train_pairs, test=test_pairs) for w in self.work]
+        rows = count_rows(work, self.timings, **self.count_settings)
+        return float(sum(r["device_hours"] for r in rows))
 
     @property
     def total_hours(self) -> float:
@@ -711,7 +724,8 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
         "(2 x 100 + 1) x 4 x 3 = 2,412 (PCJP) + (2 x 140 + 1) x 12 = 3,372 (UPC) + (2 x 147 + 1) x 12 = 3,540 (SD) "
         "= 9,324; DA's 36 models are trained but not counted there",
     ]
-    return Plan(profile, device, numerics.record(), shape, source, datasets, timings, table, paper, assumptions)
+    return Plan(profile, device, numerics.record(), shape, source, datasets, timings, table, paper, assumptions, work,
+                dict(settings, exp2_pretrained=len(s05["pretrained"]), sweep_trainings=sweep))
 
 
 def _finish(table: pd.DataFrame) -> pd.DataFrame:
@@ -753,9 +767,31 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def print_power(run_dir: Path, targets: Mapping[str, float]) -> int:
+    """`--power RUN_DIR`: the power table of a finished run (`udg_lib.power`; imported here, so that a cost plan
+    does not load statsmodels)."""
+    from udg_lib.power import format_power, power_table, read_run
+
+    try:
+        run = read_run(run_dir)
+        table = power_table(run, dict(targets))
+    except (OSError, ValueError) as exc:
+        print(f"udg plan: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    print(format_power(table, run, run_dir))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m udg_lib.plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", required=True, help="params/<profile>/ (any profile whose folder exists)")
+    parser.add_argument("--profile", help="params/<profile>/ (any profile whose folder exists)")
+    parser.add_argument("--power", type=Path, metavar="RUN_DIR",
+                        help="instead of a cost plan: the power of a finished run's paired comparisons (an outputs "
+                             "folder, or a published results/<profile>/), see udg_lib.power")
+    parser.add_argument("--target-similarity", type=float,
+                        help="--power: the similarity difference n_needed is computed for (default 0.01)")
+    parser.add_argument("--target-bpc", type=float,
+                        help="--power: the bits-per-character difference n_needed is computed for (default 0.02)")
     parser.add_argument("--params-dir", help="folder of <stage>.yaml files instead of params/<profile>")
     parser.add_argument("--outputs-root", help="stage outputs instead of outputs/<profile> (stage 00's users)")
     parser.add_argument("--steps", type=int, help="timed repetitions per kind, after a warm-up (default: 1 on CPU, 3 on GPU)")
@@ -767,6 +803,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, help=f"rows timed per batch (default: all on GPU; on CPU {CPU_MAX_ROWS} for slow steps)")
     parser.add_argument("--json", type=Path, help="also write the plan as JSON here")
     args = parser.parse_args(argv)
+    if args.power is not None:
+        targets = {"similarity": args.target_similarity, "bits_per_char": args.target_bpc}
+        return print_power(args.power, {k: v for k, v in targets.items() if v is not None})
+    if args.profile is None:
+        parser.error("--profile is required (or --power RUN_DIR)")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
     if args.params_dir is None and not (paths.repo_root() / "params" / args.profile).is_dir():

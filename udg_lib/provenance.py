@@ -213,3 +213,46 @@ def write_metrics(
         "provenance": new_provenance,
     }
     return write_json(path, record)
+
+
+# Code whose change can change a stage's numbers: a run older than its last change is not published.
+SOURCE_PATHS: tuple[str, ...] = ("udg_lib", "notebooks")
+
+
+def source_paths(profile: str | None) -> list[str]:
+    """The paths whose last commit a published run must include: `SOURCE_PATHS` and `params/<profile>`
+    (all of `params/` when the profile is not known)."""
+    return [*SOURCE_PATHS, f"params/{profile}" if profile else "params"]
+
+
+def last_source_commit(profile: str | None, root: str | Path | None = None) -> str:
+    """The last commit that touched `source_paths(profile)` in the checkout at `root` (default: the repo)."""
+    return _git(Path(root) if root else repo_root(), "log", "-1", "--format=%H", "--", *source_paths(profile))
+
+
+def stale_stage_faults(metrics_files: Iterable[str | Path], profile: str | None,
+                       root: str | Path | None = None) -> list[str]:
+    """One line per stage record that a published result must not come from (showyourwork's rule: results
+    from a commit): its `provenance.git_commit` is missing or unknown, ends with `+dirty` (uncommitted code ran),
+    is not a commit of the checkout at `root`, or is older than the last change to `source_paths(profile)`
+    (`git merge-base --is-ancestor`: that change must be the recorded commit or one of its ancestors)."""
+    cwd = Path(root) if root else repo_root()
+    try:
+        last = last_source_commit(profile, cwd)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return [f"{cwd}: not a git checkout, so no stage's commit can be checked ({type(exc).__name__})"]
+    faults = []
+    for path in map(Path, metrics_files):
+        commit = str(json.loads(path.read_text(encoding="utf-8")).get("provenance", {}).get("git_commit") or "")
+        if not commit or commit == "unknown":
+            faults.append(f"{path}: no git commit recorded (provenance.git_commit {commit or 'missing'})")
+        elif commit.endswith("+dirty"):
+            faults.append(f"{path}: ran on a dirty tree ({commit}): uncommitted code made it")
+        elif subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=cwd,
+                            capture_output=True).returncode != 0:
+            faults.append(f"{path}: commit {commit} is not in the repository at {cwd}")
+        elif last and subprocess.run(["git", "merge-base", "--is-ancestor", last, commit], cwd=cwd,
+                                     capture_output=True).returncode != 0:
+            faults.append(f"{path}: stale: commit {commit[:10]} predates {last[:10]}, the last change to "
+                          f"{', '.join(source_paths(profile))}")
+    return faults

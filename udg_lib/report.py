@@ -4,7 +4,8 @@ Tables 1-7 and Figure 2 of our run, the paper's numbers beside ours where they a
 wall time, peak memory and model sizes, generation health, and the paper's claims C1-C6 judged from the
 saved per-sample scores (`judge_claims`). Nothing here runs a model:
 `python -m udg_lib.report --profile cpu` rebuilds it from the files; `--publish` copies a small reference
-folder to `results/<profile>/` and regenerates README's results block from it; `--compare REF RUN` prints
+folder to `results/<profile>/` and regenerates README's results block from it, only from a run whose stages
+all ran from a clean commit that includes the last change to the code and the profile's params; `--compare REF RUN` prints
 the headline numbers of two such folders side by side.
 
 How a claim is judged (the paper gives no test): each claim is a family of paired comparisons across
@@ -42,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from udg_lib import io, paths, stats
+from udg_lib.provenance import stale_stage_faults
 
 STAGES = ("00_prepare_corpus", "01_infer_profiles", "02_pretrain_models", "03_finetune_users",
           "04_exp1_next_utterance", "05_exp2_diversity", "06_llm_baselines")
@@ -960,15 +962,23 @@ def readme_markers(profile: str) -> tuple[str, str]:
     return f"<!-- results:{profile}:start -->", f"<!-- results:{profile}:end -->"
 
 
-def publish_results(root: str | Path, dest: str | Path) -> list[Path]:
+def publish_results(root: str | Path, dest: str | Path, profile: str | None = None,
+                    repo: str | Path | None = None) -> list[Path]:
     """Copy the small reference files of a finished run (report, claims, tables as CSV/markdown, every stage's
     metrics.json, figures; no model or per-sample data) from `root` to `dest`, keeping the stage layout, so
-    report.md's links work there too. Raises when a stage has no metrics.json or the folder would exceed
-    PUBLISH_MAX_BYTES."""
+    report.md's links work there too. Raises when a stage has no metrics.json, when a stage's recorded commit
+    is missing, `+dirty`, or older than the last change to udg_lib/, notebooks/ or params/<profile>/ of the
+    checkout `repo` (default: this one; `provenance.stale_stage_faults`; there is no override: rerun the
+    stale stages from a clean commit), or when the folder would exceed PUBLISH_MAX_BYTES. Every check runs
+    before anything is copied, and the copy is atomic (`io.staged_dir`)."""
     root, dest = Path(root), Path(dest)
     absent = [s for s in STAGES if not (root / s / "metrics.json").is_file()]
     if absent:
         raise FileNotFoundError(f"{root}: stages {absent} have no metrics.json; publish a finished run")
+    faults = stale_stage_faults([root / s / "metrics.json" for s in STAGES], profile, repo)
+    if faults:
+        more = f" (and {len(faults) - 1} more stage(s))" if len(faults) > 1 else ""
+        raise ValueError(f"refused to publish {root}: {faults[0]}{more}; rerun from a clean, current commit")
     files = sorted({p for pattern in PUBLISH_PATTERNS for p in root.glob(pattern)
                     if p.is_file() and (p.parent == root or p.relative_to(root).parts[0] in STAGES)})
     large = [p for p in files if p.stat().st_size > PUBLISH_MAX_FILE_BYTES]
@@ -1256,7 +1266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="rebuild outputs/<profile>/report.md")
     parser.add_argument("--outputs-root", help="folder of stage outputs instead of outputs/<profile>")
     parser.add_argument("--publish", action="store_true",
-                        help="also copy the reference files to results/<profile>/ and rewrite README's block")
+                        help="also copy the reference files to results/<profile>/ and rewrite README's block; "
+                             "refuses a run whose stages record a +dirty commit, none, or one older than the last "
+                             "change to udg_lib/, notebooks/ or params/<profile>/")
     parser.add_argument("--results-dir", help="where --publish copies to instead of results/<profile>")
     parser.add_argument("--readme", help="README whose block --publish rewrites instead of the repo's")
     parser.add_argument("--compare", nargs=2, metavar=("REFERENCE", "RUN"),
@@ -1297,7 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         dest = Path(args.results_dir) if args.results_dir else paths.repo_root() / "results" / args.profile
         try:
-            files = publish_results(root, dest)
+            files = publish_results(root, dest, args.profile, repo=paths.repo_root())
             readme = update_readme(args.readme or paths.repo_root() / "README.md",
                                    render_results_block(dest, args.profile), args.profile)
         except (FileNotFoundError, ValueError) as error:
