@@ -446,3 +446,18 @@ def test_benchmark_block_names_missing_figures_and_needs_markers(tmp_path, capsy
                                                  "Qwen2.5-1.5B-Instruct")])
 def test_llm_names(name, short, shown):
     assert ex.llm_short_name(name) == short and ex.llm_display_name(name) == shown
+
+
+def test_unit_values_and_low_shares_ignore_pairs_scored_without_a_reply():
+    scores, llm, _ = synthetic_run(6, +1)
+    unanswered = ~scores["pair_id"].str.endswith(("-0", "-1"))
+    partly = scores.assign(similarity=scores["similarity"].where(~unanswered),
+                           generated=None)  # stage 04: these pairs scored only
+    both = llm["pair_id"].isin(scores.loc[~unanswered, "pair_id"])
+    values = report.llm_unit_values(partly, llm)
+    expected = report.llm_unit_values(scores[~unanswered], llm[both])
+    pd.testing.assert_frame_equal(values.reset_index(drop=True), expected.reset_index(drop=True))
+    shares = report.low_similarity_shares(partly)
+    assert shares.equals(report.low_similarity_shares(scores[~unanswered]))
+    pd.testing.assert_frame_equal(report.exp1_unit_values(partly), report.exp1_unit_values(scores[~unanswered]))
+

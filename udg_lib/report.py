@@ -270,9 +270,10 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
     columns = [*keys, "user_id", "pretrain", "method", "similarity"]
     _require(exp1_scores, columns, "Exp1 scores")
     _require(llm_scores, columns, "LLM scores")
-    tuned = exp1_scores[exp1_scores["method"].isin(FINE_TUNED)][columns]
+    # only generated replies: stage 04 scores every test pair but generates on a subset (similarity NaN elsewhere)
+    tuned = exp1_scores[exp1_scores["method"].isin(FINE_TUNED) & exp1_scores["similarity"].notna()][columns]
     frames = []
-    for method, llm in llm_scores[columns].groupby("method", sort=False):
+    for method, llm in llm_scores.loc[llm_scores["similarity"].notna(), columns].groupby("method", sort=False):
         both = pd.concat([tuned.merge(llm[keys].drop_duplicates(), on=keys), llm], ignore_index=True)
         n_systems = both.groupby(keys)[["pretrain", "method"]].apply(lambda f: len(f.drop_duplicates()))
         complete = n_systems[n_systems == n_systems.max()].index if len(n_systems) else n_systems.index
@@ -535,8 +536,9 @@ def judge_questions(exp1_scores: pd.DataFrame | None,
 
 
 def low_similarity_shares(scores: pd.DataFrame, threshold: float = LOW_SIMILARITY) -> pd.DataFrame:
-    """Per dataset and system: the share of replies whose similarity to the reference is below `threshold`."""
-    grouped = scores.groupby(["dataset", "system", "pretrain", "method"], sort=False)["similarity"]
+    """Per dataset and system: the share of replies whose similarity to the reference is below `threshold`
+    (generated replies only: rows scored without a reply have NaN similarity)."""
+    grouped = scores[scores["similarity"].notna()].groupby(["dataset", "system", "pretrain", "method"], sort=False)["similarity"]
     frame = grouped.agg(share_below=lambda s: float((s < threshold).mean()), n="size").reset_index()
     return frame.rename(columns={"share_below": f"share_below_{threshold:g}"})
 
