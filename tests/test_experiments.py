@@ -106,3 +106,96 @@ def test_choose_lora_learning_rate_adapts_the_domain_then_sweeps_the_first_users
     assert chosen.learning_rate == 1e-2 and chosen.batch_size == config.batch_size
     summary = ex.sweep_summary(table)
     assert summary["learning_rate"].tolist() == [1e-6, 1e-2] and len(summary.columns) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every test pair scored, replies generated on a capped, seeded subset (issue #20 §1)
+
+
+def test_generation_subset_is_a_capped_seeded_choice_that_ignores_order():
+    ids = [f"p{i:02d}" for i in range(20)]
+    chosen = ex.generation_subset(ids, 5, seed=0, key="chitchat/set0/alice")
+    assert len(chosen) == 5 and set(chosen) <= set(ids) and chosen == sorted(chosen)
+    assert ex.generation_subset(list(reversed(ids)) + ids[:3], 5, 0, "chitchat/set0/alice") == chosen  # order, repeats
+    draws = {tuple(ex.generation_subset(ids, 5, seed, "chitchat/set0/alice")) for seed in range(6)}
+    assert len(draws) > 1  # the seed matters
+    assert ex.generation_subset(ids, 5, 0, "chitchat/set0/bob") != chosen  # so does the user (key)
+    assert ex.generation_subset(ids, 0, 0, "k") == ids and ex.generation_subset(ids, 20, 0, "k") == ids
+    assert ex.generation_subset(ids, 99, 3, "k") == ids and ex.generation_subset([], 2, 0, "k") == []
+    # a pair added later does not reshuffle the rest: the new choice keeps all but at most one old pick
+    assert len(set(ex.generation_subset([*ids, "p99"], 5, 0, "chitchat/set0/alice")) & set(chosen)) >= 4
+
+
+def test_generated_pair_ids_caps_each_user_and_matches_generation_subset():
+    pairs = pd.DataFrame([{"pair_id": f"{u}-{i}", "speaker_id": u, "split": split}
+                          for u, n in (("alice", 6), ("bob", 2), ("carol", 5)) for i in range(n)
+                          for split in ("test",)] + [{"pair_id": "alice-train", "speaker_id": "alice",
+                                                       "split": "train_ft"}])
+    chosen = ex.generated_pair_ids(pairs, ["alice", "bob"], 3, 7, "chitchat", 0)
+    by_user = pd.Series(sorted(chosen)).str.split("-").str[0].value_counts().to_dict()
+    assert by_user == {"alice": 3, "bob": 2}  # carol is not asked for; bob has only 2
+    assert {p for p in chosen if p.startswith("alice")} == set(
+        ex.generation_subset([f"alice-{i}" for i in range(6)], 3, 7, ex.subset_key("chitchat", 0, "alice")))
+    assert ex.generated_pair_ids(pairs, ["alice"], 3, 7, "chitchat", 0) == {p for p in chosen if p.startswith("al")}
+    assert ex.generated_pair_ids(pairs, ["alice", "bob"], 0, 7, "chitchat", 0) == {
+        *(f"alice-{i}" for i in range(6)), "bob-0", "bob-1"}
+
+
+def _test_pairs(n_per_user: int = 4, seed: int = 21) -> pd.DataFrame:
+    texts = iter(sentences(n_per_user * len(USERS) * 2 + 8, seed=seed))
+    return pd.DataFrame([{"pair_id": f"p{u}{i}", "speaker_id": user, "partner_id": USERS[(u + 1) % 3],
+                          "context": [next(texts)], "response": next(texts), "split": "test"}
+                         for u, user in enumerate(USERS) for i in range(n_per_user)])
+
+
+def test_exp1_predictions_score_every_pair_and_generate_only_the_subset(tokenizer, condition):
+    users = pd.DataFrame({"user_id": list(USERS), **{f: "unknown" for f in PROFILE_FIELDS}})
+    pairs = _test_pairs()
+    settings = {"max_new_tokens": 6, "batch_size": 5}
+    chosen = ex.generated_pair_ids(pairs, USERS, 2, 0, "d", 0)
+    everything = ex.exp1_predictions(condition, tokenizer, pairs, users, USERS, "ppp", settings, methods=("lora",))
+    subset = ex.exp1_predictions(condition, tokenizer, pairs, users, USERS, "ppp", settings, methods=("lora",),
+                                 generate_ids=chosen)
+    assert len(subset) == len(pairs) == 12 and subset["text_nll"].notna().all()  # every pair scored
+    assert_close_to_scale(subset["nll"], everything["nll"], dtype=torch.float32, reduction_size=64)
+    made = subset["generated"].notna()
+    assert set(subset.loc[made, "pair_id"]) == chosen and len(chosen) == 6  # 2 of each user's 4
+    assert subset.loc[~made, "generated"].isna().all()
+    # a generated reply does not depend on which other pairs were generated
+    assert subset.loc[made, "generated"].tolist() == everything.loc[made, "generated"].tolist()
+
+
+def test_exp1_predictions_keep_the_subset_of_stage_03s_full_replies(tokenizer, tmp_path):
+    from udg_lib.generation import PREDICTIONS_FILE
+
+    users = pd.DataFrame({"user_id": list(USERS), **{f: "unknown" for f in PROFILE_FIELDS}})
+    pairs = _test_pairs()
+    for user, own in pairs.groupby("speaker_id"):  # as notebook 03 writes them: every test pair generated
+        folder = ft.user_dir(tmp_path / "full", user)
+        folder.mkdir(parents=True)
+        own[["pair_id", "speaker_id"]].assign(generated=[f"reply {p}" for p in own["pair_id"]], nll=1.0,
+                                              n_tokens=2, text_nll=0.5, text_chars=3).to_parquet(
+            folder / PREDICTIONS_FILE)
+    chosen = ex.generated_pair_ids(pairs, USERS, 1, 0, "d", 0)
+    full = ex.exp1_predictions(tmp_path, tokenizer, pairs, users, USERS, "ppp", methods=("full",),
+                               generate_ids=chosen)
+    assert len(full) == 12 and full["text_nll"].notna().all()
+    assert set(full.loc[full["generated"].notna(), "pair_id"]) == chosen and len(chosen) == 3
+    path = ft.user_dir(tmp_path / "full", USERS[0]) / PREDICTIONS_FILE
+    pd.read_parquet(path).assign(generated=None).to_parquet(path)  # a FULL file without the subset's replies
+    with pytest.raises(ValueError, match="no FULL reply"):
+        ex.exp1_predictions(tmp_path, tokenizer, pairs, users, USERS, "ppp", methods=("full",), generate_ids=chosen)
+
+
+def test_retrieval_answers_only_the_subset():
+    import numpy as np
+
+    from udg_lib.metrics import SentenceEmbedder
+
+    embedder = SentenceEmbedder("ones", lambda texts, batch_size: np.ones((len(texts), 3), dtype=np.float32), 3)
+    pairs = pd.concat([_test_pairs(), _test_pairs(2, seed=3).assign(split="train_ft", pair_id=lambda f: "t" + f["pair_id"])],
+                      ignore_index=True)
+    chosen = ex.generated_pair_ids(pairs, USERS, 2, 0, "d", 0)
+    floor = ex.retrieval_predictions(embedder, pairs, USERS, generate_ids=chosen)
+    assert set(floor["pair_id"]) == chosen and floor["generated"].notna().all()
+    assert len(ex.retrieval_predictions(embedder, pairs, USERS)) == 12

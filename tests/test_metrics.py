@@ -498,3 +498,57 @@ def test_exp1_table_marks_degenerate_systems_and_names_tokenizers(tmp_path):
     assert any("more than 20% degenerate" in line for line in notes)
     assert ex.exp1_table(per_user_means(scores, ex.EXP1_METRICS))["fine-tuning"].tolist()[0] == \
         "DA-pooled (no per-user training)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 04 scores every test pair and generates replies on a subset: rows without a reply
+
+
+def _partly_generated_scores() -> pd.DataFrame:
+    """One user, one system, 4 scored pairs of which 2 have a reply (the others: generated None)."""
+    ln2 = math.log(2)
+    return pd.DataFrame({"dataset": "d", "split_set": 0, "user_id": "u", "pair_id": ["p0", "p1", "p2", "p3"],
+                         "pretrain": "psp", "method": "lora", "system": "PSP / LoRA",
+                         "generated": ["i like cats", None, "we went hiking", None],
+                         "reference": ["cats", "dogs", "hiking", "snow"],
+                         "similarity": [0.95, np.nan, 0.5, np.nan], "rouge_l": [10.0, np.nan, 30.0, np.nan],
+                         "nll": [2.0, 4.0, 6.0, 8.0], "n_tokens": [1, 1, 1, 1],
+                         "text_nll": [ln2, 2 * ln2, 3 * ln2, 6 * ln2], "text_chars": [1, 1, 1, 1]})
+
+
+def test_score_predictions_leave_rows_without_a_reply_unscored_for_similarity():
+    embedder = CountingEmbedder()
+    pairs = pd.DataFrame({"pair_id": ["p1", "p2", "p3"], "response": ["ab cd", "hello there", "yes"]})
+    predictions = pd.DataFrame({"pair_id": ["p1", "p2", "p3"], "speaker_id": "u", "generated": ["ab", None, ""],
+                                "nll": [1.0, 2.0, 3.0], "n_tokens": [1, 2, 3], "text_nll": [1.0, 2.0, 3.0],
+                                "text_chars": [5, 11, 3]})
+    scored = ex.score_predictions(predictions, pairs, embedder, "en")
+    assert scored["bits_per_char"].notna().all()  # every pair scored
+    assert scored["generated"].tolist() == ["ab", None, ""]  # None: not generated; "": an empty reply
+    assert scored["similarity"].isna().tolist() == [False, True, False]
+    assert scored["rouge_l"].isna().tolist() == [False, True, False] and scored.loc[2, "rouge_l"] == 0.0
+    assert "hello there" not in sum(embedder.calls, [])  # nothing encoded for the pair without a reply
+
+
+def test_per_user_means_average_scored_and_generated_pairs_and_count_them():
+    per_user = per_user_means(_partly_generated_scores(), ["similarity", "acc_at_sim", "rouge_l", "bits_per_char",
+                                                           "perplexity"])
+    row = per_user.iloc[0]
+    assert row["bits_per_char"] == pytest.approx(12 / 4)  # all 4 scored pairs
+    assert row["perplexity"] == pytest.approx(math.exp(20 / 4))
+    assert row["similarity"] == pytest.approx(0.725) and row["rouge_l"] == pytest.approx(20.0)  # the 2 generated
+    assert row["acc_at_sim"] == pytest.approx(0.5)
+    assert (row["n_samples"], row["n_scored"], row["n_generated"]) == (4, 4, 2)
+    floor = per_user_means(_partly_generated_scores().assign(nll=np.nan, text_nll=np.nan), ["similarity"])
+    assert (floor.loc[0, "n_scored"], floor.loc[0, "n_generated"]) == (0, 2)  # retrieval: no likelihood
+
+
+def test_generation_health_and_leakage_read_generated_replies_only(tmp_path):
+    scores = _partly_generated_scores()
+    health = ex.write_generation_health(scores, tmp_path)
+    assert health["n"].tolist() == [2] and health["empty_share"].tolist() == [0.0]
+    embedder = CountingEmbedder()
+    train = pd.DataFrame({"split_set": 0, "split": "train_ft", "speaker_id": ["u", "v"],
+                          "response": ["cats are nice", "snow again"]})
+    leak = ex.leakage_table(scores, {"d": train}, embedder)
+    assert leak["pair_id"].tolist() == ["p0", "p2"]

@@ -133,9 +133,20 @@ def test_exp1_writes_tables_scores_significance_leakage_and_table6(test_run: Pat
     systems = set(zip(scores["pretrain"], scores["method"]))
     assert {("psp", "lora"), ("ppp", "full"), ("plain_t5", "one_id"), ("plain_dialogue", "da"),
             ("none", "retrieval")} <= systems and len(systems) == 17
-    # every system answers every test context of every user, once
-    assert scores.groupby(["pretrain", "method"])["pair_id"].nunique().nunique() == 1
-    assert scores["similarity"].between(-1.0001, 1.0001).all() and (scores["rouge_l"] >= 0).all()
+    # every system with a likelihood scores every test pair of every user, once; every system (retrieval too)
+    # generates replies on the same pairs, at most max_generated_per_user (2 here) of each user's
+    tuned = scores[scores["method"] != "retrieval"]
+    assert tuned["bits_per_char"].notna().all() and not tuned.duplicated(["pretrain", "method", "pair_id"]).any()
+    assert tuned.groupby(["pretrain", "method"])["pair_id"].nunique().nunique() == 1
+    made = scores[scores["generated"].notna()]
+    assert made.groupby(["pretrain", "method"])["pair_id"].apply(frozenset).nunique() == 1
+    per_user = made.groupby(["pretrain", "method", "split_set", "user_id"])["pair_id"].nunique()
+    assert per_user.max() == 2 and len(made) < len(scores)  # the split is exercised: some pairs scored only
+    assert made["similarity"].between(-1.0001, 1.0001).all() and (made["rouge_l"] >= 0).all()
+    assert scores.loc[scores["generated"].isna(), ["similarity", "rouge_l"]].isna().all().all()
+    counts = pd.read_csv(stage / "per_user_scores.csv")
+    assert (counts["n_scored"] > counts["n_generated"])[counts["method"] != "retrieval"].any()
+    assert counts["n_generated"].between(1, 2).all()
     for number, name in ((3, "chitchat"), (4, "seinfeld"), (5, "tbbt")):
         table = pd.read_csv(stage / f"table{number}_{name}.csv")
         assert len(table) == 17 and (table["perplexity"].dropna() > 1).all()

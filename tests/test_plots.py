@@ -208,3 +208,13 @@ def test_cli_rebuilds_the_figure_without_loading_a_model_library(tmp_path):
     # and the module runs as `python -m`
     result = subprocess.run([sys.executable, "-m", "udg_lib.plots", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--outputs-root" in result.stdout
+
+
+def test_rows_scored_without_a_reply_are_not_plotted():
+    scores = score_rows([0.1, 0.3, 0.5, 0.9])
+    scores["generated"] = ["a", None, "b", None]  # stage 04 scored 4 pairs, generated 2
+    scores.loc[scores["generated"].isna(), "similarity"] = np.nan
+    table = similarity_histogram(scores)
+    assert table["count"].sum() == 2 and set(table["n_samples"]) == {2}
+    with pytest.raises(ScoresError, match="similarity must be a number"):  # a reply without similarity is a fault
+        similarity_histogram(score_rows([0.1, np.nan]))

@@ -529,3 +529,35 @@ def test_stale_faults_without_a_profile_watch_every_params_folder(tmp_path, chec
     assert stale_stage_faults([record], "cpu", checkout) == []
     assert "stale" in stale_stage_faults([record], None, checkout)[0]
     assert "not a git checkout" in stale_stage_faults([record], "cpu", tmp_path / "nowhere")[0]
+
+
+def test_unit_values_and_low_shares_ignore_pairs_scored_without_a_reply():
+    scores, llm, _ = synthetic_run(6, +1)
+    unanswered = ~scores["pair_id"].str.endswith(("-0", "-1"))
+    partly = scores.assign(similarity=scores["similarity"].where(~unanswered),
+                           generated=None)  # stage 04: these pairs scored only
+    both = llm["pair_id"].isin(scores.loc[~unanswered, "pair_id"])
+    values = report.llm_unit_values(partly, llm)
+    expected = report.llm_unit_values(scores[~unanswered], llm[both])
+    pd.testing.assert_frame_equal(values.reset_index(drop=True), expected.reset_index(drop=True))
+    shares = report.low_similarity_shares(partly)
+    assert shares.equals(report.low_similarity_shares(scores[~unanswered]))
+    pd.testing.assert_frame_equal(report.exp1_unit_values(partly), report.exp1_unit_values(scores[~unanswered]))
+
+
+def test_report_counts_scored_and_generated_pairs_per_user(tmp_path):
+    per_user = pd.DataFrame([{"dataset": "d", "split_set": s, "user_id": u, "pretrain": p, "method": m,
+                              "n_scored": n_scored, "n_generated": n_generated}
+                             for s in (0, 1) for u, extra in (("a", 0), ("b", 1))
+                             for p, m, n_scored, n_generated in (("psp", "lora", 10 + extra, 2),
+                                                                 ("psp", "full", 10, 2 + extra),
+                                                                 ("none", "retrieval", 0, 2))])
+    counts = report.scored_generated_counts(per_user)
+    assert counts.to_dict("records") == [
+        {"dataset": "d", "user": "a", "n scored": "20", "n generated": "4"},  # over 2 split sets
+        {"dataset": "d", "user": "b", "n scored": "20-22", "n generated": "4-6"}]  # systems differ: a range
+    assert "not recorded" in report.scored_generated_lines(tmp_path)[0]
+    per_user.to_csv(tmp_path / "per_user_scores.csv", index=False)
+    (tmp_path / "metrics.json").write_text(json.dumps({"stage": {"params": {"max_generated_per_user": 2}}}))
+    lines = report.scored_generated_lines(tmp_path)
+    assert "at most 2 per user" in lines[0] and "| b      | 20-22" in lines[-1]

@@ -16,9 +16,10 @@ Every step is skipped when its `done.json` exists, so a killed notebook picks up
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -354,12 +355,44 @@ def load_condition_lora(condition: Path, tokenizer: PreTrainedTokenizerBase, use
     return load(base, dirs), names
 
 
+def generation_subset(pair_ids: Iterable[Any], cap: int, seed: int, key: str) -> list[Any]:
+    """The pair ids whose replies are generated: at most `cap` of `pair_ids` (0, or a cap of at least their
+    number: all), sorted. Scoring (reference likelihood, forward passes only) runs on every pair; greedy
+    replies cost a forward pass per token, so they run on this subset.
+
+    A pair is kept when its SHA-256 of (seed, key, pair id) is among the `cap` smallest: the choice depends on
+    nothing but these (not their order, the process, or Python's hash seed), and a pair added later does not
+    reshuffle the others. `key` names one user's test pairs (`subset_key`), so users draw independently and
+    any stage selects the same pairs from the same arguments.
+    """
+    ids = sorted(set(pair_ids))
+    if not cap or cap >= len(ids):
+        return ids
+    rank = {p: hashlib.sha256(f"{seed}\x1f{key}\x1f{p}".encode("utf-8")).hexdigest() for p in ids}
+    return sorted(sorted(ids, key=rank.__getitem__)[:cap])
+
+
+def subset_key(dataset: str, split_set: int, user_id: str) -> str:
+    """`generation_subset`'s key for one user's test pairs of one dataset and split set."""
+    return f"{dataset}/set{int(split_set)}/{user_id}"
+
+
+def generated_pair_ids(pairs: pd.DataFrame, user_ids: Sequence[str], cap: int, seed: int, dataset: str,
+                       split_set: int) -> set[Any]:
+    """The test pairs of `user_ids` (one split set's `pairs`) whose replies are generated: each user's
+    `generation_subset` of at most `cap` (0: all)."""
+    test = sample_test_contexts(pairs, user_ids, 0)
+    return {p for user, group in test.groupby("speaker_id", sort=True)
+            for p in generation_subset(group["pair_id"], cap, seed, subset_key(dataset, split_set, user))}
+
+
 def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
                      users: pd.DataFrame, user_ids: Sequence[str], pretrained: str,
                      settings: dict[str, Any] | None = None, device: str = "cpu",
                      methods: Sequence[str] = ("da", "one_id", "lora", "full"),
-                     lora_eval: str = "routed") -> pd.DataFrame:
-    """Greedy replies and reference NLLs on the `test` pairs of `user_ids` for each method of a condition.
+                     lora_eval: str = "routed", generate_ids: Collection[Any] | None = None) -> pd.DataFrame:
+    """Reference NLLs on every `test` pair of `user_ids` and greedy replies on those in `generate_ids` (None:
+    all; `generated_pair_ids`), for each method of a condition; a pair not generated has `generated` None.
 
     DA (the floor: domain-adapted on the users' pooled halves, no per-user training, no One-ID) and One-ID
     run their saved models, LoRA runs every user's adapter on the DA model (`lora_eval`: see
@@ -372,20 +405,22 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]
     precision = (settings or {}).get("precision", "fp32")
-    test = sample_test_contexts(pairs, user_ids, 0)  # every test pair of these users
+    test = sample_test_contexts(pairs, user_ids, 0)  # every test pair of these users: all are scored
+    generate = None if generate_ids is None else test["pair_id"].isin(set(generate_ids)).tolist()
     frames = []
     if "da" in methods:
         model = inference_model(condition / "da" / MODEL_DIR, tokenizer, device, precision)
-        frames.append(predict_pairs(model, test, _prediction_settings(tokenizer, test, users, fmt, settings))
-                      .assign(method="da"))
+        frames.append(predict_pairs(model, test, _prediction_settings(tokenizer, test, users, fmt, settings),
+                                    generate=generate).assign(method="da"))
     if "one_id" in methods:
         model = inference_model(condition / "one_id" / MODEL_DIR, tokenizer, device, precision)
         settings_one_id = _prediction_settings(tokenizer, test, users, fmt, settings, ft.one_ids_of(users))
-        frames.append(predict_pairs(model, test, settings_one_id).assign(method="one_id"))
+        frames.append(predict_pairs(model, test, settings_one_id, generate=generate).assign(method="one_id"))
     if "lora" in methods:
         model, names = load_condition_lora(condition, tokenizer, user_ids, device, lora_eval, precision)
         frames.append(predict_pairs(model, test, _prediction_settings(tokenizer, test, users, fmt, settings),
-                                    adapter_names=[names[u] for u in test["speaker_id"]]).assign(method="lora"))
+                                    adapter_names=[names[u] for u in test["speaker_id"]], generate=generate)
+                      .assign(method="lora"))
     if "full" in methods:
         full = []
         for user in sorted(set(user_ids)):
@@ -396,7 +431,14 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
             if "text_nll" not in saved.columns:
                 raise ValueError(f"{path}: no text_nll column (written by an older notebook 03); rerun notebook 03")
             full.append(saved)
-        frames.append(pd.concat(full, ignore_index=True).assign(method="full"))
+        full = pd.concat(full, ignore_index=True)
+        if generate_ids is not None:  # stage 03 generated every FULL reply; keep the subset's, as for the others
+            wanted = set(generate_ids) & set(test["pair_id"])
+            missing = sorted(wanted - set(full.loc[full["generated"].notna(), "pair_id"]))
+            if missing:
+                raise ValueError(f"{condition / 'full'}: no FULL reply for test pairs {missing[:3]} (rerun notebook 03)")
+            full["generated"] = full["generated"].where(full["pair_id"].isin(wanted), None)
+        frames.append(full.assign(method="full"))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -405,14 +447,18 @@ def join_context(context: Sequence[str]) -> str:
     return " \n ".join(context)
 
 
-def retrieval_predictions(embedder: Any, pairs: pd.DataFrame, user_ids: Sequence[str]) -> pd.DataFrame:
-    """The retrieval floor: each test context answered with the user's own training response (train_da and
-    train_ft) whose context is most similar (`metrics.retrieve_responses`)."""
+def retrieval_predictions(embedder: Any, pairs: pd.DataFrame, user_ids: Sequence[str],
+                          generate_ids: Collection[Any] | None = None) -> pd.DataFrame:
+    """The retrieval floor: each test context in `generate_ids` (None: all) answered with the user's own
+    training response (train_da and train_ft) whose context is most similar (`metrics.retrieve_responses`).
+    It has no likelihood, so the pairs it does not answer have nothing to score and get no row."""
     from udg_lib.metrics import retrieve_responses
 
     ids = set(user_ids)
     train = pairs[pairs["split"].isin(["train_da", "train_ft"]) & pairs["speaker_id"].isin(ids)]
     test = sample_test_contexts(pairs, user_ids, 0)
+    if generate_ids is not None:
+        test = test[test["pair_id"].isin(set(generate_ids))]
     generated = retrieve_responses(embedder, [join_context(c) for c in train["context"]], train["response"].tolist(),
                                    train["speaker_id"].tolist(), [join_context(c) for c in test["context"]],
                                    test["speaker_id"].tolist())
@@ -422,7 +468,8 @@ def retrieval_predictions(embedder: Any, pairs: pd.DataFrame, user_ids: Sequence
 
 def score_predictions(predictions: pd.DataFrame, pairs: pd.DataFrame, embedder: Any, language: str) -> pd.DataFrame:
     """Per-sample Exp1 scores (§4.2.3): the reference joined in, cosine similarity of sentence embeddings,
-    ROUGE-L F x100 (language-aware tokens), and the reference likelihood columns:
+    ROUGE-L F x100 (language-aware tokens; both NaN where no reply was generated, `generated` None), and the
+    reference likelihood columns:
 
     - nll / n_tokens (perplexity, per token of the system's own tokenizer): summed NLL in nats of the
       reference tokens and their count; T5 (`generation.reference_nll`): the reply cut to
@@ -440,9 +487,14 @@ def score_predictions(predictions: pd.DataFrame, pairs: pd.DataFrame, embedder: 
     scored["reference"] = references.reindex(scored["pair_id"]).to_numpy()
     if scored["reference"].isna().any():
         raise ValueError(f"predictions for unknown pair ids {scored.loc[scored['reference'].isna(), 'pair_id'].tolist()[:3]}")
-    scored["generated"] = scored["generated"].fillna("").astype(str)
-    scored["similarity"] = cosine_similarities(embedder, scored["generated"].tolist(), scored["reference"].tolist())
-    scored["rouge_l"] = rouge_l(scored["generated"].tolist(), scored["reference"].tolist(), language)
+    made = scored["generated"].notna()  # None: scored only, no reply generated (`generation_subset`)
+    scored["generated"] = scored["generated"].astype(object).where(made, None)
+    replies, references = scored.loc[made, "generated"].astype(str).tolist(), scored.loc[made, "reference"].tolist()
+    scored["similarity"] = float("nan")
+    scored["rouge_l"] = float("nan")
+    if replies:
+        scored.loc[made, "similarity"] = cosine_similarities(embedder, replies, references)
+        scored.loc[made, "rouge_l"] = rouge_l(replies, references, language)
     if "text_nll" not in scored.columns or "text_chars" not in scored.columns:
         scored["text_nll"] = scored["nll"].astype("float64")
         scored["text_chars"] = [reference_chars(r) for r in scored["reference"]]
@@ -479,10 +531,11 @@ def leakage_table(scores: pd.DataFrame, pairs_by_dataset: dict[str, pd.DataFrame
     """Per sample: is the generated reply closer to another evaluation user's training responses than to the
     user's own, and is it a near copy (>= 0.9) of another user's? (`metrics.leakage_scores`; §4.1.3 and
     §4.3.4 name the risk for One-ID but do not measure it.) DA-pooled (no per-user training, no id) gives the
-    level without per-user training."""
+    level without per-user training. Only rows with a generated reply (`generated_rows`)."""
     from udg_lib.metrics import leakage_scores
 
     frames = []
+    scores = generated_rows(scores)
     for (dataset, split_set), group in scores[scores["method"].isin(methods)].groupby(["dataset", "split_set"]):
         pairs = pairs_by_dataset[dataset]
         users = set(group["user_id"])
@@ -703,10 +756,17 @@ def _degenerate_flags(per_user: pd.DataFrame, health: pd.DataFrame | None) -> di
 
 def generation_health_table(scores: pd.DataFrame) -> pd.DataFrame:
     """`metrics.generation_health` of per-sample Exp1 scores, one row per dataset and system, pooled over
-    users and split sets (the most common reply is the system's over all its replies on that dataset)."""
+    users and split sets (the most common reply is the system's over all its replies on that dataset). Rows
+    scored without a generated reply (`generated` None) are left out: `n` counts replies."""
     from udg_lib.metrics import generation_health
 
-    return generation_health(scores, list(HEALTH_GROUP_COLS))
+    return generation_health(generated_rows(scores), list(HEALTH_GROUP_COLS))
+
+
+def generated_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """The per-sample score rows that have a generated reply (stage 04 scores every test pair but generates
+    replies on `generation_subset`; the others have `generated` None and NaN similarity and ROUGE-L)."""
+    return scores[scores["generated"].notna()] if "generated" in scores.columns else scores
 
 
 def write_generation_health(scores: pd.DataFrame, folder: str | Path) -> pd.DataFrame:

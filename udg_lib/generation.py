@@ -140,16 +140,28 @@ class UserPredictor:
 
 
 def predict_pairs(model: torch.nn.Module | RoutedAdapters, pairs: pd.DataFrame, settings: UserPredictor,
-                  adapter_names: Sequence[str] | None = None) -> pd.DataFrame:
+                  adapter_names: Sequence[str] | None = None,
+                  generate: Sequence[bool] | None = None) -> pd.DataFrame:
     """Greedy replies and reference NLLs for reply pairs, prompts built as `settings` says.
 
+    Every pair is scored (reference NLL: forward passes only); replies are generated only for the rows where
+    `generate` is true (None: all), the others get `generated` None. Replies are batched by prompt length, so
+    a generated row's reply does not depend on which other rows are generated.
     Columns: pair_id, speaker_id, generated and `ReferenceScores`' fields (nll, n_tokens, text_nll, text_chars)."""
     tokenizer = settings.tokenizer
     sources = build_prompts(pairs, settings.users, settings.fmt, settings.one_ids).tolist()
-    generated = greedy_generate(model, tokenizer, sources, adapter_names=adapter_names,
-                                max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                                max_source_length=settings.max_source_length,
-                                one_id_prefix=settings.one_ids is not None, precision=settings.precision)
+    chosen = [True] * len(sources) if generate is None else [bool(g) for g in generate]
+    if len(chosen) != len(sources):
+        raise ValueError(f"generate has {len(chosen)} flags for {len(sources)} pairs")
+    rows = [i for i, g in enumerate(chosen) if g]
+    replies = greedy_generate(model, tokenizer, [sources[i] for i in rows],
+                              adapter_names=None if adapter_names is None else [adapter_names[i] for i in rows],
+                              max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                              max_source_length=settings.max_source_length,
+                              one_id_prefix=settings.one_ids is not None, precision=settings.precision) if rows else []
+    generated: list[str | None] = [None] * len(sources)
+    for i, reply in zip(rows, replies):
+        generated[i] = reply
     scored = reference_nll(model, tokenizer, sources, pairs["response"].tolist(),
                            adapter_names=adapter_names, batch_size=settings.batch_size,
                            max_source_length=settings.max_source_length,

@@ -690,7 +690,10 @@ def retrieve_responses(embedder: SentenceEmbedder, train_contexts: Sequence[str]
 
 def per_user_means(scores: pd.DataFrame, metrics: Sequence[str], system_cols: Sequence[str] = DEFAULT_SYSTEM_COLS,
                    unit_cols: Sequence[str] = DEFAULT_UNIT_COLS) -> pd.DataFrame:
-    """One row per (unit, system): the mean of each per-sample metric, plus `n_samples`.
+    """One row per (unit, system): the mean of each per-sample metric, plus `n_samples` (rows), `n_scored`
+    (rows with a reference likelihood: text_nll, else nll) and `n_generated` (rows with a reply: `generated`
+    not missing, else `similarity` not NaN). Means skip NaN, so the likelihood metrics average every scored
+    pair and the reply metrics every generated one (stage 04 scores all test pairs, generates a subset).
 
     Derived metrics: "perplexity" = `perplexity(nll, n_tokens)` of the group's samples (NaN when the frame
     has no nll/n_tokens columns, e.g. prompt-based LLMs); "bits_per_char" = `bits_per_char(text_nll,
@@ -707,6 +710,8 @@ def per_user_means(scores: pd.DataFrame, metrics: Sequence[str], system_cols: Se
     _require_columns(scores, needed, "per_user_means scores")
     has_nll = "nll" in scores.columns and "n_tokens" in scores.columns
     has_text_nll = "text_nll" in scores.columns and "text_chars" in scores.columns
+    likelihood = "text_nll" if has_text_nll else "nll" if has_nll else None
+    reply = next((c for c in ("generated", "similarity") if c in scores.columns), None)
     rows = []
     for key, group in scores.groupby(keys, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -722,8 +727,10 @@ def per_user_means(scores: pd.DataFrame, metrics: Sequence[str], system_cols: Se
             else:
                 row[m] = float(group[m].astype(np.float64).mean())
         row["n_samples"] = len(group)
+        row["n_scored"] = int(group[likelihood].notna().sum()) if likelihood else 0
+        row["n_generated"] = int(group[reply].notna().sum()) if reply else len(group)
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*keys, *metrics, "n_samples"])
+    return pd.DataFrame(rows, columns=[*keys, *metrics, "n_samples", "n_scored", "n_generated"])
 
 
 def results_table(per_user: pd.DataFrame, metrics: Sequence[str],

@@ -64,11 +64,15 @@ class ScoresError(ValueError):
 
 
 def check_scores(scores: pd.DataFrame, source: str = "scores") -> pd.DataFrame:
-    """The score table with similarities clipped to [-1, 1]; a clear error for a missing column, an unknown
-    pretrain, a similarity that is missing or outside [-1, 1], or a system label used for two systems."""
+    """The score table's generated replies with similarities clipped to [-1, 1]; a clear error for a missing
+    column, an unknown pretrain, a similarity that is missing or outside [-1, 1], or a system label used for
+    two systems. Rows scored without a reply (`generated` None: stage 04 generates on a subset of the test
+    pairs it scores) are left out first."""
     missing = [column for column in REQUIRED_COLUMNS if column not in scores.columns]
     if missing:
         raise ScoresError(source, "columns", f"missing column(s) {missing}; have {list(scores.columns)}")
+    if "generated" in scores.columns:
+        scores = scores[scores["generated"].notna()]
     if scores.empty:
         raise ScoresError(source, "rows", "no samples")
     known = {*PRETRAINS, FLOOR_PRETRAIN, LLM_PRETRAIN}

@@ -272,9 +272,10 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
     columns = [*keys, "user_id", "pretrain", "method", "similarity"]
     _require(exp1_scores, columns, "Exp1 scores")
     _require(llm_scores, columns, "LLM scores")
-    tuned = exp1_scores[exp1_scores["method"].isin(FINE_TUNED)][columns]
+    # only generated replies: stage 04 scores every test pair but generates on a subset (similarity NaN elsewhere)
+    tuned = exp1_scores[exp1_scores["method"].isin(FINE_TUNED) & exp1_scores["similarity"].notna()][columns]
     frames = []
-    for method, llm in llm_scores[columns].groupby("method", sort=False):
+    for method, llm in llm_scores.loc[llm_scores["similarity"].notna(), columns].groupby("method", sort=False):
         both = pd.concat([tuned.merge(llm[keys].drop_duplicates(), on=keys), llm], ignore_index=True)
         n_systems = both.groupby(keys)[["pretrain", "method"]].apply(lambda f: len(f.drop_duplicates()))
         complete = n_systems[n_systems == n_systems.max()].index if len(n_systems) else n_systems.index
@@ -537,8 +538,9 @@ def judge_questions(exp1_scores: pd.DataFrame | None,
 
 
 def low_similarity_shares(scores: pd.DataFrame, threshold: float = LOW_SIMILARITY) -> pd.DataFrame:
-    """Per dataset and system: the share of replies whose similarity to the reference is below `threshold`."""
-    grouped = scores.groupby(["dataset", "system", "pretrain", "method"], sort=False)["similarity"]
+    """Per dataset and system: the share of replies whose similarity to the reference is below `threshold`
+    (generated replies only: rows scored without a reply have NaN similarity)."""
+    grouped = scores[scores["similarity"].notna()].groupby(["dataset", "system", "pretrain", "method"], sort=False)["similarity"]
     frame = grouped.agg(share_below=lambda s: float((s < threshold).mean()), n="size").reset_index()
     return frame.rename(columns={"share_below": f"share_below_{threshold:g}"})
 
@@ -822,6 +824,36 @@ def training_lines(finetune_dir: Path) -> list[str]:
     return lines
 
 
+def scored_generated_counts(per_user: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and user, summed over split sets (stage 04's `per_user_scores.csv`): `n scored`, the test
+    pairs whose reference likelihood was scored (systems without one, the retrieval floor, left out), and
+    `n generated`, those with a generated reply; "9-10" where the systems differ."""
+    keys = ["dataset", "user_id"]
+    per_system = per_user.groupby([*keys, "pretrain", "method"], sort=False)[["n_scored", "n_generated"]].sum()
+
+    def span(values: pd.Series) -> str:
+        low, high = (int(values.min()), int(values.max())) if len(values) else (0, 0)
+        return f"{low}" if low == high else f"{low}-{high}"
+
+    rows = [{"dataset": dataset, "user": user, "n scored": span(group.loc[group["n_scored"] > 0, "n_scored"]),
+             "n generated": span(group["n_generated"])}
+            for (dataset, user), group in per_system.groupby(level=keys, sort=False)]
+    return pd.DataFrame(rows, columns=["dataset", "user", "n scored", "n generated"])
+
+
+def scored_generated_lines(exp1_dir: Path) -> list[str]:
+    """The report's per-user counts of scored and generated test pairs (`scored_generated_counts`)."""
+    per_user = _csv(exp1_dir / "per_user_scores.csv")
+    if per_user is None or not {"n_scored", "n_generated"} <= set(per_user.columns):
+        return ["(not recorded by this run: stage 04's per_user_scores.csv has no n_scored / n_generated)"]
+    params = _stage_params(_metrics(exp1_dir))
+    cap = params.get("max_generated_per_user")
+    return ["Per user: test pairs whose reference was scored (bits per character and perplexity average them) "
+            "and whose reply was generated (similarity, Acc@sim and ROUGE-L average those: a seeded subset of at "
+            f"most {_fmt(cap, 'd') if cap else 'all'} per user and split set).", "",
+            scored_generated_counts(per_user).to_markdown(index=False)]
+
+
 def same_base_llms(pretrain_dir: Path, llm_dir: Path) -> tuple[str, ...]:
     """Stage 06's LLM methods that prompt the checkpoint stage 02 started from (C1s), from both stages'
     recorded parameters: e.g. ("smollm2-chat",) when the causal track starts from `smollm2`."""
@@ -898,6 +930,7 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     for path in tables:
         parts += ["", _read(path) or ""]
     parts += ["", "### Bits per character", *_bits_per_char_lines(tables)]
+    parts += ["", "### Test pairs scored and generated", *scored_generated_lines(exp1)]
     chitchat = next((p for p in tables if p.stem.endswith("_chitchat")), None)
     if chitchat is not None:
         parts += ["", "### Beside the paper (its Table 4, User Profile Chat, the closest analog of Chit-Chat)",
