@@ -186,14 +186,25 @@ def min_detectable_effect(n: int, sd: float, alpha: float = 0.05, power: float =
         return float("nan")
     if sd == 0:
         return 0.0
+    return _standardized_detectable_effect(n, alpha, power, alternative) * sd
+
+
+@functools.lru_cache(maxsize=4096)
+def _standardized_detectable_effect(n: int, alpha: float, power: float, alternative: str) -> float:
+    # a root search in statsmodels (milliseconds); the calibration test asks for the same few designs many times
     alt = {"two-sided": "two-sided", "greater": "larger", "less": "smaller"}[alternative]
     effect_size = TTestPower().solve_power(nobs=n, alpha=alpha, power=power, alternative=alt)
-    return float(abs(np.ravel(effect_size)[0]) * sd)
+    return float(abs(np.ravel(effect_size)[0]))
 
 
 def min_equivalence_margin(n: int, sd: float, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest margin TOST establishes with `power` when the true mean difference is 0 (see module doc)."""
     if n < 2 or not np.isfinite(sd):
         return float("nan")
+    return _t_quantile_sum(n, alpha, power) * sd / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=4096)
+def _t_quantile_sum(n: int, alpha: float, power: float) -> float:
     t = scipy.stats.t(df=n - 1)
-    return float((t.ppf(1 - alpha) + t.ppf((1 + power) / 2)) * sd / math.sqrt(n))
+    return float(t.ppf(1 - alpha) + t.ppf((1 + power) / 2))
