@@ -510,3 +510,42 @@ def test_benchmark_block_names_missing_figures_and_needs_markers(tmp_path, capsy
                                                  "Qwen2.5-1.5B-Instruct")])
 def test_llm_names(name, short, shown):
     assert ex.llm_short_name(name) == short and ex.llm_display_name(name) == shown
+
+
+def test_profile_gate_makes_c2_and_q2_untestable_with_the_figures():
+    passed = report.profile_gate(PROFILE_CHECK_PASSED)
+    assert passed.passed and "50% of evaluation prompts carry a known profile field" in passed.line
+    # no `reads_profiles`: decided from the recorded p and CI (here the CI covers 0: the model does not read them)
+    failed = report.profile_gate({**PROFILE_CHECK_PASSED, "profile_conditioning": {"psp": {
+        "nll_diff_mean": 0.0033, "nll_diff_ci_low": -0.0221, "nll_diff_ci_high": 0.0287, "p_value": 0.49,
+        "n_pairs": 48}}})
+    assert not failed.passed and "+0.0033 [-0.0221, +0.0287], p = 0.49, n = 48 pairs: does not read" in failed.line
+    explicit = {"psp": {**PROFILE_CHECK_PASSED["profile_conditioning"]["psp"], "reads_profiles": False}}
+    assert not report.profile_gate({**PROFILE_CHECK_PASSED, "profile_conditioning": explicit}).passed
+    sparse = report.profile_gate({**PROFILE_CHECK_PASSED, "profile_shares": {"evaluation_prompts": 0.1}})
+    assert not sparse.passed and "10% of evaluation prompts" in sparse.line
+    unrecorded = report.profile_gate({"profile_conditioning": PROFILE_CHECK_PASSED["profile_conditioning"]})
+    assert not unrecorded.passed and "was not recorded" in unrecorded.line
+    scores, llm, replies = synthetic_run(6, +1)
+    claims, tests = report.judge_claims(scores, llm, replies, gate=failed)
+    c2 = claims.set_index("claim").loc["C2"]
+    assert c2["verdict"] == "untestable" == c2["verdict_bits_per_char"] and "C2" not in set(tests["claim"])
+    assert c2["note"] == f"{report.UNTESTABLE_PROFILES}: {failed.line}"
+    assert claims.set_index("claim").loc["C4", "verdict"] != "untestable"
+    answers, question_tests = report.judge_questions(question_scores(10, 0.05, 0.0), gate=failed)
+    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "untestable"}
+    assert "Q2" not in set(question_tests["question"])
+    answers, _ = report.judge_questions(question_scores(10, 0.05, 0.0), gate=passed)
+    assert answers.set_index("question").loc["Q2", "answer"] != "untestable"
+
+
+def test_a_comparison_with_a_collapsed_system_is_inconclusive():
+    scores, llm, replies = synthetic_run(30, +1)
+    claims, tests = report.judge_claims(scores, None, None, collapsed={("chitchat", "psp", "one_id"): 0.31})
+    involved = tests["comparison"].str.contains("PSP One-ID")
+    assert involved.any() and (tests.loc[involved, "verdict"] == "inconclusive").all()
+    assert (tests.loc[involved, "reason"] == "collapsed system: chitchat PSP One-ID (31% degenerate)").all()
+    assert (tests.loc[~involved, "verdict"] == "supported").all()
+    assert report.collapsed_systems(pd.DataFrame({"dataset": ["d", "d"], "pretrain": ["psp", "llm"],
+                                                  "method": ["lora", "x"], "degenerate_share": [0.05, 0.45],
+                                                  "degenerate": [False, True]})) == {("d", "llm", "x"): 0.45}
