@@ -433,9 +433,11 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys):
     block = report.readme_block(text, "cpu")
     assert block == report.render_results_block(results, "cpu")
     assert "old hand-typed" not in text and text.endswith("After.\n")
-    assert re.search(r"\| C4 +\| \*\*supported\*\* +\|", block)
+    assert re.search(r"\| C4 +\| \*\*supported\*\* \(similarity \(higher is better\)\) +\| 4/0/0/0 +\| "
+                     r"\*\*supported\*\* \(4/0/0/0\) +\|", block)  # both metrics' verdicts, each naming it
+    assert "- C1: the comparison" not in block and "**Q1: not tested** (similarity)" in block
     assert "**Exp1, seinfeld**" in block and "bits_per_char" in block
-    assert "**Q2: yes 4, no 2 of 6**" in block and "**Q1: not tested**" in block  # the fake run has no DA-pooled rows, and
+    assert "**Q2: yes 4, no 2 of 6** (similarity)" in block  # the fake run has no DA-pooled rows, and
     assert "| yes " in block and "| no " in block  # its PSP One-ID equals Plain Dialogue's, LoRA/FULL do not
     capsys.readouterr()
     assert report.main(["--compare", str(results), str(root)]) == 0
