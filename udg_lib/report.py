@@ -9,21 +9,50 @@ the headline numbers of two such folders side by side.
 
 How a claim is judged (the paper gives no test): each claim is a family of paired comparisons across
 units (users for Exp1, questions for Exp2), each unit's value averaged over split sets (a user appears in
-every set, so sets are not independent). Per comparison: the mean difference with a 95% percentile
-bootstrap CI over units; a test for the claim and one against it; Holm's adjustment within the claim's
-family for each; the smallest effect the design detects at 80% power. A comparison is
+every set, so sets are not independent). Every Exp1 claim (C1, C1s, C2, C4, C6) and question (Q1, Q2) is
+judged twice, on similarity (the paper's headline) and on bits per character of the user's real reply
+(lower is better), each metric with its own smallest effect of interest and margin (`ClaimSettings`), its own
+Holm family and its own verdict; C3 (Dist-S) and C5 (share under 0.2) have one metric each. Differences are
+oriented so that positive favours the claim (b minus a where lower is better).
 
-- **supported** when the Holm-adjusted p of the claim's test is below alpha,
-- **contradicted** when the Holm-adjusted p of the test against it is below alpha,
-- **inconclusive** otherwise, and always when the design cannot decide: fewer units than a paired rank
-  test needs to reach p < alpha (2 / 2^n > alpha, n <= 5 at 0.05), or a CI covering both zero and the
-  claimed effect.
+The test is a sign-flip permutation test of the mean (`stats.sign_flip_test`), one-sided: in the claimed
+direction for the claim, in the other against it, never a two-sided p read with the sign of the mean. Why
+the mean: the effect, its CI and the paper's tables are means, and a signed-rank test speaks of the
+pseudo-median instead, which for skewed differences is not the mean (with right-skewed per-user differences
+whose mean equals the claimed effect it says "contradicted" a quarter of the time at 30 users, and more as
+users are added). Why sign-flip rather than paired t: exact level under symmetry whatever the tails
+(`tests/test_calibration.py` measures both kinds of error at or under alpha for normal, heavy-tailed and
+tied-with-zeros differences at 10 and 30 users), the t-test's power (the same noncentral-t detectable effect
+applies), and a real smallest attainable p, 1 / 2^n one-sided for n non-zero differences, which tells when
+a design cannot decide. Its limit, shared with the t-test: strongly skewed differences on 10 users still
+mislead it (about 12% "contradicted" at a true effect equal to the claim's, 4% at 30 users).
 
-Kinds: "greater" (a beats b; Wilcoxon signed-rank against 0 for, against the smallest effect of interest
-`min_effect` for contradiction), "equivalent" (|a - b| < margin; paired-t TOST for, the mean outside the
-margin for contradiction; non-significance is never support), "noninferior" (a - b > -margin; one-sided
-paired t each way). A claim is supported when every comparison is, contradicted when any is, else
-inconclusive.
+Per comparison: the mean difference with a 95% percentile bootstrap CI over units (descriptive); the p
+for and against, each Holm-adjusted within the family (claim, metric, reading); n and the non-zero n
+(|d| < 1e-12 is a zero: no sign to flip); the smallest attainable p beside alpha / family size (Holm's
+strictest step); the smallest effect detectable at 80% power at that alpha, one-sided. A comparison is
+
+- **inconclusive: collapsed system** when a system in it is flagged degenerate (> 20% of its replies
+  empty, repeated or one reply; `generation_health`), whatever the tests say;
+- **inconclusive** when neither test's smallest attainable p reaches alpha / family size (4 users: 1/16);
+- **real, smaller than claimed** when the Holm-adjusted p for the claim and the one against it are both
+  below alpha (an effect in the claimed direction, significantly below the smallest effect of interest:
+  never counted as support);
+- **supported** when only the p for the claim is;
+- **contradicted** when only the p against it is;
+- **inconclusive** otherwise: non-significance is never support.
+
+Kinds: "greater" (for: mean > 0; against: mean < the smallest effect of interest), "equivalent" (C4; for:
+TOST, both one-sided tests of the margin; against: the mean outside the margin, either side, Bonferroni over
+the two), "noninferior" (for: mean > -margin; against: mean < -margin), "differs" (Q2; for: two-sided;
+against: TOST). C6 under PSP/PPP is judged as §4.2.4 states it, LoRA/FULL "slightly higher" than One-ID
+(superiority); non-inferiority is our reading, on its own line and not in C6's verdict. C1s is C1's
+comparison with the LLM that shares the fine-tuned systems' base: one test, reported under both names. C2
+and Q2 are untestable, not judged, when stage 02's profile check says the profile-conditioned models do not
+read their profiles or fewer than 20% of evaluation prompts carry a known profile field (`profile_gate`).
+A claim is contradicted when any comparison is, supported when all are, "real, smaller than claimed" when
+all are that or supported, else inconclusive. Each pre-trained model and One-ID is a single training run,
+so the verdicts are about these checkpoints.
 """
 
 from __future__ import annotations
