@@ -186,8 +186,7 @@ def test_many_users_support_or_contradict_clear_effects():
     assert c1_bits["effect"] > 0.6 and c1_bits["verdict"] == "supported"  # LLM's bits/char minus the tuned ones'
     bits = claims.set_index("claim")["verdict_bits_per_char"].to_dict()
     assert bits == {"C1": "supported", "C2": "supported", "C3": "", "C4": "supported", "C5": "", "C6": "supported"}
-    assert claims.set_index("claim").loc["C6", "our_reading"] == ("similarity (higher is better): supported; "
-                                                                 "bits/char (lower is better): supported")
+    assert claims.set_index("claim").loc["C6", "our_reading"] == "similarity: supported; bits/char: supported"
     scores, llm, replies = synthetic_run(30, -1)
     claims, _ = report.judge_claims(scores, llm, replies)
     assert claims.set_index("claim")["verdict"].to_dict() == {f"C{i}": "contradicted" for i in range(1, 7)}
@@ -391,7 +390,7 @@ def test_report_reads_sizes_settings_health_and_judges_from_scores(tmp_path):
                                                          "C4": "supported", "C5": "", "C6": "supported"}
     assert "collapsed system: seinfeld tiny-chat (45% degenerate)" in text
     assert "Profile check (C2, Q2): PSP shuffled-minus-true profile NLL +0.0500 [+0.0300, +0.0700]" in text
-    assert "### C2: supported (similarity (higher is better)); bits/char: supported" in text
+    assert "### C2: supported (similarity); bits/char: supported" in text
     assert "single training run" in text
     tests = pd.read_csv(root / report.CLAIM_TESTS_FILE)
     assert {"p_for", "p_for_holm", "ci_low", "ci_high", "detectable_80", "n"} <= set(tests.columns)
@@ -433,7 +432,7 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys):
     block = report.readme_block(text, "cpu")
     assert block == report.render_results_block(results, "cpu")
     assert "old hand-typed" not in text and text.endswith("After.\n")
-    assert re.search(r"\| C4 +\| \*\*supported\*\* \(similarity \(higher is better\)\) +\| 4/0/0/0 +\| "
+    assert re.search(r"\| C4 +\| \*\*supported\*\* \(similarity\) +\| 4/0/0/0 +\| "
                      r"\*\*supported\*\* \(4/0/0/0\) +\|", block)  # both metrics' verdicts, each naming it
     assert "- C1: the comparison" not in block and "**Q1: not tested** (similarity)" in block
     assert "**Exp1, seinfeld**" in block and "bits_per_char" in block

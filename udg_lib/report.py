@@ -151,6 +151,8 @@ EXP1_METRICS = ("similarity", "bits_per_char")
 LOWER_IS_BETTER = frozenset({"bits_per_char", "perplexity"})
 METRIC_NAMES = {"similarity": "similarity (higher is better)", "bits_per_char": "bits/char (lower is better)",
                 "perplexity": "PPL (lower is better)", "dist_s": "Dist-S", "low_share": f"share under {LOW_SIMILARITY}"}
+METRIC_SHORT = {"similarity": "similarity", "bits_per_char": "bits/char", "perplexity": "PPL", "dist_s": "Dist-S",
+                "low_share": f"share under {LOW_SIMILARITY}"}
 HEADLINE_METRIC = {"C3": "dist_s", "C5": "low_share"}  # every other claim: similarity, then bits/char beside it
 PAPER_READING, OUR_READING = "paper", "ours"
 
@@ -611,7 +613,7 @@ def _summaries(claim: str, tests: pd.DataFrame, untestable: str = "") -> dict[st
             "n_inconclusive": int((main["verdict"] == "inconclusive").sum()), "n_units": n_units,
             "verdict_bits_per_char": UNTESTABLE if untestable and bits else bits,
             "tests_bits_per_char": "" if bpc.empty else _counts(bpc),
-            "our_reading": "; ".join(f"{METRIC_NAMES[m]}: {_claim_verdict(f['verdict'].tolist())}"
+            "our_reading": "; ".join(f"{METRIC_SHORT[m]}: {_claim_verdict(f['verdict'].tolist())}"
                                      for m, f in ours.groupby("metric", sort=False))}
 
 
@@ -1028,7 +1030,7 @@ def claims_lines(claims: pd.DataFrame, tests: pd.DataFrame, settings: ClaimSetti
     scope = "every dataset" if small_datasets is None else (", ".join(sorted(small_datasets)) or "none")
     table = pd.DataFrame({
         "claim": claims["claim"].map(lambda c: f"**{c}**"),
-        "verdict (metric)": [f"{v} ({METRIC_NAMES[m]})" for v, m in zip(claims["verdict"], claims["metric"])],
+        "verdict (metric)": [f"{v} ({METRIC_SHORT[m]})" for v, m in zip(claims["verdict"], claims["metric"])],
         "s/r/c/i": [f"{s}/{r}/{c}/{i}" for s, r, c, i in zip(claims["n_supported"], claims["n_smaller"],
                                                              claims["n_contradicted"], claims["n_inconclusive"])],
         "verdict on bits/char (lower is better)": [
@@ -1056,7 +1058,7 @@ def claims_lines(claims: pd.DataFrame, tests: pd.DataFrame, settings: ClaimSetti
     ]
     for row in claims.itertuples(index=False):
         bits = f"; bits/char: {row.verdict_bits_per_char}" if row.verdict_bits_per_char else ""
-        lines += ["", f"### {row.claim}: {row.verdict} ({METRIC_NAMES[row.metric]}){bits}", row.statement]
+        lines += ["", f"### {row.claim}: {row.verdict} ({METRIC_SHORT[row.metric]}){bits}", row.statement]
         if row.note:
             lines.append(f"Note: {row.note.rstrip('.')}.")
         claim = "C1" if row.claim == "C1s" else row.claim
@@ -1081,7 +1083,7 @@ def _tests_markdown(rows: pd.DataFrame, outcome: str = "verdict") -> str:
                             for e, lo, hi in zip(rows["effect"], rows["ci_low"], rows["ci_high"])],
         "p for": rows["p_for"].map(_fmt), "Holm": rows["p_for_holm"].map(_fmt),
         "p against": rows["p_against"].map(_fmt), "Holm ": rows["p_against_holm"].map(_fmt),
-        "min p / alpha·": [f"{_fmt(p)} / {_fmt(a)}" for p, a in zip(rows["min_attainable_p"], rows["alpha_family"])],
+        "min p / alpha÷m": [f"{_fmt(p)} / {_fmt(a)}" for p, a in zip(rows["min_attainable_p"], rows["alpha_family"])],
         "detectable (80%)": rows["detectable_80"].map(lambda v: _fmt(v, ".3f")),
         outcome: [v + (f" ({r})" if r and v in ("inconclusive", "yes, smaller than the smallest effect of interest",
                                                    SMALLER) else "")
@@ -1407,7 +1409,7 @@ def render_results_block(folder: str | Path, profile: str) -> str:
                       "supported / real, smaller than claimed / contradicted / inconclusive; Holm within each claim "
                       "and metric; n = units per comparison; bits/char: lower is better):", "",
                       pd.DataFrame({"claim": claims["claim"],
-                                    "verdict": [f"**{v}** ({METRIC_NAMES.get(m, m)})"
+                                    "verdict": [f"**{v}** ({METRIC_SHORT.get(m, m)})"
                                                 for v, m in zip(claims["verdict"], claims["metric"])],
                                     "s/r/c/i": [f"{s}/{r}/{c}/{i}" for s, r, c, i in zip(
                                         claims["n_supported"], claims["n_smaller"], claims["n_contradicted"],
