@@ -435,6 +435,8 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys):
     assert re.search(r"\| C4 +\| \*\*supported\*\* \(similarity\) +\| 4/0/0/0 +\| "
                      r"\*\*supported\*\* \(4/0/0/0\) +\|", block)  # both metrics' verdicts, each naming it
     assert "- C1: the comparison" not in block and "**Q1: not tested** (similarity)" in block
+    assert re.search(r"\| C1 +\| \*\*inconclusive\*\* \(similarity\) +\| 0/0/0/1 +\| \*\*inconclusive\*\* \(0/0/0/1\) +\| "
+                     r"— +\| +30 \|", block)  # the LLM is flagged; n as an integer
     assert "**Exp1, seinfeld**" in block and "bits_per_char" in block
     assert "**Q2: yes 4, no 2 of 6** (similarity)" in block  # the fake run has no DA-pooled rows, and
     assert "| yes " in block and "| no " in block  # its PSP One-ID equals Plain Dialogue's, LoRA/FULL do not

@@ -1417,7 +1417,9 @@ def render_results_block(folder: str | Path, profile: str) -> str:
                                     "bits/char": [f"**{v}** ({t})" if t else (f"**{v}**" if v else "—") for v, t in
                                                   zip(claims["verdict_bits_per_char"], claims["tests_bits_per_char"])],
                                     "our reading": [v or "—" for v in claims["our_reading"]],
-                                    "n": claims["n_units"].astype(str), "statement": claims["statement"]})
+                                    "n": [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+                                          for v in claims["n_units"]],  # a column with blanks reads as float
+                                    "statement": claims["statement"]})
                       .to_markdown(index=False)]
             notes = [f"- {r.claim}: {r.note}" for r in claims.itertuples(index=False) if r.note]
             lines += ["", *notes] if notes else []
