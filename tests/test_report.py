@@ -206,6 +206,8 @@ def test_controlled_c1_is_judged_only_against_the_llm_that_shares_the_base():
     assert rows.loc["C1s", "note"].startswith("the same comparisons as C1's against tiny-chat")
     assert "also the controlled C1s" in rows.loc["C1", "note"]
     assert rows.loc["C1s", "verdict_bits_per_char"] == "supported" == rows.loc["C1", "verdict_bits_per_char"]
+    text = "\n".join(report.claims_lines(claims, tests, report.ClaimSettings(same_base_llms=("tiny-chat",)), None))
+    assert text.count("(own base: C1s)") == 2  # the comparison's table rows, once per metric, under C1 only
     other, _ = report.judge_claims(scores, llm, replies,
                                    settings=report.ClaimSettings(same_base_llms=("another-chat",)))
     assert other.set_index("claim").loc["C1s", "verdict"] == "not tested"

@@ -1061,10 +1061,7 @@ def claims_lines(claims: pd.DataFrame, tests: pd.DataFrame, settings: ClaimSetti
         lines += ["", f"### {row.claim}: {row.verdict} ({METRIC_SHORT[row.metric]}){bits}", row.statement]
         if row.note:
             lines.append(f"Note: {row.note.rstrip('.')}.")
-        claim = "C1" if row.claim == "C1s" else row.claim
-        rows = tests[tests["claim"] == claim]
-        if row.claim == "C1s":
-            rows = rows[rows["source"].isin([f"llm:{m}" for m in settings.same_base_llms])]
+        rows = tests[tests["claim"] == row.claim]  # C1s has none of its own: its comparisons are C1's, shown there
         if rows.empty:
             continue
         for metric, frame in rows.groupby("metric", sort=False):
