@@ -554,3 +554,21 @@ def test_a_comparison_with_a_collapsed_system_is_inconclusive():
     assert report.collapsed_systems(pd.DataFrame({"dataset": ["d", "d"], "pretrain": ["psp", "llm"],
                                                   "method": ["lora", "x"], "degenerate_share": [0.05, 0.45],
                                                   "degenerate": [False, True]})) == {("d", "llm", "x"): 0.45}
+
+
+def test_unit_values_carry_both_metrics_and_skip_pairs_scored_but_not_generated():
+    # stage 04 scores bits/char on every test pair and generates replies on a capped subset (similarity NaN)
+    scores = pd.DataFrame([{"dataset": "d", "split_set": s, "user_id": "u", "pair_id": f"p{k}", "pretrain": "psp",
+                            "method": "lora", "similarity": 0.4 + 0.1 * k if k < 2 else np.nan,
+                            "bits_per_char": 1.0 + k} for s in (0, 1) for k in range(4)])
+    values = report.exp1_unit_values(scores)
+    assert values[["similarity", "bits_per_char"]].iloc[0].tolist() == pytest.approx([0.45, 2.5])
+    llm = scores.assign(pretrain="llm", method="tiny-chat", similarity=[0.1, np.nan, np.nan, np.nan] * 2)
+    llm_values = report.llm_unit_values(scores, llm).set_index("pretrain")
+    assert llm_values.loc["llm", "low_share"] == 1.0 and llm_values.loc["psp", "low_share"] == 0.0  # NaN: no reply
+    assert llm_values.loc["llm", "bits_per_char"] == pytest.approx(2.5)
+    # oriented differences: bits/char is lower-better, so a positive effect favours the claim's side
+    pair = pd.concat([values, values.assign(method="full", bits_per_char=values["bits_per_char"] + 0.1)])
+    comparison = report._comparison("C4", "exp1", "d", "bits_per_char", [("psp", "lora")], [("psp", "full")],
+                                    "equivalent", 0.02)
+    assert report.unit_differences(pair, comparison).tolist() == pytest.approx([0.1])
