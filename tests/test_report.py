@@ -40,6 +40,18 @@ PAPER_SIMILARITY = {
              ("ppp", "one_id"): 0.571, ("ppp", "lora"): 0.572, ("ppp", "full"): 0.570,
              ("llm", "gpt3.5"): 0.350, ("llm", "jp-neox-3.6b"): 0.309, ("llm", "jp-llama2-7b"): 0.331},
 }
+# Their PPL columns (lower is better; NA for the LLMs).
+PAPER_PPL = {
+    "SD": {("plain_t5", "one_id"): 19.9, ("plain_t5", "lora"): 12.7, ("plain_t5", "full"): 14.0,
+           ("plain_dialogue", "one_id"): 22.2, ("plain_dialogue", "lora"): 24.3, ("plain_dialogue", "full"): 17.2,
+           ("psp", "one_id"): 16.1, ("psp", "lora"): 16.1, ("psp", "full"): 15.7,
+           ("ppp", "one_id"): 21.5, ("ppp", "lora"): 13.07, ("ppp", "full"): 10.7},
+    "UPC": {k: v[3] for k, v in report.PAPER_TABLE4_UPC.items() if k[0] != "llm"},
+    "PCJP": {("plain_t5", "one_id"): 23.6, ("plain_t5", "lora"): 16.5, ("plain_t5", "full"): 29.3,
+             ("plain_dialogue", "one_id"): 22.2, ("plain_dialogue", "lora"): 17.4, ("plain_dialogue", "full"): 19.2,
+             ("psp", "one_id"): 18.8, ("psp", "lora"): 14.7, ("psp", "full"): 16.1,
+             ("ppp", "one_id"): 17.8, ("ppp", "lora"): 16.5, ("ppp", "full"): 17.9},
+}
 # Table 7, Dist-S: {dataset: {(pretrain, method): value}}.
 PAPER_DIST_S = {
     "SD": {("plain_dialogue", "one_id"): 0.0411, ("plain_dialogue", "lora"): 0.127, ("plain_dialogue", "full"): 0.204,
@@ -60,11 +72,13 @@ def paper_values() -> pd.DataFrame:
     rows = []
     for dataset, systems in PAPER_SIMILARITY.items():
         tuned = {k: v for k, v in systems.items() if k[0] != "llm"}
-        rows += [{"source": "exp1", "dataset": dataset, "unit": "paper", "pretrain": p, "method": m, "similarity": v}
-                 for (p, m), v in tuned.items()]
+        ppl = PAPER_PPL[dataset]
+        rows += [{"source": "exp1", "dataset": dataset, "unit": "paper", "pretrain": p, "method": m, "similarity": v,
+                  "perplexity": ppl[(p, m)]} for (p, m), v in tuned.items()]
         for (_, llm), value in ((k, v) for k, v in systems.items() if k[0] == "llm"):
             rows += [{"source": f"llm:{llm}", "dataset": dataset, "unit": "paper", "pretrain": p, "method": m,
-                      "similarity": v} for (p, m), v in [*tuned.items(), (("llm", llm), value)]]
+                      "similarity": v, "perplexity": ppl.get((p, m), np.nan)}
+                     for (p, m), v in [*tuned.items(), (("llm", llm), value)]]
     dist_s = pd.DataFrame([{"pretrain": p, "method": m, "dist_s": v}
                            for systems in PAPER_DIST_S.values() for (p, m), v in systems.items()])
     pooled = dist_s.groupby(["pretrain", "method"], sort=False)["dist_s"].mean().reset_index()
@@ -79,7 +93,23 @@ def test_the_papers_own_means_give_the_papers_conclusions():
     verdicts = report.direction_verdicts(paper_values(), small, settings)
     assert verdicts.to_dict() == {"C1": "supported", "C2": "supported", "C3": "supported", "C4": "supported",
                                   "C5": "not tested",  # Figure 2 gives no numbers
-                                  "C6": "supported"}
+                                  # §4.2.4's "slightly higher" under PSP/PPP is not in the similarity column
+                                  # (UPC PSP: LoRA/FULL 0.5325 vs One-ID 0.533); "at least as good" is
+                                  "C6": "contradicted", "C6 (our reading)": "supported"}
+    # The PPL columns (lower is better): PSP/PPP help LoRA/FULL on the small datasets (C2) and put them ahead of
+    # One-ID there (C6's second half, the "slightly higher" of §4.2.4); One-ID's lead under Plain T5 / Plain
+    # Dialogue is a similarity finding, and LoRA and FULL differ by up to 7 PPL. No LLM has a PPL (NA).
+    ppl = report.direction_verdicts(paper_values(), small, settings, metrics=("perplexity",))
+    assert ppl.to_dict() == {"C1": "not tested", "C2": "supported", "C3": "not tested", "C4": "contradicted",
+                             "C5": "not tested", "C6": "contradicted", "C6 (our reading)": "supported"}
+    values = paper_values()
+    profile_half = [c for c in report.claim_comparisons(values, small, settings) if c.claim == "C6"
+                    and c.reading == "paper" and c.a[0][0] in report.PROFILE_PRETRAINS]
+    effects = {(c.metric, c.dataset, c.a[0][0]): float(report.unit_differences(values, c).mean())
+               for c in profile_half}
+    assert len(effects) == 8 and all(v > 0 for (m, _, _), v in effects.items() if m == "perplexity")
+    assert effects[("perplexity", "UPC", "psp")] == pytest.approx(17.2 - (12.6 + 10.1) / 2)  # oriented: b - a
+    assert effects[("similarity", "UPC", "psp")] < 0
     # Scope matters: on SD (most data per user) PSP/PPP do not help, and One-ID stays ahead under PSP/PPP.
     unscoped = report.direction_verdicts(paper_values(), None, settings)
     assert unscoped["C2"] == "contradicted" and unscoped["C6"] == "contradicted"
@@ -117,6 +147,8 @@ def synthetic_run(n_users: int, direction: int, contexts: int = 6, questions: in
     llm = scores[(scores["pretrain"] == "psp") & (scores["method"] == "lora")].assign(
         pretrain="llm", method="tiny-chat", system="Tiny (chat)")
     llm["similarity"] = llm_mean + rng.normal(0, 0.003, len(llm))
+    for frame in (scores, llm):  # bits/char of the real reply: lower where the reply fits better
+        frame["bits_per_char"] = 3.0 - 2.0 * frame["similarity"] + rng.normal(0, 0.002, len(frame))
     llm = llm[llm["pair_id"].str.endswith(("-0", "-1", "-2"))]  # the LLM answers half of the contexts
     replies = []
     for user in range(n_users):
@@ -135,7 +167,10 @@ def test_four_users_are_inconclusive_for_every_claim():
     claims, tests = report.judge_claims(scores, llm, replies)
     assert claims["verdict"].tolist() == ["inconclusive"] * 6
     assert set(tests["verdict"]) == {"inconclusive"} and len(tests) > 6
-    assert tests.loc[tests["claim"] == "C1", "reason"].iloc[0].startswith("n = 4: no paired rank test can go below")
+    assert tests.loc[tests["claim"] == "C1", "reason"].iloc[0] == (
+        "4 non-zero differences: the sign-flip test cannot go below p = 0.0625, above alpha / family = 0.05")
+    assert set(tests["metric"]) == {"similarity", "bits_per_char", "low_share", "dist_s"}
+    assert set(claims["verdict_bits_per_char"]) == {"inconclusive", ""}  # C3, C5: one metric
     assert "pools only 4 users" in tests.loc[tests["claim"] == "C3", "reason"].iloc[0]  # 60 questions, 4 users
 
 
@@ -144,12 +179,19 @@ def test_many_users_support_or_contradict_clear_effects():
     claims, tests = report.judge_claims(scores, llm, replies)
     assert claims.set_index("claim")["verdict"].to_dict() == {f"C{i}": "supported" for i in range(1, 7)}
     c4 = tests[tests["claim"] == "C4"]
-    assert len(c4) == 4 and (c4["kind"] == "equivalent").all() and (c4["p_for_holm"] >= c4["p_for"]).all()
-    c1 = tests[tests["claim"] == "C1"].iloc[0]
+    assert len(c4) == 8 and (c4["kind"] == "equivalent").all() and (c4["p_for_holm"] >= c4["p_for"]).all()
+    assert (c4.groupby("metric").size() == 4).all()  # each metric its own Holm family of 4
+    c1 = tests[(tests["claim"] == "C1") & (tests["metric"] == "similarity")].iloc[0]
     assert c1["n"] == 30 and c1["ci_low"] > 0.3 and c1["detectable_80"] < 0.05
+    c1_bits = tests[(tests["claim"] == "C1") & (tests["metric"] == "bits_per_char")].iloc[0]
+    assert c1_bits["effect"] > 0.6 and c1_bits["verdict"] == "supported"  # LLM's bits/char minus the tuned ones'
+    bits = claims.set_index("claim")["verdict_bits_per_char"].to_dict()
+    assert bits == {"C1": "supported", "C2": "supported", "C3": "", "C4": "supported", "C5": "", "C6": "supported"}
+    assert claims.set_index("claim").loc["C6", "our_reading"] == "similarity: supported; bits/char: supported"
     scores, llm, replies = synthetic_run(30, -1)
     claims, _ = report.judge_claims(scores, llm, replies)
     assert claims.set_index("claim")["verdict"].to_dict() == {f"C{i}": "contradicted" for i in range(1, 7)}
+    assert set(claims["verdict_bits_per_char"]) == {"contradicted", ""}
 
 
 def test_controlled_c1_is_judged_only_against_the_llm_that_shares_the_base():
@@ -158,8 +200,15 @@ def test_controlled_c1_is_judged_only_against_the_llm_that_shares_the_base():
                                         settings=report.ClaimSettings(same_base_llms=("tiny-chat",)))
     verdicts = claims.set_index("claim")["verdict"]
     assert verdicts["C1s"] == "supported" == verdicts["C1"]
-    c1, c1s = tests[tests["claim"] == "C1"], tests[tests["claim"] == "C1s"]
-    assert len(c1s) == len(c1) == 1 and c1s["effect"].iloc[0] == c1["effect"].iloc[0]
+    # one test per metric, counted once: in C1's family, labelled as the controlled C1s, never a second row
+    assert "C1s" not in set(tests["claim"]) and len(tests[tests["claim"] == "C1"]) == 2
+    assert tests.loc[tests["claim"] == "C1", "comparison"].str.endswith("(own base: C1s)").all()
+    rows = claims.set_index("claim")
+    assert rows.loc["C1s", "note"].startswith("the same comparisons as C1's against tiny-chat")
+    assert "also the controlled C1s" in rows.loc["C1", "note"]
+    assert rows.loc["C1s", "verdict_bits_per_char"] == "supported" == rows.loc["C1", "verdict_bits_per_char"]
+    text = "\n".join(report.claims_lines(claims, tests, report.ClaimSettings(same_base_llms=("tiny-chat",)), None))
+    assert text.count("(own base: C1s)") == 2  # the comparison's table rows, once per metric, under C1 only
     other, _ = report.judge_claims(scores, llm, replies,
                                    settings=report.ClaimSettings(same_base_llms=("another-chat",)))
     assert other.set_index("claim").loc["C1s", "verdict"] == "not tested"
@@ -275,12 +324,20 @@ def write_stage(root, stage, metrics=None, params=None, seconds=60.0, rss=1024, 
     (root / stage / "metrics.json").write_text(json.dumps(record))
 
 
+# Stage 02's profile check as it records it: shuffled minus true profile NLL per held-out pair, and the shares of
+# prompts with a known profile field.
+PROFILE_CHECK_PASSED = {
+    "profile_conditioning": {"psp": {"nll_diff_mean": 0.05, "nll_diff_ci_low": 0.03, "nll_diff_ci_high": 0.07,
+                                     "p_value": 0.001, "n_pairs": 48}},
+    "profile_shares": {"pretraining_prompts": {"psp": 0.6}, "evaluation_prompts": 0.5}}
+
+
 def fake_outputs(root, dataset="seinfeld", stage06_finished=True):
     """A complete small outputs folder: every stage's metrics.json, tables, per-sample scores and replies."""
     for stage in report.STAGES:
         write_stage(root, stage)
-    write_stage(root, "02_pretrain_models", {"models": {"plain_t5": {"n_parameters": 56_000, "steps": 30}}},
-                {"model_preset": "test", "checkpoint": ""})
+    write_stage(root, "02_pretrain_models", {"models": {"plain_t5": {"n_parameters": 56_000, "steps": 30}},
+                                             **PROFILE_CHECK_PASSED}, {"model_preset": "test", "checkpoint": ""})
     write_stage(root, "03_finetune_users", {"lora_trainable_parameters": 1536, "users_per_dataset": {dataset: 30},
                                             "split_sets": [0]},
                 {"learning_rate": 1e-4, "max_epochs": 3, "patience": 1, "lora_r": 12, "lora_targets": "q,v"})
@@ -328,8 +385,16 @@ def test_report_reads_sizes_settings_health_and_judges_from_scores(tmp_path):
     assert "- **seinfeld**" in text  # Table 7's tests labelled by dataset
     assert "| system " in text.split("## Table 7")[1] and "Unnamed" not in text  # its row labels' column named
     assert "equivalence margin 0.01 similarity" in text  # the default (notebook 06 passes its parameter)
-    claims = pd.read_csv(root / report.CLAIMS_FILE).set_index("claim")
-    assert claims["verdict"].to_dict() == {f"C{i}": "supported" for i in range(1, 7)}
+    claims = pd.read_csv(root / report.CLAIMS_FILE, keep_default_na=False).set_index("claim")
+    # the LLM is flagged degenerate (45%): C1 and C5, which compare with it, cannot be judged
+    assert claims["verdict"].to_dict() == {"C1": "inconclusive", "C2": "supported", "C3": "supported",
+                                           "C4": "supported", "C5": "inconclusive", "C6": "supported"}
+    assert claims["verdict_bits_per_char"].to_dict() == {"C1": "inconclusive", "C2": "supported", "C3": "",
+                                                         "C4": "supported", "C5": "", "C6": "supported"}
+    assert "collapsed system: seinfeld tiny-chat (45% degenerate)" in text
+    assert "Profile check (C2, Q2): PSP shuffled-minus-true profile NLL +0.0500 [+0.0300, +0.0700]" in text
+    assert "### C2: supported (similarity); bits/char: supported" in text
+    assert "single training run" in text
     tests = pd.read_csv(root / report.CLAIM_TESTS_FILE)
     assert {"p_for", "p_for_holm", "ci_low", "ci_high", "detectable_80", "n"} <= set(tests.columns)
     assert "### C4: supported" in text and "effect [95% CI]" in text
@@ -440,9 +505,13 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys, checkout, m
     block = report.readme_block(text, "cpu")
     assert block == report.render_results_block(results, "cpu")
     assert "old hand-typed" not in text and text.endswith("After.\n")
-    assert re.search(r"\| C4 +\| \*\*supported\*\* +\|", block)
+    assert re.search(r"\| C4 +\| \*\*supported\*\* \(similarity\) +\| 4/0/0/0 +\| "
+                     r"\*\*supported\*\* \(4/0/0/0\) +\|", block)  # both metrics' verdicts, each naming it
+    assert "- C1: the comparison" not in block and "**Q1: not tested** (similarity)" in block
+    assert re.search(r"\| C1 +\| \*\*inconclusive\*\* \(similarity\) +\| 0/0/0/1 +\| \*\*inconclusive\*\* \(0/0/0/1\) +\| "
+                     r"— +\| +30 \|", block)  # the LLM is flagged; n as an integer
     assert "**Exp1, seinfeld**" in block and "bits_per_char" in block
-    assert "**Q2: yes 4, no 2 of 6**" in block and "**Q1: not tested**" in block  # the fake run has no DA-pooled rows, and
+    assert "**Q2: yes 4, no 2 of 6** (similarity)" in block  # the fake run has no DA-pooled rows, and
     assert "| yes " in block and "| no " in block  # its PSP One-ID equals Plain Dialogue's, LoRA/FULL do not
     capsys.readouterr()
     assert report.main(["--compare", str(results), str(root)]) == 0
@@ -561,3 +630,60 @@ def test_report_counts_scored_and_generated_pairs_per_user(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"stage": {"params": {"max_generated_per_user": 2}}}))
     lines = report.scored_generated_lines(tmp_path)
     assert "at most 2 per user" in lines[0] and "| b      | 20-22" in lines[-1]
+
+
+def test_profile_gate_makes_c2_and_q2_untestable_with_the_figures():
+    passed = report.profile_gate(PROFILE_CHECK_PASSED)
+    assert passed.passed and "50% of evaluation prompts carry a known profile field" in passed.line
+    # no `reads_profiles`: decided from the recorded p and CI (here the CI covers 0: the model does not read them)
+    failed = report.profile_gate({**PROFILE_CHECK_PASSED, "profile_conditioning": {"psp": {
+        "nll_diff_mean": 0.0033, "nll_diff_ci_low": -0.0221, "nll_diff_ci_high": 0.0287, "p_value": 0.49,
+        "n_pairs": 48}}})
+    assert not failed.passed and "+0.0033 [-0.0221, +0.0287], p = 0.49, n = 48 pairs: does not read" in failed.line
+    explicit = {"psp": {**PROFILE_CHECK_PASSED["profile_conditioning"]["psp"], "reads_profiles": False}}
+    assert not report.profile_gate({**PROFILE_CHECK_PASSED, "profile_conditioning": explicit}).passed
+    sparse = report.profile_gate({**PROFILE_CHECK_PASSED, "profile_shares": {"evaluation_prompts": 0.1}})
+    assert not sparse.passed and "10% of evaluation prompts" in sparse.line
+    unrecorded = report.profile_gate({"profile_conditioning": PROFILE_CHECK_PASSED["profile_conditioning"]})
+    assert not unrecorded.passed and "was not recorded" in unrecorded.line
+    scores, llm, replies = synthetic_run(6, +1)
+    claims, tests = report.judge_claims(scores, llm, replies, gate=failed)
+    c2 = claims.set_index("claim").loc["C2"]
+    assert c2["verdict"] == "untestable" == c2["verdict_bits_per_char"] and "C2" not in set(tests["claim"])
+    assert c2["note"] == f"{report.UNTESTABLE_PROFILES}: {failed.line}"
+    assert claims.set_index("claim").loc["C4", "verdict"] != "untestable"
+    answers, question_tests = report.judge_questions(question_scores(10, 0.05, 0.0), gate=failed)
+    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "untestable"}
+    assert "Q2" not in set(question_tests["question"])
+    answers, _ = report.judge_questions(question_scores(10, 0.05, 0.0), gate=passed)
+    assert answers.set_index("question").loc["Q2", "answer"] != "untestable"
+
+
+def test_a_comparison_with_a_collapsed_system_is_inconclusive():
+    scores, llm, replies = synthetic_run(30, +1)
+    claims, tests = report.judge_claims(scores, None, None, collapsed={("chitchat", "psp", "one_id"): 0.31})
+    involved = tests["comparison"].str.contains("PSP One-ID")
+    assert involved.any() and (tests.loc[involved, "verdict"] == "inconclusive").all()
+    assert (tests.loc[involved, "reason"] == "collapsed system: chitchat PSP One-ID (31% degenerate)").all()
+    assert (tests.loc[~involved, "verdict"] == "supported").all()
+    assert report.collapsed_systems(pd.DataFrame({"dataset": ["d", "d"], "pretrain": ["psp", "llm"],
+                                                  "method": ["lora", "x"], "degenerate_share": [0.05, 0.45],
+                                                  "degenerate": [False, True]})) == {("d", "llm", "x"): 0.45}
+
+
+def test_unit_values_carry_both_metrics_and_skip_pairs_scored_but_not_generated():
+    # stage 04 scores bits/char on every test pair and generates replies on a capped subset (similarity NaN)
+    scores = pd.DataFrame([{"dataset": "d", "split_set": s, "user_id": "u", "pair_id": f"p{k}", "pretrain": "psp",
+                            "method": "lora", "similarity": 0.4 + 0.1 * k if k < 2 else np.nan,
+                            "bits_per_char": 1.0 + k} for s in (0, 1) for k in range(4)])
+    values = report.exp1_unit_values(scores)
+    assert values[["similarity", "bits_per_char"]].iloc[0].tolist() == pytest.approx([0.45, 2.5])
+    llm = scores.assign(pretrain="llm", method="tiny-chat", similarity=[0.1, np.nan, np.nan, np.nan] * 2)
+    llm_values = report.llm_unit_values(scores, llm).set_index("pretrain")
+    assert llm_values.loc["llm", "low_share"] == 1.0 and llm_values.loc["psp", "low_share"] == 0.0  # NaN: no reply
+    assert llm_values.loc["llm", "bits_per_char"] == pytest.approx(2.5)
+    # oriented differences: bits/char is lower-better, so a positive effect favours the claim's side
+    pair = pd.concat([values, values.assign(method="full", bits_per_char=values["bits_per_char"] + 0.1)])
+    comparison = report._comparison("C4", "exp1", "d", "bits_per_char", [("psp", "lora")], [("psp", "full")],
+                                    "equivalent", 0.02)
+    assert report.unit_differences(pair, comparison).tolist() == pytest.approx([0.1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -93,3 +94,25 @@ def test_min_equivalence_margin_normal_approximation():
     margin = stats.min_equivalence_margin(10_000, 1.0)
     assert margin == pytest.approx((1.644854 + 1.281552) / 100, rel=1e-3)
     assert stats.min_equivalence_margin(10, 1.0) > margin * 10  # t quantiles, not z, at small n
+
+
+def test_sign_flip_test_matches_fishers_count_on_darwins_data():
+    # Fisher (1935) on Darwin's data: 863 of the 2^15 sign patterns give a sum at least the observed one
+    assert stats.sign_flip_test(DARWIN) == pytest.approx(863 / 2 ** 15)
+    assert stats.sign_flip_test(DARWIN, alternative="two-sided") == pytest.approx(2 * 863 / 2 ** 15)
+    sums = [sum(s * abs(d) for s, d in zip(signs, DARWIN)) for signs in itertools.product((1, -1), repeat=15)]
+    assert stats.sign_flip_test(DARWIN, alternative="less") == pytest.approx(
+        sum(total <= sum(DARWIN) for total in sums) / 2 ** 15)  # ties with the observed sum count on both sides
+    # a test of the mean: shifting by mu tests the mean against mu; zeros have no sign and are dropped
+    assert stats.sign_flip_test([1.0, 2.0, 3.0, 0.0, 0.0]) == pytest.approx(1 / 8) == stats.min_attainable_p(3, "greater")
+    assert stats.sign_flip_test([2.0, 3.0, 4.0], mu=1.0) == pytest.approx(1 / 8)
+    assert stats.sign_flip_test([1.0, 1.0]) == 0.25 and stats.sign_flip_test([0.0, 1e-13]) == 1.0
+    assert math.isnan(stats.sign_flip_test([]))
+
+
+def test_sign_flip_monte_carlo_beyond_the_exact_limit_is_seeded_and_close_to_the_t_test():
+    values = np.random.default_rng(0).normal(0.3, 1.0, 40)  # 40 > SIGN_FLIP_EXACT_MAX: Monte Carlo
+    p = stats.sign_flip_test(values)
+    assert p == stats.sign_flip_test(values) and p != stats.sign_flip_test(values, seed=1)
+    assert p == pytest.approx(stats.paired_t_test(values, alternative="greater"), abs=0.01)
+    assert stats.sign_flip_test(np.arange(1.0, 41.0)) == pytest.approx(1 / (stats.SIGN_FLIP_RESAMPLES + 1))
