@@ -606,12 +606,18 @@ def test_unit_values_and_low_shares_ignore_pairs_scored_without_a_reply():
     partly = scores.assign(similarity=scores["similarity"].where(~unanswered),
                            generated=None)  # stage 04: these pairs scored only
     both = llm["pair_id"].isin(scores.loc[~unanswered, "pair_id"])
-    values = report.llm_unit_values(partly, llm)
-    expected = report.llm_unit_values(scores[~unanswered], llm[both])
-    pd.testing.assert_frame_equal(values.reset_index(drop=True), expected.reset_index(drop=True))
+    values = report.llm_unit_values(partly, llm).reset_index(drop=True)
+    expected = report.llm_unit_values(scores[~unanswered], llm[both]).reset_index(drop=True)
+    reply_metrics = ["unit", "pretrain", "method", "similarity", "low_share"]  # on the generated contexts only
+    pd.testing.assert_frame_equal(values[reply_metrics], expected[reply_metrics])
+    everything = report.llm_unit_values(scores, llm).reset_index(drop=True)  # bits/char: on every scored pair
+    pd.testing.assert_series_equal(values["bits_per_char"], everything["bits_per_char"])
     shares = report.low_similarity_shares(partly)
     assert shares.equals(report.low_similarity_shares(scores[~unanswered]))
-    pd.testing.assert_frame_equal(report.exp1_unit_values(partly), report.exp1_unit_values(scores[~unanswered]))
+    # similarity averages the generated pairs only; bits/char every scored pair
+    unit = report.exp1_unit_values(partly)
+    pd.testing.assert_series_equal(unit["similarity"], report.exp1_unit_values(scores[~unanswered])["similarity"])
+    pd.testing.assert_series_equal(unit["bits_per_char"], report.exp1_unit_values(scores)["bits_per_char"])
 
 
 def test_report_counts_scored_and_generated_pairs_per_user(tmp_path):

@@ -349,26 +349,35 @@ def exp1_unit_values(scores: pd.DataFrame) -> pd.DataFrame:
 def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
                     threshold: float = LOW_SIMILARITY) -> pd.DataFrame:
     """Per LLM (source "llm:<method>"): the LLM and every fine-tuned system on exactly the test contexts all of
-    them answered, matched on (dataset, split_set, pair_id); per user, mean similarity, bits/char (when both
-    stages scored it) and the share of generated replies under `threshold` (`low_share`), averaged over split
-    sets; NaNs (a pair not generated) skipped."""
+    them have a value for, matched on (dataset, split_set, pair_id), each metric on its own contexts: similarity
+    and the share of replies under `threshold` (`low_share`) on the contexts every system generated a reply for
+    (stages 04 and 06 generate on a subset), bits/char (when both stages scored it) on the contexts every system
+    scored (every test pair). Per user, the mean over those contexts of each split set, then over split sets."""
     keys = ["dataset", "split_set", "pair_id"]
     metrics = ["similarity", *[m for m in EXP1_METRICS[1:] if m in exp1_scores.columns and m in llm_scores.columns]]
     columns = [*keys, "user_id", "pretrain", "method", *metrics]
     _require(exp1_scores, columns, "Exp1 scores")
     _require(llm_scores, columns, "LLM scores")
-    # only generated replies: stage 04 scores every test pair but generates on a subset (similarity NaN elsewhere)
-    tuned = exp1_scores[exp1_scores["method"].isin(FINE_TUNED) & exp1_scores["similarity"].notna()][columns]
-    frames = []
-    for method, llm in llm_scores.loc[llm_scores["similarity"].notna(), columns].groupby("method", sort=False):
-        both = pd.concat([tuned.merge(llm[keys].drop_duplicates(), on=keys), llm], ignore_index=True)
+    tuned = exp1_scores[exp1_scores["method"].isin(FINE_TUNED)][columns]
+    unit = ["dataset", "user_id", "pretrain", "method"]
+
+    def on_matched(llm: pd.DataFrame, metric: str) -> pd.DataFrame:
+        valued = llm[llm[metric].notna()]
+        both = pd.concat([tuned[tuned[metric].notna()].merge(valued[keys].drop_duplicates(), on=keys), valued],
+                         ignore_index=True)
         n_systems = both.groupby(keys)[["pretrain", "method"]].apply(lambda f: len(f.drop_duplicates()))
         complete = n_systems[n_systems == n_systems.max()].index if len(n_systems) else n_systems.index
         both = both.set_index(keys).loc[lambda f: f.index.isin(complete)].reset_index()
-        both["low_share"] = (both["similarity"] < threshold).astype(np.float64).where(both["similarity"].notna())
-        per_set = both.groupby(["dataset", "split_set", "user_id", "pretrain", "method"], sort=False)[
-            [*metrics, "low_share"]].mean()
-        per_user = per_set.groupby(level=["dataset", "user_id", "pretrain", "method"], sort=False).mean()
+        wanted = [metric]
+        if metric == "similarity":
+            both["low_share"] = (both["similarity"] < threshold).astype(np.float64)
+            wanted.append("low_share")
+        per_set = both.groupby(["dataset", "split_set", *unit[1:]], sort=False)[wanted].mean()
+        return per_set.groupby(level=unit, sort=False).mean()
+
+    frames = []
+    for method, llm in llm_scores[columns].groupby("method", sort=False):
+        per_user = pd.concat([on_matched(llm, metric) for metric in metrics], axis=1)
         frames.append(per_user.reset_index().rename(columns={"user_id": "unit"}).assign(source=f"llm:{method}"))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
