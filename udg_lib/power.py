@@ -8,11 +8,11 @@ similarity and on bits per character (`dataclasses.replace(comparison, metric=..
 pairs them (`report.unit_differences`); C3 (Distinct-S across questions) and C5 (the share of replies under
 0.2) are judged on other metrics and are not planned here. Per comparison and metric:
 
-- `sd`: the SD of the per-user differences a - b (the comparison's label reads a - b). Similarity: higher is
-  better, so a claimed "a > b" is a positive difference; bits per character: lower is better, so the same
-  claim is a negative difference. Detectable effects and targets are magnitudes.
+- `sd`: the SD of the per-user differences, oriented as the judge orients them (`report.unit_differences`):
+  positive favours the comparison's first side, a - b for similarity (higher is better), b - a for bits per
+  character (lower is better). Detectable effects and targets are magnitudes.
 - `detectable`: the smallest mean difference the run's n users detect with 80% power at Holm's strictest
-  step (alpha / m, m = the comparisons in the claim's family for that metric): a one-sided paired t
+  step (alpha / m, m = the comparisons in the judge's Holm family: claim, metric and reading): a one-sided paired t
   (`stats.min_detectable_effect`, noncentral t) for "greater" and "noninferior" comparisons, two-sided for
   "differs" (Q2), and for "equivalent" (C4) the smallest margin TOST establishes (`stats.min_equivalence_margin`).
 - `n_needed`: the fewest users whose detectable effect is at most the metric's target (a search over n).
@@ -49,8 +49,8 @@ MAX_USERS = 1_000_000  # n_needed searches up to here; beyond it the table says 
 EXP1 = "04_exp1_next_utterance"
 LLM = "06_llm_baselines"
 SAMPLE_KEYS = ["dataset", "split_set", "user_id", "pair_id"]
-SIGN_NOTE = ("differences are a - b as each comparison reads; similarity: higher is better (a claimed a > b is "
-             "positive); bits_per_char: lower is better (a claimed a > b is negative); detectable effects and "
+SIGN_NOTE = ("differences are oriented as the judge orients them: positive favours the comparison's first side "
+             "(similarity a - b, higher is better; bits_per_char b - a, lower is better); detectable effects and "
              "targets are magnitudes")
 
 
@@ -200,11 +200,11 @@ def power_table(run: RunValues, targets: dict[str, float] | None = None, power: 
     (and, from per-sample scores, the SD's between / within split and the run's test pairs per user)."""
     targets = {**DEFAULT_TARGETS, **(targets or {})}
     comparisons = comparisons_by_metric(run.values, run.small_datasets, settings)
-    family = pd.Series([(c.claim, c.metric) for c in comparisons]).value_counts().to_dict()
+    family = pd.Series([(c.claim, c.metric, c.reading) for c in comparisons]).value_counts().to_dict()  # as the judge's Holm families
     rows = []
     for c in comparisons:
         diffs = report.unit_differences(run.values, c).to_numpy(float)
-        n, m = int(diffs.size), family[(c.claim, c.metric)]
+        n, m = int(diffs.size), family[(c.claim, c.metric, c.reading)]
         sd = float(np.std(diffs, ddof=1)) if n >= 2 else float("nan")
         alpha = settings.alpha / m  # Holm's strictest step
 
