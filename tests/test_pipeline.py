@@ -67,6 +67,9 @@ def test_infer_profiles_writes_users_table1_and_accuracy(test_run: Path):
         users = pd.read_parquet(stage / "users" / f"{name}.parquet")
         corpus_users = pd.read_parquet(test_run / "00_prepare_corpus" / name / "corpus" / "users.parquet")
         assert set(users["user_id"]) == set(corpus_users["user_id"]) and set(PROFILE_FIELDS) <= set(users.columns)
+        inferred = set(pd.read_parquet(stage / "inference" / f"{name}.parquet")["user_id"])
+        speakers = pd.read_parquet(test_run / "00_prepare_corpus" / name / "pretrain_pairs.parquet")["speaker_id"]
+        assert set(speakers) <= inferred  # every PSP pre-training prompt's speaker is inferred, even with max_users
         for split_set in (0, 1, 2):  # one table per split set: profiles without that set's dev/test turns
             per_set = pd.read_parquet(stage / "users" / f"{name}.set{split_set}.parquet")
             assert set(per_set["user_id"]) == set(users["user_id"])

@@ -431,3 +431,12 @@ def test_features_with_the_prefilter_equal_a_plain_scan():
         got = inferrer.features(unit)
         assert {f: [round(2 ** x - 1) for x in v] for f, v in got.items()} == expected
     assert any(v.any() for v in inferrer.features(units[0]).values())
+
+
+def test_users_to_infer_keeps_every_listed_user_and_samples_others():
+    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(30)]})
+    keep = ["u1", "u5", "u7", "u20"]  # stage 01: evaluation users and every pre-training speaker
+    chosen = profiles.users_to_infer(users, keep, max_users=3, seed=0)
+    assert set(keep) <= set(chosen) and len(chosen) == len(keep) + 3
+    assert chosen == profiles.users_to_infer(users, keep, max_users=3, seed=0)
+    assert profiles.users_to_infer(users, keep, max_users=0) is None  # 0: every user

@@ -1005,7 +1005,8 @@ def profile_counts(users: pd.DataFrame) -> pd.DataFrame:
 
 def users_to_infer(users: pd.DataFrame, keep: Iterable[str], max_users: int, seed: int = 0) -> list[str] | None:
     """Which users `infer_profiles` reads: all (None) when `max_users` is 0, else the users in `keep`
-    (evaluation users) plus a seeded sample of `max_users` others, for quick runs."""
+    (stage 01: the evaluation users and every speaker of a pre-training pair, whose PSP prompts show the
+    profile) plus a seeded sample of `max_users` others (users seen only as partners), for quick runs."""
     if not max_users:
         return None
     keep = set(keep)
