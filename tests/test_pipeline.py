@@ -99,6 +99,12 @@ def test_pretrain_models_save_four_reloadable_models(test_run: Path):
         conditioning = result["profile_conditioning"][name]
         assert conditioning["perplexity_true_profiles"] > 1 and conditioning["perplexity_shuffled_profiles"] > 1
         assert conditioning["swap_change_rate"] is None or 0 <= conditioning["swap_change_rate"] <= 1
+        assert isinstance(conditioning["reads_profiles"], bool) and conditioning["alternative"] == "greater"
+        assert 0 < conditioning["n_pairs"] <= conditioning["n_offered"]  # pairs whose profile the shuffle changes
+    shares = result["profile_shares"]  # every pre-training speaker is inferred (stage 01): most prompts show one
+    assert set(shares["pretraining_prompts"]) == {"psp", "ppp"}
+    assert all(0.5 < share <= 1 for share in shares["pretraining_prompts"].values())
+    assert 0 <= shares["evaluation_prompts"] <= 1
 
 
 def test_finetune_users_writes_reloadable_adapters_and_one_id_models(test_run: Path):
