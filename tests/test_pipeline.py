@@ -67,6 +67,9 @@ def test_infer_profiles_writes_users_table1_and_accuracy(test_run: Path):
         users = pd.read_parquet(stage / "users" / f"{name}.parquet")
         corpus_users = pd.read_parquet(test_run / "00_prepare_corpus" / name / "corpus" / "users.parquet")
         assert set(users["user_id"]) == set(corpus_users["user_id"]) and set(PROFILE_FIELDS) <= set(users.columns)
+        inferred = set(pd.read_parquet(stage / "inference" / f"{name}.parquet")["user_id"])
+        speakers = pd.read_parquet(test_run / "00_prepare_corpus" / name / "pretrain_pairs.parquet")["speaker_id"]
+        assert set(speakers) <= inferred  # every PSP pre-training prompt's speaker is inferred, even with max_users
         for split_set in (0, 1, 2):  # one table per split set: profiles without that set's dev/test turns
             per_set = pd.read_parquet(stage / "users" / f"{name}.set{split_set}.parquet")
             assert set(per_set["user_id"]) == set(users["user_id"])
@@ -96,6 +99,12 @@ def test_pretrain_models_save_four_reloadable_models(test_run: Path):
         conditioning = result["profile_conditioning"][name]
         assert conditioning["perplexity_true_profiles"] > 1 and conditioning["perplexity_shuffled_profiles"] > 1
         assert conditioning["swap_change_rate"] is None or 0 <= conditioning["swap_change_rate"] <= 1
+        assert isinstance(conditioning["reads_profiles"], bool) and conditioning["alternative"] == "greater"
+        assert 0 < conditioning["n_pairs"] <= conditioning["n_offered"]  # pairs whose profile the shuffle changes
+    shares = result["profile_shares"]  # every pre-training speaker is inferred (stage 01): most prompts show one
+    assert set(shares["pretraining_prompts"]) == {"psp", "ppp"}
+    assert all(0.5 < share <= 1 for share in shares["pretraining_prompts"].values())
+    assert 0 <= shares["evaluation_prompts"] <= 1
 
 
 def test_finetune_users_writes_reloadable_adapters_and_one_id_models(test_run: Path):
