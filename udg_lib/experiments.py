@@ -432,6 +432,9 @@ def score_predictions(predictions: pd.DataFrame, pairs: pd.DataFrame, embedder: 
       (`metrics.reference_chars`: whitespace runs count as one). Kept when `predictions` has them (T5);
       otherwise (LLMs, whose nll is exactly that) text_nll = nll and text_chars = the whole reference.
     - bits_per_char = text_nll / ln 2 / text_chars (NaN for an empty reference), comparable across tokenizers.
+
+    A row whose `generated` is missing (None/NaN: scored for likelihood only, outside the generated subset)
+    keeps it missing and gets NaN similarity and ROUGE-L; its likelihood columns are kept.
     """
     from udg_lib.metrics import cosine_similarities, reference_chars, rouge_l
 
@@ -440,9 +443,14 @@ def score_predictions(predictions: pd.DataFrame, pairs: pd.DataFrame, embedder: 
     scored["reference"] = references.reindex(scored["pair_id"]).to_numpy()
     if scored["reference"].isna().any():
         raise ValueError(f"predictions for unknown pair ids {scored.loc[scored['reference'].isna(), 'pair_id'].tolist()[:3]}")
-    scored["generated"] = scored["generated"].fillna("").astype(str)
-    scored["similarity"] = cosine_similarities(embedder, scored["generated"].tolist(), scored["reference"].tolist())
-    scored["rouge_l"] = rouge_l(scored["generated"].tolist(), scored["reference"].tolist(), language)
+    replied = scored["generated"].notna().to_numpy()  # rows scored for likelihood only have no reply
+    scored["generated"] = scored["generated"].astype(object).where(replied, None)
+    scored["similarity"], scored["rouge_l"] = float("nan"), float("nan")
+    if replied.any():
+        generated = scored.loc[replied, "generated"].astype(str).tolist()
+        references = scored.loc[replied, "reference"].tolist()
+        scored.loc[replied, "similarity"] = cosine_similarities(embedder, generated, references)
+        scored.loc[replied, "rouge_l"] = rouge_l(generated, references, language)
     if "text_nll" not in scored.columns or "text_chars" not in scored.columns:
         scored["text_nll"] = scored["nll"].astype("float64")
         scored["text_chars"] = [reference_chars(r) for r in scored["reference"]]
