@@ -41,7 +41,9 @@ from udg_lib.baselines import (
     is_paper_history_method,
     newline_tables,
     on_contexts,
+    paper_history_label,
     paper_history_method,
+    prompt_tokens,
     run_baseline,
     self_introduction,
     shared_histories,
@@ -221,9 +223,11 @@ def test_llm_prompts_show_exactly_the_turns_the_fine_tuned_prompt_keeps(tokenize
         shared_histories(turns, pairs.head(3), views[-3:])  # another scene's turns
 
 
-def test_the_paper_history_row_is_marked_by_its_method_name():
+def test_the_paper_history_row_is_marked_by_its_method_name_and_label():
     assert paper_history_method("smollm2-chat") == "smollm2-chat" + PAPER_HISTORY_SUFFIX == "smollm2-chat-paper10"
     assert is_paper_history_method("smollm2-chat-paper10") and not is_paper_history_method("smollm2-chat")
+    assert paper_history_label("SmolLM2-135M-Instruct (chat)") == "SmolLM2-135M-Instruct (chat, 10 turns, paper §4.2.2)"
+    assert paper_history_label("gpt") == "gpt (10 turns, paper §4.2.2)"
 
 
 def _pairs(split_set: int = 0) -> pd.DataFrame:
@@ -708,6 +712,9 @@ def test_run_baseline_scores_every_prompt_and_generates_only_the_chosen(tiny_llm
     assert again["pair_id"].tolist() == chosen["pair_id"].tolist()  # deterministic for a seed
     with pytest.raises(ValueError, match="2 generate flags for"):
         run_baseline(tiny_llm, prompts, "completion", generate=[True, False])
+    # the LLM's whole prompt in its own tokens
+    assert prompt_tokens(tiny_llm, prompts["prompt"][:2], "completion") == [
+        float(len(tiny_llm.encode_prompt(p, "completion"))) for p in prompts["prompt"][:2]]
 
 
 WEEKENDS = [("b", "Hi! What do you do on weekends?")]

@@ -97,3 +97,12 @@ def test_a_turn_holding_the_separator_is_refused(tokenizer):
     context = ["one [SEP] two", "three"]
     with pytest.raises(ValueError, match="3 \\[SEP\\]-separated turns .* but 2 context turns"):
         family.visible_contexts([context], [build_prompt("plain", context)], tokenizer, 100)
+
+
+@pytest.mark.parametrize("name", ["seq2seq", "causal"])
+def test_stage_06_reads_the_family_of_a_condition_from_its_saved_config(tokenizer, tmp_path, name):
+    from conftest import tiny_model
+    from udg_lib.experiments import condition_family
+
+    tiny_model(tokenizer, name).save_pretrained(tmp_path / "da" / "model")
+    assert condition_family(tmp_path) is get_family(name)

@@ -71,6 +71,13 @@ def paper_history_method(method: str) -> str:
     return method + PAPER_HISTORY_SUFFIX
 
 
+def paper_history_label(label: str) -> str:
+    """The display label of that extra row: "SmolLM2-135M-Instruct (chat)" -> "SmolLM2-135M-Instruct (chat, 10
+    turns, paper §4.2.2)"."""
+    words = f"{MAX_HISTORY} turns, paper §4.2.2"
+    return f"{label[:-1]}, {words})" if label.endswith(")") else f"{label} ({words})"
+
+
 def is_paper_history_method(method: str) -> bool:
     """Whether a stage 06 method read the paper's 10-turn history instead of the fine-tuned systems' turns; its
     input differs from theirs, so no comparison with them (C1, C1s, C5) may use it."""
@@ -837,6 +844,14 @@ def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.D
         rows.append({"split_set": split_set, "pair_id": row.pair_id, "speaker_id": row.speaker_id, "prompt": prompt,
                      "reference": row.response, "history_turns": shown})
     return pd.DataFrame(rows, columns=["split_set", "pair_id", "speaker_id", "prompt", "reference", "history_turns"])
+
+
+def prompt_tokens(generator: LocalLLM | OpenAICompatibleClient, prompts: Sequence[str], fmt: str) -> list[float]:
+    """Tokens of each whole prompt as the LLM reads it (its own tokenizer, chat template included); NaN for an
+    endpoint, whose tokenizer is not known here."""
+    if isinstance(generator, LocalLLM):
+        return [float(len(generator.encode_prompt(prompt, fmt))) for prompt in prompts]
+    return [math.nan] * len(prompts)
 
 
 def on_contexts(scores: pd.DataFrame, contexts: pd.DataFrame,

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from udg_lib import finetuning as ft
 from udg_lib import io
 from udg_lib.generation import UserPredictor
-from udg_lib.families import build_model, family_of
+from udg_lib.families import ModelFamily, build_model, family_of
 from udg_lib.precision import Precision, resolve_precision
 from udg_lib.pretraining import count_parameters
 
@@ -117,6 +117,13 @@ class UserTrainingOptions:
             raise ValueError(f"lora_training must be 'batched' or 'per_user', not {self.lora_training!r}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {self.executor!r}")
+
+
+def condition_family(condition: str | Path) -> ModelFamily:
+    """The model family (seq2seq or causal) of a condition's saved DA model, read from its config alone."""
+    from transformers import AutoConfig
+
+    return family_of(AutoConfig.from_pretrained(Path(condition) / "da" / MODEL_DIR))
 
 
 def inference_model(folder: str | Path, tokenizer: PreTrainedTokenizerBase, device: str,

@@ -213,3 +213,13 @@ def write_metrics(
         "provenance": new_provenance,
     }
     return write_json(path, record)
+
+
+def recorded_params(output_dir: str | Path) -> dict[str, Any]:
+    """The parameters a stage ran with, from its `metrics.json`: the runner's resolved set (its "stage" block)
+    over what the notebook recorded itself; an error names the file when there is none."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.json to read the stage's parameters from (run the stage first)")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return {**record.get("params", {}), **record.get("stage", {}).get("params", {})}
