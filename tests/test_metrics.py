@@ -218,6 +218,13 @@ def test_score_predictions_leaves_rows_without_a_reply_unscored_for_similarity_o
     assert none["similarity"].isna().all() and none["bits_per_char"].notna().all()
 
 
+def test_generation_health_table_counts_replies_only():
+    scores = pd.DataFrame({"dataset": "d", "system": "s", "pretrain": "llm", "method": "m",
+                           "generated": ["hi there", "ok", None, None]})
+    [row] = ex.generation_health_table(scores).to_dict("records")
+    assert row["n"] == 2 and row["empty_share"] == 0.0  # the two rows scored for bits/char alone are no replies
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Diversity
 

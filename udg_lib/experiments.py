@@ -718,10 +718,11 @@ def _degenerate_flags(per_user: pd.DataFrame, health: pd.DataFrame | None) -> di
 
 def generation_health_table(scores: pd.DataFrame) -> pd.DataFrame:
     """`metrics.generation_health` of per-sample Exp1 scores, one row per dataset and system, pooled over
-    users and split sets (the most common reply is the system's over all its replies on that dataset)."""
+    users and split sets (the most common reply is the system's over all its replies on that dataset). Rows
+    without a reply (`generated` missing: scored for likelihood only) are not replies and are left out."""
     from udg_lib.metrics import generation_health
 
-    return generation_health(scores, list(HEALTH_GROUP_COLS))
+    return generation_health(scores[scores["generated"].notna()], list(HEALTH_GROUP_COLS))
 
 
 def write_generation_health(scores: pd.DataFrame, folder: str | Path) -> pd.DataFrame:
