@@ -106,3 +106,10 @@ def test_stage_06_reads_the_family_of_a_condition_from_its_saved_config(tokenize
 
     tiny_model(tokenizer, name).save_pretrained(tmp_path / "da" / "model")
     assert condition_family(tmp_path) is get_family(name)
+
+
+def test_the_paper_history_row_counts_perplexity_in_its_models_tokenizer():
+    from udg_lib.experiments import row_tokenizer
+
+    assert row_tokenizer("llm", "smollm2-chat-paper10") == row_tokenizer("llm", "smollm2-chat") == "SmolLM2-135M-Instruct"
+    assert row_tokenizer("llm", "gemma3-270m-completion-paper10") == "Gemma-3-270M"

@@ -175,7 +175,8 @@ def test_llm_baselines_figure2_and_the_report(test_run: Path, tmp_path: Path):
     assert metrics["extra_methods"] == ["smollm2-chat-paper10", "gemma3-270m-completion-paper10"]
     read = metrics["history_read"]["chitchat"]
     assert read["smollm2-chat"]["turns"] == read["fine-tuned psp"]["turns"] < read["smollm2-chat-paper10"]["turns"]
-    assert read["smollm2-chat"]["tokens"] == read["fine-tuned psp"]["tokens"]
+    # the same words; a newest turn cut inside re-tokenizes its first, cut word a token or so differently
+    assert read["smollm2-chat"]["tokens"] == pytest.approx(read["fine-tuned psp"]["tokens"], abs=0.5)
     tested = pd.read_csv(stage / "significance_vs_llm.csv")["label_b"]  # "llm/<method>"
     assert tested.eq("llm/smollm2-chat").any() and not tested.str.endswith("-paper10").any()  # never in the tests
     assert "Prompt LLM" in (stage / "table3_chitchat.md").read_text()

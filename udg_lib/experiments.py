@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from udg_lib import finetuning as ft
 from udg_lib import io
 from udg_lib.generation import UserPredictor
+from udg_lib.baselines import PAPER_HISTORY_SUFFIX
 from udg_lib.families import ModelFamily, build_model, family_of
 from udg_lib.precision import Precision, resolve_precision
 from udg_lib.pretraining import count_parameters
@@ -670,6 +671,7 @@ def row_tokenizer(pretrain: str, method: str) -> str:
     if pretrain in PRETRAINED_FORMATS:
         return OURS_TOKENIZER_LABEL
     if pretrain == "llm":
+        method = method.removesuffix(PAPER_HISTORY_SUFFIX)  # the 10-turn extra row: the same model and tokenizer
         base = method.rsplit("-", 1)[0] if method.endswith(("-chat", "-completion", "-endpoint")) else method
         return LLM_DISPLAY_NAMES.get(base, base)
     return ""
