@@ -181,8 +181,24 @@ def test_llm_baselines_figure2_and_the_report(test_run: Path, tmp_path: Path):
 
     stage = test_run / "06_llm_baselines"
     scores = pd.read_parquet(stage / "scores.parquet")
-    assert set(scores["method"]) == {"smollm2-chat", "gemma3-270m-completion"} and scores["generated"].str.len().gt(0).any()
-    assert scores.groupby("method")["user_id"].nunique().eq(12).all()  # one context per user (params/test)
+    # the LLMs read the fine-tuned systems' turns; params/test adds the paper's 10-turn prompt as marked extra rows
+    assert set(scores["method"]) == {"smollm2-chat", "gemma3-270m-completion", "smollm2-chat-paper10",
+                                     "gemma3-270m-completion-paper10"} and scores["generated"].str.len().gt(0).any()
+    assert scores.groupby("method")["user_id"].nunique().eq(12).all()
+    exp1 = pd.read_parquet(test_run / "04_exp1_next_utterance" / "scores.parquet")
+    test_pairs = exp1.drop_duplicates(["split_set", "pair_id"])
+    for _, rows in scores.groupby("method"):  # every test pair scored, one reply per user (params/test)
+        assert len(rows) == len(test_pairs) and rows["bits_per_char"].notna().all()
+        assert rows[rows["generated"].notna()].groupby("user_id").size().eq(1).all()
+        assert rows.loc[rows["generated"].isna(), "similarity"].isna().all()
+    metrics = json.loads((stage / "metrics.json").read_text())["metrics"]
+    assert metrics["extra_methods"] == ["smollm2-chat-paper10", "gemma3-270m-completion-paper10"]
+    read = metrics["history_read"]["chitchat"]
+    assert read["smollm2-chat"]["turns"] == read["fine-tuned psp"]["turns"] < read["smollm2-chat-paper10"]["turns"]
+    # the same words; a newest turn cut inside re-tokenizes its first, cut word a token or so differently
+    assert read["smollm2-chat"]["tokens"] == pytest.approx(read["fine-tuned psp"]["tokens"], abs=0.5)
+    tested = pd.read_csv(stage / "significance_vs_llm.csv")["label_b"]  # "llm/<method>"
+    assert tested.eq("llm/smollm2-chat").any() and not tested.str.endswith("-paper10").any()  # never in the tests
     assert "Prompt LLM" in (stage / "table3_chitchat.md").read_text()
     assert (stage / "figures" / "figure2.png").stat().st_size > 0 and (stage / "figures" / "figure2.pdf").exists()
     rebuilt = rebuild_figure2(test_run, tmp_path)  # from the saved scores alone

@@ -354,18 +354,32 @@ def split_prompt_head(prompt: str, one_id_prefix: bool = False) -> tuple[str, st
     return id_head, prompt
 
 
-def _truncate_context(head: list[int], body: list[int], budget: int, sep_id: int) -> list[int]:
-    """head + the most recent part of body within `budget` tokens, starting at a turn boundary if possible."""
+def kept_context_start(head: list[int], body: list[int], budget: int, sep_id: int) -> int | None:
+    """Where the kept part of `body` starts when head + body must fit `budget` tokens; None when the head
+    alone fills the budget (no context is kept at all).
+
+    The rule: the head always, then the most recent tokens of the body; a turn cut at the start is dropped
+    whole (the tail starts after its first [SEP]), unless the newest turn alone is longer than the budget,
+    which then keeps its last tokens. `baselines` gives the prompt LLMs the same turns through this rule.
+    """
     if len(head) >= budget:
-        return head[:budget]
+        return None
     keep = budget - len(head)
     if len(body) <= keep:
-        return head + body
-    tail = body[len(body) - keep:]
+        return 0
+    start = len(body) - keep
+    tail = body[start:]
     # Drop the partial oldest turn, unless the newest turn alone is longer than the budget.
     if sep_id in tail[:-1]:
-        tail = tail[tail.index(sep_id) + 1:]
-    return head + tail
+        start += tail.index(sep_id) + 1
+    return start
+
+
+def _truncate_context(head: list[int], body: list[int], budget: int, sep_id: int) -> list[int]:
+    """head + the most recent part of body within `budget` tokens, starting at a turn boundary if possible
+    (`kept_context_start`)."""
+    start = kept_context_start(head, body, budget, sep_id)
+    return head[:budget] if start is None else head + body[start:]
 
 
 def encode_sources(sources: Sequence[str], tokenizer: PreTrainedTokenizerBase,
