@@ -693,3 +693,16 @@ def test_unit_values_carry_both_metrics_and_skip_pairs_scored_but_not_generated(
     comparison = report._comparison("C4", "exp1", "d", "bits_per_char", [("psp", "lora")], [("psp", "full")],
                                     "equivalent", 0.02)
     assert report.unit_differences(pair, comparison).tolist() == pytest.approx([0.1])
+
+
+def test_the_paper_10_turn_rows_are_no_side_of_c1_or_c5():
+    """Stage 06's `paper_history` rows (method suffix -paper10) read more turns than the fine-tuned systems:
+    the judge's LLM unit values leave them out, so C1 and C5 compare equal inputs only."""
+    from udg_lib.baselines import PAPER_HISTORY_SUFFIX
+
+    scores, llm, _ = synthetic_run(6, +1)
+    extra = llm.assign(method=llm["method"] + PAPER_HISTORY_SUFFIX, similarity=0.99)
+    with_extra = report.llm_unit_values(scores, pd.concat([llm, extra], ignore_index=True))
+    assert not with_extra["source"].str.endswith(PAPER_HISTORY_SUFFIX).any()
+    pd.testing.assert_frame_equal(with_extra.reset_index(drop=True),
+                                  report.llm_unit_values(scores, llm).reset_index(drop=True))

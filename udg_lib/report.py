@@ -353,7 +353,12 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
     and the share of replies under `threshold` (`low_share`) on the contexts every system generated a reply for
     (stages 04 and 06 generate on a subset), bits/char (when both stages scored it) on the contexts every system
     scored (every test pair). Per user, the mean over those contexts of each split set, then over split sets."""
+    from udg_lib.baselines import is_paper_history_method
+
     keys = ["dataset", "split_set", "pair_id"]
+    # the paper's 10-turn prompt (stage 06's `paper_history`) reads more than the fine-tuned systems: an extra
+    # row of the tables, never a side of C1 / C5
+    llm_scores = llm_scores[~llm_scores["method"].map(is_paper_history_method).astype(bool)]
     metrics = ["similarity", *[m for m in EXP1_METRICS[1:] if m in exp1_scores.columns and m in llm_scores.columns]]
     columns = [*keys, "user_id", "pretrain", "method", *metrics]
     _require(exp1_scores, columns, "Exp1 scores")
