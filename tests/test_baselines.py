@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import assert_close_to_scale
 from udg_lib.baselines import (
+    PAPER_HISTORY_SUFFIX,
     EndpointError,
     LocalLLM,
     NewlineStop,
@@ -35,12 +36,20 @@ from udg_lib.baselines import (
     clean_reply,
     describe_profile,
     dialogue_history,
+    fine_tuned_contexts,
+    history_tokens,
+    is_paper_history_method,
     newline_tables,
     on_contexts,
+    paper_history_label,
+    paper_history_method,
+    prompt_tokens,
     run_baseline,
     self_introduction,
+    shared_histories,
 )
 from udg_lib.data.schema import PROFILE_FIELDS
+from udg_lib.families import SEQ2SEQ
 from udg_lib.splits import build_reply_pairs
 
 SPEAKER = {"age_band": "20s", "gender": "female", "marital": "unknown", "occupation": "office_worker",
@@ -164,6 +173,63 @@ def test_dialogue_history_is_the_turns_before_the_reply_with_their_speakers():
         dialogue_history(turns, pairs.drop(columns="turn_index"))
 
 
+def _scene_pairs() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(turns, test pairs with 5-turn contexts, users) of `_scene_turns`, every pair a test pair of split set 0."""
+    turns = _scene_turns()
+    pairs = build_reply_pairs(turns, context_turns=5).assign(split="test", split_set=0)
+    users = pd.DataFrame([{"user_id": u, **(SPEAKER if u in "ac" else PARTNER), "self_intro": ""} for u in "abcd"])
+    return turns, pairs, users
+
+
+def _shown_turns(prompt: str, fmt: str) -> list[str]:
+    """The history texts a prompt shows, labels taken off (two-person or multi-party)."""
+    if fmt == "completion":
+        lines = prompt.split("\n\n", 1)[1].splitlines()[:-1]  # after the header, before "Speaker:"
+    else:
+        lines = [line for m in json.loads(prompt)[1:] for line in m["content"].splitlines()]
+        lines = [line for line in lines if not line.startswith("(")]  # "(Go on: say your next line.)"
+    return [line.split(": ", 1)[1] if line.split(": ", 1)[0] in ("Speaker", "Partner") or
+            line.startswith("Person ") else line for line in lines]
+
+
+@pytest.mark.parametrize("fmt", ["chat", "completion"])
+def test_llm_prompts_show_exactly_the_turns_the_fine_tuned_prompt_keeps(tokenizer, fmt):
+    """Stage 06's history: the turns a fine-tuned PSP prompt keeps under its budget, chosen in the fine-tuned
+    (SentencePiece) tokenizer, each with its real speaker; the LLM's own tokenizer plays no part."""
+    turns, pairs, users = _scene_pairs()
+    views = fine_tuned_contexts(pairs, users, "psp", tokenizer, 60, SEQ2SEQ)
+    histories = shared_histories(turns, pairs, views)
+    prompts = baseline_prompts(pairs, users, pairs, turns, fmt, histories=histories)
+    assert prompts["history_turns"].tolist() == [len(v.turns) for v in views]
+    assert 0 < prompts["history_turns"].mean() < pairs["context"].map(len).mean()  # the budget bites, not always
+    corpus = dict(zip(turns["text"], turns["speaker_id"]))
+    for prompt, view, history, pair in zip(prompts["prompt"], views, histories, pairs.itertuples()):
+        assert _shown_turns(prompt, fmt) == list(view.turns) == list(pair.context)[len(pair.context) - len(view.turns):]
+        assert [speaker for speaker, _ in history] == [corpus[text] for text in view.turns]
+    # the same words: in the fine-tuned tokenizer the LLM's history is as many tokens as the fine-tuned context
+    assert history_tokens(histories, tokenizer) == [v.n_tokens for v in views]
+    # the paper's 10-turn prompt, the extra row, shows more
+    paper = baseline_prompts(pairs, users, pairs, turns, fmt)
+    assert (paper["history_turns"] >= prompts["history_turns"]).all() and paper["history_turns"].max() == 10
+    # a budget under one turn: the fine-tuned model reads the end of the newest turn, and so does the LLM
+    tight = fine_tuned_contexts(pairs.tail(1), users, "plain", tokenizer, 6, SEQ2SEQ)
+    [view] = tight
+    assert view.partial and len(view.turns) == 1 and pairs["context"].iloc[-1][-1].endswith(view.turns[0][-3:])
+    [history] = shared_histories(turns, pairs.tail(1), tight)
+    assert history == [(corpus[pairs["context"].iloc[-1][-1]], view.turns[0])]
+    with pytest.raises(ValueError, match="histories lack 1 of the pairs"):
+        baseline_prompts(pairs, users, pairs, turns, fmt, histories=histories.iloc[1:])
+    with pytest.raises(ValueError, match="do not end the corpus history"):
+        shared_histories(turns, pairs.head(3), views[-3:])  # another scene's turns
+
+
+def test_the_paper_history_row_is_marked_by_its_method_name_and_label():
+    assert paper_history_method("smollm2-chat") == "smollm2-chat" + PAPER_HISTORY_SUFFIX == "smollm2-chat-paper10"
+    assert is_paper_history_method("smollm2-chat-paper10") and not is_paper_history_method("smollm2-chat")
+    assert paper_history_label("SmolLM2-135M-Instruct (chat)") == "SmolLM2-135M-Instruct (chat, 10 turns, paper §4.2.2)"
+    assert paper_history_label("gpt") == "gpt (10 turns, paper §4.2.2)"
+
+
 def _pairs(split_set: int = 0) -> pd.DataFrame:
     """Pairs of users a and b; a's test and dev replies hold planted strings that must never leak."""
     rows = []
@@ -230,7 +296,7 @@ def test_baseline_prompts_one_row_per_test_pair_and_no_answer_leaks(fmt):
     # in split set 1, a's first training reply is something else: the prompt must use set 1's own
     pairs.loc[(pairs["split_set"] == 1) & (pairs["pair_id"] == "d1#1"), "response"] = "I grew up near the sea."
     prompts = baseline_prompts(pairs, _users(), pairs, _turns(), fmt)
-    assert list(prompts.columns) == ["split_set", "pair_id", "speaker_id", "prompt", "reference"]
+    assert list(prompts.columns) == ["split_set", "pair_id", "speaker_id", "prompt", "reference", "history_turns"]
     assert prompts["pair_id"].tolist() == ["d5#1", "d8#3"] * 2
     assert prompts["split_set"].tolist() == [0, 0, 1, 1]  # (split_set, pair_id) is the key
     # neither a dev/test reply nor any turn after the reply reaches a prompt
@@ -383,6 +449,10 @@ def test_run_baseline_with_the_endpoint_has_no_perplexity(endpoint):
         result = run_baseline(client, baseline_prompts(pairs, _users(), pairs, _turns(), fmt), fmt, progress=False)
         assert result["generated"].tolist() == expected
         assert result["nll"].isna().all() and result["n_tokens"].isna().all()
+        # only the chosen prompts are sent
+        some = run_baseline(client, baseline_prompts(pairs, _users(), pairs, _turns(), fmt), fmt, progress=False,
+                            generate=[False, True])
+        assert some["generated"].tolist() == [None, expected[1]]
 
 
 # --- a local causal LM ----------------------------------------------------------------------------
@@ -606,8 +676,8 @@ def test_run_baseline_with_a_local_model_adds_clean_replies_and_nll(tiny_llm):
     pairs = _pairs()
     prompts = baseline_prompts(pairs, _users(), pairs, _turns(), "completion")
     result = run_baseline(tiny_llm, prompts, "completion", max_new_tokens=8, batch_size=2, progress=False)
-    assert list(result.columns) == ["split_set", "pair_id", "speaker_id", "prompt", "reference", "raw_generated",
-                                    "generated", "nll", "n_tokens"]
+    assert list(result.columns) == ["split_set", "pair_id", "speaker_id", "prompt", "reference", "history_turns",
+                                    "raw_generated", "generated", "nll", "n_tokens"]
     assert result["generated"].tolist() == [clean_reply(t) for t in result["raw_generated"]]
     assert (result["nll"] > 0).all() and (result["n_tokens"] > 0).all()
     ppl = math.exp(result["nll"].sum() / result["n_tokens"].sum())
@@ -620,6 +690,31 @@ def test_run_baseline_with_a_local_model_adds_clean_replies_and_nll(tiny_llm):
     assert result["nll"].tolist() == pytest.approx([nll for nll, _ in separate], rel=1e-5)
     with pytest.raises(TypeError, match="LocalLLM or an OpenAICompatibleClient"):
         run_baseline(object(), prompts, "completion")
+
+
+def test_run_baseline_scores_every_prompt_and_generates_only_the_chosen(tiny_llm):
+    """Stage 06: bits per character on every test pair (forward passes), replies on a capped seeded subset."""
+    from udg_lib.experiments import sample_test_contexts
+
+    turns, pairs, users = _scene_pairs()
+    prompts = baseline_prompts(pairs, users, pairs, turns, "completion", max_history=3)
+    chosen = sample_test_contexts(pairs, ["a", "b", "c", "d"], 2, seed=5)  # the subset stage 04 generates too
+    flags = prompts["pair_id"].isin(chosen["pair_id"]).tolist()
+    assert 0 < sum(flags) < len(flags) and chosen.groupby("speaker_id").size().max() == 2
+    result = run_baseline(tiny_llm, prompts, "completion", max_new_tokens=4, batch_size=3, progress=False,
+                          generate=flags)
+    assert result["generated"].notna().tolist() == flags and result["raw_generated"].notna().tolist() == flags
+    everything = run_baseline(tiny_llm, prompts, "completion", max_new_tokens=4, batch_size=3, progress=False)
+    assert result["nll"].tolist() == pytest.approx(everything["nll"].tolist(), rel=1e-5)  # every pair scored
+    assert result["n_tokens"].tolist() == everything["n_tokens"].tolist()
+    assert result["generated"][flags].tolist() == everything["generated"][flags].tolist()
+    again = sample_test_contexts(pairs, ["a", "b", "c", "d"], 2, seed=5)
+    assert again["pair_id"].tolist() == chosen["pair_id"].tolist()  # deterministic for a seed
+    with pytest.raises(ValueError, match="2 generate flags for"):
+        run_baseline(tiny_llm, prompts, "completion", generate=[True, False])
+    # the LLM's whole prompt in its own tokens
+    assert prompt_tokens(tiny_llm, prompts["prompt"][:2], "completion") == [
+        float(len(tiny_llm.encode_prompt(p, "completion"))) for p in prompts["prompt"][:2]]
 
 
 WEEKENDS = [("b", "Hi! What do you do on weekends?")]

@@ -199,6 +199,32 @@ def test_score_predictions_bits_per_char_for_t5_and_llm_rows():
     assert math.isnan(scored.loc[1, "bits_per_char"])
 
 
+def test_score_predictions_leaves_rows_without_a_reply_unscored_for_similarity_only():
+    """Stage 06 scores the reference on every test pair but replies only on a subset: a row without a reply
+    keeps bits per character and gets NaN similarity and ROUGE-L, never the scores of an empty reply."""
+    embedder = CountingEmbedder()
+    pairs = pd.DataFrame({"pair_id": ["p1", "p2"], "response": ["ab cd", "hello there"]})
+    ln2 = math.log(2)
+    rows = pd.DataFrame({"pair_id": ["p1", "p2"], "speaker_id": ["u", "u"], "generated": ["ab cd", None],
+                         "nll": [5 * ln2, 11 * ln2], "n_tokens": [2.0, 3.0]})
+    scored = ex.score_predictions(rows, pairs, embedder, "en")
+    assert scored["bits_per_char"].tolist() == pytest.approx([1.0, 1.0])
+    assert scored.loc[0, "similarity"] == pytest.approx(1.0) and scored.loc[0, "rouge_l"] == pytest.approx(100.0)
+    assert scored.loc[1, "generated"] is None
+    assert math.isnan(scored.loc[1, "similarity"]) and math.isnan(scored.loc[1, "rouge_l"])
+    empty = ex.score_predictions(rows.assign(generated=["ab cd", ""]), pairs, embedder, "en")
+    assert not math.isnan(empty.loc[1, "similarity"])  # an empty reply is a reply: scored
+    none = ex.score_predictions(rows.assign(generated=None), pairs, embedder, "en")
+    assert none["similarity"].isna().all() and none["bits_per_char"].notna().all()
+
+
+def test_generation_health_table_counts_replies_only():
+    scores = pd.DataFrame({"dataset": "d", "system": "s", "pretrain": "llm", "method": "m",
+                           "generated": ["hi there", "ok", None, None]})
+    [row] = ex.generation_health_table(scores).to_dict("records")
+    assert row["n"] == 2 and row["empty_share"] == 0.0  # the two rows scored for bits/char alone are no replies
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Diversity
 

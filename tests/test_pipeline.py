@@ -67,6 +67,9 @@ def test_infer_profiles_writes_users_table1_and_accuracy(test_run: Path):
         users = pd.read_parquet(stage / "users" / f"{name}.parquet")
         corpus_users = pd.read_parquet(test_run / "00_prepare_corpus" / name / "corpus" / "users.parquet")
         assert set(users["user_id"]) == set(corpus_users["user_id"]) and set(PROFILE_FIELDS) <= set(users.columns)
+        inferred = set(pd.read_parquet(stage / "inference" / f"{name}.parquet")["user_id"])
+        speakers = pd.read_parquet(test_run / "00_prepare_corpus" / name / "pretrain_pairs.parquet")["speaker_id"]
+        assert set(speakers) <= inferred  # every PSP pre-training prompt's speaker is inferred, even with max_users
         for split_set in (0, 1, 2):  # one table per split set: profiles without that set's dev/test turns
             per_set = pd.read_parquet(stage / "users" / f"{name}.set{split_set}.parquet")
             assert set(per_set["user_id"]) == set(users["user_id"])
@@ -96,6 +99,12 @@ def test_pretrain_models_save_four_reloadable_models(test_run: Path):
         conditioning = result["profile_conditioning"][name]
         assert conditioning["perplexity_true_profiles"] > 1 and conditioning["perplexity_shuffled_profiles"] > 1
         assert conditioning["swap_change_rate"] is None or 0 <= conditioning["swap_change_rate"] <= 1
+        assert isinstance(conditioning["reads_profiles"], bool) and conditioning["alternative"] == "greater"
+        assert 0 < conditioning["n_pairs"] <= conditioning["n_offered"]  # pairs whose profile the shuffle changes
+    shares = result["profile_shares"]  # every pre-training speaker is inferred (stage 01): most prompts show one
+    assert set(shares["pretraining_prompts"]) == {"psp", "ppp"}
+    assert all(0.5 < share <= 1 for share in shares["pretraining_prompts"].values())
+    assert 0 <= shares["evaluation_prompts"] <= 1
 
 
 def test_finetune_users_writes_reloadable_adapters_and_one_id_models(test_run: Path):
@@ -172,8 +181,24 @@ def test_llm_baselines_figure2_and_the_report(test_run: Path, tmp_path: Path):
 
     stage = test_run / "06_llm_baselines"
     scores = pd.read_parquet(stage / "scores.parquet")
-    assert set(scores["method"]) == {"smollm2-chat", "gemma3-270m-completion"} and scores["generated"].str.len().gt(0).any()
-    assert scores.groupby("method")["user_id"].nunique().eq(12).all()  # one context per user (params/test)
+    # the LLMs read the fine-tuned systems' turns; params/test adds the paper's 10-turn prompt as marked extra rows
+    assert set(scores["method"]) == {"smollm2-chat", "gemma3-270m-completion", "smollm2-chat-paper10",
+                                     "gemma3-270m-completion-paper10"} and scores["generated"].str.len().gt(0).any()
+    assert scores.groupby("method")["user_id"].nunique().eq(12).all()
+    exp1 = pd.read_parquet(test_run / "04_exp1_next_utterance" / "scores.parquet")
+    test_pairs = exp1.drop_duplicates(["split_set", "pair_id"])
+    for _, rows in scores.groupby("method"):  # every test pair scored, one reply per user (params/test)
+        assert len(rows) == len(test_pairs) and rows["bits_per_char"].notna().all()
+        assert rows[rows["generated"].notna()].groupby("user_id").size().eq(1).all()
+        assert rows.loc[rows["generated"].isna(), "similarity"].isna().all()
+    metrics = json.loads((stage / "metrics.json").read_text())["metrics"]
+    assert metrics["extra_methods"] == ["smollm2-chat-paper10", "gemma3-270m-completion-paper10"]
+    read = metrics["history_read"]["chitchat"]
+    assert read["smollm2-chat"]["turns"] == read["fine-tuned psp"]["turns"] < read["smollm2-chat-paper10"]["turns"]
+    # the same words; a newest turn cut inside re-tokenizes its first, cut word a token or so differently
+    assert read["smollm2-chat"]["tokens"] == pytest.approx(read["fine-tuned psp"]["tokens"], abs=0.5)
+    tested = pd.read_csv(stage / "significance_vs_llm.csv")["label_b"]  # "llm/<method>"
+    assert tested.eq("llm/smollm2-chat").any() and not tested.str.endswith("-paper10").any()  # never in the tests
     assert "Prompt LLM" in (stage / "table3_chitchat.md").read_text()
     assert (stage / "figures" / "figure2.png").stat().st_size > 0 and (stage / "figures" / "figure2.pdf").exists()
     rebuilt = rebuild_figure2(test_run, tmp_path)  # from the saved scores alone

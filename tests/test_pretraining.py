@@ -37,13 +37,17 @@ from udg_lib.pretraining import (
     pack_texts_for_span_corruption,
     plot_loss_curves,
     pretrain,
+    known_profile_share,
+    profile_changing_pairs,
     profile_perplexity_gap,
+    profile_reading_test,
     profile_swap_change_rate,
     profile_swap_table,
     random_spans_noise_mask,
     reply_perplexity,
     sentinel_ids,
     shuffle_profiles,
+    evaluation_prompt_profile_share,
     span_corruption_lengths,
     t5_config,
     tokenize_pairs,
@@ -452,7 +456,9 @@ def test_profile_perplexity_gap(tokenizer, corpus):
         map(tuple, users[list(PROFILE_FIELDS)].to_numpy()))
     assert (shuffled["user_id"] == users["user_id"]).all()
     result = profile_perplexity_gap(tiny_model(tokenizer), tokenizer, pairs.head(20), users, "ppp", seed=0)
-    assert result["n_pairs"] == 20
+    assert result["n_offered"] == 20  # only the pairs whose speaker profile the shuffle changes are scored
+    assert result["n_pairs"] == len(profile_changing_pairs(pairs.head(20), users, seed=0))
+    assert result["alternative"] == "greater" and isinstance(result["reads_profiles"], bool)
     assert result["perplexity_true_profiles"] > 1 and result["perplexity_shuffled_profiles"] > 1
     assert math.isclose(result["gap"], result["perplexity_shuffled_profiles"] - result["perplexity_true_profiles"])
 
@@ -483,6 +489,56 @@ def test_conditioning_checks_run_on_the_device_they_are_given(tokenizer, corpus,
     assert result["perplexity_true_profiles"] == pytest.approx(gap["perplexity_true_profiles"], rel=0.05)
     assert len(profile_swap_table(half, tokenizer, pairs, users, "psp", n=6, seed=0, max_new_tokens=4,
                                   device="cpu", precision=numerics)) == 6
+
+def test_profile_changing_pairs_keeps_speakers_whose_shuffled_profile_differs():
+    users = pd.DataFrame({"user_id": list("abcde"), **{f: ["unknown"] * 5 for f in PROFILE_FIELDS}})
+    users["gender"] = ["female", "female", "male", "unknown", "female"]  # a, b and e share a profile
+    pairs = pd.DataFrame({"pair_id": range(10), "speaker_id": list("abcdeabcde"), "partner_id": ["x"] * 10,
+                          "response": ["r"] * 10})
+    for seed in range(6):
+        shuffled = shuffle_profiles(users, seed).set_index("user_id")["gender"]
+        kept = profile_changing_pairs(pairs, users, seed)
+        changed = {u for u in "abcde" if shuffled[u] != users.set_index("user_id").at[u, "gender"]}
+        assert set(kept["speaker_id"]) == changed and len(kept) == 2 * len(changed)
+        assert "d" not in changed  # an unknown profile is never shuffled
+    # some seed swaps two of the identical female profiles among themselves: those pairs are left out
+    assert any(len(profile_changing_pairs(pairs, users, seed)) < 8 for seed in range(6))
+
+
+def test_known_profile_share_counts_prompts_that_show_a_known_field():
+    users = pd.DataFrame({"user_id": list("abc"), **{f: ["unknown"] * 3 for f in PROFILE_FIELDS}})
+    users.loc[0, "region"] = "Utah"
+    pairs = pd.DataFrame({"speaker_id": ["a", "a", "b", "c", "zz"], "partner_id": ["b", "b", "a", "b", "a"]})
+    assert known_profile_share(pairs, users, "psp") == pytest.approx(2 / 5)  # a twice; zz has no profile at all
+    assert known_profile_share(pairs, users, "ppp") == pytest.approx(4 / 5)  # ... or a as the partner
+    assert math.isnan(known_profile_share(pairs.head(0), users))
+    # test prompts: each split set's pairs with that set's users table; other splits are not counted
+    eval_pairs = pairs.assign(split=["test", "test", "train_ft", "test", "dev"], split_set=[0, 1, 0, 1, 0])
+    later = users.assign(region=["unknown", "unknown", "Ohio"])  # set 1's table: a known only from c's turns
+    assert evaluation_prompt_profile_share(eval_pairs, {0: users, 1: later}) == pytest.approx(2 / 3)  # a@0 and c@1
+    assert math.isnan(evaluation_prompt_profile_share(eval_pairs[eval_pairs["split"] == "dev"], {0: users}))
+    with pytest.raises(ValueError, match="profile prompts"):
+        known_profile_share(pairs, users, "plain")
+
+
+def test_profile_reading_test_is_one_sided():
+    rng = np.random.default_rng(0)
+    better = rng.normal(0.05, 0.05, size=60)  # shuffled profiles score the replies worse: the model reads them
+    result = profile_reading_test(better)
+    assert result["reads_profiles"] and result["p_value"] < 0.001 and result["nll_diff_ci_low"] > 0
+    assert result["n_pairs"] == 60 and result["nll_diff_mean"] == pytest.approx(better.mean())
+    worse = profile_reading_test(-better)  # shuffled profiles score better: a two-sided test would call it
+    assert not worse["reads_profiles"] and worse["p_value"] > 0.99 and worse["nll_diff_ci_high"] < 0
+    noise = profile_reading_test(rng.normal(0.0, 0.05, size=60))
+    assert not noise["reads_profiles"] and noise["nll_diff_ci_low"] < 0
+    # most replies a little better, one far worse: the signed-rank p is small but the mean's CI reaches below
+    # zero, and reads_profiles needs both
+    outlier = profile_reading_test([0.01 + 0.001 * i for i in range(20)] + [-5.0])
+    assert outlier["p_value"] < 0.05 and outlier["nll_diff_ci_low"] < 0 and not outlier["reads_profiles"]
+    for degenerate in ([0.0] * 10, [0.3]):
+        result = profile_reading_test(degenerate)
+        assert not result["reads_profiles"] and math.isnan(result["p_value"])
+
 
 def test_shuffle_profiles_moves_known_profiles_only():
     users = pd.DataFrame({"user_id": list("abcd"), **{f: ["unknown"] * 4 for f in PROFILE_FIELDS}})

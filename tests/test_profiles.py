@@ -385,3 +385,58 @@ def test_inference_across_corpora_namespaces_user_ids():
     assert predicted["user_id"].tolist() == ["cc/ann"] and predicted.loc[0, "marital_inferred"] == "married"
     gold = profiles.users_across_corpora(corpora, {"cc": ["ann"]})
     assert gold["user_id"].tolist() == ["cc/ann"] and gold.loc[0, "gender"] == "female"
+
+
+# --- the literal prefilter of MarkovLogicInferrer.features ------------------------------------------------------
+
+def test_required_literals_are_in_every_match():
+    import re
+
+    assert profiles.required_literals(r"\bi(?:'m| am|m)\b (?:happily |still )?married\b") == {"married"}
+    assert profiles.required_literals(r"(?<![A-Za-z0-9])(?:Florida|Miami)(?![A-Za-z0-9])") == {"florida", "miami"}
+    assert profiles.required_literals(r"\bmy (?:wife|hubby)\b|妻が") == {"my wife", "my hubby", "妻が"}
+    assert profiles.required_literals(r"\d+ years") == {" years"}
+    assert profiles.required_literals(r"[a-z]+\d*") is None  # nothing literal: such a cue is always scanned
+    texts = ["I'm 23 years old and I live in Provo", "my wife works at the Post Office", "IM A NURSE in Ohio",
+             "私は23歳です。東京に住んでいます", "\u0130'm from Tampa"]  # a dotted capital I that re.I reads as i
+    for cue in profiles.CUES:
+        literals = profiles.required_literals(cue.pattern)
+        for text in texts:
+            text = profiles.normalize_text(text)
+            if re.search(cue.pattern, text, re.IGNORECASE):
+                assert any(lit in profiles.prefilter_text(text) for lit in literals), (cue.name, text)
+
+
+def test_prefilter_folds_every_character_that_ignorecase_reads_as_ascii():
+    import re
+    import sys
+
+    found = {chr(code) for code in range(128, sys.maxunicode + 1)
+             if chr(code).lower() != chr(code).upper() or chr(code).lower() != chr(code)
+             for letter in "abcdefghijklmnopqrstuvwxyz" if re.fullmatch(letter, chr(code), re.IGNORECASE)}
+    assert found == {"\u0130", "\u0131", "\u017f", "\u212a"}
+    assert all(profiles.prefilter_text(char).isascii() for char in found)
+
+
+def test_features_with_the_prefilter_equal_a_plain_scan():
+    inferrer = profiles.MarkovLogicInferrer()
+    units = [["I'm a nurse and my wife is from Ohio.", "I just turned 23!"], ["hello there", "nothing to see"],
+             ["私は会社員です。", "大阪に住んでいます"], ["My boss made me work late. I live in Salt Lake", "my kids"],
+             ["I'M A SOPHOMORE majoring in biology", "\u0130'm from Boise"]]
+    for unit in units:
+        text = profiles.normalize_text("\n".join(unit))
+        plain = {pattern: sum(1 for _ in regex.finditer(text)) for pattern, regex in inferrer._regex.items()}
+        by_name = {(c.field, c.name): plain[c.pattern] for c in inferrer.cues}
+        expected = {f: [by_name[(f, name)] for name in model.features] for f, model in inferrer.models.items()}
+        got = inferrer.features(unit)
+        assert {f: [round(2 ** x - 1) for x in v] for f, v in got.items()} == expected
+    assert any(v.any() for v in inferrer.features(units[0]).values())
+
+
+def test_users_to_infer_keeps_every_listed_user_and_samples_others():
+    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(30)]})
+    keep = ["u1", "u5", "u7", "u20"]  # stage 01: evaluation users and every pre-training speaker
+    chosen = profiles.users_to_infer(users, keep, max_users=3, seed=0)
+    assert set(keep) <= set(chosen) and len(chosen) == len(keep) + 3
+    assert chosen == profiles.users_to_infer(users, keep, max_users=3, seed=0)
+    assert profiles.users_to_infer(users, keep, max_users=0) is None  # 0: every user

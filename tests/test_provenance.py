@@ -9,6 +9,8 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from udg_lib import provenance
 from udg_lib.provenance import (
     device_info,
@@ -92,3 +94,16 @@ def test_fingerprint_cached_reads_a_file_again_only_when_it_changes(tmp_path: Pa
 def test_hash_cache_lives_under_xdg_cache_home(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert provenance.hash_cache_file() == tmp_path / "udg" / "file-hashes.json"
+
+
+def test_recorded_params_prefer_the_runners_resolved_set(tmp_path: Path) -> None:
+    from udg_lib.provenance import recorded_params
+
+    write_metrics(tmp_path, {"x": 1}, params={"max_source_length": 64, "own": True})
+    assert recorded_params(tmp_path) == {"max_source_length": 64, "own": True}
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    record["stage"] = {"params": {"max_source_length": 48}}  # what the runner writes after the notebook
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    assert recorded_params(tmp_path) == {"max_source_length": 48, "own": True}
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        recorded_params(tmp_path / "missing")

@@ -10,8 +10,14 @@ the dialogue history (the last 10 turns at most), in one of two formats:
                 colon; the Jp-NeoX-3.6B / Jp-Llama2-7B analog ("the same content ... modified into
                 a completion format").
 
-The history is read from the corpus's own turns (`dialogue_history`), not from the 5-turn context the
-fine-tuned models see: up to `max_history` turns right before the reply, each with its real speaker.
+The history is the turns the fine-tuned systems read (`fine_tuned_contexts` -> `shared_histories`): the same
+previous turns, selected in the fine-tuned systems' tokenizer under their token budget (`max_source_length`,
+after the profile head and One-ID), oldest dropped first, so both sides see the same words and C1/C5 compare
+replies to the same input. Each turn keeps its real speaker from the corpus's own turns (`dialogue_history`).
+The paper's own prompt, "a dialogue history of up to 10 turns" (§4.2.2), stays available as an extra row:
+`baseline_prompts` without `histories` reads the `max_history` corpus turns before the reply; its method
+name ends with `PAPER_HISTORY_SUFFIX` (`paper_history_method`), and claims must leave such methods out
+(`is_paper_history_method`), since their input differs from the fine-tuned systems'.
 Speakers are labelled by their role, as in the paper's prompt, which names a speaker and a partner:
 the speaker is "Speaker" (the assistant in chat), the pair's partner (the last other person who spoke)
 is "Partner", and anyone else in a multi-party scene is "Person 1", "Person 2", ... in order of first
@@ -50,10 +56,32 @@ if TYPE_CHECKING:  # torch and transformers load only when a local model is used
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from udg_lib.families import ModelFamily, VisibleContext
+
 FORMATS: tuple[str, ...] = ("chat", "completion")
 LANGUAGES: tuple[str, ...] = ("en", "ja")
 TRAINING_SPLITS: tuple[str, ...] = ("train_da", "train_ft")
 MAX_HISTORY = 10  # §4.2.2: "a dialogue history of up to 10 turns"
+# A method that reads the paper's 10-turn history, not the fine-tuned systems' turns: an extra row, never in C1/C5.
+PAPER_HISTORY_SUFFIX = "-paper10"
+
+
+def paper_history_method(method: str) -> str:
+    """The method name of `method`'s extra row with the paper's 10-turn history (e.g. "smollm2-chat-paper10")."""
+    return method + PAPER_HISTORY_SUFFIX
+
+
+def paper_history_label(label: str) -> str:
+    """The display label of that extra row: "SmolLM2-135M-Instruct (chat)" -> "SmolLM2-135M-Instruct (chat, 10
+    turns, paper §4.2.2)"."""
+    words = f"{MAX_HISTORY} turns, paper §4.2.2"
+    return f"{label[:-1]}, {words})" if label.endswith(")") else f"{label} ({words})"
+
+
+def is_paper_history_method(method: str) -> bool:
+    """Whether a stage 06 method read the paper's 10-turn history instead of the fine-tuned systems' turns; its
+    input differs from theirs, so no comparison with them (C1, C1s, C5) may use it."""
+    return str(method).endswith(PAPER_HISTORY_SUFFIX)
 
 # Labels, profile field names and the instruction, per language.
 _TEMPLATES: dict[str, dict[str, Any]] = {
@@ -222,6 +250,51 @@ def dialogue_history(turns: pd.DataFrame, pairs: pd.DataFrame, max_turns: int = 
                              f"turns, not by its speaker {row.speaker_id!r}")
         histories.append(spoken[max(0, position - max_turns):position])
     return pd.Series(histories, index=pairs.index, dtype=object)
+
+
+def fine_tuned_contexts(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, tokenizer: PreTrainedTokenizerBase,
+                        max_source_length: int, family: ModelFamily,
+                        one_ids: Mapping[str, str] | None = None) -> list[VisibleContext]:
+    """Per pair (`context`, `speaker_id`, `partner_id`), the context turns a fine-tuned system with prompt format
+    `fmt` (plain, psp, ppp; with `one_ids`, One-ID's prefix) reads under `max_source_length` tokens of the
+    fine-tuned `tokenizer`: `prompts.build_prompts`, then `family.visible_contexts`, the rule of its
+    `encode_sources`."""
+    from udg_lib.prompts import build_prompts
+
+    sources = build_prompts(pairs, users, fmt, one_ids)
+    return family.visible_contexts([list(c) for c in pairs["context"]], sources.tolist(), tokenizer,
+                                   max_source_length, one_id_prefix=bool(one_ids))
+
+
+def shared_histories(turns: pd.DataFrame, pairs: pd.DataFrame, visible: Sequence[VisibleContext]) -> pd.Series:
+    """The LLM's history per pair: exactly the turns of `visible` (from `fine_tuned_contexts`, aligned with
+    `pairs`), each with its real speaker from the corpus `turns` (`dialogue_history`); a cut oldest turn
+    (`VisibleContext.partial`) shows only the words the fine-tuned system reads of it. An error names a pair
+    whose context does not end the corpus history (turns of another corpus?)."""
+    if len(visible) != len(pairs):
+        raise ValueError(f"{len(visible)} visible contexts for {len(pairs)} pairs")
+    longest = max((len(v.turns) for v in visible), default=0)
+    histories = []
+    for pair_id, full, view in zip(pairs["pair_id"], dialogue_history(turns, pairs, longest), visible):
+        shown = full[len(full) - len(view.turns):] if view.turns else []
+        if len(shown) != len(view.turns) or any(
+                " ".join(text.split()) != " ".join(turn.split())
+                for (_, text), turn in zip(shown[view.partial:], view.turns[view.partial:])):
+            raise ValueError(f"pair {pair_id!r}: its context turns {list(view.turns)!r} do not end the corpus history "
+                             f"{[t for _, t in full]!r}")
+        if view.partial:
+            shown = [(shown[0][0], view.turns[0]), *shown[1:]]
+        histories.append(list(shown))
+    return pd.Series(histories, index=pairs.index, dtype=object)
+
+
+def history_tokens(histories: pd.Series, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens of each history's turns joined as the fine-tuned prompts join them (`prompts.join_context`), in
+    `tokenizer`: with the fine-tuned tokenizer, the count to set beside `VisibleContext.n_tokens`."""
+    from udg_lib.prompts import join_context
+
+    texts = [join_context([text for _, text in history]) for history in histories]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 
 @dataclass(frozen=True)
@@ -723,15 +796,17 @@ class OpenAICompatibleClient:
 
 def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.DataFrame, turns: pd.DataFrame,
                      fmt: str, max_history: int = MAX_HISTORY, language: str = "en",
-                     split: str | None = "test") -> pd.DataFrame:
+                     split: str | None = "test", histories: pd.Series | None = None) -> pd.DataFrame:
     """§4.2.2 prompts, one row per pair of `split` in `pairs` (all rows with split=None): split_set (NA when
     `pairs` has none), pair_id, speaker_id, prompt (chat: the messages as JSON; completion: the text),
-    reference. A pair_id can recur across split sets; (split_set, pair_id) is the key.
+    reference, history_turns (the turns shown). A pair_id can recur across split sets; (split_set, pair_id)
+    is the key.
 
-    The history is the `max_history` corpus turns before each reply (`dialogue_history` on `turns`, stage
-    00's canonical turns), each labelled by its speaker's role. Self-introductions come from `train_pairs`
-    (see `self_introduction`; only its training splits are read), of the same split set as the pair when
-    both frames have `split_set`.
+    The history: `histories` (a Series indexed like `pairs`: the (speaker_id, text) turns each prompt shows,
+    from `shared_histories`, the fine-tuned systems' turns) when given; else the paper's, the `max_history`
+    corpus turns before each reply (`dialogue_history` on `turns`, stage 00's canonical turns). Each turn is
+    labelled by its speaker's role. Self-introductions come from `train_pairs` (see `self_introduction`; only
+    its training splits are read), of the same split set as the pair when both frames have `split_set`.
     """
     _check_format(fmt)
     _template(language)
@@ -742,7 +817,14 @@ def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.D
         if "split" not in pairs:
             raise ValueError(f"pairs have no `split` column to pick split {split!r} from (pass split=None)")
         pairs = pairs[pairs["split"] == split]
-    histories = dialogue_history(turns, pairs, max_history)
+    if histories is None:
+        histories = dialogue_history(turns, pairs, max_history)
+    else:
+        missing = pairs.index.difference(histories.index)
+        if len(missing):
+            raise ValueError(f"histories lack {len(missing)} of the pairs (index {missing[:3].tolist()}); "
+                             "index them as the pairs")
+        histories = histories.loc[pairs.index]
     profiles = profile_lookup(users)
     by_set = "split_set" in pairs and "split_set" in train_pairs
     intros: dict[tuple, str] = {}
@@ -756,11 +838,20 @@ def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.D
         play = RolePlay(speaker_id=str(row.speaker_id), history=history, partner_id=str(row.partner_id or ""),
                         speaker_profile=profiles.get(row.speaker_id), partner_profile=profiles.get(row.partner_id),
                         self_intro=intros[key])
-        prompt = (json.dumps(build_chat_messages(play, max_history, language), ensure_ascii=False) if fmt == "chat"
-                  else build_completion_prompt(play, max_history, language))
+        shown = len(history)  # every turn of the history given (dialogue_history already cut it to max_history)
+        prompt = (json.dumps(build_chat_messages(play, shown, language), ensure_ascii=False) if fmt == "chat"
+                  else build_completion_prompt(play, shown, language))
         rows.append({"split_set": split_set, "pair_id": row.pair_id, "speaker_id": row.speaker_id, "prompt": prompt,
-                     "reference": row.response})
-    return pd.DataFrame(rows, columns=["split_set", "pair_id", "speaker_id", "prompt", "reference"])
+                     "reference": row.response, "history_turns": shown})
+    return pd.DataFrame(rows, columns=["split_set", "pair_id", "speaker_id", "prompt", "reference", "history_turns"])
+
+
+def prompt_tokens(generator: LocalLLM | OpenAICompatibleClient, prompts: Sequence[str], fmt: str) -> list[float]:
+    """Tokens of each whole prompt as the LLM reads it (its own tokenizer, chat template included); NaN for an
+    endpoint, whose tokenizer is not known here."""
+    if isinstance(generator, LocalLLM):
+        return [float(len(generator.encode_prompt(prompt, fmt))) for prompt in prompts]
+    return [math.nan] * len(prompts)
 
 
 def on_contexts(scores: pd.DataFrame, contexts: pd.DataFrame,
@@ -779,27 +870,50 @@ def on_contexts(scores: pd.DataFrame, contexts: pd.DataFrame,
 
 
 def run_baseline(generator: LocalLLM | OpenAICompatibleClient, prompts: pd.DataFrame, fmt: str,
-                 max_new_tokens: int = 40, batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+                 max_new_tokens: int = 40, batch_size: int = 8, progress: bool = True,
+                 generate: Sequence[bool] | None = None) -> pd.DataFrame:
     """`prompts` (from `baseline_prompts`) plus `raw_generated`, `generated` (cleaned by `clean_reply`),
-    and `nll` / `n_tokens` of the reference: from a LocalLLM, NaN from an endpoint (perplexity NA)."""
+    and `nll` / `n_tokens` of the reference: from a LocalLLM, NaN from an endpoint (perplexity NA).
+
+    `generate` (a flag per prompt; None: all) picks the prompts that get a reply; the others keep `raw_generated`
+    and `generated` None. A LocalLLM scores the reference of every prompt: the chosen ones in the pass that
+    generates (`generate_and_score`), the rest in forward passes only (`reference_nll`), with the same NLLs.
+    """
     _check_format(fmt)
     missing = {"prompt", "reference"} - set(prompts.columns)
     if missing:
         raise ValueError(f"prompts lack columns {sorted(missing)}")
-    items = prompts["prompt"].tolist()
+    items, references = prompts["prompt"].tolist(), prompts["reference"].tolist()
+    chosen = [True] * len(items) if generate is None else [bool(flag) for flag in generate]
+    if len(chosen) != len(items):
+        raise ValueError(f"{len(chosen)} generate flags for {len(items)} prompts")
+    rows = [i for i, flag in enumerate(chosen) if flag]
+    rest = [i for i, flag in enumerate(chosen) if not flag]
+    raw: list[str | None] = [None] * len(items)
+    scores: list[tuple[float, Any]] = [(math.nan, math.nan)] * len(items)
     if isinstance(generator, LocalLLM):
-        raw, scores = generator.generate_and_score(items, prompts["reference"].tolist(), fmt,
-                                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                   progress=progress)  # one pass over each prompt
+        if rows:
+            replies, chosen_scores = generator.generate_and_score(
+                [items[i] for i in rows], [references[i] for i in rows], fmt, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, progress=progress)  # one pass over each prompt
+            for i, reply, score in zip(rows, replies, chosen_scores):
+                raw[i], scores[i] = reply, score
+        if rest:
+            for i, score in zip(rest, generator.reference_nll([items[i] for i in rest], [references[i] for i in rest],
+                                                              fmt, batch_size=batch_size, progress=progress)):
+                scores[i] = score
     elif isinstance(generator, OpenAICompatibleClient):
-        raw = (generator.generate(items, max_new_tokens, progress=progress) if fmt == "chat"
-               else generator.complete(items, max_new_tokens, progress=progress))
-        scores = [(math.nan, math.nan)] * len(items)
+        chosen_items = [items[i] for i in rows]
+        replies = (generator.generate(chosen_items, max_new_tokens, progress=progress) if fmt == "chat"
+                   else generator.complete(chosen_items, max_new_tokens, progress=progress))
+        for i, reply in zip(rows, replies):
+            raw[i] = reply
     else:
         raise TypeError(f"generator must be a LocalLLM or an OpenAICompatibleClient, got {type(generator).__name__}")
     result = prompts.copy()
-    result["raw_generated"] = raw
-    result["generated"] = [clean_reply(text) for text in raw]
+    result["raw_generated"] = pd.Series(raw, index=result.index, dtype=object)
+    result["generated"] = pd.Series([None if text is None else clean_reply(text) for text in raw], index=result.index,
+                                    dtype=object)
     result["nll"] = [float(nll) for nll, _ in scores]
     result["n_tokens"] = pd.array([None if isinstance(n, float) else n for _, n in scores], dtype="Int64")
     return result

@@ -31,7 +31,8 @@ from transformers import PreTrainedTokenizerBase
 from udg_lib import finetuning as ft
 from udg_lib import io
 from udg_lib.generation import UserPredictor
-from udg_lib.families import build_model, family_of
+from udg_lib.baselines import PAPER_HISTORY_SUFFIX
+from udg_lib.families import ModelFamily, build_model, family_of
 from udg_lib.precision import Precision, resolve_precision
 from udg_lib.pretraining import count_parameters
 
@@ -118,6 +119,13 @@ class UserTrainingOptions:
             raise ValueError(f"lora_training must be 'batched' or 'per_user', not {self.lora_training!r}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {self.executor!r}")
+
+
+def condition_family(condition: str | Path) -> ModelFamily:
+    """The model family (seq2seq or causal) of a condition's saved DA model, read from its config alone."""
+    from transformers import AutoConfig
+
+    return family_of(AutoConfig.from_pretrained(Path(condition) / "da" / MODEL_DIR))
 
 
 def inference_model(folder: str | Path, tokenizer: PreTrainedTokenizerBase, device: str,
@@ -479,6 +487,9 @@ def score_predictions(predictions: pd.DataFrame, pairs: pd.DataFrame, embedder: 
       (`metrics.reference_chars`: whitespace runs count as one). Kept when `predictions` has them (T5);
       otherwise (LLMs, whose nll is exactly that) text_nll = nll and text_chars = the whole reference.
     - bits_per_char = text_nll / ln 2 / text_chars (NaN for an empty reference), comparable across tokenizers.
+
+    A row whose `generated` is missing (None/NaN: scored for likelihood only, outside the generated subset)
+    keeps it missing and gets NaN similarity and ROUGE-L; its likelihood columns are kept.
     """
     from udg_lib.metrics import cosine_similarities, reference_chars, rouge_l
 
@@ -708,6 +719,7 @@ def row_tokenizer(pretrain: str, method: str) -> str:
     if pretrain in PRETRAINED_FORMATS:
         return OURS_TOKENIZER_LABEL
     if pretrain == "llm":
+        method = method.removesuffix(PAPER_HISTORY_SUFFIX)  # the 10-turn extra row: the same model and tokenizer
         base = method.rsplit("-", 1)[0] if method.endswith(("-chat", "-completion", "-endpoint")) else method
         return LLM_DISPLAY_NAMES.get(base, base)
     return ""

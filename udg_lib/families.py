@@ -79,6 +79,7 @@ from udg_lib.pretraining import (
     Seq2SeqExamples,
     _truncate_context,
     encode_sources,
+    kept_context_start,
     encode_targets,
     split_prompt_head,
     t5_config,
@@ -223,6 +224,14 @@ def _covered_chars(tokenizer: PreTrainedTokenizerBase, references: Sequence[str]
     return chars
 
 
+class VisibleContext(NamedTuple):
+    """The dialogue history a fine-tuned system actually reads from one prompt (`ModelFamily.visible_contexts`)."""
+
+    turns: tuple[str, ...]  # the context turns it reads, oldest first; whole turns as written in the context
+    partial: bool  # the oldest turn shown is cut inside (only when the newest turn alone exceeds the budget)
+    n_tokens: int  # the context tokens read (the [SEP]s between turns included), in the fine-tuned tokenizer
+
+
 def seq2seq_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads inputs with the pad id and labels with -100; T5 derives decoder inputs from the labels."""
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=LABEL_PAD_ID, return_tensors="pt")
@@ -244,6 +253,53 @@ class ModelFamily(ABC):
     def encode_sources(self, sources: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_source_length: int,
                        one_id_prefix: bool = False) -> list[list[int]]:
         """Prompt token ids as the model reads them, at most `max_source_length` (end marker included)."""
+
+    @abstractmethod
+    def context_budget(self, tokenizer: PreTrainedTokenizerBase, max_source_length: int) -> int:
+        """Tokens left for head + context in a prompt of `max_source_length` (the family's start and end
+        markers taken out)."""
+
+    def visible_contexts(self, contexts: Sequence[Sequence[str]], sources: Sequence[str],
+                         tokenizer: PreTrainedTokenizerBase, max_source_length: int,
+                         one_id_prefix: bool = False) -> list[VisibleContext]:
+        """The turns of each context that `encode_sources` keeps from its prompt `sources[i]` (built from
+        `contexts[i]` by `prompts.build_prompt`), by the same rule (`pretraining.kept_context_start`): the head
+        (One-ID, profile head) always, then the newest turns within the budget, oldest dropped first, whole;
+        only a newest turn longer than the budget on its own is cut inside, and then it is returned as the
+        decoded text of its kept tokens. Whole turns are returned as written in the context.
+
+        Counted in the fine-tuned systems' tokenizer, whatever model reads the turns afterwards: the prompt
+        LLMs of §4.2.2 (`baselines.shared_histories`) get exactly these turns, so both sides read the same
+        words, even where the LLM's own tokenizer would count them differently.
+        """
+        if len(contexts) != len(sources):
+            raise ValueError(f"{len(contexts)} contexts but {len(sources)} prompts")
+        if len(sources) == 0:
+            return []
+        sep_id = tokenizer.convert_tokens_to_ids(SEP)
+        budget = self.context_budget(tokenizer, max_source_length)
+        heads, bodies = zip(*(split_prompt_head(s, one_id_prefix) for s in sources))
+        head_ids = tokenizer(list(heads), add_special_tokens=False)["input_ids"]
+        body_ids = tokenizer(list(bodies), add_special_tokens=False)["input_ids"]
+        result = []
+        for context, source, head, body in zip(contexts, sources, head_ids, body_ids):
+            turns = [str(t).strip() for t in context]
+            if turns and body.count(sep_id) != len(turns) - 1:
+                raise ValueError(f"prompt {source[:80]!r}...: {body.count(sep_id) + 1} [SEP]-separated turns in its "
+                                 f"context part but {len(turns)} context turns (a turn holding '{SEP}'?)")
+            start = kept_context_start(head, body, budget, sep_id)
+            if start is None or not turns:
+                result.append(VisibleContext((), False, 0))
+                continue
+            kept = body[start:]
+            whole = kept.count(sep_id) + (start == 0 or body[start - 1] == sep_id)
+            shown = tuple(turns[len(turns) - whole:]) if whole else ()
+            partial = start > 0 and body[start - 1] != sep_id
+            if partial:  # a cut newest turn: the words of its kept tokens
+                first = kept[:kept.index(sep_id)] if sep_id in kept else kept
+                shown = (tokenizer.decode(first, skip_special_tokens=True).strip(), *shown)
+            result.append(VisibleContext(shown, partial, len(kept)))
+        return result
 
     @abstractmethod
     def tokenize_pairs(self, sources: Sequence[str], targets: Sequence[str], tokenizer: PreTrainedTokenizerBase,
@@ -384,6 +440,9 @@ class Seq2SeqFamily(ModelFamily):
     def encode_sources(self, sources, tokenizer, max_source_length, one_id_prefix=False):
         return encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
 
+    def context_budget(self, tokenizer, max_source_length):
+        return max_source_length - 1  # `</s>` ends every source
+
     def tokenize_pairs(self, sources, targets, tokenizer, max_source_length, max_target_length,
                        one_id_prefix=False):
         return tokenize_pairs(sources, targets, tokenizer, max_source_length, max_target_length, one_id_prefix)
@@ -479,14 +538,18 @@ class CausalFamily(ModelFamily):
         if len(sources) == 0:
             return []
         start, end = self.bos_ids(tokenizer), self.separator_ids(tokenizer)
-        if max_source_length <= len(start) + len(end):
-            raise ValueError(f"max_source_length={max_source_length} leaves no room beside the separator")
+        budget = self.context_budget(tokenizer, max_source_length)
         sep_id = tokenizer.convert_tokens_to_ids(SEP)
         heads, bodies = zip(*(split_prompt_head(s, one_id_prefix) for s in sources))
         head_ids = tokenizer(list(heads), add_special_tokens=False)["input_ids"]
         body_ids = tokenizer(list(bodies), add_special_tokens=False)["input_ids"]
-        budget = max_source_length - len(start) - len(end)
         return [start + _truncate_context(h, b, budget, sep_id) + end for h, b in zip(head_ids, body_ids)]
+
+    def context_budget(self, tokenizer, max_source_length):
+        markers = len(self.bos_ids(tokenizer)) + len(self.separator_ids(tokenizer))
+        if max_source_length <= markers:
+            raise ValueError(f"max_source_length={max_source_length} leaves no room beside the separator")
+        return max_source_length - markers
 
     def tokenize_pairs(self, sources, targets, tokenizer, max_source_length, max_target_length,
                        one_id_prefix=False):

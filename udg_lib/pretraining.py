@@ -9,7 +9,9 @@
   (`tokenize_pairs` + `transformers.DataCollatorForSeq2Seq`).
 - `pretrain` runs Hugging Face's `Seq2SeqTrainer` (so `accelerate launch` / `torchrun` work unchanged), resumes
   from its last checkpoint, and saves the model with `save_pretrained`.
-- Checks that a profile-aware model uses the profile: `profile_swap_change_rate`, `profile_perplexity_gap`.
+- Checks that a profile-aware model uses the profile: `profile_swap_change_rate`, `profile_perplexity_gap` (a
+  one-sided paired test on the pairs whose profile a shuffle changes, `reads_profiles`), and how many prompts
+  carry a known profile at all (`known_profile_share`, `evaluation_prompt_profile_share`).
 
 The tokenization (`encode_sources`, `tokenize_pairs`) and `pretrain` are T5's; a causal LM goes through
 `udg_lib.families` (its `tokenize_pairs`, collators and `build_base_model`) into the same `pretrain`, and the
@@ -352,18 +354,32 @@ def split_prompt_head(prompt: str, one_id_prefix: bool = False) -> tuple[str, st
     return id_head, prompt
 
 
-def _truncate_context(head: list[int], body: list[int], budget: int, sep_id: int) -> list[int]:
-    """head + the most recent part of body within `budget` tokens, starting at a turn boundary if possible."""
+def kept_context_start(head: list[int], body: list[int], budget: int, sep_id: int) -> int | None:
+    """Where the kept part of `body` starts when head + body must fit `budget` tokens; None when the head
+    alone fills the budget (no context is kept at all).
+
+    The rule: the head always, then the most recent tokens of the body; a turn cut at the start is dropped
+    whole (the tail starts after its first [SEP]), unless the newest turn alone is longer than the budget,
+    which then keeps its last tokens. `baselines` gives the prompt LLMs the same turns through this rule.
+    """
     if len(head) >= budget:
-        return head[:budget]
+        return None
     keep = budget - len(head)
     if len(body) <= keep:
-        return head + body
-    tail = body[len(body) - keep:]
+        return 0
+    start = len(body) - keep
+    tail = body[start:]
     # Drop the partial oldest turn, unless the newest turn alone is longer than the budget.
     if sep_id in tail[:-1]:
-        tail = tail[tail.index(sep_id) + 1:]
-    return head + tail
+        start += tail.index(sep_id) + 1
+    return start
+
+
+def _truncate_context(head: list[int], body: list[int], budget: int, sep_id: int) -> list[int]:
+    """head + the most recent part of body within `budget` tokens, starting at a turn boundary if possible
+    (`kept_context_start`)."""
+    start = kept_context_start(head, body, budget, sep_id)
+    return head[:budget] if start is None else head + body[start:]
 
 
 def encode_sources(sources: Sequence[str], tokenizer: PreTrainedTokenizerBase,
@@ -699,6 +715,59 @@ def shuffle_profiles(users: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return shuffled
 
 
+def profile_changing_pairs(pairs: pd.DataFrame, users: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The pairs whose speaker has a known profile that `shuffle_profiles(users, seed)` changes: only their
+    prompts differ between true and shuffled profiles, so only they can show a model reading its profile (the
+    others would add zero differences and dilute the test)."""
+    true = profile_lookup(users)
+    shuffled = profile_lookup(shuffle_profiles(users, seed))
+    known = set(users.loc[has_known_profile(users), "user_id"])
+    keep = [speaker in known and render_profile(true[speaker]) != render_profile(shuffled[speaker])
+            for speaker in pairs["speaker_id"]]
+    return pairs[np.asarray(keep, dtype=bool)]
+
+
+def known_profile_share(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str = "psp") -> float:
+    """Share of the pairs whose `fmt` prompt shows at least one known profile field: the speaker's for PSP,
+    the speaker's or the partner's for PPP (users missing from `users` count as unknown); NaN without pairs."""
+    if fmt not in ("psp", "ppp"):
+        raise ValueError(f"only profile prompts ('psp', 'ppp') carry profiles, got {fmt!r}")
+    if not len(pairs):
+        return float("nan")
+    known = set(users.loc[has_known_profile(users), "user_id"])
+    shown = pairs["speaker_id"].isin(known)
+    if fmt == "ppp":
+        shown |= pairs["partner_id"].isin(known)
+    return float(shown.mean())
+
+
+def evaluation_prompt_profile_share(eval_pairs: pd.DataFrame, users_by_set: Mapping[Any, pd.DataFrame]) -> float:
+    """Share of the evaluation users' test prompts (`split == "test"`) whose PSP profile shows a known field,
+    each split set's pairs read with that set's users table, keyed by the `split_set` column's values (stage 01:
+    profiles from the users' training turns only, as the fine-tuned PSP systems see them); NaN without tests."""
+    test = eval_pairs[eval_pairs["split"] == "test"]
+    known = sum(known_profile_share(group, users_by_set[split_set]) * len(group)
+                for split_set, group in test.groupby("split_set"))
+    return float(known / len(test)) if len(test) else float("nan")
+
+
+def profile_reading_test(nll_diff: Sequence[float] | np.ndarray, alpha: float = 0.05,
+                         n_resamples: int = 999) -> dict[str, float | bool]:
+    """Does a model read its profile? One-sided paired test on per-reply NLL differences (shuffled minus true
+    profile, nats per token): the mean with its 95% bootstrap CI, the Wilcoxon signed-rank p for "shuffled
+    scores worse" (`alternative="greater"`), and `reads_profiles` = p < `alpha` and CI low > 0. NaN (and
+    False) below 2 pairs or when every difference is zero."""
+    from udg_lib import stats  # imported here: statsmodels is not needed for pre-training itself
+
+    diff = np.asarray(nll_diff, dtype=float)
+    enough = len(diff) >= 2 and bool(np.any(diff != 0))
+    low, high = stats.bootstrap_mean_ci(diff, n_resamples=n_resamples) if enough else (float("nan"), float("nan"))
+    p = stats.signed_rank_test(diff, alternative="greater") if enough else float("nan")
+    return {"n_pairs": int(len(diff)), "nll_diff_mean": float(diff.mean()) if len(diff) else float("nan"),
+            "nll_diff_ci_low": float(low), "nll_diff_ci_high": float(high), "p_value": float(p),
+            "alternative": "greater", "reads_profiles": bool(enough and p < alpha and low > 0)}
+
+
 def profile_perplexity_gap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                            pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, seed: int = 0,
                            batch_size: int = 32, max_source_length: int = 128,
@@ -706,14 +775,14 @@ def profile_perplexity_gap(model: PreTrainedModel, tokenizer: PreTrainedTokenize
                            precision: str | Precision = "fp32") -> dict[str, float]:
     """Reply perplexity with the true profiles vs with shuffled ones (`shuffle_profiles`), with a paired test.
 
-    A model that uses the profile scores its own users' replies better: `gap` = shuffled - true > 0. The
-    units are the held-out replies, paired by reply: each one's mean NLL per token under the shuffled minus
-    the true profiles. `nll_diff_mean` is that mean difference (nats per token) with its 95% bootstrap CI,
-    `p_value` a two-sided Wilcoxon signed-rank test on it (`stats.signed_rank_test`; NaN below 2 pairs).
+    Only the pairs whose speaker profile the shuffle changes are scored (`profile_changing_pairs`; `n_offered`
+    counts the pairs given). A model that uses the profile scores its own users' replies better: `gap` =
+    shuffled - true perplexity > 0. The units are the replies, paired: each one's mean NLL per token under the
+    shuffled minus the true profiles, tested one-sided by `profile_reading_test` (`reads_profiles`).
     Scored on `device` (the model is moved there; None: where it is) under `precision`'s autocast.
     """
-    from udg_lib import stats  # imported here: statsmodels is not needed for pre-training itself
-
+    offered = len(pairs)
+    pairs = profile_changing_pairs(pairs, users, seed)
     targets = pairs["response"].tolist()
     kwargs = dict(batch_size=batch_size, max_source_length=max_source_length, max_target_length=max_target_length,
                   device=device, precision=precision)
@@ -725,10 +794,6 @@ def profile_perplexity_gap(model: PreTrainedModel, tokenizer: PreTrainedTokenize
         return math.exp(float(scores.nll.sum()) / int(scores.n_tokens.sum())) if len(scores.nll) else float("nan")
 
     diff = shuffled.nll / shuffled.n_tokens - true.nll / true.n_tokens  # same targets: same token counts
-    enough = len(diff) >= 2 and bool(np.any(diff != 0))
-    low, high = stats.bootstrap_mean_ci(diff, n_resamples=999) if enough else (float("nan"), float("nan"))
     return {"perplexity_true_profiles": perplexity(true), "perplexity_shuffled_profiles": perplexity(shuffled),
-            "gap": perplexity(shuffled) - perplexity(true), "n_pairs": int(len(pairs)),
-            "nll_diff_mean": float(diff.mean()) if len(diff) else float("nan"),
-            "nll_diff_ci_low": float(low), "nll_diff_ci_high": float(high),
-            "p_value": stats.signed_rank_test(diff) if enough else float("nan")}
+            "gap": perplexity(shuffled) - perplexity(true), "n_offered": int(offered),
+            **profile_reading_test(np.asarray(diff, dtype=float))}

@@ -256,3 +256,13 @@ def stale_stage_faults(metrics_files: Iterable[str | Path], profile: str | None,
             faults.append(f"{path}: stale: commit {commit[:10]} predates {last[:10]}, the last change to "
                           f"{', '.join(source_paths(profile))}")
     return faults
+
+
+def recorded_params(output_dir: str | Path) -> dict[str, Any]:
+    """The parameters a stage ran with, from its `metrics.json`: the runner's resolved set (its "stage" block)
+    over what the notebook recorded itself; an error names the file when there is none."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.json to read the stage's parameters from (run the stage first)")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return {**record.get("params", {}), **record.get("stage", {}).get("params", {})}
