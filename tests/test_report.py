@@ -706,3 +706,23 @@ def test_the_paper_10_turn_rows_are_no_side_of_c1_or_c5():
     assert not with_extra["source"].str.endswith(PAPER_HISTORY_SUFFIX).any()
     pd.testing.assert_frame_equal(with_extra.reset_index(drop=True),
                                   report.llm_unit_values(scores, llm).reset_index(drop=True))
+
+
+def test_table2_says_which_corpora_are_evaluated_and_which_only_give_pretraining_pairs(tmp_path):
+    table2 = pd.DataFrame({"dataset": ["chitchat", "seinfeld"], "N users": [12, 12]})
+    roles = report.table2_with_roles(table2, {"chitchat": 1000, "seinfeld": 44}, {"chitchat": 10})
+    assert roles["in this run"].tolist() == [report.EVALUATED, report.PRETRAINING_ONLY]
+    assert roles["users fine-tuned"].tolist() == [10, 0] and roles["pre-training pairs"].tolist() == [1000, 44]
+    assert list(roles.columns[:4]) == ["dataset", "in this run", "users fine-tuned", "pre-training pairs"]
+    root = tmp_path / "outputs"  # the report and README's block say it from the run's own files
+    fake_outputs(root, dataset="chitchat")
+    table2.to_csv(root / "00_prepare_corpus" / "table2.csv", index=False)
+    write_stage(root, "00_prepare_corpus", {"pretrain_pairs": {"chitchat": 1000, "seinfeld": 44}})
+    text = report.build_report(root, "cpu").text
+    table = text.split("## Table 2 analog")[1].split("## Tables 3-5")[0]
+    assert "| seinfeld  | pre-training pairs only |" in table and "| chitchat  | evaluated " in table
+    line = ("- Corpora (Table 2 analog): evaluated chitchat; seinfeld gives pre-training pairs only (stage 03 "
+            "fine-tunes none of its users).")
+    assert line in text
+    dirs = {name: root / name for name in report.STAGES}
+    assert report.corpora_line(dirs) == line

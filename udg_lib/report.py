@@ -902,9 +902,64 @@ def _stage_params(record: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**record.get("params", {}), **record.get("stage", {}).get("params", {})}
 
 
+EVALUATED = "evaluated"
+PRETRAINING_ONLY = "pre-training pairs only"
+
+
+def table2_with_roles(table2: pd.DataFrame, pretrain_pairs: Mapping[str, int] | None,
+                      users_per_dataset: Mapping[str, int] | None) -> pd.DataFrame:
+    """Table 2 analog with what each corpus does in this run: "evaluated" when stage 03 fine-tuned users of it
+    (stages 04-06 then score them), else "pre-training pairs only", beside the pre-training pairs it gives
+    (stage 00's pool, from dialogues without evaluation users). Stage 00 prepares evaluation users for every
+    corpus, but a profile's stage 03 `datasets` may train on only some of them (`cpu`: Chit-Chat)."""
+    out = table2.copy()
+    names = out["dataset"].astype(str)
+    if users_per_dataset is not None:
+        out.insert(1, "in this run", [EVALUATED if users_per_dataset.get(n, 0) else PRETRAINING_ONLY
+                                      for n in names])
+        out.insert(2, "users fine-tuned", [int(users_per_dataset.get(n, 0)) for n in names])
+    if pretrain_pairs is not None:
+        out.insert(3 if users_per_dataset is not None else 1, "pre-training pairs",
+                   [pretrain_pairs.get(n) for n in names])
+    return out
+
+
+def corpus_roles(dirs: Mapping[str, Path]) -> pd.DataFrame | None:
+    """`table2_with_roles` from a run's stage 00 `table2.csv` and the metrics.json of stages 00 and 03."""
+    table2 = _csv(dirs["00_prepare_corpus"] / "table2.csv")
+    if table2 is None or "dataset" not in table2.columns:
+        return None
+    prepared, tuned = _metrics(dirs["00_prepare_corpus"]), _metrics(dirs["03_finetune_users"])
+    pairs = None if prepared is None else prepared.get("metrics", {}).get("pretrain_pairs")
+    users = None if tuned is None else tuned.get("metrics", {}).get("users_per_dataset")
+    return table2_with_roles(table2, pairs, users)
+
+
+def corpora_line(dirs: Mapping[str, Path]) -> str | None:
+    """One line: which corpora this run evaluates and which only give pre-training pairs (Table 2 analog)."""
+    roles = corpus_roles(dirs)
+    if roles is None or "in this run" not in roles.columns:
+        return None
+    evaluated = roles.loc[roles["in this run"] == EVALUATED, "dataset"].astype(str).tolist()
+    others = roles.loc[roles["in this run"] != EVALUATED, "dataset"].astype(str).tolist()
+    return (f"- Corpora (Table 2 analog): evaluated {', '.join(evaluated) or 'none'}"
+            + (f"; {', '.join(others)} {'give' if len(others) > 1 else 'gives'} pre-training pairs only (stage 03 "
+               f"fine-tunes none of {'their' if len(others) > 1 else 'its'} users)"
+               if others else "") + ".")
+
+
+def _table2_markdown(dirs: Mapping[str, Path]) -> str:
+    roles = corpus_roles(dirs)
+    if roles is None:
+        return _read(dirs["00_prepare_corpus"] / "table2.md") or "(missing)"
+    return ("\"in this run\": evaluated when stage 03 fine-tuned users of the corpus (stages 04-06 score them), "
+            "else the corpus only gives pre-training pairs (stage 00's pool, from dialogues without evaluation "
+            "users).\n\n" + roles.to_markdown(index=False))
+
+
 def settings_lines(dirs: Mapping[str, Path]) -> list[str]:
-    """The run's model sizes and settings, read from stages 02, 03 and 06's metrics.json."""
-    lines = [line for line in [precision_line(dirs)] if line]
+    """The run's corpora, model sizes and settings, read from stages 00, 02, 03 and 06's metrics.json."""
+    lines = [line for line in [precision_line(dirs), corpora_line(dirs)] if line]
     pre = _metrics(dirs["02_pretrain_models"])
     if pre is not None:
         params, models = _stage_params(pre), pre.get("metrics", {}).get("models", {})
@@ -1252,7 +1307,7 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
         _read(dirs["01_infer_profiles"] / "table1.md") or "(missing)",
         "",
         "## Table 2 analog: datasets (§4.2.1)",
-        _read(dirs["00_prepare_corpus"] / "table2.md") or "(missing)",
+        _table2_markdown(dirs),
         "",
         "## Tables 3-5 analogs: Exp1 next-utterance prediction (§4.2)",
         "One table per dataset; mean over users and split sets; best value per metric in bold. Prompt LLM rows",
