@@ -80,6 +80,8 @@ def _unit_means(samples: pd.DataFrame, source: str) -> pd.DataFrame:
 def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimSettings()) -> RunValues:
     """A run's per-user values: from stage 04's (and 06's) per-sample `scores.parquet` in an outputs folder,
     else from stage 04's `per_user_scores.csv` in a published folder (no per-user file for stage 06 there)."""
+    from udg_lib.baselines import is_paper_history_method
+
     run = Path(run_dir)
     exp1, llm = run / EXP1, run / LLM
     table2_file = run / "00_prepare_corpus" / "table2.csv"
@@ -93,6 +95,8 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
             llm_scores = pd.read_parquet(llm / "scores.parquet")
             tuned = scores[scores["method"].isin(report.FINE_TUNED)]
             for method, answers in llm_scores.groupby("method", sort=False):
+                if is_paper_history_method(method):  # the paper's 10-turn extra row: never a side of C1 (the judge's rule)
+                    continue
                 # the fine-tuned systems on exactly the test contexts this LLM answered
                 both = pd.concat([tuned.merge(answers[SAMPLE_KEYS].drop_duplicates(), on=SAMPLE_KEYS), answers],
                                  ignore_index=True)
