@@ -199,3 +199,17 @@ def test_retrieval_answers_only_the_subset():
     floor = ex.retrieval_predictions(embedder, pairs, USERS, generate_ids=chosen)
     assert set(floor["pair_id"]) == chosen and floor["generated"].notna().all()
     assert len(ex.retrieval_predictions(embedder, pairs, USERS)) == 12
+
+
+def test_stage_03s_full_predictor_generates_only_its_subset_and_scores_every_pair(tokenizer, condition, tmp_path):
+    from udg_lib.generation import PREDICTIONS_FILE, UserPredictor
+
+    users = pd.DataFrame({"user_id": list(USERS), **{f: "unknown" for f in PROFILE_FIELDS}})
+    pairs = _test_pairs()
+    chosen = ex.generated_pair_ids(pairs, USERS, 2, 0, "d", 0)
+    model = ex.inference_model(condition / "da" / ex.MODEL_DIR, tokenizer, "cpu", "fp32")
+    UserPredictor(tokenizer, pairs, users, "ppp", max_new_tokens=4, generate_ids=chosen)(USERS[0], model, tmp_path)
+    saved = pd.read_parquet(tmp_path / PREDICTIONS_FILE)
+    assert len(saved) == 4 and saved["text_nll"].notna().all()  # all of the user's test pairs scored
+    own = {p for p in chosen if p.startswith("p0")}
+    assert len(own) == 2 and set(saved.loc[saved["generated"].notna(), "pair_id"]) == own

@@ -150,6 +150,8 @@ def test_estimate_pairs_splits_turns_as_stage_00():
     pairs = cost_plan.estimate_pairs(200, 0.3, cap=0)
     assert pairs == pytest.approx({"train_ft": 70, "train_da": 70, "dev": 30, "test": 30})
     assert cost_plan.estimate_pairs(200, 0.3, cap=50)["train_ft"] == 50
+    assert cost_plan.estimate_pairs(200, 0.3, cap=10, test_cap=25) == {"train_ft": 10, "train_da": 10, "dev": 10, "test": 25}
+    assert cost_plan.estimate_pairs(200, 0.3, cap=10, test_cap=0)["test"] == pytest.approx(30)
 
 
 def test_command_line_prints_the_plan_and_writes_json(tmp_path, capsys):

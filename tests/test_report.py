@@ -726,3 +726,25 @@ def test_table2_says_which_corpora_are_evaluated_and_which_only_give_pretraining
     assert line in text
     dirs = {name: root / name for name in report.STAGES}
     assert report.corpora_line(dirs) == line
+
+
+def test_the_judge_weights_bits_per_char_by_characters_as_tables_3_to_5_and_the_power_planner():
+    """A user's bits/char is the character-weighted value of their scored pairs (metrics.per_user_means, as
+    stage 04's per_user_scores.csv and Tables 3-5), not the plain mean of per-pair values."""
+    import math
+
+    from udg_lib.metrics import per_user_means
+
+    chars, bits = [2, 18], [3.0, 1.0]  # plain mean 2.0; weighted (3*2 + 1*18) / 20 = 1.2
+    scores = pd.DataFrame([{"dataset": "d", "split_set": 0, "user_id": "u", "pair_id": f"p{k}", "pretrain": "psp",
+                            "method": m, "similarity": 0.5, "bits_per_char": b, "text_chars": c,
+                            "text_nll": b * c * math.log(2)} for m in ("lora", "full")
+                           for k, (b, c) in enumerate(zip(bits, chars))])
+    values = report.exp1_unit_values(scores)
+    assert values["bits_per_char"].tolist() == pytest.approx([1.2, 1.2])
+    table = per_user_means(scores, ["bits_per_char"], system_cols=("pretrain", "method"),
+                           unit_cols=("dataset", "split_set", "user_id"))
+    assert table["bits_per_char"].tolist() == pytest.approx(values["bits_per_char"].tolist())
+    llm = scores[scores["method"] == "lora"].assign(pretrain="llm", method="tiny-chat")
+    llm_values = report.llm_unit_values(scores, llm).set_index(["pretrain", "method"])
+    assert llm_values["bits_per_char"].tolist() == pytest.approx([1.2, 1.2, 1.2])

@@ -142,3 +142,15 @@ def test_max_pairs_per_split_caps_each_users_split_with_a_seeded_sample(turns):
     assert len(merged) == len(capped) and (merged["split"] == merged["split_full"]).all()
     again = split_corpus(turns, SplitConfig(min_turns=1, max_turns=None, max_pairs_per_split=2))[1]
     assert again.equals(capped)
+
+
+def test_the_test_split_may_keep_its_own_cap(turns):
+    capped = split_corpus(turns, SplitConfig(min_turns=1, max_turns=None, max_pairs_per_split=2))[1]
+    more = split_corpus(turns, SplitConfig(min_turns=1, max_turns=None, max_pairs_per_split=2, max_test_pairs=4))[1]
+    every = split_corpus(turns, SplitConfig(min_turns=1, max_turns=None, max_pairs_per_split=2, max_test_pairs=0))[1]
+    sizes = more.groupby(["split_set", "speaker_id", "split"]).size()
+    assert sizes.drop("test", level="split").max() <= 2 and sizes.xs("test", level="split").max() == 4
+    assert (every["split"] == "test").sum() > (more["split"] == "test").sum() > (capped["split"] == "test").sum()
+    assert SplitConfig(max_pairs_per_split=3).split_caps()["test"] == 3
+    assert SplitConfig(max_pairs_per_split=3, max_test_pairs=0).split_caps() == {
+        "train_da": 3, "train_ft": 3, "dev": 3, "test": 0}

@@ -440,11 +440,13 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
                 raise ValueError(f"{path}: no text_nll column (written by an older notebook 03); rerun notebook 03")
             full.append(saved)
         full = pd.concat(full, ignore_index=True)
-        if generate_ids is not None:  # stage 03 generated every FULL reply; keep the subset's, as for the others
+        if generate_ids is not None:  # stage 03 generated its own subset (or all); keep this one, as for the others
             wanted = set(generate_ids) & set(test["pair_id"])
             missing = sorted(wanted - set(full.loc[full["generated"].notna(), "pair_id"]))
             if missing:
-                raise ValueError(f"{condition / 'full'}: no FULL reply for test pairs {missing[:3]} (rerun notebook 03)")
+                raise ValueError(f"{condition / 'full'}: no FULL reply for test pairs {missing[:3]}: notebook 03 "
+                                 "generated fewer (its max_generated_per_user must be 0 or at least this stage's, "
+                                 "with the same generation_seed)")
             full["generated"] = full["generated"].where(full["pair_id"].isin(wanted), None)
         frames.append(full.assign(method="full"))
     return pd.concat(frames, ignore_index=True)

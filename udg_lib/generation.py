@@ -18,8 +18,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import pandas as pd
@@ -125,10 +126,13 @@ class UserPredictor:
     max_source_length: int = 128
     max_target_length: int = 48
     precision: str | Precision = "fp32"  # autocast of generation and scoring (a FULL model in memory stays fp32)
+    # test pairs whose replies are generated (`experiments.generated_pair_ids`); None: all. Every pair is scored.
+    generate_ids: Collection[Any] | None = None
 
     def __call__(self, user_id: str, model: torch.nn.Module, folder: Path) -> None:
         own = self.test_pairs[self.test_pairs["speaker_id"] == user_id]
-        io.write_parquet(Path(folder) / PREDICTIONS_FILE, predict_pairs(model, own, self))
+        generate = None if self.generate_ids is None else own["pair_id"].isin(set(self.generate_ids)).tolist()
+        io.write_parquet(Path(folder) / PREDICTIONS_FILE, predict_pairs(model, own, self, generate=generate))
         if self.questions is not None:
             asked = question_pairs(self.questions, user_id)
             sources = build_prompts(asked, self.users, self.fmt, self.one_ids).tolist()

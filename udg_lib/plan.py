@@ -138,17 +138,25 @@ def users_from_outputs(prepared: Path, max_users: int = 0) -> list[DatasetUsers]
     return found
 
 
-def estimate_pairs(turns_per_user: float, heldout_fraction: float, cap: int) -> dict[str, float]:
+def estimate_pairs(turns_per_user: float, heldout_fraction: float, cap: int,
+                   test_cap: int | None = None) -> dict[str, float]:
     """Pairs per split for a user of `turns_per_user` turns, before stage 00 has run.
 
     Every turn but a dialogue's first is a reply pair (~1 per turn); a `heldout_fraction` of the user's
     partners goes to dev and test (half each), and the rest is halved into train_da and train_ft (§4.1.3,
-    §4.2.1); `cap` (max_pairs_per_split, 0 for none) caps each split.
+    §4.2.1); `cap` (max_pairs_per_split, 0 for none) caps each split, `test_cap` (max_test_pairs: None
+    follows `cap`, 0 for none) the test split.
     """
+    caps = {"train_ft": cap, "train_da": cap, "dev": cap, "test": cap if test_cap is None else test_cap}
     shares = {"train_ft": (1 - heldout_fraction) / 2, "train_da": (1 - heldout_fraction) / 2,
               "dev": heldout_fraction / 2, "test": heldout_fraction / 2}
-    return {split: min(turns_per_user * share, cap) if cap else turns_per_user * share
+    return {split: min(turns_per_user * share, caps[split]) if caps[split] else turns_per_user * share
             for split, share in shares.items()}
+
+
+def _test_cap(value: int) -> int | None:
+    """Notebook 00's `max_test_pairs` as `SplitConfig` takes it: -1 (follow max_pairs_per_split) is None."""
+    return None if value is None or int(value) < 0 else int(value)
 
 
 def users_from_corpora(stage00: Mapping[str, Any], max_users: int = 0) -> list[DatasetUsers]:
@@ -159,7 +167,8 @@ def users_from_corpora(stage00: Mapping[str, Any], max_users: int = 0) -> list[D
     base = dict(min_turns=stage00["min_turns"], max_turns=stage00["max_turns"],
                 max_users=stage00["max_users"] or None, heldout_partner_fraction=stage00["heldout_partner_fraction"],
                 n_sets=stage00["n_sets"], context_turns=stage00["context_turns"], seed=stage00["seed"],
-                max_pairs_per_split=stage00["max_pairs_per_split"] or None)
+                max_pairs_per_split=stage00["max_pairs_per_split"] or None,
+                max_test_pairs=_test_cap(stage00.get("max_test_pairs", -1)))
     found = []
     for spec in stage00["corpora"]:
         spec = dict(spec)
@@ -170,7 +179,8 @@ def users_from_corpora(stage00: Mapping[str, Any], max_users: int = 0) -> list[D
         except Exception as exc:  # a licensed corpus absent here: planned with the paper's mean users instead
             mean = round(sum(PAPER_USERS.values()) / len(PAPER_USERS))
             pairs = estimate_pairs(sum(PAPER_TRAIN_PAIRS_PER_USER.values()) / len(PAPER_USERS) / (1 - 0.3),
-                                   config.heldout_partner_fraction, config.max_pairs_per_split or 0)
+                                   config.heldout_partner_fraction, config.max_pairs_per_split or 0,
+                                   config.max_test_pairs)
             found.append(DatasetUsers(name, min(mean, max_users) if max_users else mean, **pairs,
                                       source=f"assumed: the paper's mean of {mean} users (corpus not loadable: "
                                              f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]})"))
@@ -181,7 +191,7 @@ def users_from_corpora(stage00: Mapping[str, Any], max_users: int = 0) -> list[D
         n = min(len(users), max_users) if max_users else len(users)
         found.append(DatasetUsers(corpus.name, n,
                                   **estimate_pairs(mean_turns, config.heldout_partner_fraction,
-                                                   config.max_pairs_per_split or 0),
+                                                   config.max_pairs_per_split or 0, config.max_test_pairs),
                                   source=f"estimated from the corpus: {counts['eligible']} of {counts['speakers']} "
                                          f"speakers eligible ({config.min_turns}-{config.max_turns or 'any'} turns, "
                                          f"3+ partners), {mean_turns:.0f} turns each"))

@@ -64,19 +64,6 @@ class RunValues:
     notes: list[str]
 
 
-def _unit_means(samples: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Per (dataset, user, system): each split set's per-user value as stage 04's `per_user_scores.csv` has it
-    (`metrics.per_user_means`: mean similarity, character-weighted bits per character), then the mean over
-    split sets (as the judge)."""
-    from udg_lib.metrics import per_user_means
-
-    metrics = [m for m in METRICS if m == "similarity" or {"text_nll", "text_chars"} <= set(samples.columns)]
-    per_set = per_user_means(samples, metrics, system_cols=("pretrain", "method"),
-                             unit_cols=("dataset", "split_set", "user_id"))
-    per_user = per_set.groupby(["dataset", "user_id", "pretrain", "method"], sort=False)[metrics].mean().reset_index()
-    return per_user.rename(columns={"user_id": "unit"}).assign(source=source)
-
-
 def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimSettings()) -> RunValues:
     """A run's per-user values: from stage 04's (and 06's) per-sample `scores.parquet` in an outputs folder,
     else from stage 04's `per_user_scores.csv` in a published folder (no per-user file for stage 06 there)."""
@@ -90,9 +77,12 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
     notes = [] if table2 is not None else ["no stage 00 table2.csv: every dataset is in C2 / C6's scope"]
     if (exp1 / "scores.parquet").is_file():
         scores = pd.read_parquet(exp1 / "scores.parquet")
-        frames, samples = [_unit_means(scores, "exp1")], [scores.assign(source="exp1")]
+        # the unit values are the judge's own (report.exp1_unit_values / llm_unit_values), so the SD and the effect
+        # here are those the judge tests; the per-sample rows feed only the variance split
+        frames, samples = [report.exp1_unit_values(scores)], [scores.assign(source="exp1")]
         if (llm / "scores.parquet").is_file():
             llm_scores = pd.read_parquet(llm / "scores.parquet")
+            frames.append(report.llm_unit_values(scores, llm_scores))
             tuned = scores[scores["method"].isin(report.FINE_TUNED)]
             for method, answers in llm_scores.groupby("method", sort=False):
                 if is_paper_history_method(method):  # the paper's 10-turn extra row: never a side of C1 (the judge's rule)
@@ -100,7 +90,6 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
                 # the fine-tuned systems on exactly the test contexts this LLM answered
                 both = pd.concat([tuned.merge(answers[SAMPLE_KEYS].drop_duplicates(), on=SAMPLE_KEYS), answers],
                                  ignore_index=True)
-                frames.append(_unit_means(both, f"llm:{method}"))
                 samples.append(both.assign(source=f"llm:{method}"))
         else:
             notes.append(f"no {LLM}/scores.parquet: LLM comparisons (C1) are not available from this folder")

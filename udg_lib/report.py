@@ -335,13 +335,31 @@ def unit_differences(values: pd.DataFrame, comparison: Comparison) -> pd.Series:
 # Unit tables from the saved per-sample scores
 
 
+def _per_set_means(rows: pd.DataFrame, keys: list[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """Per `keys` group: the mean of each metric over the rows that have it, except bits_per_char, which is
+    character-weighted (`metrics.bits_per_char` of the group's text_nll and text_chars, as stage 04's
+    `per_user_scores.csv` and Tables 3-5 have it) where those columns are present."""
+    from udg_lib.metrics import bits_per_char
+
+    weighted = "bits_per_char" in metrics and {"text_nll", "text_chars"} <= set(rows.columns)
+    plain = [m for m in metrics if not (weighted and m == "bits_per_char")]
+    grouped = rows.groupby(keys, sort=False)
+    out = grouped[plain].mean() if plain else pd.DataFrame(index=grouped.size().index)
+    if weighted:
+        scored = rows[rows["text_nll"].notna() & rows["text_chars"].notna()]
+        out["bits_per_char"] = scored.groupby(keys, sort=False).apply(
+            lambda g: bits_per_char(g["text_nll"], g["text_chars"]))
+    return out[list(metrics)]
+
+
 def exp1_unit_values(scores: pd.DataFrame) -> pd.DataFrame:
-    """Stage 04 scores -> one row per (dataset, user, system): the mean of each metric (similarity and, when
-    scored, bits_per_char) over the user's scored test pairs of each split set, then over split sets (source
-    "exp1", unit = user_id). NaNs are skipped: a pair scored (bits/char) but not generated has no similarity."""
+    """Stage 04 scores -> one row per (dataset, user, system): each metric of the user's test pairs of each
+    split set (similarity: the mean over generated pairs; bits_per_char: character-weighted over every scored
+    pair, as `metrics.per_user_means`), then the mean over split sets (source "exp1", unit = user_id). NaNs are
+    skipped: a pair scored (bits/char) but not generated has no similarity."""
     _require(scores, ["dataset", "split_set", "user_id", "pretrain", "method", "similarity"], "Exp1 scores")
     metrics = [m for m in EXP1_METRICS if m in scores.columns]
-    per_set = scores.groupby(["dataset", "split_set", "user_id", "pretrain", "method"], sort=False)[metrics].mean()
+    per_set = _per_set_means(scores, ["dataset", "split_set", "user_id", "pretrain", "method"], metrics)
     per_user = per_set.groupby(level=["dataset", "user_id", "pretrain", "method"], sort=False).mean().reset_index()
     return per_user.rename(columns={"user_id": "unit"}).assign(source="exp1")
 
@@ -363,6 +381,8 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
     columns = [*keys, "user_id", "pretrain", "method", *metrics]
     _require(exp1_scores, columns, "Exp1 scores")
     _require(llm_scores, columns, "LLM scores")
+    weights = [c for c in ("text_nll", "text_chars") if c in exp1_scores.columns and c in llm_scores.columns]
+    columns += weights if len(weights) == 2 else []
     tuned = exp1_scores[exp1_scores["method"].isin(FINE_TUNED)][columns]
     unit = ["dataset", "user_id", "pretrain", "method"]
 
@@ -377,7 +397,7 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
         if metric == "similarity":
             both["low_share"] = (both["similarity"] < threshold).astype(np.float64)
             wanted.append("low_share")
-        per_set = both.groupby(["dataset", "split_set", *unit[1:]], sort=False)[wanted].mean()
+        per_set = _per_set_means(both, ["dataset", "split_set", *unit[1:]], wanted)
         return per_set.groupby(level=unit, sort=False).mean()
 
     frames = []

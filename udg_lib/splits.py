@@ -41,6 +41,16 @@ class SplitConfig:
     # At most this many pairs per user in each split of a set (a seeded sample; None keeps all). Small
     # profiles use it to bring sitcom leads (~500 pairs per split) to the scale of chat users (~50).
     max_pairs_per_split: int | None = None
+    # The test split's own cap (None: max_pairs_per_split; 0: all test pairs). Every test pair is scored by
+    # forward passes, which cost little beside training, so a design may keep more test pairs than it trains
+    # on: the within-user part of a user's mean difference shrinks with them (udg_lib.power).
+    max_test_pairs: int | None = None
+
+    def split_caps(self) -> dict[str, int | None]:
+        """The pair cap of each split (None or 0: uncapped)."""
+        test = self.max_pairs_per_split if self.max_test_pairs is None else self.max_test_pairs
+        return {"train_da": self.max_pairs_per_split, "train_ft": self.max_pairs_per_split,
+                "dev": self.max_pairs_per_split, "test": test}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -195,8 +205,7 @@ def split_corpus(turns: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame
         leaky = _context_shows_heldout(labelled)
         dropped[split_set] = int(leaky.sum())
         kept = labelled[~leaky]
-        if config.max_pairs_per_split:
-            kept = _cap_pairs(kept, config.max_pairs_per_split, rng)
+        kept = _cap_pairs(kept, config.split_caps(), rng)
         kept, left_out[split_set] = _real_units(kept, eval_users)
         frames.append(kept.assign(split_set=split_set))
     eval_pairs = pd.concat(frames, ignore_index=True) if frames else user_pairs.assign(split=[], split_set=[])
@@ -224,12 +233,15 @@ def _real_units(labelled: pd.DataFrame, users: list[str]) -> tuple[pd.DataFrame,
     return labelled[~labelled["speaker_id"].isin(set(missing))], missing
 
 
-def _cap_pairs(labelled: pd.DataFrame, cap: int, rng: np.random.Generator) -> pd.DataFrame:
-    """At most `cap` pairs per (user, split), drawn with `rng`; original order kept."""
+def _cap_pairs(labelled: pd.DataFrame, caps: dict[str, int | None], rng: np.random.Generator) -> pd.DataFrame:
+    """At most `caps[split]` pairs per (user, split) (None or 0: all), drawn with `rng`; original order kept."""
+    if not any(caps.values()):
+        return labelled
     keep = []
-    for _, group in labelled.groupby(["speaker_id", "split"], sort=True):
+    for (_, split), group in labelled.groupby(["speaker_id", "split"], sort=True):
         index = group.index.to_numpy()
-        keep.append(index if len(index) <= cap else np.sort(rng.choice(index, size=cap, replace=False)))
+        cap = caps.get(split)
+        keep.append(index if not cap or len(index) <= cap else np.sort(rng.choice(index, size=cap, replace=False)))
     return labelled.loc[np.sort(np.concatenate(keep))] if keep else labelled
 
 
