@@ -343,3 +343,44 @@ def test_design_hours_recost_the_planned_stages(tmp_path, monkeypatch):
     assert own == pytest.approx(planned.stage_hours("03") + planned.stage_hours("04-05"))
     assert planned.design_hours(2 * USERS["alpha"], PAIRS["train_ft"], PAIRS["test"]) > own
     assert planned.design_hours(USERS["alpha"], 4 * PAIRS["train_ft"], PAIRS["test"]) > own
+
+
+@pytest.mark.parametrize("family_name", ["seq2seq", "causal"])
+def test_data_lengths_are_the_mean_padded_lengths_of_each_users_batches(tmp_path, family_name):
+    """Two users, one batch each (batch 4 >= their 3 pairs): the padded lengths are each batch's longest prompt
+    and reply as the family tokenizes them, cut to the caps; their mean over batches is what the plan times."""
+    from udg_lib.families import get_family
+    from udg_lib.tokenizer import load_tokenizer
+
+    prepared = tmp_path / "00_prepare_corpus"
+    tokenizer = cost_plan.synthetic_tokenizer()
+    tokenizer.save_pretrained(str(prepared / "tokenizer"))
+    words = lambda k: " ".join(f"w{i}" for i in range(k))  # noqa: E731
+    prompts = {"u0": [3, 5, 60], "u1": [2, 4, 6]}  # u0's longest prompt is cut to the cap
+    replies = {"u0": [1, 2, 3], "u1": [4, 9, 2]}
+    rows = [{"split_set": 0, "split": "train_ft", "speaker_id": u, "psp": f"[USER] [SEP] {words(p)}",
+             "plain": words(p), "response": words(r)}
+            for u in prompts for p, r in zip(prompts[u], replies[u])]
+    rows.append({"split_set": 0, "split": "test", "speaker_id": "u0", "psp": f"[USER] [SEP] {words(200)}",
+                 "plain": words(200), "response": words(50)})  # not a training pair: never timed
+    (prepared / "chitchat").mkdir()
+    pd.DataFrame(rows).to_parquet(prepared / "chitchat" / "prompts.parquet")
+
+    family = get_family(family_name)
+    loaded = load_tokenizer(prepared / "tokenizer").tokenizer
+
+    def longest(user):
+        examples = family.tokenize_pairs([f"[USER] [SEP] {words(p)}" for p in prompts[user]],
+                                         [words(r) for r in replies[user]], loaded, 20, 6)
+        items = [examples[i] for i in range(len(examples))]
+        if family_name == "causal":
+            src = [sum(label == -100 for label in item["labels"]) for item in items]
+            return max(src), max(len(item["labels"]) - s for item, s in zip(items, src))
+        return max(len(item["input_ids"]) for item in items), max(len(item["labels"]) for item in items)
+
+    found = cost_plan.data_lengths(prepared, family_name, ["psp"], 4, 20, 6)
+    (s0, t0), (s1, t1) = longest("u0"), longest("u1")
+    assert s0 <= 20 and t1 <= 6  # the caps cut u0's prompt and u1's reply
+    assert (found.source, found.target, found.batches) == (math.ceil((s0 + s1) / 2), math.ceil((t0 + t1) / 2), 2)
+    assert "2 training batches" in found.why
+    assert cost_plan.data_lengths(tmp_path / "nothing", family_name, ["psp"], 4, 20, 6) is None

@@ -16,8 +16,9 @@ Costs: a few steps of each kind are timed on the current device (`--device`, def
 on a model of the profile's shape with random weights built from its config (nothing is downloaded), through
 the project's code paths: `families.ModelFamily` (`from_config`, `tokenize_pairs`, `collator`, `lora_config`),
 peft's `get_peft_model`, `multilora.MultiLora` for batched LoRA, and `model.generate` as
-`generation.greedy_generate` calls it. Batches are synthetic token sequences at exactly the profile's
-max_source_length / max_target_length and batch sizes. On a CPU a batch is capped at `max_rows` rows and its
+`generation.greedy_generate` calls it. Batches are synthetic token sequences of the profile's batch sizes, at
+the padded lengths stage 03's own batches have when stage 00's outputs exist (`data_lengths`; pre-training at
+its caps), else at max_source_length / max_target_length. On a CPU a batch is capped at `max_rows` rows and its
 time scaled linearly to the full batch (a CPU's time per row is close to constant; a GPU's is not, so there
 the full batch is timed). Every estimate is an upper bound in three ways, each stated in the output: users
 train for the whole epoch cap (early stopping usually ends them sooner; `--epochs` assumes fewer), replies are
@@ -68,6 +69,10 @@ DEV_FORWARD_SHARE = 1 / 3  # a dev-loss example costs a forward pass: ~1/3 of a 
 # an overestimate for small models, whose steps are mostly fixed overhead, hence their whole batch is timed.
 CPU_MAX_ROWS = 2  # 2 rows: a t5-base step is still ~1 s of matmuls per row, enough to time
 CPU_FULL_BATCH_SECONDS = 10.0
+# Untimed calls before a CPU timing: the first two bf16 steps of a shape build oneDNN kernels and Adam's state
+# (SmolLM2-135M FULL, 4 x 69 tokens, AMD EPYC AVX512-BF16: 5.4 s, 3.2 s, then 1.65 s a step; one warm-up
+# call left the 3.2 s step in the plan, which put stage 03 at twice its measured time).
+CPU_WARMUP_CALLS = 2
 
 STAGE_NAMES = {"00": "00_prepare_corpus", "02": "02_pretrain_models", "03": "03_finetune_users",
                "04": "04_exp1_next_utterance", "05": "05_exp2_diversity"}
@@ -305,14 +310,74 @@ def synthetic_batch(family: Any, tokenizer: Any, rows: int, source_length: int, 
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@dataclass(frozen=True)
+class DataLengths:
+    """Tokens of stage 03's training batches as its data makes them: the mean over batches of the longest prompt
+    and the longest reply in a batch (what a padded batch costs)."""
+
+    source: int
+    target: int
+    batches: int
+    why: str
+
+
+def data_lengths(prepared: Path, family_name: str, pretrained: Sequence[str], batch: int, source_cap: int,
+                 target_cap: int, datasets: Sequence[str] = ()) -> DataLengths | None:
+    """Stage 03's padded batch lengths from stage 00's outputs (`prompts.parquet`, `tokenizer/`): each
+    evaluation user's `train_ft` pairs in the prompt format of each pre-trained model in `pretrained`, tokenized
+    by the family as stage 03 tokenizes them (cut to the caps) and batched by `finetuning.LengthBucketSampler`
+    (seed 0) in batches of `batch`. None when stage 00 has not run (the plan then times the caps)."""
+    from udg_lib.experiments import PRETRAINED_FORMATS
+    from udg_lib.families import get_family
+    from udg_lib.finetuning import LengthBucketSampler
+    from udg_lib.tokenizer import load_tokenizer
+
+    files = [f for f in sorted(prepared.glob("*/prompts.parquet")) if not datasets or f.parent.name in datasets]
+    if not (prepared / "tokenizer").is_dir() or not files:
+        return None
+    tokenizer = load_tokenizer(prepared / "tokenizer").tokenizer
+    family = get_family(family_name)
+    formats = sorted({PRETRAINED_FORMATS[name] for name in pretrained if name in PRETRAINED_FORMATS}) or ["psp"]
+    sources, targets = [], []
+    for file in files:
+        prompts = pd.read_parquet(file)
+        prompts = prompts[prompts["split"] == "train_ft"]
+        for fmt in formats:
+            for _, rows in prompts.groupby(["split_set", "speaker_id"], sort=True):
+                examples = family.tokenize_pairs(rows[fmt].tolist(), rows["response"].tolist(), tokenizer,
+                                                 source_cap, target_cap)
+                items = [examples[i] for i in range(len(examples))]
+                if family_name == "causal":  # one sequence: the prompt is where the labels are masked
+                    src = [sum(label == -100 for label in item["labels"]) for item in items]
+                    tgt = [len(item["labels"]) - s for item, s in zip(items, src)]
+                else:
+                    src = [len(item["input_ids"]) for item in items]
+                    tgt = [len(item["labels"]) for item in items]
+                order = list(LengthBucketSampler([s + t for s, t in zip(src, tgt)], batch,
+                                                 torch.Generator().manual_seed(0)))
+                for start in range(0, len(order), batch):
+                    chunk = order[start:start + batch]
+                    sources.append(max(src[i] for i in chunk))
+                    targets.append(max(tgt[i] for i in chunk))
+    if not sources:
+        return None
+    source, target = math.ceil(statistics.mean(sources)), math.ceil(statistics.mean(targets))
+    return DataLengths(source, target, len(sources),
+                       f"stage 03's batches timed at {source} prompt + {target} reply tokens, the mean padded "
+                       f"lengths of its {len(sources)} training batches ({', '.join(formats)} prompts of stage 00's "
+                       f"users; caps {source_cap} + {target_cap})")
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def _time(run: Callable[[], Any], repetitions: int, device: str) -> list[float]:
-    """Seconds of `repetitions` calls after one untimed warm-up call."""
-    run()
+def _time(run: Callable[[], Any], repetitions: int, device: str, warmup: int | None = None) -> list[float]:
+    """Seconds of `repetitions` calls after `warmup` untimed calls (default `CPU_WARMUP_CALLS` on a CPU, one on a
+    GPU)."""
+    for _ in range(CPU_WARMUP_CALLS if warmup is None and device == "cpu" else warmup or 1):
+        run()
     samples = []
     for _ in range(repetitions):
         _sync(device)
@@ -407,7 +472,7 @@ def time_steps(shape: ModelShape, spec: TimingSpec, *, steps: int = 2, device: s
         try:
             run = make(timed_rows)
             if timed_rows < rows and auto_cap:  # a small model: time its whole batch if that is quick
-                first = _time(run, 1, device)[0]
+                first = _time(run, 1, device, warmup=1)[0]
                 if first * rows / timed_rows <= CPU_FULL_BATCH_SECONDS:
                     model.zero_grad(set_to_none=True)
                     timed_rows, run = rows, make(rows)
@@ -687,10 +752,14 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
     out_root = paths.outputs_root(profile, outputs_root)
     shape = profile_shape(params, family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    steps = steps or (1 if device == "cpu" else 3)  # CPU steps vary little and cost seconds each at t5-base
+    steps = steps or 3  # the median of 3 (after CPU_WARMUP_CALLS on a CPU): single CPU steps vary by 50%
     s02, s03, s05 = _stage(params, "02"), _stage(params, "03"), _stage(params, "05")
     datasets = dataset_users(params, out_root)
     spec = TimingSpec.from_params(params)
+    lengths = data_lengths(paths.stage_dir(out_root, STAGE_NAMES["00"]), shape.family, s03["pretrained"],
+                           spec.user_batch, spec.source, spec.target, s03["datasets"])
+    if lengths is not None:
+        spec = replace(spec, source=lengths.source, target=lengths.target)
     precision = precision or s03.get("precision", "auto")
     timings = time_steps(shape, spec, steps=steps, device=device, precision=precision, max_rows=max_rows)
     numerics = resolve_precision(precision, device)
@@ -704,8 +773,9 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
                     users_per_batch=spec.users_per_batch)
 
     plain_steps = 0 if s02["checkpoint"] else s02["plain_t5_steps"]
-    pretrain_steps = plain_steps + 3 * s02["dialogue_steps"]
-    rows = [{"stage": "02", "work": "pre-training", "models": (0 if s02["checkpoint"] else 1) + 3,
+    dialogue_models = len(s02.get("dialogue_models", ("plain_dialogue", "psp", "ppp")))
+    pretrain_steps = plain_steps + dialogue_models * s02["dialogue_steps"]
+    rows = [{"stage": "02", "work": "pre-training", "models": (0 if s02["checkpoint"] else 1) + dialogue_models,
              "units": pretrain_steps, "unit": "step", "seconds_per_unit": timings["pretrain"].seconds or float("nan"),
              "device_hours": pretrain_steps * (timings["pretrain"].seconds or float("nan")) / 3600}]
     work = [WorkCounts(d.name, d.users, len(s03["split_sets"]), len(s03["pretrained"]), d.train_ft, d.train_da,
@@ -719,6 +789,8 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
         f"users and pairs: " + "; ".join(f"{d.name}: {d.users} users, {d.train_ft:.0f} fine-tuning / "
                                          f"{d.dev:.0f} dev / {d.test:.0f} test pairs each ({d.source})"
                                          for d in datasets),
+        (lengths.why if lengths is not None else f"stage 03's batches timed at the caps, {spec.source} prompt + "
+         f"{spec.target} reply tokens (no stage 00 outputs to measure: an upper bound)"),
         f"epochs: {epochs_why}; a dev-loss pass (before training and after each epoch) costs "
         f"{DEV_FORWARD_SHARE:.2f} of a step per batch",
         f"LoRA timed as {'batched multilora' if lora_kind == 'lora_batched' else 'one user at a time (peft)'}"
@@ -727,7 +799,7 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
         f"generation: test replies of DA, One-ID, LoRA, FULL and {questions} Exp2 questions per user, "
         f"{spec.max_new_tokens} tokens each (FULL's in stage 03, with the references scored)",
         f"timed on {device} in {numerics.used} ({precision!r} asked"
-        + (f"; CPU: {cpu_flags_line()}" if device == "cpu" else "") + f"): {steps} repetitions after a warm-up"
+        + (f"; CPU: {cpu_flags_line()}" if device == "cpu" else "") + f"): {steps} repetitions after {CPU_WARMUP_CALLS if device == 'cpu' else 1} warm-up call(s)"
         + (f"; batches capped at {max(t.timed_rows for t in timings.values())} rows and scaled linearly"
            if any(t.timed_rows < t.rows for t in timings.values()) else ""),
         "paper (§4.2.2): One-ID once per (dataset, split set, pre-trained model), LoRA and FULL once per user: "

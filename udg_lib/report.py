@@ -1707,8 +1707,10 @@ def render_benchmarks_block(folder: str | Path) -> str:
         if plan is not None and tuned is not None:
             planned = sum(r["device_hours"] for r in plan["table"] if r["stage"] == "03") * 60
             measured = tuned["metrics"]["training_seconds"] / 60
-            lines += ["", f"The cost planner (`python -m udg_lib.plan --profile cpu`, `plan_cpu.json`, "
-                      f"{plan['precision']['used']}, epochs of an earlier run) put stage 03's training at "
+            lines += ["", f"The cost planner (`python -m udg_lib.plan --profile cpu --outputs-root RUN`, "
+                      f"`plan_cpu.json`, {plan['precision']['used']}; the run's users and padded batch lengths "
+                      f"from its stage 00, epochs of an earlier run; steps timed alone, the median of three after "
+                      f"two warm-up calls) put stage 03's training at "
                       f"{planned:.1f} min; the published run measured {measured:.1f} min "
                       f"({measured / planned - 1:+.0%} against the plan)."]
     for name in ("bench_user_training", "bench_user_training_causal"):
