@@ -343,3 +343,11 @@ def test_design_hours_recost_the_planned_stages(tmp_path, monkeypatch):
     assert own == pytest.approx(planned.stage_hours("03") + planned.stage_hours("04-05"))
     assert planned.design_hours(2 * USERS["alpha"], PAIRS["train_ft"], PAIRS["test"]) > own
     assert planned.design_hours(USERS["alpha"], 4 * PAIRS["train_ft"], PAIRS["test"]) > own
+
+
+def test_the_plan_counts_every_training_seed(tmp_path):
+    from udg_lib.pipeline import RUN_SETTINGS_FILE
+
+    assert cost_plan.training_seeds("full-en") == 3 and cost_plan.training_seeds("cpu") == 1
+    (tmp_path / RUN_SETTINGS_FILE).write_text("seeds: 2\n")
+    assert cost_plan.training_seeds("cpu", tmp_path) == 2
