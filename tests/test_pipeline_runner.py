@@ -634,3 +634,51 @@ def test_a_saved_adapter_loads_with_auto_peft_model_alone_after_the_stage_folder
     monkeypatch.chdir(tmp_path)
     model = AutoPeftModelForSeq2SeqLM.from_pretrained(adapter_dir)
     assert isinstance(model, PeftModel)
+
+
+# --- training seeds: stages from `replicate_from` on run once per seed (issue #20 §5) ---------------------------
+
+TRAIN_WITH_SEED = """\
+import json
+from pathlib import Path
+from udg_lib.provenance import write_metrics
+upstream = json.loads((Path(outputs_root) / "00_make_number" / "metrics.json").read_text())
+write_metrics(output_dir, {"x": upstream["metrics"]["x"], "seed": seed})"""
+
+
+def test_seeds_replicate_the_training_stages_and_share_the_earlier_ones(tmp_path: Path, capsys) -> None:
+    from udg_lib.paths import replica_roots
+    from udg_lib.pipeline import RUN_SETTINGS_FILE
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    write_notebook(folder / "00_make_number.ipynb", MAKE_NUMBER)
+    write_notebook(folder / "01_train.ipynb", TRAIN_WITH_SEED, parameters=PARAMETERS + "\nseed: int = 5  # training seed")
+    outputs = tmp_path / "outputs"
+    write_yaml(tmp_path / "params" / RUN_SETTINGS_FILE, {"seeds": 3, "replicate_from": "01"})
+    write_yaml(tmp_path / "params" / "00_make_number.yaml", {"x": 7})
+    assert run(folder, outputs) == [("00_make_number", "ran"), ("01_train", "ran"),
+                                    ("seed-1/01_train", "ran"), ("seed-2/01_train", "ran")]
+    assert read_metrics(outputs, "01_train")["metrics"] == {"x": 7, "seed": 5}
+    roots = replica_roots(outputs)
+    assert [r for r, _ in roots] == [1, 2]
+    for replica, root in roots:
+        assert read_metrics(root, "01_train")["metrics"] == {"x": 7, "seed": 5 + replica}
+        assert (root / "00_make_number").is_symlink() and read_metrics(root, "00_make_number")["metrics"]["x"] == 7
+    assert {status for _, status in run(folder, outputs)} == {"skipped"}  # every replica up to date
+    write_yaml(tmp_path / "params" / "00_make_number.yaml", {"x": 8})  # a shared stage changed: replicas rerun
+    assert run(folder, outputs)[-1] == ("seed-2/01_train", "ran")
+    assert read_metrics(roots[1][1], "01_train")["metrics"] == {"x": 8, "seed": 7}
+
+
+@pytest.mark.parametrize("settings, fault", [({"seeds": 0}, "seeds must be a whole number >= 1"),
+                                             ({"seed": 2}, "unknown setting 'seed'"),
+                                             ({"seeds": 2, "replicate_from": "07"}, "no stage '07'")])
+def test_bad_run_settings_fail_before_any_stage_runs(notebooks: Path, tmp_path: Path, settings, fault) -> None:
+    from udg_lib.pipeline import RUN_SETTINGS_FILE
+
+    write_yaml(tmp_path / "params" / RUN_SETTINGS_FILE, settings)
+    with pytest.raises(PipelineError, match=fault) as error:
+        run(notebooks, tmp_path / "outputs")
+    assert RUN_SETTINGS_FILE in str(error.value) or "07" in str(error.value)
+    assert not (tmp_path / "outputs").exists()

@@ -384,3 +384,11 @@ def test_data_lengths_are_the_mean_padded_lengths_of_each_users_batches(tmp_path
     assert (found.source, found.target, found.batches) == (math.ceil((s0 + s1) / 2), math.ceil((t0 + t1) / 2), 2)
     assert "2 training batches" in found.why
     assert cost_plan.data_lengths(tmp_path / "nothing", family_name, ["psp"], 4, 20, 6) is None
+
+
+def test_the_plan_counts_every_training_seed(tmp_path):
+    from udg_lib.pipeline import RUN_SETTINGS_FILE
+
+    assert cost_plan.training_seeds("full-en") == 3 and cost_plan.training_seeds("cpu") == 1
+    (tmp_path / RUN_SETTINGS_FILE).write_text("seeds: 2\n")
+    assert cost_plan.training_seeds("cpu", tmp_path) == 2

@@ -748,3 +748,44 @@ def test_the_judge_weights_bits_per_char_by_characters_as_tables_3_to_5_and_the_
     llm = scores[scores["method"] == "lora"].assign(pretrain="llm", method="tiny-chat")
     llm_values = report.llm_unit_values(scores, llm).set_index(["pretrain", "method"])
     assert llm_values["bits_per_char"].tolist() == pytest.approx([1.2, 1.2, 1.2])
+
+
+def test_training_seed_replicas_are_a_replication_factor_within_each_user(tmp_path):
+    """With `seeds` > 1 the judge reads every replica's scores: a user's value is the mean over replicas (and
+    split sets), the tests stay paired by user (n users, not users x seeds)."""
+    from udg_lib.paths import replica_root
+
+    first, llm_first, replies_first = synthetic_run(8, +1, seed=1)
+    second, llm_second, replies_second = synthetic_run(8, +1, seed=2)
+    pooled = pd.concat([first.assign(replica=0), second.assign(replica=1)], ignore_index=True)
+    values = report.exp1_unit_values(pooled).set_index(["unit", "pretrain", "method"])
+    each = [report.exp1_unit_values(frame).set_index(["unit", "pretrain", "method"]) for frame in (first, second)]
+    assert len(values) == len(each[0])  # one value per user and system
+    for metric in ("similarity", "bits_per_char"):
+        pd.testing.assert_series_equal(values[metric], (each[0][metric] + each[1][metric]) / 2, check_names=False)
+    llm_pooled = pd.concat([llm_first.assign(replica=0), llm_second.assign(replica=1)], ignore_index=True)
+    llm_values = report.llm_unit_values(pooled, llm_pooled).set_index(["unit", "pretrain", "method"])
+    llm_each = [report.llm_unit_values(s, l).set_index(["unit", "pretrain", "method"])
+                for s, l in ((first, llm_first), (second, llm_second))]
+    pd.testing.assert_series_equal(llm_values["similarity"], (llm_each[0]["similarity"] + llm_each[1]["similarity"]) / 2,
+                                   check_names=False)
+    exp2 = report.exp2_unit_values(pd.concat([replies_first.assign(replica=0), replies_second.assign(replica=1)]))
+    exp2_each = [report.exp2_unit_values(r).set_index(["unit", "pretrain", "method"])["dist_s"]
+                 for r in (replies_first, replies_second)]
+    pd.testing.assert_series_equal(exp2.set_index(["unit", "pretrain", "method"])["dist_s"],
+                                   (exp2_each[0] + exp2_each[1]) / 2, check_names=False)
+    claims, tests = report.judge_claims(pooled, llm_pooled, None)
+    assert (tests.loc[tests["claim"] == "C4", "n"] == 8).all()  # paired by user
+    # build_report reads the replicas from seeds/seed-<r>/ beside the run's own stages
+    stage = "04_exp1_next_utterance"
+    (tmp_path / stage).mkdir()
+    first.to_parquet(tmp_path / stage / "scores.parquet")
+    assert report.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet").equals(first)
+    assert "single training run" in report.seeds_line(tmp_path)
+    (replica_root(tmp_path, 1) / stage).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="training-seed replica 1 has no scores.parquet"):
+        report.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet")
+    second.to_parquet(replica_root(tmp_path, 1) / stage / "scores.parquet")
+    read = report.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet")
+    assert read["replica"].value_counts().to_dict() == {0: len(first), 1: len(second)}
+    assert "Training seeds: 2" in report.seeds_line(tmp_path)

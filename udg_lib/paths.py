@@ -28,3 +28,21 @@ def stage_dir(root: str | Path, stage: str) -> Path:
 def stage_output_dir(stage: str, profile: str, outputs_root_dir: str = "", output_dir: str = "") -> Path:
     """Where a running notebook writes: the runner's `output_dir` if given, else `outputs/<profile>/<stage>`."""
     return Path(output_dir) if output_dir else stage_dir(outputs_root(profile, outputs_root_dir or None), stage)
+
+
+REPLICAS_DIR = "seeds"  # a run's training-seed replicas: <outputs root>/seeds/seed-<r>/ (udg_lib.pipeline)
+
+
+def replica_root(root: str | Path, replica: int) -> Path:
+    """Where training-seed replica `replica` (1, 2, ...) of the run at `root` writes its stages."""
+    return Path(root) / REPLICAS_DIR / f"seed-{int(replica)}"
+
+
+def replica_roots(root: str | Path) -> list[tuple[int, Path]]:
+    """(replica, folder) of every training-seed replica the run at `root` has, in order (none: one seed)."""
+    found = []
+    for folder in (Path(root) / REPLICAS_DIR).glob("seed-*"):
+        suffix = folder.name.removeprefix("seed-")
+        if suffix.isdigit() and folder.is_dir():
+            found.append((int(suffix), folder))
+    return sorted(found)

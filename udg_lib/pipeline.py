@@ -44,7 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -80,6 +80,16 @@ LANGUAGE_MODEL_PARAMS: dict[str, Callable[[str], bool]] = {
     "embedder": lambda language: language != "ja",
     "embedder_ja": lambda language: language == "ja",
 }
+
+
+# A profile's own runner settings (not a stage's parameters): params/<profile>/pipeline.yaml.
+RUN_SETTINGS_FILE = "pipeline.yaml"
+# `seeds`: training seeds (1: one run). With N > 1 the stages from `replicate_from` on (by default the first that
+# trains: the pre-trained models, then DA, One-ID, LoRA and FULL and their evaluation) run N - 1 more times,
+# replica r in outputs/<profile>/seeds/seed-<r>/ with every replicated stage's `seed` parameter + r; the
+# stages before it (corpus, splits, profiles) are shared, linked into each replica's folder. The report pools
+# the replicas as a replication factor within each user (`udg_lib.report`).
+RUN_SETTINGS = {"seeds": 1, "replicate_from": "02"}
 
 
 class PipelineError(RuntimeError):
@@ -365,6 +375,53 @@ def _resolve_dirs(
     )
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """`RUN_SETTINGS_FILE` of a profile: how many training seeds, and from which stage on they replicate."""
+
+    seeds: int = 1
+    replicate_from: str = "02"
+
+
+def read_run_settings(params_root: Path) -> RunSettings:
+    """The profile's runner settings (defaults when it has no `RUN_SETTINGS_FILE`); a bad key or value is a
+    one-line error naming the file."""
+    path = Path(params_root) / RUN_SETTINGS_FILE
+    values = read_params_file(path)
+    for key, value in values.items():
+        if key not in RUN_SETTINGS:
+            raise PipelineError(f"{path}: unknown setting '{key}' (known: {', '.join(RUN_SETTINGS)})")
+    seeds = values.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise PipelineError(f"{path}: seeds must be a whole number >= 1, got {seeds!r}")
+    replicate_from = values.get("replicate_from", "02")
+    if not isinstance(replicate_from, str):
+        raise PipelineError(f"{path}: replicate_from must name a stage (e.g. \"02\"), got {replicate_from!r}")
+    return RunSettings(seeds, replicate_from)
+
+
+def replicated_stage(stage: Stage, replica: int) -> Stage:
+    """`stage` as replica `replica` runs it: its `seed` parameter (where it declares one) + `replica`."""
+    if "seed" not in stage.params:
+        return stage
+    seed = int(stage.params["seed"]) + replica
+    return replace(stage, overrides={**stage.overrides, "seed": seed}, params={**stage.params, "seed": seed})
+
+
+def _link_shared_stages(root: Path, out_root: Path, shared: list[str]) -> None:
+    """A replica folder whose shared (unreplicated) stages are links to the main run's."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in shared:
+        link, target = root / name, Path(os.path.relpath(out_root / name, root))
+        if link.is_symlink() and os.readlink(link) == str(target):
+            continue
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.exists():
+            shutil.rmtree(link)
+        link.symlink_to(target, target_is_directory=True)
+
+
 def run_pipeline(
     profile: str,
     *,
@@ -396,6 +453,9 @@ def run_pipeline(
     stages = {index: all_stages[index] for index in selected}
     for stage in stages.values():
         check_input_files(stage, params_root)
+    run_settings = read_run_settings(params_root)
+    if run_settings.seeds > 1:
+        stage_index(names, run_settings.replicate_from)  # a mistyped stage fails before anything runs
     # The stage that prepares the corpora (00): once its output is there, the later stages' models are checked
     # against the corpora's languages before the first of them runs.
     corpus_stage = next((index for index, stage in enumerate(all_stages) if "corpora" in stage.params), None)
@@ -417,9 +477,32 @@ def run_pipeline(
                                       params_root)
                 languages_checked = True
             results.append(_run_stage(stage, upstream, out_root, profile, forced, verbose))
+        results += _run_replicas(run_settings, names, stages, first_forced, force, out_root,
+                                 profile, verbose)
     finally:
         if created_root and out_root.is_dir() and not any(out_root.iterdir()):
             out_root.rmdir()  # a first run that failed leaves no trace
+    return results
+
+
+def _run_replicas(settings: RunSettings, names: list[str], stages: dict[int, Stage], first_forced: int | None,
+                  force: bool, out_root: Path, profile: str, verbose: bool) -> list[StageResult]:
+    """Training-seed replicas 1 .. seeds - 1 of the selected stages from `replicate_from` on (RUN_SETTINGS)."""
+    if settings.seeds == 1:
+        return []
+    start = stage_index(names, settings.replicate_from)
+    results = []
+    for replica in range(1, settings.seeds):
+        root = paths.replica_root(out_root, replica)
+        _link_shared_stages(root, out_root, names[:start])
+        for index, stage in stages.items():
+            if index < start:
+                continue
+            forced = force or (first_forced is not None and index >= first_forced)
+            print(f"(training seed replica {replica} of {settings.seeds - 1}: {root})")
+            result = _run_stage(replicated_stage(stage, replica), _upstream_keys(names, index, root), root, profile,
+                                forced, verbose)
+            results.append(replace(result, stage=f"seed-{replica}/{result.stage}"))
     return results
 
 

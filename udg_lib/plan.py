@@ -87,6 +87,14 @@ class PlanError(RuntimeError):
 # Parameters
 
 
+def training_seeds(profile: str, params_dir: str | Path | None = None) -> int:
+    """The profile's `seeds` (its runner settings, `pipeline.RUN_SETTINGS_FILE`; 1 without one)."""
+    from udg_lib.pipeline import read_run_settings
+
+    params_root = Path(params_dir) if params_dir else paths.repo_root() / "params" / profile
+    return read_run_settings(params_root).seeds if params_root.is_dir() else 1
+
+
 def profile_params(profile: str, params_dir: str | Path | None = None,
                    notebooks_dir: str | Path | None = None) -> tuple[dict[str, dict[str, Any]], str]:
     """(stage name -> resolved params, where they came from), as `pipeline.load_stage` resolves them.
@@ -781,6 +789,9 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
     work = [WorkCounts(d.name, d.users, len(s03["split_sets"]), len(s03["pretrained"]), d.train_ft, d.train_da,
                        d.dev, d.test) for d in datasets]
     rows += count_rows(work, timings, exp2_pretrained=len(s05["pretrained"]), sweep_trainings=sweep, **settings)
+    seeds = training_seeds(profile, params_dir)
+    for row in rows:  # every row here is stage 02 or later: each training seed runs them all again
+        row.update(models=row["models"] * seeds, units=row["units"] * seeds, device_hours=row["device_hours"] * seeds)
     table = _finish(pd.DataFrame(rows))
     paper = _finish(pd.DataFrame(count_rows(paper_counts(spec.user_batch), timings, exp2_pretrained=3, **settings)))
 
@@ -802,6 +813,8 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
         + (f"; CPU: {cpu_flags_line()}" if device == "cpu" else "") + f"): {steps} repetitions after {CPU_WARMUP_CALLS if device == 'cpu' else 1} warm-up call(s)"
         + (f"; batches capped at {max(t.timed_rows for t in timings.values())} rows and scaled linearly"
            if any(t.timed_rows < t.rows for t in timings.values()) else ""),
+        f"training seeds: {seeds} (params/<profile>/pipeline.yaml `seeds`: stages 02-06 run once per seed; "
+        "the rows above count all of them, the paper's counts below one)",
         "paper (§4.2.2): One-ID once per (dataset, split set, pre-trained model), LoRA and FULL once per user: "
         "(2 x 100 + 1) x 4 x 3 = 2,412 (PCJP) + (2 x 140 + 1) x 12 = 3,372 (UPC) + (2 x 147 + 1) x 12 = 3,540 (SD) "
         "= 9,324; DA's 36 models are trained but not counted there",

@@ -52,8 +52,10 @@ comparison with the LLM that shares the fine-tuned systems' base: one test, repo
 and Q2 are untestable, not judged, when stage 02's profile check says the profile-conditioned models do not
 read their profiles or fewer than 20% of evaluation prompts carry a known profile field (`profile_gate`).
 A claim is contradicted when any comparison is, supported when all are, "real, smaller than claimed" when
-all are that or supported, else inconclusive. Each pre-trained model and One-ID is a single training run,
-so the verdicts are about these checkpoints.
+all are that or supported, else inconclusive. A run with one training seed (the default) has each pre-trained
+model and One-ID as a single training run, so the verdicts are about these checkpoints; with `seeds` > 1
+(a profile's `pipeline.yaml`) the replicas are pooled as a replication factor within each user
+(`pooled_replicas`: a user's value is the mean over split sets and seeds, the tests stay paired by user).
 """
 
 from __future__ import annotations
@@ -335,6 +337,16 @@ def unit_differences(values: pd.DataFrame, comparison: Comparison) -> pd.Series:
 # Unit tables from the saved per-sample scores
 
 
+REPLICA = "replica"  # a training-seed replica of the run (0: the run itself; `pooled_replicas`)
+
+
+def _replica(frame: pd.DataFrame) -> list[str]:
+    """["replica"] when `frame` pools training-seed replicas: then each replica is a cell of its own, like a
+    split set, and a user's value is the mean over split sets and replicas (seed as a replication factor
+    within the user, whose paired differences the tests compare)."""
+    return [REPLICA] if REPLICA in frame.columns else []
+
+
 def _per_set_means(rows: pd.DataFrame, keys: list[str], metrics: Sequence[str]) -> pd.DataFrame:
     """Per `keys` group: the mean of each metric over the rows that have it, except bits_per_char, which is
     character-weighted (`metrics.bits_per_char` of the group's text_nll and text_chars, as stage 04's
@@ -359,7 +371,8 @@ def exp1_unit_values(scores: pd.DataFrame) -> pd.DataFrame:
     skipped: a pair scored (bits/char) but not generated has no similarity."""
     _require(scores, ["dataset", "split_set", "user_id", "pretrain", "method", "similarity"], "Exp1 scores")
     metrics = [m for m in EXP1_METRICS if m in scores.columns]
-    per_set = _per_set_means(scores, ["dataset", "split_set", "user_id", "pretrain", "method"], metrics)
+    per_set = _per_set_means(scores, ["dataset", "split_set", *_replica(scores), "user_id", "pretrain", "method"],
+                             metrics)
     per_user = per_set.groupby(level=["dataset", "user_id", "pretrain", "method"], sort=False).mean().reset_index()
     return per_user.rename(columns={"user_id": "unit"}).assign(source="exp1")
 
@@ -373,7 +386,7 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
     scored (every test pair). Per user, the mean over those contexts of each split set, then over split sets."""
     from udg_lib.baselines import is_paper_history_method
 
-    keys = ["dataset", "split_set", "pair_id"]
+    keys = ["dataset", "split_set", *(_replica(exp1_scores) if _replica(llm_scores) else []), "pair_id"]
     # the paper's 10-turn prompt (stage 06's `paper_history`) reads more than the fine-tuned systems: an extra
     # row of the tables, never a side of C1 / C5
     llm_scores = llm_scores[~llm_scores["method"].map(is_paper_history_method).astype(bool)]
@@ -397,7 +410,7 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
         if metric == "similarity":
             both["low_share"] = (both["similarity"] < threshold).astype(np.float64)
             wanted.append("low_share")
-        per_set = _per_set_means(both, ["dataset", "split_set", *unit[1:]], wanted)
+        per_set = _per_set_means(both, [*keys[:-1], *unit[1:]], wanted)
         return per_set.groupby(level=unit, sort=False).mean()
 
     frames = []
@@ -416,7 +429,8 @@ def exp2_unit_values(replies: pd.DataFrame) -> pd.DataFrame:
 
     _require(replies, ["dataset", "split_set", "pretrain", "method", "question_id", "user_id", "reply"],
              "Exp2 replies")
-    cells = (replies.groupby(["dataset", "split_set", "pretrain", "method", "question_id"], sort=False)
+    cells = (replies.groupby(["dataset", "split_set", *_replica(replies), "pretrain", "method", "question_id"],
+                             sort=False)
              .agg(dist_s=("reply", lambda r: distinct_s(list(r))), n_users=("user_id", "nunique")).reset_index())
     pooled = (cells.groupby(["question_id", "pretrain", "method"], sort=False)
               .agg(dist_s=("dist_s", "mean"), n_users=("n_users", "min")).reset_index())
@@ -866,6 +880,36 @@ def _parquet(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
+def pooled_replicas(root: Path, folder: Path, stage: str, name: str) -> pd.DataFrame | None:
+    """`folder / name` (a stage's per-sample file) with the same file of every training-seed replica of the run
+    at `root` (`paths.replica_roots`), each with its `replica` number (0: the run itself); the file alone, with
+    no replica column, when the run has no replicas. A replica without the file is an error naming it."""
+    frame = _parquet(folder / name)
+    replicas = paths.replica_roots(root)
+    if frame is None or not replicas:
+        return frame
+    frames = [frame.assign(**{REPLICA: 0})]
+    for replica, replica_dir in replicas:
+        path = paths.stage_dir(replica_dir, stage) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: training-seed replica {replica} has no {name} (finish the run: the "
+                                    "pipeline runs every replica after the main stages)")
+        frames.append(pd.read_parquet(path).assign(**{REPLICA: replica}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def seeds_line(root: Path) -> str:
+    """How many training runs the verdicts rest on."""
+    replicas = paths.replica_roots(root)
+    if not replicas:
+        return ("Each pre-trained model and One-ID is a single training run (one seed), so the verdicts are about "
+                "these checkpoints, not about the training recipes (a profile's `pipeline.yaml` sets `seeds`).")
+    return (f"Training seeds: {len(replicas) + 1} (the run and its replicas under `{paths.REPLICAS_DIR}/`): every "
+            "pre-trained model, DA, One-ID, LoRA and FULL is trained once per seed; a user's value is the mean over "
+            "seeds (a replication factor within the user), so the verdicts speak of the training recipe over these "
+            f"{len(replicas) + 1} runs.")
+
+
 def _metrics(stage: Path) -> dict[str, Any] | None:
     path = stage / "metrics.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -1113,9 +1157,7 @@ VERDICT_RULES = (
     "against it < alpha only. **Inconclusive**: neither, and always when the design cannot decide (the smallest "
     "attainable p above alpha / family size), or when a system of the comparison is flagged degenerate (over 20% "
     "of its replies: \"collapsed system\"). Non-significance is never support. A claim is contradicted when any "
-    "comparison is, supported when all are, \"real, smaller than claimed\" when all are that or supported. Each "
-    "pre-trained model and One-ID is a single training run (one seed), so the verdicts are about these "
-    "checkpoints, not about the training recipes.")
+    "comparison is, supported when all are, \"real, smaller than claimed\" when all are that or supported.")
 
 
 def claims_lines(claims: pd.DataFrame, tests: pd.DataFrame, settings: ClaimSettings,
@@ -1371,11 +1413,13 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     pretrain = _metrics(dirs["02_pretrain_models"])
     gate = None if pretrain is None else profile_gate(pretrain.get("metrics", {}), settings.alpha,
                                                       settings.min_profile_share)
-    claims, claim_tests = judge_claims(_parquet(exp1 / "scores.parquet"), _parquet(llm / "scores.parquet"),
-                                       _parquet(exp2 / "replies.parquet"), small, settings, collapsed, gate)
-    parts += ["", "## The paper's claims, checked on this run",
+    exp1_scores = pooled_replicas(root, exp1, "04_exp1_next_utterance", "scores.parquet")
+    claims, claim_tests = judge_claims(exp1_scores, pooled_replicas(root, llm, "06_llm_baselines", "scores.parquet"),
+                                       pooled_replicas(root, exp2, "05_exp2_diversity", "replies.parquet"), small,
+                                       settings, collapsed, gate)
+    parts += ["", "## The paper's claims, checked on this run", seeds_line(root), "",
               *claims_lines(claims, claim_tests, settings, small, gate)]
-    answers, question_tests = judge_questions(_parquet(exp1 / "scores.parquet"), settings, collapsed, gate)
+    answers, question_tests = judge_questions(exp1_scores, settings, collapsed, gate)
     parts += ["", "## What per-user training and profiles change (beyond the paper)",
               *questions_lines(answers, question_tests, settings),
               "", "## How training ended (stage 03)", *training_lines(dirs["03_finetune_users"])]
