@@ -129,3 +129,20 @@ def test_record_make_run_keeps_one_entry_per_label_and_renders(tmp_path, capsys)
     log.write_text("no report here")
     assert record.main(["--outputs", str(outputs), "--time-log", str(log), "--label", "x", "--out", str(out)]) == 1
     assert "no GNU time -v report" in capsys.readouterr().err
+
+
+def test_compare_reruns_sets_two_runs_side_by_side(tmp_path):
+    compare = load_script("compare_reruns")
+    published = Path(__file__).resolve().parents[1] / "results" / "cpu"
+    run_b = tmp_path / "rerun"
+    (run_b / compare.FINETUNE).mkdir(parents=True)
+    for name in ("metrics.json", "training_by_method.csv", "lora_lr_sweep.csv"):
+        (run_b / compare.FINETUNE / name).write_text((published / compare.FINETUNE / name).read_text())
+    out = tmp_path / "rerun.md"
+    assert compare.main([str(published), str(run_b), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("LoRA learning rate chosen") == 2 and text.count("users_lowest") >= 3
+    assert "(none)" in text  # neither folder keeps stage 02's checkpoints: no first losses to show
+    assert "C1 verdict" in text and "## Headline numbers" in text
+    with pytest.raises(SystemExit):
+        compare.main([str(published), str(tmp_path / "missing")])
