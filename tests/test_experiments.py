@@ -105,7 +105,17 @@ def test_choose_lora_learning_rate_adapts_the_domain_then_sweeps_the_first_users
     assert set(table["user_id"]) == set(sorted(USERS)[:2]) and len(table) == 4
     assert chosen.learning_rate == 1e-2 and chosen.batch_size == config.batch_size
     summary = ex.sweep_summary(table)
-    assert summary["learning_rate"].tolist() == [1e-6, 1e-2] and len(summary.columns) == 5
+    assert summary["learning_rate"].tolist() == [1e-6, 1e-2] and len(summary.columns) == 6
+    assert summary["users_lowest"].sum() == 2  # each swept user's lowest dev loss counted once
+
+
+def test_sweep_summary_counts_the_users_each_rate_wins():
+    table = pd.DataFrame({"learning_rate": [1e-4, 1e-4, 1e-4, 1e-3, 1e-3, 1e-3], "user_id": list("abcabc"),
+                          "initial_dev_loss": 3.0, "best_dev_loss": [2.9, 2.8, 2.5, 2.7, 2.9, 2.6],
+                          "epochs_run": 2, "stopped_early": True})
+    summary = ex.sweep_summary(table).set_index("learning_rate")
+    assert summary.loc[1e-4, "users_lowest"] == 2 and summary.loc[1e-3, "users_lowest"] == 1
+    assert summary.loc[1e-4, "best_dev_loss"] == pytest.approx(2.7333333)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -266,9 +266,13 @@ def choose_lora_learning_rate(pretrained_model_dir: str | Path, tokenizer: PreTr
 
 
 def sweep_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per swept LoRA learning rate: mean initial and best dev loss, epochs run, share stopped early."""
+    """One row per swept LoRA learning rate: mean initial and best dev loss, epochs run, share stopped early,
+    and `users_lowest`, the users whose lowest best dev loss came with that rate (how decisive the choice was:
+    a mean won by one user of two can flip with the last digits of the pre-trained weights)."""
     columns = ["initial_dev_loss", "best_dev_loss", "epochs_run", "stopped_early"]
-    return table.groupby("learning_rate")[columns].mean().reset_index()
+    summary = table.groupby("learning_rate")[columns].mean().reset_index()
+    winners = table.loc[table.groupby("user_id")["best_dev_loss"].idxmin(), "learning_rate"].value_counts()
+    return summary.assign(users_lowest=summary["learning_rate"].map(winners).fillna(0).astype(int))
 
 
 def _train_users(method: str, base_dir: Path, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
