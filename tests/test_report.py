@@ -561,6 +561,18 @@ def test_readme_benchmark_block_matches_the_saved_figures():
     block = report.readme_block(readme, report.BENCHMARKS_BLOCK)
     assert block == report.render_benchmarks_block(paths.repo_root() / "benchmarks" / "results")
     assert "**Training throughput**" in block and "× (a)" in block and "no `" not in block
+    assert "The cost plan notebook 03 made before training" in block and "Re-planned afterwards" in block
+
+
+def test_a_plans_epoch_source_is_named_as_its_assumptions_give_it():
+    line = "epochs: as an earlier run measured (DA 1.0, LoRA 2.5; /work/x/results/cpu/03_finetune_users/metrics.json); a"
+    assert report._plan_epochs_source({"assumptions": ["users: 3", line]}) == \
+        "epochs as the previously published run measured"
+    assert report._plan_epochs_source({"assumptions": [line.replace("/results/", "/outputs/")]}) == \
+        "epochs as the run at --outputs-root measured"
+    assert report._plan_epochs_source({"assumptions": ["epochs: 2 per training (assumed); more"]}) == \
+        "epochs: 2 per training (assumed)"
+    assert report._plan_epochs_source({}) == "epochs: unknown"
 
 
 def test_benchmark_block_names_missing_figures_and_needs_markers(tmp_path, capsys):

@@ -1652,6 +1652,16 @@ def update_readme(readme: str | Path, block: str, profile: str) -> Path:
 BENCHMARKS_BLOCK = "benchmarks"  # README's benchmark block: <!-- results:benchmarks:start --> ... end -->
 
 
+def _plan_epochs_source(plan: Mapping[str, Any]) -> str:
+    """Where a cost plan took its epochs per training: "epochs as <run> measured", from its assumptions."""
+    line = next((a for a in plan.get("assumptions", []) if a.startswith("epochs:")), "")
+    if "as an earlier run measured" not in line:
+        return "epochs: " + (line.split(";")[0].removeprefix("epochs: ") or "unknown")
+    source = line[line.rfind("; ", 0, line.find(")")) + 2: line.find(")")]
+    return ("epochs as the previously published run measured" if "/results/" in source
+            else "epochs as the run at --outputs-root measured")
+
+
 def _bench_json(folder: Path, name: str) -> dict[str, Any] | None:
     path = folder / f"{name}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -1748,15 +1758,22 @@ def render_benchmarks_block(folder: str | Path) -> str:
                 f"{'AMX' if r['cpu'].get('amx_bf16') else 'no AMX'})" for r in runs["runs"]}
         lines += [table.to_markdown(index=False, floatfmt=".1f"), "", f"CPU: {'; '.join(sorted(cpus))}."]
         plan, tuned = _bench_json(folder, "plan_cpu"), _metrics(folder.parents[1] / "results" / "cpu" / "03_finetune_users")
-        if plan is not None and tuned is not None:
-            planned = sum(r["device_hours"] for r in plan["table"] if r["stage"] == "03") * 60
+        if tuned is not None:
             measured = tuned["metrics"]["training_seconds"] / 60
-            lines += ["", f"The cost planner (`python -m udg_lib.plan --profile cpu --outputs-root RUN`, "
-                      f"`plan_cpu.json`, {plan['precision']['used']}; the run's users and padded batch lengths "
-                      f"from its stage 00, epochs of an earlier run; steps timed alone, the median of three after "
-                      f"two warm-up calls) put stage 03's training at "
-                      f"{planned:.1f} min; the published run measured {measured:.1f} min "
-                      f"({measured / planned - 1:+.0%} against the plan)."]
+            ahead = tuned["metrics"].get("plan") or {}
+            if ahead.get("stage03_seconds"):
+                planned = ahead["stage03_seconds"] / 60
+                lines += ["", f"The cost plan notebook 03 made before training (`udg_lib.plan`, "
+                          f"{ahead.get('precision', '?')}; this run's users and padded batch lengths, "
+                          f"{_plan_epochs_source(ahead)}; steps timed in the run, the median of three after two "
+                          f"warm-up calls) put stage 03's training at {planned:.1f} min; the published run "
+                          f"measured {measured:.1f} min ({measured / planned - 1:+.0%} against the plan)."]
+            if plan is not None:
+                replanned = sum(r["device_hours"] for r in plan["table"] if r["stage"] == "03") * 60
+                lines += ["", f"Re-planned afterwards, alone on the machine, at the published run's outputs "
+                          f"(`python -m udg_lib.plan --profile cpu --outputs-root RUN`, `plan_cpu.json`, "
+                          f"{plan['precision']['used']}; {_plan_epochs_source(plan)}, so with that run's epochs only "
+                          f"the step costs are predicted): {replanned:.1f} min ({measured / replanned - 1:+.0%})."]
     for name in ("bench_user_training", "bench_user_training_causal"):
         record = _bench_json(folder, name)
         if record is None:
