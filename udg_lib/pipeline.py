@@ -105,9 +105,14 @@ class Stage:
     inputs: dict[str, str]  # sha256 of each input file (or folder) a param names, keyed as written
     sources: dict[str, Path] = field(default_factory=dict)  # the yaml file that set each override
 
-    def source_of(self, param: str) -> Path:
-        """Where a parameter's value was set: its profile yaml file, else the notebook (its default)."""
-        return self.sources.get(param, self.notebook)
+    def source_of(self, param: str, params_dir: Path | None = None) -> Path:
+        """Where a parameter's value was set: the profile yaml file that set it (for an override without a
+        recorded source, `params_dir`'s file of this stage), else the notebook (its default)."""
+        if param in self.sources:
+            return self.sources[param]
+        if param in self.overrides and params_dir is not None:
+            return Path(params_dir) / f"{self.name}.yaml"
+        return self.notebook
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,7 @@ def check_input_files(stage: Stage, params_dir: Path) -> None:
     for spec in stage.params.get("corpora") or []:
         for key, path in corpus_paths(spec).items():
             if not path.exists():
-                source = stage.source_of("corpora")
+                source = stage.source_of("corpora", params_dir)
                 name = spec.get("name", spec.get("format"))
                 raise PipelineError(f"{source}: corpus {name!r}: {key} {path} does not exist; put the file there "
                                     f"or change the path")
@@ -253,7 +258,7 @@ def check_model_languages(stages: list[Stage], prepared_dir: Path, params_dir: P
             served = [language for language in sorted(languages) if serves(language)]
             if not value or not isinstance(value, str) or not served:
                 continue
-            source = stage.source_of(param)
+            source = stage.source_of(param, params_dir)
             ref = embedder_model_ref(value) if param.startswith("embedder") else value
             if ref is None or (ref, tuple(served)) in checked:
                 continue
