@@ -21,7 +21,7 @@ For each torch thread count (`--threads`, default 1 and 2), in one run:
   pipeline's batches on real prompts and replies, in the order batches were made before issue #21 (random
   for training, data order for generation) and now (`finetuning.LengthBucketSampler`, length-sorted).
 
-Models: seq2seq = a T5 of the cpu profile's shape (`pretraining.t5_config("cpu", 8000)`, from scratch, as
+Models: seq2seq = a T5 of the cpu profile's shape (`families.t5_config("cpu", 8000)`, from scratch, as
 stage 02 builds it); causal = SmolLM2-135M (`udg_lib.llm.load_causal_lm("smollm2")`, converted from its
 GGUF on first use), or a randomly initialised model of the same shape (`families.llama_config("smollm2-135m")`)
 if that fails. The batch is the same for both: `--batch` examples of `--source-tokens` prompt tokens and
@@ -72,7 +72,9 @@ from udg_lib.finetuning import FinetuneConfig
 from udg_lib.param_profiles import layered_file
 from udg_lib.precision import (attention_implementation, cpu_flags, cpu_flags_line, native_bf16, resolve_precision,
                                training_attention)
-from udg_lib.pretraining import LABEL_PAD_ID, count_parameters, t5_config
+from udg_lib.encoding import LABEL_PAD_ID
+from udg_lib.families import t5_config
+from udg_lib.pretraining import count_parameters
 from udg_lib.provenance import provenance
 
 MODES = ("lora", "full")

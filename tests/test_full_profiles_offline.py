@@ -2,7 +2,7 @@
 
 A temporary Hugging Face cache laid out as the hub's (`models--org--name/snapshots/<commit>/` and `refs/main`)
 holds stand-ins under the hub ids the profiles name: T5 checkpoints built with `t5-base`'s configuration
-(`udg_lib.pretraining.t5_config("t5-base", ...)`, random weights) and SentencePiece T5 tokenizers in the hub
+(`udg_lib.families.t5_config("t5-base", ...)`, random weights) and SentencePiece T5 tokenizers in the hub
 repositories' own file layouts, and two small sentence-transformers embedders. The runner then executes the
 notebooks in a subprocess with `HF_HUB_OFFLINE=1`, on each full profile's yaml values with only the sizes
 overridden (steps, users, pairs, epochs, reply lengths; see SIZES), so a typo in a full-profile yaml fails here.
@@ -37,7 +37,7 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 from conftest import JA_WORDS, japanese_sentences, sentences
 from udg_lib.param_profiles import layered_file
 from udg_lib.paths import repo_root
-from udg_lib.pretraining import t5_config
+from udg_lib.families import t5_config
 
 pytestmark = pytest.mark.pipeline
 

@@ -228,7 +228,7 @@ def dataset_users(params: Mapping[str, dict[str, Any]], outputs_root: Path) -> l
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the profile trains: a family and a preset size of `pretraining.t5_config` / `families.llama_config`."""
+    """What the profile trains: a family and a preset size of `families.t5_config` / `families.llama_config`."""
 
     family: str  # "seq2seq" or "causal"
     preset: str
@@ -237,7 +237,7 @@ class ModelShape:
 
     def model_config(self) -> Any:
         from udg_lib.families import llama_config
-        from udg_lib.pretraining import t5_config
+        from udg_lib.families import t5_config
 
         if self.family == "causal":
             return llama_config(self.preset, self.vocab_size)
@@ -249,7 +249,7 @@ def profile_shape(params: Mapping[str, dict[str, Any]], family: str | None = Non
     nothing is downloaded to read it) or its from-scratch preset; `family` (default: stage 02's `model_family`
     parameter) "causal" is the causal track, sized as SmolLM2-135M unless its preset is another Llama shape."""
     from udg_lib.families import LLAMA_PRESETS, SMOLLM2_VOCAB
-    from udg_lib.pretraining import T5_PRESETS
+    from udg_lib.families import T5_PRESETS
 
     stage00, stage02 = _stage(params, "00"), _stage(params, "02")
     family = family or stage02.get("model_family") or "seq2seq"
