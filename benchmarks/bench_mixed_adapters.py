@@ -50,7 +50,8 @@ from udg_lib import io
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.finetuning import FinetuneConfig, lora_config
 from udg_lib.generation import RoutedAdapters, greedy_generate, load_routed_adapters, load_user_adapters
-from udg_lib.pretraining import T5_PRESETS, build_model, count_parameters, t5_config
+from udg_lib.families import T5_PRESETS, t5_config
+from udg_lib.pretraining import build_model, count_parameters
 from udg_lib.prompts import PROMPT_SPECIAL_TOKENS, build_ppp_prompt
 from udg_lib.provenance import provenance
 
@@ -113,7 +114,7 @@ def adapter_name(user: int) -> str:
     return f"u{user}"  # a valid module name, as peft requires
 
 
-QUICK_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2 (pretraining.t5_config's pad, eos, unk)
+QUICK_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2 (families.t5_config's pad, eos, unk)
 QUICK_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'-+()/"
 
 

@@ -21,7 +21,7 @@ For each torch thread count (`--threads`, default 1 and 2), in one run:
   pipeline's batches on real prompts and replies, in the order batches were made before issue #21 (random
   for training, data order for generation) and now (`finetuning.LengthBucketSampler`, length-sorted).
 
-Models: seq2seq = a T5 of the cpu profile's shape (`pretraining.t5_config("cpu", 8000)`, from scratch, as
+Models: seq2seq = a T5 of the cpu profile's shape (`families.t5_config("cpu", 8000)`, from scratch, as
 stage 02 builds it); causal = SmolLM2-135M (`udg_lib.llm.load_causal_lm("smollm2")`, converted from its
 GGUF on first use), or a randomly initialised model of the same shape (`families.llama_config("smollm2-135m")`)
 if that fails. The batch is the same for both: `--batch` examples of `--source-tokens` prompt tokens and
@@ -62,7 +62,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from peft import get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging as hf_logging
@@ -70,9 +69,12 @@ from transformers.utils import logging as hf_logging
 from udg_lib import io
 from udg_lib.families import CAUSAL, SEQ2SEQ, SMOLLM2_VOCAB, ModelFamily, get_family, llama_config, load_model
 from udg_lib.finetuning import FinetuneConfig
+from udg_lib.param_profiles import layered_file
 from udg_lib.precision import (attention_implementation, cpu_flags, cpu_flags_line, native_bf16, resolve_precision,
                                training_attention)
-from udg_lib.pretraining import LABEL_PAD_ID, count_parameters, t5_config
+from udg_lib.encoding import LABEL_PAD_ID
+from udg_lib.families import t5_config
+from udg_lib.pretraining import count_parameters
 from udg_lib.provenance import provenance
 
 MODES = ("lora", "full")
@@ -88,9 +90,10 @@ NOTEBOOK_LORA_DROPOUT = 0.1  # notebook 03's default (T5's own dropout rate) whe
 
 def stage03_settings(family: str) -> dict[str, Any]:
     """What stage 03 of the family's profile (`PIPELINE_PROFILES`) trains with: LoRA dropout, per-user batch
-    size, prompt and reply token caps (params/<profile>/03_finetune_users.yaml over the notebook's defaults)."""
-    path = Path(__file__).resolve().parents[1] / "params" / PIPELINE_PROFILES[family] / "03_finetune_users.yaml"
-    params = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    size, prompt and reply token caps (params/<profile>/03_finetune_users.yaml, through the profiles it extends,
+    over the notebook's defaults)."""
+    params, _ = layered_file(Path(__file__).resolve().parents[1] / "params" / PIPELINE_PROFILES[family],
+                             "03_finetune_users.yaml")
     return {"profile": PIPELINE_PROFILES[family], "lora_dropout": float(params.get("lora_dropout", NOTEBOOK_LORA_DROPOUT)),
             "batch_size": int(params.get("batch_size", 8)), "source_tokens": int(params.get("max_source_length", 64)),
             "reply_tokens": int(params.get("max_target_length", 16))}

@@ -15,7 +15,7 @@ variant's time includes loading the base model from disk (once for (b) and (c), 
 (c) draws dropout masks over the whole concatenated batch, so its adapters differ from (a)'s as two dropout
 draws would.
 
-Model shapes: `pretraining.t5_config(shape, vocab)` for the "cpu" preset (8k vocabulary) and a randomly
+Model shapes: `families.t5_config(shape, vocab)` for the "cpu" preset (8k vocabulary) and a randomly
 initialised t5-base-shaped model (32,128 rows as t5-base), saved once to a temp folder for (a). With
 `--family causal`, Llama-style shapes of `families.llama_config` instead ("test", "smollm2-135m": SmolLM2-135M's
 shape with its 49,152-row vocabulary), examples encoded by `families.CAUSAL` (source + [SEP] + reply, the loss
@@ -72,7 +72,8 @@ from udg_lib.finetuning import (
     user_seed,
 )
 from udg_lib.multilora import run_users_batched
-from udg_lib.pretraining import build_model, count_parameters, t5_config
+from udg_lib.families import t5_config
+from udg_lib.pretraining import build_model, count_parameters
 from udg_lib.provenance import provenance
 from udg_lib.prompts import build_prompts
 from udg_lib.tokenizer import train_sentencepiece_tokenizer

@@ -70,7 +70,7 @@ def tiny_model(tokenizer, family: str = "seq2seq", seed: int = 0, dropout: float
     T5 preset "test" or Llama preset "test". `dropout`: T5's dropout_rate or Llama's attention_dropout
     (default: the presets', 0.1 and 0)."""
     from udg_lib.families import build_model, llama_config
-    from udg_lib.pretraining import t5_config
+    from udg_lib.families import t5_config
 
     if family == "seq2seq":
         config = t5_config("test", len(tokenizer), **({} if dropout is None else {"dropout_rate": dropout}))

@@ -11,7 +11,7 @@ from udg_lib import profiles
 from udg_lib.data.prepare import require_eval_users
 from udg_lib.data.schema import PROFILE_FIELDS, normalize_users
 from udg_lib.finetuning import check_evaluation_unit
-from udg_lib.pretraining import encode_sources
+from udg_lib.encoding import encode_sources
 from udg_lib.prompts import PROMPT_FORMATS, build_prompt, build_prompts
 from udg_lib.splits import (MIN_PARTNERS, REQUIRED_SPLITS, SplitConfig, eligibility, no_eval_users_message,
                             split_corpus, table2_row)

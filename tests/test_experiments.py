@@ -11,8 +11,9 @@ from conftest import assert_close_to_scale, sentences
 from udg_lib import experiments as ex
 from udg_lib import finetuning as ft
 from udg_lib.data.schema import PROFILE_FIELDS
-from udg_lib.multilora import RoutedAdapters
-from udg_lib.pretraining import build_model, t5_config
+from udg_lib.routing import RoutedAdapters
+from udg_lib.families import t5_config
+from udg_lib.pretraining import build_model
 
 USERS = ("alice", "bob/2", "carol")  # "bob/2": a user id that is no valid module name
 

@@ -27,7 +27,9 @@ from udg_lib.families import (
 )
 from udg_lib.finetuning import FinetuneConfig, train_with_early_stopping
 from udg_lib.metrics import reference_chars
-from udg_lib.pretraining import LABEL_PAD_ID, build_model, encode_targets, t5_config, tokenize_pairs
+from udg_lib.encoding import LABEL_PAD_ID, encode_targets, tokenize_pairs
+from udg_lib.families import t5_config
+from udg_lib.pretraining import build_model
 from udg_lib.prompts import SEP, add_user_id, build_psp_prompt
 
 CONFIG = FinetuneConfig(learning_rate=3e-3, batch_size=8, max_epochs=6, patience=6, max_source_length=48,

@@ -38,7 +38,7 @@ from udg_lib.finetuning import (
     user_examples,
     user_seed,
 )
-from udg_lib.pretraining import LABEL_PAD_ID
+from udg_lib.encoding import LABEL_PAD_ID
 
 USERS = ["u0", "u1", "u2"]
 

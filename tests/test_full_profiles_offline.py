@@ -2,7 +2,7 @@
 
 A temporary Hugging Face cache laid out as the hub's (`models--org--name/snapshots/<commit>/` and `refs/main`)
 holds stand-ins under the hub ids the profiles name: T5 checkpoints built with `t5-base`'s configuration
-(`udg_lib.pretraining.t5_config("t5-base", ...)`, random weights) and SentencePiece T5 tokenizers in the hub
+(`udg_lib.families.t5_config("t5-base", ...)`, random weights) and SentencePiece T5 tokenizers in the hub
 repositories' own file layouts, and two small sentence-transformers embedders. The runner then executes the
 notebooks in a subprocess with `HF_HUB_OFFLINE=1`, on each full profile's yaml values with only the sizes
 overridden (steps, users, pairs, epochs, reply lengths; see SIZES), so a typo in a full-profile yaml fails here.
@@ -35,8 +35,9 @@ import yaml
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from conftest import JA_WORDS, japanese_sentences, sentences
+from udg_lib.param_profiles import layered_file
 from udg_lib.paths import repo_root
-from udg_lib.pretraining import t5_config
+from udg_lib.families import t5_config
 
 pytestmark = pytest.mark.pipeline
 
@@ -221,7 +222,7 @@ def profile_params(profile: str, folder: Path, **replace) -> Path:
     """params/<profile>/ with SIZES laid over it, for stages 00-05, in `folder`."""
     folder.mkdir(parents=True)
     for stage in STAGES:
-        values = yaml.safe_load((repo_root() / "params" / profile / f"{stage}.yaml").read_text()) or {}
+        values, _ = layered_file(repo_root() / "params" / profile, f"{stage}.yaml")  # with the profiles it extends
         values.update(SIZES[stage])
         values.update(replace.get(stage, {}))
         (folder / f"{stage}.yaml").write_text(yaml.safe_dump(values, allow_unicode=True))
@@ -287,25 +288,6 @@ def test_a_full_profile_runs_stages_00_to_05_offline_on_stand_in_checkpoints(
     replies = pd.read_parquet(outputs / "05_exp2_diversity" / "replies.parquet")
     assert set(replies["dataset"]) == {dataset} and len(replies) == stage_metrics(
         outputs, "05_exp2_diversity")["metrics"]["n_replies"] > 0
-
-
-def test_full_en_causal_differs_from_full_en_only_in_the_model():
-    """The causal profile is full-en with another tokenizer, base and completion LLM: nothing else may drift."""
-    def load(profile: str, stage: str) -> dict:
-        return yaml.safe_load((repo_root() / "params" / profile / f"{stage}.yaml").read_text()) or {}
-
-    stages = sorted(p.stem for p in (repo_root() / "params" / "full-en").glob("*.yaml"))
-    assert stages == sorted(p.stem for p in (repo_root() / "params" / "full-en-causal").glob("*.yaml"))
-    # the model and what follows from it: its tokenizer, and LoRA dropout at the model's own rate (T5 0.1, SmolLM2 0)
-    allowed = {"00_prepare_corpus": {"tokenizer_name_or_path"}, "02_pretrain_models": {"model_family", "checkpoint"},
-               "03_finetune_users": {"lora_dropout"}, "06_llm_baselines": {"completion_model"}}
-    for stage in stages:
-        en, causal = load("full-en", stage), load("full-en-causal", stage)
-        differing = {k for k in en.keys() | causal.keys() if en.get(k) != causal.get(k)}
-        assert differing == allowed.get(stage, set()), stage
-    base = load("full-en-causal", "02_pretrain_models")["checkpoint"]
-    assert load("full-en-causal", "00_prepare_corpus")["tokenizer_name_or_path"] == base
-    assert load("full-en-causal", "06_llm_baselines")["completion_model"] == base  # C1s: prompted vs fine-tuned
 
 
 def test_the_causal_track_runs_stages_00_to_05_offline_on_a_stand_in_lm(hub_cache, tmp_path):

@@ -23,21 +23,21 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSe
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.precision import native_bf16
 from udg_lib.data.prepare import pretraining_texts
+from udg_lib.encoding import LABEL_PAD_ID, encode_sources, tokenize_pairs
+from udg_lib.families import t5_config
 from udg_lib.pretraining import (
-    LABEL_PAD_ID,
     LOG_HISTORY_FILE,
-    PretrainConfig,
-    SpanCorruptionCollator,
     build_model,
     count_parameters,
-    encode_sources,
+    evaluation_prompt_profile_share,
     greedy_replies,
     holdout_dialogues,
+    known_profile_share,
     load_log_history,
     pack_texts_for_span_corruption,
     plot_loss_curves,
     pretrain,
-    known_profile_share,
+    PretrainConfig,
     profile_changing_pairs,
     profile_perplexity_gap,
     profile_reading_test,
@@ -47,10 +47,8 @@ from udg_lib.pretraining import (
     reply_perplexity,
     sentinel_ids,
     shuffle_profiles,
-    evaluation_prompt_profile_share,
     span_corruption_lengths,
-    t5_config,
-    tokenize_pairs,
+    SpanCorruptionCollator,
 )
 from udg_lib.precision import resolve_precision
 from udg_lib.prompts import build_prompt, build_prompts

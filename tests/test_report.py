@@ -612,6 +612,21 @@ def test_stale_faults_without_a_profile_watch_every_params_folder(tmp_path, chec
     assert "not a git checkout" in stale_stage_faults([record], "cpu", tmp_path / "nowhere")[0]
 
 
+def test_a_change_to_the_profile_a_profile_extends_makes_its_results_stale(tmp_path, checkout):
+    from udg_lib.provenance import source_paths, stale_stage_faults
+
+    commit_file(checkout, "params/cpu-big/pipeline.yaml", "extends: cpu\n")
+    record = tmp_path / "metrics.json"
+    record.write_text(json.dumps({"provenance": {"git_commit": git(checkout, "rev-parse", "HEAD")}}))
+    assert source_paths("cpu-big", checkout)[-2:] == ["params/cpu", "params/cpu-big"]
+    assert stale_stage_faults([record], "cpu-big", checkout) == []
+    commit_file(checkout, "params/other/00.yaml", "b: 2\n")  # a profile it does not extend
+    assert stale_stage_faults([record], "cpu-big", checkout) == []
+    commit_file(checkout, "params/cpu/00.yaml", "a: 2\n")  # the parent
+    [fault] = stale_stage_faults([record], "cpu-big", checkout)
+    assert "stale" in fault and "params/cpu, params/cpu-big" in fault
+
+
 def test_unit_values_and_low_shares_ignore_pairs_scored_without_a_reply():
     scores, llm, _ = synthetic_run(6, +1)
     unanswered = ~scores["pair_id"].str.endswith(("-0", "-1"))

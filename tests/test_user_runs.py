@@ -34,7 +34,7 @@ from udg_lib.finetuning import (
     load_user_adapter,
     user_dir,
 )
-from udg_lib.pretraining import LABEL_PAD_ID
+from udg_lib.encoding import LABEL_PAD_ID
 
 USERS = ["u0", "u1", "u2", "u3"]
 CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=3, patience=1, max_source_length=32,

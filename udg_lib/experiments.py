@@ -30,11 +30,21 @@ from transformers import PreTrainedTokenizerBase
 
 from udg_lib import finetuning as ft
 from udg_lib import io
-from udg_lib.generation import UserPredictor
+from udg_lib.generation import (
+    EXP2_FILE,
+    PREDICTIONS_FILE,
+    UserPredictor,
+    greedy_generate,
+    load_routed_adapters,
+    load_user_adapters,
+    predict_pairs,
+    question_pairs,
+)
 from udg_lib.baselines import PAPER_HISTORY_SUFFIX
-from udg_lib.families import ModelFamily, build_model, family_of
+from udg_lib.families import ModelFamily, build_model, family_of, load_model
 from udg_lib.precision import Precision, resolve_precision
 from udg_lib.pretraining import count_parameters
+from udg_lib.prompts import build_prompts
 
 # The prompt format each pre-trained model was trained with (§3.4); fine-tuning keeps it.
 PRETRAINED_FORMATS: dict[str, str] = {"plain_t5": "plain", "plain_dialogue": "plain", "psp": "psp", "ppp": "ppp"}
@@ -353,7 +363,6 @@ def load_condition_lora(condition: Path, tokenizer: PreTrainedTokenizerBase, use
     "peft": a `PeftModel` running peft's mixed-adapter batches (the reference; same replies, slower).
     The base is held in `precision`'s frozen dtype (`inference_model`); the adapters stay fp32.
     """
-    from udg_lib.generation import load_routed_adapters, load_user_adapters
 
     if lora_eval not in LORA_EVAL_MODES:
         raise ValueError(f"lora_eval must be one of {LORA_EVAL_MODES}, not {lora_eval!r}")
@@ -412,7 +421,6 @@ def exp1_predictions(condition: str | Path, tokenizer: PreTrainedTokenizerBase, 
     memory. Columns: pair_id, speaker_id, generated, nll, n_tokens, text_nll, text_chars
     (`generation.ReferenceScores`), method.
     """
-    from udg_lib.generation import PREDICTIONS_FILE, predict_pairs
 
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]
@@ -577,8 +585,6 @@ def exp2_replies(condition: str | Path, tokenizer: PreTrainedTokenizerBase, ques
 
     Columns: user_id, question_id, reply, method. LoRA users share batches (`lora_eval`: see
     `load_condition_lora`); FULL answers come from notebook 03's files."""
-    from udg_lib.generation import EXP2_FILE, greedy_generate, question_pairs
-    from udg_lib.prompts import build_prompts
 
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]
@@ -630,9 +636,6 @@ def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pa
 
     from peft import PeftModel
 
-    from udg_lib.families import load_model
-    from udg_lib.generation import greedy_generate
-    from udg_lib.prompts import build_prompts
 
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]

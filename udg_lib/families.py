@@ -6,7 +6,7 @@ the checkpoint's config decides (`config.is_encoder_decoder` -> `AutoModelForSeq
 `family_of(model_or_config)` follows them; `load_model` loads any checkpoint through its family's Auto class.
 
 A family knows, for the same (source, reply) pairs and the same argument lists as the seq2seq functions it
-stands in for (`pretraining.tokenize_pairs` / `encode_sources`, `generation.greedy_generate` /
+stands in for (`encoding.tokenize_pairs` / `encode_sources`, `generation.greedy_generate` /
 `reference_nll`, `finetuning.lora_config`):
 
 - `tokenize_pairs`: training examples with the loss on the reply only. Seq2seq: source -> encoder, reply ->
@@ -15,7 +15,7 @@ stands in for (`pretraining.tokenize_pairs` / `encode_sources`, `generation.gree
   reply tokens and its eos, as the seq2seq labels do. The separator is the §3.4 turn marker [SEP]: prompts
   already join turns with it, so the reply is simply the next turn. It takes the place of the source's
   `</s>`, so with a one-token separator both families keep the same source tokens: the One-ID and profile
-  head always, the newest turns, oldest turns cut first (`pretraining.split_prompt_head` /
+  head always, the newest turns, oldest turns cut first (`encoding.split_prompt_head` /
   `_truncate_context`). Replies are capped at `max_target_length` tokens, eos included, in both. A
   tokenizer that starts every text with bos (Gemma, Llama) gets it in front of the source.
 - `collator`: right-padded training batches, labels padded with -100 (both work unchanged with
@@ -37,7 +37,7 @@ stands in for (`pretraining.tokenize_pairs` / `encode_sources`, `generation.gree
 
 Both families run any peft `PeftModel` the same way (`adapter_names` routes each row through its user's
 adapter in one batch). Sizes of locally built causal models come from `llama_config` presets, as T5's from
-`pretraining.t5_config`: "test" is tiny, "smollm2-135m" the shape of SmolLM2-135M.
+`families.t5_config`: "test" is tiny, "smollm2-135m" the shape of SmolLM2-135M.
 
 Where the pipeline asks (issue #11): `finetuning` (encode_pairs, domain_adapt, One-ID, run_users),
 `multilora` (per-user losses via `token_losses`, LoRA targets), `generation` (greedy_generate and
@@ -56,7 +56,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -70,26 +70,32 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    T5Config,
     set_seed,
 )
 
 from udg_lib.metrics import reference_chars
-from udg_lib.pretraining import (
+from udg_lib.encoding import (
     LABEL_PAD_ID,
     Seq2SeqExamples,
     _truncate_context,
     encode_sources,
-    kept_context_start,
     encode_targets,
+    kept_context_start,
     split_prompt_head,
-    t5_config,
     tokenize_pairs,
 )
 from udg_lib.precision import Precision, autocast_for
 from udg_lib.prompts import SEP
 
-if TYPE_CHECKING:
-    from udg_lib.finetuning import FinetuneConfig
+
+class LoraSettings(Protocol):
+    """What `lora_config` reads of a fine-tuning config (`finetuning.FinetuneConfig` has these fields)."""
+
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: Sequence[str] | str | None
 
 # LoRA targets. §4.1.3 reports r = 12 and 1.8M trainable parameters on t5-base (d_model 768, 12+12 layers).
 # With r = 12 each 768x768 projection adds 2 * 768 * 12 = 18,432 parameters, so on t5-base:
@@ -114,10 +120,46 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
 SMOLLM2_VOCAB = 49152
 
 
+# "t5-base" is the shape of t5-base and sonoisa/t5-base-japanese (T5 v1.0: ReLU feed-forward, tied
+# embeddings; 222.9M parameters with a 32k vocabulary, §4.1.2's "222 M"). "cpu" (2.0M parameters with an 8k
+# vocabulary, half of them the embeddings) was picked on a 2-core CPU: at equal training time (~200 s of
+# dialogue pre-training) 2+2 layers of d_model 128 reached eval loss 6.16, 3+3 layers 6.66 and d_model 192 3+3
+# layers 6.65; this small a budget favours more steps over a larger model. On that idle machine a batch of 32
+# trains at ~0.34 s/step for span corruption (input 128, targets 29) and ~0.49 s/step for dialogue (128/48),
+# evaluation and checkpoints included.
+T5_PRESETS: dict[str, dict[str, Any]] = {
+    "test": dict(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2),
+    "cpu": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),
+    "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12),
+}
+
+
+def t5_config(preset: str, vocab_size: int, **overrides: Any) -> T5Config:
+    """A T5 v1.0 configuration at a preset size; `overrides` replace any field (e.g. dropout_rate=0.0).
+
+    T5's token conventions: pad 0, eos 1, and the decoder starts from pad.
+    """
+    if preset not in T5_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(T5_PRESETS)}")
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        **T5_PRESETS[preset],
+        relative_attention_num_buckets=32,
+        dropout_rate=0.1,
+        feed_forward_proj="relu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=True,  # T5 v1.0: lm_head shares the input embeddings, outputs scaled by d_model^-0.5
+    )
+    fields.update(overrides)
+    return T5Config(**fields)
+
+
 def llama_config(preset: str, vocab_size: int, **overrides: Any) -> LlamaConfig:
     """A Llama-style causal LM configuration at a preset size; `overrides` replace any field.
 
-    Token ids default to the project tokenizer's (pad 0, eos 1, no bos), as `pretraining.t5_config`'s do.
+    Token ids default to the project tokenizer's (pad 0, eos 1, no bos), as `families.t5_config`'s do.
     """
     if preset not in LLAMA_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(LLAMA_PRESETS)}")
@@ -137,13 +179,13 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 
 def _module(model: Any) -> torch.nn.Module:
-    """The model itself, or the base model under a router (`multilora.RoutedAdapters`, not an `nn.Module`)."""
+    """The model itself, or the base model under a router (`routing.RoutedAdapters`, not an `nn.Module`)."""
     return model if isinstance(model, torch.nn.Module) else model.model
 
 
 def _routing(model: Any, adapter_names: Sequence[str] | None,
              batch: Sequence[int]) -> tuple[AbstractContextManager, dict]:
-    """How a batch's rows reach their LoRA adapters: a router's `route` block (`multilora.RoutedAdapters`: one
+    """How a batch's rows reach their LoRA adapters: a router's `route` block (`routing.RoutedAdapters`: one
     routed pass per layer) or peft's mixed-batch `adapter_names` (a `PeftModel` holding the adapters)."""
     if adapter_names is None:
         return nullcontext(), {}
@@ -263,7 +305,7 @@ class ModelFamily(ABC):
                          tokenizer: PreTrainedTokenizerBase, max_source_length: int,
                          one_id_prefix: bool = False) -> list[VisibleContext]:
         """The turns of each context that `encode_sources` keeps from its prompt `sources[i]` (built from
-        `contexts[i]` by `prompts.build_prompt`), by the same rule (`pretraining.kept_context_start`): the head
+        `contexts[i]` by `prompts.build_prompt`), by the same rule (`encoding.kept_context_start`): the head
         (One-ID, profile head) always, then the newest turns within the budget, oldest dropped first, whole;
         only a newest turn longer than the budget on its own is cut inside, and then it is returned as the
         decoded text of its kept tokens. Whole turns are returned as written in the context.
@@ -388,7 +430,7 @@ class ModelFamily(ABC):
 
     # --- shared by both families -----------------------------------------------------------------------------
 
-    def lora_config(self, config: FinetuneConfig) -> LoraConfig:
+    def lora_config(self, config: LoraSettings) -> LoraConfig:
         """peft's LoraConfig for `config` (r, alpha, dropout) on this family's targets.
 
         `config.lora_target_modules` overrides the targets, except for its default (T5's self-attention
@@ -400,7 +442,7 @@ class ModelFamily(ABC):
         return LoraConfig(task_type=self.task_type, r=config.lora_r, lora_alpha=config.lora_alpha,
                           lora_dropout=config.lora_dropout, bias="none", target_modules=suffix_regex(targets))
 
-    def lora_trainable_parameters(self, model_config: PretrainedConfig, config: FinetuneConfig) -> int:
+    def lora_trainable_parameters(self, model_config: PretrainedConfig, config: LoraSettings) -> int:
         """Trainable LoRA parameters for a model of `model_config`, counted by peft on a weightless (meta) model."""
         with torch.device("meta"):
             model = self.auto_class.from_config(model_config)
@@ -533,7 +575,7 @@ class CausalFamily(ModelFamily):
         return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
 
     def encode_sources(self, sources, tokenizer, max_source_length, one_id_prefix=False):
-        """As `pretraining.encode_sources`, with the separator where T5's source ends with `</s>` (and the
+        """As `encoding.encode_sources`, with the separator where T5's source ends with `</s>` (and the
         tokenizer's bos first, if it adds one)."""
         if len(sources) == 0:
             return []
@@ -554,7 +596,7 @@ class CausalFamily(ModelFamily):
     def tokenize_pairs(self, sources, targets, tokenizer, max_source_length, max_target_length,
                        one_id_prefix=False):
         """input_ids = source + separator + reply + eos; labels = -100 over source and separator, then the
-        reply and eos (at most `max_target_length` tokens, as `pretraining.encode_targets`)."""
+        reply and eos (at most `max_target_length` tokens, as `encoding.encode_targets`)."""
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         prompts = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
@@ -658,7 +700,7 @@ def family_of(model_or_config: torch.nn.Module | PretrainedConfig) -> ModelFamil
 def build_model(config_or_checkpoint: PretrainedConfig | str | Path, tokenizer: PreTrainedTokenizerBase,
                 seed: int = 0) -> PreTrainedModel:
     """A model of either family fitted to `tokenizer` (`ModelFamily.prepare`): random weights drawn with `seed`
-    for a config (`pretraining.t5_config`, `llama_config`), else a checkpoint folder, hub id or packaged LLM
+    for a config (`families.t5_config`, `llama_config`), else a checkpoint folder, hub id or packaged LLM
     short name (`load_model`). The pipeline's one way to get a model, whatever its family."""
     if isinstance(config_or_checkpoint, PretrainedConfig):
         model = family_of(config_or_checkpoint).from_config(config_or_checkpoint, seed)
@@ -670,7 +712,7 @@ def build_model(config_or_checkpoint: PretrainedConfig | str | Path, tokenizer: 
 def build_base_model(family: str | ModelFamily, checkpoint: str | Path, preset: str,
                      tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
     """Stage 02's starting model (§4.1.2's Plain): `checkpoint` as shipped when given (it must be of `family`),
-    else `family`'s `preset` shape from scratch (`pretraining.t5_config` / `llama_config`), sized to `tokenizer`."""
+    else `family`'s `preset` shape from scratch (`families.t5_config` / `llama_config`), sized to `tokenizer`."""
     family = get_family(family) if isinstance(family, str) else family
     if checkpoint:
         model = build_model(checkpoint, tokenizer, seed)

@@ -50,9 +50,10 @@ from udg_lib.families import (  # SELF_ATTENTION_QKVO and seq2seq_collator are r
     ModelFamily,
     family_of,
     seq2seq_collator,
+    t5_config,
 )
 from udg_lib.progress import progress_bar
-from udg_lib.pretraining import LABEL_PAD_ID, Seq2SeqExamples, t5_config
+from udg_lib.encoding import LABEL_PAD_ID, Seq2SeqExamples
 from udg_lib.prompts import assign_one_ids, build_prompts
 
 # peft calls transformers' deprecated `is_gradient_checkpointing` once per adapter: one warning per user.

@@ -7,7 +7,7 @@
   with the characters it covers, from which `metrics.bits_per_char` compares our T5s with the prompt LLMs.
 - Both take `adapter_names`: each row runs through its own user's LoRA adapter inside one batch. Pass a
   `RoutedAdapters` (`load_routed_adapters`) as the model: every user's adapter is applied in one routed pass
-  per layer (`multilora.RoutedAdapters`), so evaluating 32 users costs little more than the base model on the
+  per layer (`routing.RoutedAdapters`), so evaluating 32 users costs little more than the base model on the
   same contexts. A `PeftModel` holding the adapters (`load_user_adapters`) runs peft's mixed-adapter batches
   instead, which give the same replies but loop over the adapters at every layer (about the cost of one user
   at a time); it is kept as the reference.
@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from udg_lib import io
 from udg_lib.families import ReferenceScores, _module, family_of
-from udg_lib.multilora import BASE_ROUTE, RoutedAdapters
+from udg_lib.routing import BASE_ROUTE, RoutedAdapters
 from udg_lib.precision import Precision
 from udg_lib.prompts import build_prompts
 
@@ -93,7 +93,7 @@ def load_user_adapters(base_model: torch.nn.Module, adapter_dirs: Mapping[str, s
 
 
 def load_routed_adapters(base_model: torch.nn.Module, adapter_dirs: Mapping[str, str | Path]) -> RoutedAdapters:
-    """Every user's saved adapter on `base_model`, routed per row (`multilora.RoutedAdapters`; the base is
+    """Every user's saved adapter on `base_model`, routed per row (`routing.RoutedAdapters`; the base is
     hooked, not wrapped: `close()` gives it back unchanged). Names are free-form, unlike peft's."""
     base_model.eval()
     return RoutedAdapters(base_model, adapter_dirs)

@@ -44,20 +44,20 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import nbformat
 import papermill
-import yaml
 from jupyter_client import AsyncKernelManager
 from papermill.translators import translate_parameters
 from traitlets.config import Config
 
 from udg_lib import paths
 from udg_lib.io import replace_dir, write_json
+from udg_lib.param_profiles import RUN_SETTINGS_FILE, PipelineError, layered_file
 from udg_lib.progress import PROGRESS_ENV, TEXT_BARS, settle_stream_outputs, settle_widget_bars
 from udg_lib.provenance import METRICS_FILE, fingerprint_cached
 
@@ -82,18 +82,14 @@ LANGUAGE_MODEL_PARAMS: dict[str, Callable[[str], bool]] = {
 }
 
 
-# A profile's own runner settings (not a stage's parameters): params/<profile>/pipeline.yaml.
-RUN_SETTINGS_FILE = "pipeline.yaml"
+# A profile's own runner settings (not a stage's parameters): params/<profile>/pipeline.yaml, which may also say
+# `extends: <profile>` (udg_lib.param_profiles: the profile is that one with its own files laid over it).
 # `seeds`: training seeds (1: one run). With N > 1 the stages from `replicate_from` on (by default the first that
 # trains: the pre-trained models, then DA, One-ID, LoRA and FULL and their evaluation) run N - 1 more times,
 # replica r in outputs/<profile>/seeds/seed-<r>/ with every replicated stage's `seed` parameter + r; the
 # stages before it (corpus, splits, profiles) are shared, linked into each replica's folder. The report pools
 # the replicas as a replication factor within each user (`udg_lib.report`).
 RUN_SETTINGS = {"seeds": 1, "replicate_from": "02"}
-
-
-class PipelineError(RuntimeError):
-    """A stage could not be prepared or run; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +103,16 @@ class Stage:
     params: dict[str, Any]  # notebook defaults <- yaml <- profile: what the notebook runs with
     source_hash: str
     inputs: dict[str, str]  # sha256 of each input file (or folder) a param names, keyed as written
+    sources: dict[str, Path] = field(default_factory=dict)  # the yaml file that set each override
+
+    def source_of(self, param: str, params_dir: Path | None = None) -> Path:
+        """Where a parameter's value was set: the profile yaml file that set it (for an override without a
+        recorded source, `params_dir`'s file of this stage), else the notebook (its default)."""
+        if param in self.sources:
+            return self.sources[param]
+        if param in self.overrides and params_dir is not None:
+            return Path(params_dir) / f"{self.name}.yaml"
+        return self.notebook
 
 
 @dataclass(frozen=True)
@@ -167,44 +173,31 @@ def stage_index(names: list[str], ref: str) -> int:
     raise PipelineError(f"no stage '{ref}' (stages: {', '.join(names)})")
 
 
-def read_params_file(path: Path) -> dict[str, Any]:
-    """The overrides in a profile's yaml file; a missing file means the notebook's defaults."""
-    if not path.exists():
-        return {}
-    try:
-        overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: invalid yaml: {_one_line(exc)}") from exc
-    if overrides is None:
-        return {}
-    if not isinstance(overrides, dict):
-        raise PipelineError(f"{path}: expected a mapping of parameter names to values")
-    return overrides
-
-
 def load_stage(notebook: Path, params_dir: Path, profile: str) -> Stage:
-    """Resolve a notebook's parameters under a profile, rejecting yaml keys the notebook does not declare."""
+    """Resolve a notebook's parameters under a profile (its own yaml laid over those of the profiles it extends),
+    rejecting yaml keys the notebook does not declare; an error names the file that set the key."""
     try:
         declared = papermill.inspect_notebook(notebook)
     except Exception as exc:  # nbformat and papermill raise assorted types for an unreadable notebook
         raise PipelineError(f"{notebook}: cannot read its parameters: {type(exc).__name__}: {_one_line(exc)}") from exc
     defaults = {name: _default_value(p["default"]) for name, p in declared.items()}
     params_file = params_dir / f"{notebook.stem}.yaml"
-    overrides = read_params_file(params_file)
+    overrides, sources = layered_file(params_dir, params_file.name)
     for key in overrides:
         if key in RUNNER_PARAMS:
-            raise PipelineError(f"{params_file}: '{key}' is set by the runner and cannot be overridden")
+            raise PipelineError(f"{sources[key]}: '{key}' is set by the runner and cannot be overridden")
         if key not in defaults:
             known = ", ".join(defaults) or "none"
-            raise PipelineError(f"{params_file}: unknown parameter '{key}' ({notebook.name} declares: {known})")
-    check_param_types(params_file, declared, overrides)
+            raise PipelineError(f"{sources[key]}: unknown parameter '{key}' ({notebook.name} declares: {known})")
+    for source in dict.fromkeys(sources.values()):
+        check_param_types(source, declared, {k: v for k, v in overrides.items() if sources[k] == source})
     params = {name: value for name, value in defaults.items() if name not in LOCATION_PARAMS}
     params.update(overrides)
     if "profile" in defaults:
         params["profile"] = profile
-    check_corpus_specs(params_file if "corpora" in overrides else notebook, params.get("corpora"))
+    check_corpus_specs(sources.get("corpora", notebook), params.get("corpora"))
     return Stage(notebook.stem, notebook, frozenset(defaults), overrides, params, notebook_source_hash(notebook),
-                 input_fingerprints(params, params_file))
+                 input_fingerprints(params, params_file), sources)
 
 
 def check_param_types(params_file: Path, declared: dict[str, dict], overrides: dict[str, Any]) -> None:
@@ -242,7 +235,7 @@ def check_input_files(stage: Stage, params_dir: Path) -> None:
     for spec in stage.params.get("corpora") or []:
         for key, path in corpus_paths(spec).items():
             if not path.exists():
-                source = params_dir / f"{stage.name}.yaml" if "corpora" in stage.overrides else stage.notebook
+                source = stage.source_of("corpora", params_dir)
                 name = spec.get("name", spec.get("format"))
                 raise PipelineError(f"{source}: corpus {name!r}: {key} {path} does not exist; put the file there "
                                     f"or change the path")
@@ -265,7 +258,7 @@ def check_model_languages(stages: list[Stage], prepared_dir: Path, params_dir: P
             served = [language for language in sorted(languages) if serves(language)]
             if not value or not isinstance(value, str) or not served:
                 continue
-            source = params_dir / f"{stage.name}.yaml" if param in stage.overrides else stage.notebook
+            source = stage.source_of(param, params_dir)
             ref = embedder_model_ref(value) if param.startswith("embedder") else value
             if ref is None or (ref, tuple(served)) in checked:
                 continue
@@ -384,19 +377,19 @@ class RunSettings:
 
 
 def read_run_settings(params_root: Path) -> RunSettings:
-    """The profile's runner settings (defaults when it has no `RUN_SETTINGS_FILE`); a bad key or value is a
-    one-line error naming the file."""
-    path = Path(params_root) / RUN_SETTINGS_FILE
-    values = read_params_file(path)
-    for key, value in values.items():
+    """The profile's runner settings (defaults when it has no `RUN_SETTINGS_FILE`), through the profiles it
+    extends; a bad key or value is a one-line error naming the file that set it."""
+    values, sources = layered_file(params_root, RUN_SETTINGS_FILE)
+    for key in values:
         if key not in RUN_SETTINGS:
-            raise PipelineError(f"{path}: unknown setting '{key}' (known: {', '.join(RUN_SETTINGS)})")
+            raise PipelineError(f"{sources[key]}: unknown setting '{key}' (known: extends, {', '.join(RUN_SETTINGS)})")
     seeds = values.get("seeds", 1)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise PipelineError(f"{path}: seeds must be a whole number >= 1, got {seeds!r}")
+        raise PipelineError(f"{sources['seeds']}: seeds must be a whole number >= 1, got {seeds!r}")
     replicate_from = values.get("replicate_from", "02")
     if not isinstance(replicate_from, str):
-        raise PipelineError(f"{path}: replicate_from must name a stage (e.g. \"02\"), got {replicate_from!r}")
+        raise PipelineError(f"{sources['replicate_from']}: replicate_from must name a stage (e.g. \"02\"), got "
+                            f"{replicate_from!r}")
     return RunSettings(seeds, replicate_from)
 
 

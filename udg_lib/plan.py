@@ -228,7 +228,7 @@ def dataset_users(params: Mapping[str, dict[str, Any]], outputs_root: Path) -> l
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the profile trains: a family and a preset size of `pretraining.t5_config` / `families.llama_config`."""
+    """What the profile trains: a family and a preset size of `families.t5_config` / `families.llama_config`."""
 
     family: str  # "seq2seq" or "causal"
     preset: str
@@ -237,7 +237,7 @@ class ModelShape:
 
     def model_config(self) -> Any:
         from udg_lib.families import llama_config
-        from udg_lib.pretraining import t5_config
+        from udg_lib.families import t5_config
 
         if self.family == "causal":
             return llama_config(self.preset, self.vocab_size)
@@ -249,7 +249,7 @@ def profile_shape(params: Mapping[str, dict[str, Any]], family: str | None = Non
     nothing is downloaded to read it) or its from-scratch preset; `family` (default: stage 02's `model_family`
     parameter) "causal" is the causal track, sized as SmolLM2-135M unless its preset is another Llama shape."""
     from udg_lib.families import LLAMA_PRESETS, SMOLLM2_VOCAB
-    from udg_lib.pretraining import T5_PRESETS
+    from udg_lib.families import T5_PRESETS
 
     stage00, stage02 = _stage(params, "00"), _stage(params, "02")
     family = family or stage02.get("model_family") or "seq2seq"
@@ -889,12 +889,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--power: the bits-per-character difference n_needed is computed for (default 0.02)")
     parser.add_argument("--params-dir", help="folder of <stage>.yaml files instead of params/<profile>")
     parser.add_argument("--outputs-root", help="stage outputs instead of outputs/<profile> (stage 00's users)")
-    parser.add_argument("--steps", type=int, help="timed repetitions per kind, after a warm-up (default: 1 on CPU, 3 on GPU)")
+    parser.add_argument("--steps", type=int, help="timed repetitions per kind, their median taken (default 3; on a CPU after 2 warm-up calls)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when torch sees one)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="what to time (default: the profile's stage 03 parameter; auto = bf16 where native)")
     parser.add_argument("--family", choices=("seq2seq", "causal"), help="model family (default: the profile's)")
-    parser.add_argument("--epochs", type=int, help="assume users stop after this many epochs (default: the cap)")
+    parser.add_argument("--epochs", type=int, help="assume users stop after this many epochs (default: as an earlier run of the profile measured, else the cap)")
     parser.add_argument("--max-rows", type=int, help=f"rows timed per batch (default: all on GPU; on CPU {CPU_MAX_ROWS} for slow steps)")
     parser.add_argument("--json", type=Path, help="also write the plan as JSON here")
     args = parser.parse_args(argv)

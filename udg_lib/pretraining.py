@@ -1,7 +1,7 @@
 """The four pre-trained models of §4.1.2: Plain T5 (span corruption) and Plain / PSP / PPP Dialogue.
 
 - Model: a T5 encoder-decoder (§3.4: "Transformer encoder-decoder"), from scratch at a preset size
-  (`t5_config`) or from a checkpoint such as sonoisa/t5-base-japanese (`build_model`).
+  (`families.t5_config`) or from a checkpoint such as sonoisa/t5-base-japanese (`build_model`).
 - Plain T5: T5's span-corruption objective on the pre-training dialogues' turns
   (`udg_lib.data.prepare.pretraining_texts`, `pack_texts_for_span_corruption`, `SpanCorruptionCollator`):
   a general language model with no dialogue objective.
@@ -13,9 +13,9 @@
   one-sided paired test on the pairs whose profile a shuffle changes, `reads_profiles`), and how many prompts
   carry a known profile at all (`known_profile_share`, `evaluation_prompt_profile_share`).
 
-The tokenization (`encode_sources`, `tokenize_pairs`) and `pretrain` are T5's; a causal LM goes through
-`udg_lib.families` (its `tokenize_pairs`, collators and `build_base_model`) into the same `pretrain`, and the
-conditioning checks work for both families.
+T5's tokenization lives in `udg_lib.encoding` (`encode_sources`, `tokenize_pairs`), its shapes in
+`families.t5_config`; a causal LM goes through `udg_lib.families` (its `tokenize_pairs`, collators and
+`build_base_model`) into the same `pretrain`, and the conditioning checks work for both families.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from udg_lib import io
 from udg_lib.precision import Precision, resolve_precision, training_attention
 from udg_lib.data.schema import PROFILE_FIELDS, has_known_profile, profile_lookup  # noqa: F401 (has_known_profile: used by notebook 02)
-from udg_lib.prompts import SEP, USER, USER1, build_prompt, build_prompts, render_profile
+from udg_lib.encoding import LABEL_PAD_ID
+from udg_lib.generation import greedy_generate, reference_nll
+from udg_lib.prompts import build_prompt, build_prompts, render_profile
 
-LABEL_PAD_ID = -100  # ignored by the loss (PyTorch's cross-entropy default)
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 LOG_HISTORY_FILE = "log_history.json"
@@ -59,42 +60,6 @@ TRAINER_STATE_FILE = "trainer_state.json"  # inside each checkpoint (transformer
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model
-
-# "t5-base" is the shape of t5-base and sonoisa/t5-base-japanese (T5 v1.0: ReLU feed-forward, tied
-# embeddings; 222.9M parameters with a 32k vocabulary, §4.1.2's "222 M"). "cpu" (2.0M parameters with an 8k
-# vocabulary, half of them the embeddings) was picked on a 2-core CPU: at equal training time (~200 s of
-# dialogue pre-training) 2+2 layers of d_model 128 reached eval loss 6.16, 3+3 layers 6.66 and d_model 192 3+3
-# layers 6.65; this small a budget favours more steps over a larger model. On that idle machine a batch of 32
-# trains at ~0.34 s/step for span corruption (input 128, targets 29) and ~0.49 s/step for dialogue (128/48),
-# evaluation and checkpoints included.
-T5_PRESETS: dict[str, dict[str, Any]] = {
-    "test": dict(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2),
-    "cpu": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),
-    "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12),
-}
-
-
-def t5_config(preset: str, vocab_size: int, **overrides: Any) -> T5Config:
-    """A T5 v1.0 configuration at a preset size; `overrides` replace any field (e.g. dropout_rate=0.0).
-
-    T5's token conventions: pad 0, eos 1, and the decoder starts from pad.
-    """
-    if preset not in T5_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(T5_PRESETS)}")
-    fields: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        **T5_PRESETS[preset],
-        relative_attention_num_buckets=32,
-        dropout_rate=0.1,
-        feed_forward_proj="relu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        tie_word_embeddings=True,  # T5 v1.0: lm_head shares the input embeddings, outputs scaled by d_model^-0.5
-    )
-    fields.update(overrides)
-    return T5Config(**fields)
-
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
@@ -323,103 +288,6 @@ class SpanCorruptionCollator:
 # Dialogue pre-training (Plain / PSP / PPP Dialogue): context -> response
 
 
-class Seq2SeqExamples(Dataset):
-    """Tokenized (source, target) pairs; items are dicts for `DataCollatorForSeq2Seq`."""
-
-    def __init__(self, input_ids: list[list[int]], labels: list[list[int]]):
-        if len(input_ids) != len(labels):
-            raise ValueError(f"{len(input_ids)} sources but {len(labels)} targets")
-        self.input_ids, self.labels = input_ids, labels
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
-
-
-def split_prompt_head(prompt: str, one_id_prefix: bool = False) -> tuple[str, str]:
-    """(head, dialogue context): the head is the One-ID (its first word, when `one_id_prefix`) and the
-    profile head through the first [SEP] (PSP/PPP); ("", prompt) for a plain prompt without an id."""
-    id_head = ""
-    if one_id_prefix:
-        one_id, _, prompt = prompt.partition(" ")
-        id_head = one_id + " "
-    position = prompt.find(SEP)
-    if position < 0:
-        return id_head, prompt
-    head = prompt[:position]
-    if USER in head or USER1 in head:
-        return id_head + prompt[: position + len(SEP)], prompt[position + len(SEP):]
-    return id_head, prompt
-
-
-def kept_context_start(head: list[int], body: list[int], budget: int, sep_id: int) -> int | None:
-    """Where the kept part of `body` starts when head + body must fit `budget` tokens; None when the head
-    alone fills the budget (no context is kept at all).
-
-    The rule: the head always, then the most recent tokens of the body; a turn cut at the start is dropped
-    whole (the tail starts after its first [SEP]), unless the newest turn alone is longer than the budget,
-    which then keeps its last tokens. `baselines` gives the prompt LLMs the same turns through this rule.
-    """
-    if len(head) >= budget:
-        return None
-    keep = budget - len(head)
-    if len(body) <= keep:
-        return 0
-    start = len(body) - keep
-    tail = body[start:]
-    # Drop the partial oldest turn, unless the newest turn alone is longer than the budget.
-    if sep_id in tail[:-1]:
-        start += tail.index(sep_id) + 1
-    return start
-
-
-def _truncate_context(head: list[int], body: list[int], budget: int, sep_id: int) -> list[int]:
-    """head + the most recent part of body within `budget` tokens, starting at a turn boundary if possible
-    (`kept_context_start`)."""
-    start = kept_context_start(head, body, budget, sep_id)
-    return head[:budget] if start is None else head + body[start:]
-
-
-def encode_sources(sources: Sequence[str], tokenizer: PreTrainedTokenizerBase,
-                   max_source_length: int, one_id_prefix: bool = False) -> list[list[int]]:
-    """Token ids of prompts, at most `max_source_length` with `</s>`.
-
-    Too-long prompts lose their oldest context turns first, never the head — the One-ID (`one_id_prefix`:
-    every prompt starts with a user's id, §4.1.3) and the profile head (PSP/PPP, up to the first [SEP]) —
-    nor the newest turns the reply answers: right truncation would cut exactly those (29% of chitchat's
-    5-turn contexts exceed 128 tokens), left truncation the id that One-ID is about.
-    """
-    if len(sources) == 0:
-        return []
-    sep_id = tokenizer.convert_tokens_to_ids(SEP)
-    heads, bodies = zip(*(split_prompt_head(s, one_id_prefix) for s in sources))
-    head_ids = tokenizer(list(heads), add_special_tokens=False)["input_ids"]
-    body_ids = tokenizer(list(bodies), add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [_truncate_context(h, b, max_source_length - 1, sep_id) + [eos] for h, b in zip(head_ids, body_ids)]
-
-
-def encode_targets(targets: Sequence[str], tokenizer: PreTrainedTokenizerBase,
-                   max_target_length: int) -> list[list[int]]:
-    """Token ids of replies, right-truncated to `max_target_length`, always ending with `</s>`."""
-    if len(targets) == 0:
-        return []
-    ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [seq[: max_target_length - 1] + [eos] for seq in ids]
-
-
-def tokenize_pairs(sources: Sequence[str], targets: Sequence[str], tokenizer: PreTrainedTokenizerBase,
-                   max_source_length: int, max_target_length: int, one_id_prefix: bool = False) -> Seq2SeqExamples:
-    """Prompts and replies as a torch Dataset (see `encode_sources` for how long prompts are cut)."""
-    if len(sources) != len(targets):
-        raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-    return Seq2SeqExamples(encode_sources(sources, tokenizer, max_source_length, one_id_prefix),
-                           encode_targets(targets, tokenizer, max_target_length))
-
-
 def holdout_dialogues(pairs: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, held-out) pairs, split by whole dialogues so held-out contexts are never trained on."""
     dialogues = np.array(sorted(pairs["dialogue_id"].unique()))
@@ -616,7 +484,6 @@ def greedy_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
                    device: str | torch.device | None = None, precision: str | Precision = "fp32") -> list[str]:
     """Greedy decoding in the order of `sources`, for either model family (`generation.greedy_generate`), on
     `device` (the model is moved there; None: where it is) under `precision`'s autocast."""
-    from udg_lib.generation import greedy_generate  # imported here: generation builds on this module
 
     return greedy_generate(_on_device(model, device), tokenizer, sources, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, max_source_length=max_source_length, precision=precision)
@@ -684,7 +551,6 @@ def reply_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sou
                  precision: str | Precision = "fp32"):
     """Per reply: summed NLL and token count, eos included (`generation.reference_nll`, either family), on
     `device` (the model is moved there; None: where it is) under `precision`'s autocast."""
-    from udg_lib.generation import reference_nll  # imported here: generation builds on this module
 
     return reference_nll(_on_device(model, device), tokenizer, list(sources), list(targets), batch_size=batch_size,
                          max_source_length=max_source_length, max_target_length=max_target_length,

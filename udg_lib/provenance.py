@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from udg_lib.io import write_json
+from udg_lib.param_profiles import profile_chain
 from udg_lib.paths import repo_root
 
 # Distributions whose versions can change a number in the study (models, data, metrics, runner).
@@ -219,15 +220,20 @@ def write_metrics(
 SOURCE_PATHS: tuple[str, ...] = ("udg_lib", "notebooks")
 
 
-def source_paths(profile: str | None) -> list[str]:
-    """The paths whose last commit a published run must include: `SOURCE_PATHS` and `params/<profile>`
-    (all of `params/` when the profile is not known)."""
-    return [*SOURCE_PATHS, f"params/{profile}" if profile else "params"]
+def source_paths(profile: str | None, root: str | Path | None = None) -> list[str]:
+    """The paths whose last commit a published run must include: `SOURCE_PATHS` and `params/<profile>` with
+    every profile it extends (`param_profiles.profile_chain`; all of `params/` when the profile is not known)."""
+    if not profile:
+        return [*SOURCE_PATHS, "params"]
+    params = Path(root) if root else repo_root()
+    folder = params / "params" / profile
+    chain = profile_chain(folder) if folder.is_dir() else [folder]
+    return [*SOURCE_PATHS, *(f"params/{p.name}" for p in chain)]
 
 
 def last_source_commit(profile: str | None, root: str | Path | None = None) -> str:
     """The last commit that touched `source_paths(profile)` in the checkout at `root` (default: the repo)."""
-    return _git(Path(root) if root else repo_root(), "log", "-1", "--format=%H", "--", *source_paths(profile))
+    return _git(Path(root) if root else repo_root(), "log", "-1", "--format=%H", "--", *source_paths(profile, root))
 
 
 def stale_stage_faults(metrics_files: Iterable[str | Path], profile: str | None,
@@ -254,7 +260,7 @@ def stale_stage_faults(metrics_files: Iterable[str | Path], profile: str | None,
         elif last and subprocess.run(["git", "merge-base", "--is-ancestor", last, commit], cwd=cwd,
                                      capture_output=True).returncode != 0:
             faults.append(f"{path}: stale: commit {commit[:10]} predates {last[:10]}, the last change to "
-                          f"{', '.join(source_paths(profile))}")
+                          f"{', '.join(source_paths(profile, cwd))}")
     return faults
 
 
