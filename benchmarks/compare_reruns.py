@@ -32,16 +32,13 @@ def _metrics(stage_dir: Path) -> dict:
 
 def first_losses(run: Path, steps: int = 3) -> pd.DataFrame:
     """The first logged training losses of each pre-trained model (its last checkpoint's trainer_state.json)."""
-    rows = []
-    for state in sorted((run / PRETRAIN).glob("*/checkpoints/checkpoint-*/trainer_state.json")):
+    latest: dict[str, tuple[int, Path]] = {}
+    for state in (run / PRETRAIN).glob("*/checkpoints/checkpoint-*/trainer_state.json"):
         model, step = state.parents[2].name, int(state.parent.name.split("-")[-1])
-        rows.append((model, step, [h for h in json.loads(state.read_text())["log_history"] if "loss" in h]))
-    latest = {}
-    for model, step, history in rows:
-        if step >= latest.get(model, (-1, None))[0]:
-            latest[model] = (step, history)
-    return pd.DataFrame([{"model": m, "step": h["step"], "loss": h["loss"]}
-                         for m, (_, history) in sorted(latest.items()) for h in history[:steps]])
+        latest[model] = max(latest.get(model, (-1, state)), (step, state))
+    return pd.DataFrame([{"model": model, "step": h["step"], "loss": h["loss"]}
+                         for model, (_, state) in sorted(latest.items())
+                         for h in [h for h in json.loads(state.read_text())["log_history"] if "loss" in h][:steps]])
 
 
 def describe(run: Path) -> list[str]:

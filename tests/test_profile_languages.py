@@ -93,8 +93,12 @@ def prepared_corpus(root: Path, name: str, language: str, texts: list[str]) -> N
     pd.DataFrame({"text": texts}).to_parquet(folder / "turns.parquet")
 
 
+PARAMS = Path("params")  # the profile folder the hand-built stages below say their values came from
+
+
 def stage(name: str, **params) -> Stage:
-    return Stage(name, Path(f"{name}.ipynb"), frozenset(params), dict(params), dict(params), "", {})
+    sources = dict.fromkeys(params, PARAMS / f"{name}.yaml")
+    return Stage(name, Path(f"{name}.ipynb"), frozenset(params), dict(params), dict(params), "", {}, sources)
 
 
 def test_the_runner_refuses_an_english_embedder_for_a_japanese_corpus_and_accepts_matching_ones(
@@ -103,22 +107,22 @@ def test_the_runner_refuses_an_english_embedder_for_a_japanese_corpus_and_accept
     prepared = tmp_path / "00_prepare_corpus"
     prepared_corpus(prepared, "chat", "en", ENGLISH)
     prepared_corpus(prepared, "pcjp", "ja", JAPANESE)
-    params = tmp_path / "params"
+    params = PARAMS
     good = [stage("02_pretrain", checkpoint=""),
             stage("04_exp1", embedder=str(tokenizers["en"]), embedder_ja=str(tokenizers["ja"])),
             stage("06_llm", embedder=str(tokenizers["en"]), embedder_ja="use-multilingual")]
-    check_model_languages(good, prepared, params)
+    check_model_languages(good, prepared)
     with pytest.raises(PipelineError) as caught:
         check_model_languages([stage("04_exp1", embedder=str(tokenizers["en"]), embedder_ja=str(tokenizers["en"]))],
-                              prepared, params)
+                              prepared)
     assert str(caught.value).startswith(f"{params / '04_exp1.yaml'}: embedder_ja: tokenizer '{tokenizers['en']}' "
                                         f"on corpus 'pcjp' (language 'ja'): 100.0% of the characters")
     # a checkpoint serves every corpus: an English one fails on the Japanese corpus
     with pytest.raises(PipelineError, match=r"02_pretrain.yaml: checkpoint: tokenizer .* on corpus 'pcjp'"):
-        check_model_languages([stage("02_pretrain", checkpoint=str(tokenizers["en"]))], prepared, params)
+        check_model_languages([stage("02_pretrain", checkpoint=str(tokenizers["en"]))], prepared)
     with pytest.raises(PipelineError, match=r"checkpoint '/no/such/model': cannot load its tokenizer to check its "
                                             r"language \(is it in the Hugging Face cache\?\)"):
-        check_model_languages([stage("02_pretrain", checkpoint="/no/such/model")], prepared, params)
+        check_model_languages([stage("02_pretrain", checkpoint="/no/such/model")], prepared)
 
 
 def test_full_ja_without_its_corpus_file_fails_before_any_stage_in_one_line(tmp_path):

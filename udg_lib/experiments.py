@@ -585,7 +585,6 @@ def exp2_replies(condition: str | Path, tokenizer: PreTrainedTokenizerBase, ques
 
     Columns: user_id, question_id, reply, method. LoRA users share batches (`lora_eval`: see
     `load_condition_lora`); FULL answers come from notebook 03's files."""
-
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]
     options = {k: v for k, v in (settings or {}).items()
@@ -635,7 +634,6 @@ def response_times(condition: str | Path, tokenizer: PreTrainedTokenizerBase, pa
     import time
 
     from peft import PeftModel
-
 
     condition = Path(condition)
     fmt = PRETRAINED_FORMATS[pretrained]

@@ -105,14 +105,10 @@ class Stage:
     inputs: dict[str, str]  # sha256 of each input file (or folder) a param names, keyed as written
     sources: dict[str, Path] = field(default_factory=dict)  # the yaml file that set each override
 
-    def source_of(self, param: str, params_dir: Path | None = None) -> Path:
-        """Where a parameter's value was set: the profile yaml file that set it (for an override without a
-        recorded source, `params_dir`'s file of this stage), else the notebook (its default)."""
-        if param in self.sources:
-            return self.sources[param]
-        if param in self.overrides and params_dir is not None:
-            return Path(params_dir) / f"{self.name}.yaml"
-        return self.notebook
+    def source_of(self, param: str) -> Path:
+        """Where a parameter's value was set: the profile yaml file that set it, else the notebook (its default;
+        the runner's own values, such as a replica's seed, too)."""
+        return self.sources.get(param, self.notebook)
 
 
 @dataclass(frozen=True)
@@ -227,7 +223,7 @@ def check_corpus_specs(source: Path, corpora: Any) -> None:
             raise PipelineError(str(exc)) from exc
 
 
-def check_input_files(stage: Stage, params_dir: Path) -> None:
+def check_input_files(stage: Stage) -> None:
     """Every file a corpus spec names exists: a profile whose corpora the user supplies (full-ja) fails in one
     line before any stage runs, not after the stages before it."""
     from udg_lib.data import corpus_paths  # pandas and the loaders: only when needed
@@ -235,13 +231,13 @@ def check_input_files(stage: Stage, params_dir: Path) -> None:
     for spec in stage.params.get("corpora") or []:
         for key, path in corpus_paths(spec).items():
             if not path.exists():
-                source = stage.source_of("corpora", params_dir)
+                source = stage.source_of("corpora")
                 name = spec.get("name", spec.get("format"))
                 raise PipelineError(f"{source}: corpus {name!r}: {key} {path} does not exist; put the file there "
                                     f"or change the path")
 
 
-def check_model_languages(stages: list[Stage], prepared_dir: Path, params_dir: Path) -> None:
+def check_model_languages(stages: list[Stage], prepared_dir: Path) -> None:
     """Each model the later stages name (LANGUAGE_MODEL_PARAMS) has a tokenizer that covers the language of
     the corpora stage 00 prepared in `prepared_dir` (`tokenizer.check_corpora_fit`), so a Japanese checkpoint
     with English corpora, or an English embedder with a Japanese corpus, fails before the long stages run.
@@ -258,7 +254,7 @@ def check_model_languages(stages: list[Stage], prepared_dir: Path, params_dir: P
             served = [language for language in sorted(languages) if serves(language)]
             if not value or not isinstance(value, str) or not served:
                 continue
-            source = stage.source_of(param, params_dir)
+            source = stage.source_of(param)
             ref = embedder_model_ref(value) if param.startswith("embedder") else value
             if ref is None or (ref, tuple(served)) in checked:
                 continue
@@ -445,7 +441,7 @@ def run_pipeline(
     all_stages = [load_stage(notebook, params_root, profile) for notebook in notebooks]
     stages = {index: all_stages[index] for index in selected}
     for stage in stages.values():
-        check_input_files(stage, params_root)
+        check_input_files(stage)
     run_settings = read_run_settings(params_root)
     if run_settings.seeds > 1:
         stage_index(names, run_settings.replicate_from)  # a mistyped stage fails before anything runs
@@ -466,8 +462,7 @@ def run_pipeline(
             if not languages_checked and index > corpus_stage and upstream[corpus_stage] is not None and (
                 forced or not _up_to_date(stage, upstream, out_root)
             ):
-                check_model_languages(all_stages[corpus_stage + 1:], paths.stage_dir(out_root, names[corpus_stage]),
-                                      params_root)
+                check_model_languages(all_stages[corpus_stage + 1:], paths.stage_dir(out_root, names[corpus_stage]))
                 languages_checked = True
             results.append(_run_stage(stage, upstream, out_root, profile, forced, verbose))
         results += _run_replicas(run_settings, names, stages, first_forced, force, out_root,
