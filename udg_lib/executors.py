@@ -23,31 +23,28 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from udg_lib.conditions import Cell
 from udg_lib.finetuning import (
     DONE_FILE,
-    METHODS,
     AfterUser,
     FinetuneConfig,
+    UserTrainingOptions,
     is_user_done,
-    run_users,
     user_dir_name,
     user_table,
 )
 from udg_lib.families import build_model
-from udg_lib.precision import resolve_precision
 from udg_lib.progress import progress_bar
 from udg_lib.tokenizer import load_tokenizer
-
-EXECUTORS: tuple[str, ...] = ("local", "ray")
-LORA_TRAINING: tuple[str, ...] = ("per_user", "batched")
 
 
 class UserTrainingError(RuntimeError):
@@ -95,132 +92,113 @@ def clear_staging_leftovers(out_dir: str | Path, user_ids: Sequence[str]) -> lis
     return removed
 
 
-def _check_inputs(method: str, executor: str, users: pd.DataFrame, user_ids: Sequence[str],
-                  users_per_task: int, num_cpus_per_task: float, num_gpus_per_task: float,
-                  lora_training: str = "per_user", users_per_batch: int = 8) -> None:
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; expected one of {EXECUTORS}")
-    if lora_training not in LORA_TRAINING:
-        raise ValueError(f"unknown lora_training {lora_training!r}; expected one of {LORA_TRAINING}")
-    if users_per_batch < 1:
-        raise ValueError(f"users_per_batch must be at least 1, got {users_per_batch}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if isinstance(user_ids, str):
-        raise TypeError(f"user_ids must be a sequence of user ids, not the string {user_ids!r}")
-    duplicates = sorted(u for u, n in Counter(user_ids).items() if n > 1)
+class UserTrainer(Protocol):
+    """A per-user method as the executors see it (`methods.PerUserMethod`): it trains users on a loaded base."""
+
+    name: str
+
+    def train_on_base(self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cell: Cell,
+                      out_dir: Path, config: FinetuneConfig, options: UserTrainingOptions,
+                      after_user: AfterUser | None) -> pd.DataFrame: ...
+
+
+def _check_users(cell: Cell) -> None:
+    duplicates = sorted(u for u, n in Counter(cell.user_ids).items() if n > 1)
     if duplicates:
         raise ValueError(f"user_ids lists users more than once: {duplicates[:5]}")
-    known = set(users["user_id"])
-    unknown = [u for u in user_ids if u not in known]
+    known = set(cell.users["user_id"])
+    unknown = [u for u in cell.user_ids if u not in known]
     if unknown:
         raise ValueError(f"{len(unknown)} user_ids are not in users['user_id']: {unknown[:5]}")
-    if users_per_task < 1:
-        raise ValueError(f"users_per_task must be at least 1, got {users_per_task}")
-    if num_cpus_per_task < 0 or num_gpus_per_task < 0:
-        raise ValueError(f"resources per task must be >= 0, got num_cpus={num_cpus_per_task}, "
-                         f"num_gpus={num_gpus_per_task}")
 
 
-def train_users(method: str, base_model_dir: str | Path, pairs: pd.DataFrame, users: pd.DataFrame,
-                user_ids: Sequence[str], fmt: str, out_dir: str | Path, config: FinetuneConfig, *,
-                executor: str = "local", ray_address: str | None = None, users_per_task: int = 4,
-                num_cpus_per_task: float = 1, num_gpus_per_task: float = 0.0, device: str | None = None,
-                save_full_models: bool = False, after_user: AfterUser | None = None,
-                progress: bool = True, lora_training: str = "per_user", users_per_batch: int = 8) -> pd.DataFrame:
-    """One LoRA adapter or FULL model per user (`finetuning.run_users`), in this process or on Ray; resumable.
+def train_users(method: UserTrainer, base_model_dir: str | Path, cell: Cell, out_dir: str | Path,
+                config: FinetuneConfig, options: UserTrainingOptions | None = None, device: str | None = None,
+                after_user: AfterUser | None = None) -> pd.DataFrame:
+    """One model of a per-user `method` for every user of `cell` (`method.train_on_base`: `run_users`, or
+    batched LoRA), in this process or on Ray as `options.executor` says; resumable.
 
     `base_model_dir` holds the (domain-adapted) model and its tokenizer as `save_pretrained` wrote them.
     Users that already have a done.json in `out_dir` are skipped; the temp folders of a killed run are
-    removed first. Returns run_users' table: one row per user in `user_ids` order with status
+    removed first. Returns run_users' table: one row per user in `cell.user_ids` order with status
     "trained" / "skipped", read back from the done.json files.
 
     - "local": the base is loaded once on `device` (default cuda if available, else cpu) and every user is
-      trained here: one after the other, or LoRA users `users_per_batch` at a time with
-      `lora_training="batched"` (`multilora.run_users_batched`).
-    - "ray": the users still to train are cut into chunks of `users_per_task`; each chunk is one Ray task
-      that loads the base once and runs `run_users` on it, writing into `out_dir` itself (so out_dir and
-      base_model_dir must be on a filesystem all nodes share). A task asks Ray for `num_cpus_per_task` CPUs
-      (and uses that many torch threads) and `num_gpus_per_task` GPUs: a fraction such as 0.25 lets four
-      small trainings share one GPU. Tasks run on `device` (default: cuda when they ask for a GPU, else cpu).
-      With `ray_address` ("auto", "ray://head:10001", ...) it connects to that cluster; without, it starts a
-      local instance on this machine's CPUs and shuts it down at the end. A Ray already initialized by the
-      caller is used as it is and left running. Without `ray_address` the instance is taken to be fixed
-      (a request for more CPUs or GPUs than it has fails at once); give the address of an autoscaling
-      cluster so that tasks wait for nodes instead. A task trains its chunk as the local executor would
-      (`lora_training="batched"`: up to `users_per_batch` of its users per step, so give a GPU task at least
-      that many `users_per_task`). `after_user` runs inside the tasks, so cloudpickle must
-      be able to ship it (a module-level function or a closure over plain data, not over a model or a file).
-      When tasks fail, the others still finish; then `UserTrainingError` names the users of the failed
-      tasks. Users finished before a failure keep their done.json, so a rerun trains only the rest. Ray
-      retries a task whose worker died (e.g. killed for memory); resuming makes that safe.
+      trained here: one after the other, or LoRA users `options.users_per_batch` at a time with
+      `options.lora_training="batched"` (`multilora.run_users_batched`).
+    - "ray": the users still to train are cut into chunks of `options.users_per_task`; each chunk is one Ray
+      task that loads the base once and trains its users on it as the local executor would, writing into
+      `out_dir` itself (so out_dir and base_model_dir must be on a filesystem all nodes share). A task asks
+      Ray for `num_cpus_per_task` CPUs (and uses that many torch threads) and `num_gpus_per_task` GPUs: a
+      fraction such as 0.25 lets four small trainings share one GPU. Tasks run on `device` (default: cuda
+      when they ask for a GPU, else cpu). With `ray_address` ("auto", "ray://head:10001", ...) it connects to
+      that cluster; without, it starts a local instance on this machine's CPUs and shuts it down at the end.
+      A Ray already initialized by the caller is used as it is and left running. Without `ray_address` the
+      instance is taken to be fixed (a request for more CPUs or GPUs than it has fails at once); give the
+      address of an autoscaling cluster so that tasks wait for nodes instead. Batched LoRA in a task trains
+      up to `users_per_batch` of its users per step, so give a GPU task at least that many `users_per_task`.
+      `after_user` runs inside the tasks, so cloudpickle must be able to ship it (a module-level function or
+      a closure over plain data, not over a model or a file). When tasks fail, the others still finish;
+      then `UserTrainingError` names the users of the failed tasks. Users finished before a failure keep
+      their done.json, so a rerun trains only the rest. Ray retries a task whose worker died (e.g. killed for
+      memory); resuming makes that safe.
     """
-    user_ids = list(user_ids)
-    _check_inputs(method, executor, users, user_ids, users_per_task, num_cpus_per_task, num_gpus_per_task,
-                  lora_training, users_per_batch)
+    options = options or UserTrainingOptions()
+    _check_users(cell)
     base_model_dir = Path(base_model_dir).resolve()
     if not (base_model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{base_model_dir} holds no saved model (no config.json)")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    clear_staging_leftovers(out_dir, user_ids)
+    clear_staging_leftovers(out_dir, cell.user_ids)
 
-    if executor == "local":
-        device = device or default_device()
-        model, tokenizer = load_base_model(base_model_dir, device)
-        return _train_on_base(method, model, tokenizer, pairs, users, user_ids, fmt, out_dir, config, device,
-                              lora_training, users_per_batch, save_full_models, after_user, progress)
+    if options.executor == "local":
+        model, tokenizer = load_base_model(base_model_dir, device or default_device())
+        return method.train_on_base(model, tokenizer, cell, out_dir, config, options, after_user)
 
-    statuses = {u: "skipped" for u in user_ids if is_user_done(out_dir, u)}
-    todo = [u for u in user_ids if u not in statuses]
+    statuses = {u: "skipped" for u in cell.user_ids if is_user_done(out_dir, u)}
+    todo = [u for u in cell.user_ids if u not in statuses]
     if todo:
-        chunks = [todo[i:i + users_per_task] for i in range(0, len(todo), users_per_task)]
-        task_args = {"method": method, "base_model_dir": str(base_model_dir), "fmt": fmt, "out_dir": str(out_dir),
-                     "config": config, "device": device or ("cuda" if num_gpus_per_task > 0 else "cpu"),
-                     "num_threads": max(1, int(num_cpus_per_task)), "save_full_models": save_full_models,
-                     "after_user": after_user, "lora_training": lora_training, "users_per_batch": users_per_batch}
+        size = options.users_per_task
+        chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+        task = RayTask(method, str(base_model_dir), str(out_dir), config, options,
+                       device or ("cuda" if options.num_gpus_per_task > 0 else "cpu"), after_user)
         # A task sees only the rows of the users it may train: nothing else need cross the network.
-        statuses.update(_run_ray_tasks(chunks, pairs[pairs["speaker_id"].isin(set(todo))], users, task_args,
-                                       ray_address, num_cpus_per_task, num_gpus_per_task, progress))
-    return user_table(out_dir, user_ids, statuses)
+        statuses.update(_run_ray_tasks(task, chunks, cell.with_pairs(cell.pairs[cell.pairs["speaker_id"].isin(set(todo))])))
+    return user_table(out_dir, cell.user_ids, statuses)
 
 
-def _train_on_base(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
-                   users: pd.DataFrame, user_ids: list[str], fmt: str, out_dir: str | Path, config: FinetuneConfig,
-                   device: str, lora_training: str, users_per_batch: int, save_full_models: bool,
-                   after_user: AfterUser | None, progress: bool) -> pd.DataFrame:
-    """`user_ids` trained on a base loaded once: LoRA on a base held in the precision's frozen dtype (adapters
-    stay fp32), one user at a time or batched; FULL one user at a time (`run_users`)."""
-    if method == "lora":
-        model.to(dtype=resolve_precision(config.precision, device).frozen_dtype)
-        if lora_training == "batched":
-            from udg_lib.multilora import run_users_batched  # imported here: multilora loads peft's internals
+@dataclass(frozen=True)
+class RayTask:
+    """What every Ray task of one `train_users` call shares: it trains a chunk of users (`train_user_chunk`)."""
 
-            return run_users_batched(model, tokenizer, pairs, users, user_ids, fmt, out_dir, config,
-                                     users_per_batch=users_per_batch, after_user=after_user, progress=progress)
-    return run_users(method, model, tokenizer, pairs, users, user_ids, fmt, out_dir, config,
-                     save_full_models=save_full_models, after_user=after_user, progress=progress)
+    method: UserTrainer
+    base_model_dir: str
+    out_dir: str
+    config: FinetuneConfig
+    options: UserTrainingOptions
+    device: str
+    after_user: AfterUser | None
 
 
-def train_user_chunk(method: str, base_model_dir: str, pairs: pd.DataFrame, users: pd.DataFrame,
-                     user_ids: list[str], fmt: str, out_dir: str, config: FinetuneConfig, device: str,
-                     num_threads: int, save_full_models: bool, after_user: AfterUser | None,
-                     lora_training: str = "per_user", users_per_batch: int = 8) -> dict[str, str]:
+def train_user_chunk(task: RayTask, cell: Cell, user_ids: list[str]) -> dict[str, str]:
     """One Ray task's work: load the base once, train `user_ids` on it as the local executor would (LoRA batched
     or per user); returns {user_id: status}."""
-    torch.set_num_threads(num_threads)  # as many threads as CPUs reserved, or tasks sharing a node oversubscribe
+    torch.set_num_threads(max(1, int(task.options.num_cpus_per_task)))  # as many threads as CPUs reserved
     hf_logging.disable_progress_bar()  # workers' load/save bars would interleave in the driver's log
-    model, tokenizer = load_base_model(base_model_dir, device)
-    table = _train_on_base(method, model, tokenizer, pairs, users, user_ids, fmt, out_dir, config, device,
-                           lora_training, users_per_batch, save_full_models, after_user, progress=False)
+    model, tokenizer = load_base_model(task.base_model_dir, task.device)
+    quiet = replace(task.options, progress=False)
+    table = task.method.train_on_base(model, tokenizer, cell.with_users(user_ids), Path(task.out_dir), task.config,
+                                      quiet, task.after_user)
     return dict(zip(table["user_id"], table["status"]))
 
 
-def _run_ray_tasks(chunks: list[list[str]], pairs: pd.DataFrame, users: pd.DataFrame, task_args: dict[str, Any],
-                   ray_address: str | None, num_cpus_per_task: float, num_gpus_per_task: float,
-                   progress: bool) -> dict[str, str]:
+def _run_ray_tasks(task: RayTask, chunks: list[list[str]], cell: Cell) -> dict[str, str]:
     import ray  # imported here: ~1 s, and the local executor does not need it
 
+    options = task.options
+    ray_address, num_cpus_per_task, num_gpus_per_task = options.ray_address, options.num_cpus_per_task, \
+        options.num_gpus_per_task
     started_here = False
     if not ray.is_initialized():
         if ray_address:
@@ -236,17 +214,17 @@ def _run_ray_tasks(chunks: list[list[str]], pairs: pd.DataFrame, users: pd.DataF
                 if wanted > available.get(resource, 0):
                     raise ValueError(f"each task asks for {wanted} {resource}s but the local Ray instance has "
                                      f"{available.get(resource, 0)}")
-        pairs_ref, users_ref = ray.put(pairs), ray.put(users)  # once, shared by every task
+        cell_ref = ray.put(cell)  # once, shared by every task
         remote = ray.remote(train_user_chunk)
         for chunk in chunks:
             name = f"train_users[{chunk[0]}{' ...' if len(chunk) > 1 else ''}]"  # as the dashboard lists it
             ref = remote.options(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task, name=name).remote(
-                pairs=pairs_ref, users=users_ref, user_ids=chunk, **task_args)
+                task, cell_ref, chunk)
             pending[ref] = chunk
         statuses: dict[str, str] = {}
         failures: list[tuple[list[str], Exception]] = []
-        with progress_bar(total=sum(map(len, chunks)), unit="user", desc=f"{task_args['method']} users (ray)",
-                          disable=not progress) as bar:
+        with progress_bar(total=sum(map(len, chunks)), unit="user", desc=f"{task.method.name} users (ray)",
+                          disable=not options.progress) as bar:
             while pending:
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
                 chunk = pending.pop(ref)
@@ -256,7 +234,7 @@ def _run_ray_tasks(chunks: list[list[str]], pairs: pd.DataFrame, users: pd.DataF
                     failures.append((chunk, error))
                 bar.update(len(chunk))
         if failures:
-            out_dir = task_args["out_dir"]
+            out_dir = task.out_dir
             failed = [u for chunk, _ in failures for u in chunk if not is_user_done(out_dir, u)]
             chunks_text = "; ".join(", ".join(chunk) for chunk, _ in failures)
             first = failures[0][1]

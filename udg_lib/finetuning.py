@@ -31,10 +31,11 @@ import json
 import re
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 import torch
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
 from udg_lib import io
+from udg_lib.conditions import Cell, evaluation_rows, evaluation_user_ids
 from udg_lib.precision import Precision, autocast_for, training_attention
 from udg_lib.families import (  # SELF_ATTENTION_QKVO and seq2seq_collator are re-exported for callers of old
     SELF_ATTENTION_QKVO,
@@ -59,7 +61,8 @@ from udg_lib.prompts import assign_one_ids, build_prompts
 # peft calls transformers' deprecated `is_gradient_checkpointing` once per adapter: one warning per user.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
-METHODS: tuple[str, ...] = ("lora", "full")  # per-user methods of `run_users` (One-ID is one shared model)
+EXECUTORS: tuple[str, ...] = ("local", "ray")  # where per-user models train (`executors.train_users`)
+LORA_TRAINING: tuple[str, ...] = ("per_user", "batched")  # LoRA users one at a time, or several per pass
 DONE_FILE = "done.json"  # per-user completion marker, written last
 ADAPTER_DIR = "adapter"  # per-user LoRA adapter (adapter_config.json + adapter_model.safetensors)
 MODEL_DIR = "model"  # per-user FULL model (save_pretrained), only with save_full_models=True
@@ -325,16 +328,6 @@ def encode_pairs(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, tokenizer: 
                                  config.max_target_length, one_id_prefix=one_ids is not None)
 
 
-def evaluation_rows(users: pd.DataFrame) -> pd.DataFrame:
-    """The evaluation users' rows of a users table (`experiments.load_dataset_users` marks them in
-    `evaluation`; a table without that column holds evaluation users only)."""
-    return users[users["evaluation"]] if "evaluation" in users.columns else users
-
-
-def evaluation_user_ids(users: pd.DataFrame) -> list[str]:
-    return sorted(evaluation_rows(users)["user_id"])
-
-
 def _eval_user_ids(users: pd.DataFrame, user_ids: Iterable[str] | None) -> list[str]:
     return sorted(user_ids) if user_ids is not None else evaluation_user_ids(users)
 
@@ -438,84 +431,124 @@ def user_table(out_dir: str | Path, user_ids: Sequence[str], statuses: Mapping[s
 AfterUser = Callable[[str, torch.nn.Module, Path], None]
 
 
-def run_users(method: str, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-              pairs: pd.DataFrame, users: pd.DataFrame, user_ids: Sequence[str], fmt: str, out_dir: str | Path,
-              config: FinetuneConfig, save_full_models: bool = False, after_user: AfterUser | None = None,
-              progress: bool = True) -> pd.DataFrame:
-    """Train one LoRA adapter (`method="lora"`, §3.5) or one FULL model (`"full"`) per user, resumably.
+@dataclass
+class UserTrainingOptions:
+    """How per-user models are trained: where (executor) and how LoRA is batched. Not part of the method."""
 
-    Each user trains on `user_examples(pairs, user, "train_ft")` only, stops early on its own `dev` pairs,
-    with the prompt format `fmt` and seed `user_seed(config.seed, user)`. Per user, `out_dir/<user_dir_name>/`
-    holds `adapter/` (LoRA: PEFT format, `load_user_adapter`), `model/` (FULL with `save_full_models`:
-    `save_pretrained`, + tokenizer) and `done.json` (user_id, method, summary, config), written last.
-    `after_user(user_id, model, folder)` runs while the user's trained model is in memory, before the marker
-    (e.g. to write its dev/test replies into `folder`, which is published with the rest).
+    lora_training: str = "batched"  # "batched": several users' adapters in one pass (multilora); "per_user"
+    users_per_batch: int = 8  # batched LoRA: users trained together
+    executor: str = "local"  # "local" or "ray" (users_per_task users per Ray task; LoRA as lora_training says)
+    ray_address: str | None = None  # a Ray cluster; None starts a local instance
+    users_per_task: int = 4
+    num_cpus_per_task: float = 1.0
+    num_gpus_per_task: float = 0.0
+    save_full_models: bool = False  # keep each FULL model on disk (a whole model per user)
+    progress: bool = True
 
-    `base_model` is used in place and given back unchanged: LoRA wraps it once (`get_peft_model`), adds and
-    deletes one adapter per user and unwraps it at the end; FULL restores its weights from an in-memory copy
-    before each user and at the end. Users with a `done.json` are skipped. Returns one row per user in
-    `user_ids` order: user_id, status ("trained" / "skipped"), dir, and the summary's fields.
+    def __post_init__(self) -> None:
+        if self.lora_training not in LORA_TRAINING:
+            raise ValueError(f"lora_training must be one of {LORA_TRAINING}, not {self.lora_training!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, not {self.executor!r}")
+        if self.users_per_batch < 1:
+            raise ValueError(f"users_per_batch must be at least 1, got {self.users_per_batch}")
+        if self.users_per_task < 1:
+            raise ValueError(f"users_per_task must be at least 1, got {self.users_per_task}")
+        if self.num_cpus_per_task < 0 or self.num_gpus_per_task < 0:
+            raise ValueError(f"resources per task must be >= 0, got num_cpus={self.num_cpus_per_task}, "
+                             f"num_gpus={self.num_gpus_per_task}")
+
+
+class UserSlot(Protocol):
+    """One per-user method's hold on a base model while `run_users` trains user after user on it
+    (`methods.Full.user_slot`, `methods.PeftMethod.user_slot`)."""
+
+    model: torch.nn.Module  # what a user trains and `after_user` evaluates
+
+    def begin(self, config: FinetuneConfig) -> list[torch.nn.Parameter] | None:
+        """Fresh per-user weights; the parameters to train (None: all of `model`)."""
+
+    def save(self, staging: Path, tokenizer: PreTrainedTokenizerBase, options: UserTrainingOptions) -> None:
+        """The user's trained weights into its (staging) folder."""
+
+    def end(self) -> None:
+        """Drop the user's weights (also after a failure)."""
+
+    def close(self) -> None:
+        """Give the base model back unchanged."""
+
+
+class UserMethod(Protocol):
+    """What `run_users` needs of a per-user method: its name and a slot on a base model."""
+
+    name: str
+
+    def user_slot(self, base_model: PreTrainedModel, config: FinetuneConfig) -> UserSlot: ...
+
+
+def _check_users(cell: Cell) -> None:
+    duplicated = sorted(u for u, n in Counter(cell.user_ids).items() if n > 1)
+    if duplicated:
+        raise ValueError(f"user_ids lists users more than once: {duplicated[:5]}")
+    unknown = [u for u in cell.user_ids if u not in set(cell.users["user_id"])]
+    if unknown:
+        raise ValueError(f"{len(unknown)} user_ids are not in users['user_id']: {unknown[:5]}")
+
+
+def run_users(method: UserMethod, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cell: Cell,
+              out_dir: str | Path, config: FinetuneConfig, options: UserTrainingOptions | None = None,
+              after_user: AfterUser | None = None) -> pd.DataFrame:
+    """Train one model of a per-user `method` for every user of `cell`, one after the other, resumably: a
+    LoRA or other peft adapter (§3.5) or a FULL model (§4.1.3).
+
+    Each user trains on `user_examples(cell.pairs, user, "train_ft")` only, stops early on its own `dev`
+    pairs, with the cell's prompt format and seed `user_seed(config.seed, user)`. Per user,
+    `out_dir/<user_dir_name>/` holds what the method saves (an adapter: `adapter/`, PEFT format; a FULL
+    model only with `options.save_full_models`) and `done.json` (user_id, method, summary, config), written
+    last. `after_user(user_id, model, folder)` runs while the user's trained model is in memory, before the
+    marker (e.g. to write its dev/test replies into `folder`, which is published with the rest).
+
+    `base_model` is used in place and given back unchanged (the method's slot restores it). Users with a
+    `done.json` are skipped. Returns one row per user in `cell.user_ids` order: user_id, status
+    ("trained" / "skipped"), dir, and the summary's fields.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    options = options or UserTrainingOptions()
+    _check_users(cell)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     family = family_of(base_model)
     collator = family.collator(tokenizer)
     requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
-    base_state = ({k: v.detach().clone() for k, v in base_model.state_dict().items()} if method == "full"
-                  else None)
-    peft_model: PeftModel | None = None
     statuses: dict[str, str] = {}
+    slot = method.user_slot(base_model, config)
     try:
-        for user in progress_bar(list(user_ids), desc=f"{method} users", disable=not progress):
+        for user in progress_bar(list(cell.user_ids), desc=f"{method.name} users", disable=not options.progress):
             if is_user_done(out_dir, user):
                 statuses[user] = "skipped"
                 continue
             user_config = replace(config, seed=user_seed(config.seed, user))
-            check_evaluation_unit(pairs, user)
-            train = encode_pairs(user_examples(pairs, user, "train_ft"), users, fmt, tokenizer, config, family=family)
-            dev = encode_pairs(user_examples(pairs, user, "dev"), users, fmt, tokenizer, config, family=family)
+            check_evaluation_unit(cell.pairs, user)
+            train = encode_pairs(user_examples(cell.pairs, user, "train_ft"), cell.users, cell.fmt, tokenizer, config,
+                                 family=family)
+            dev = encode_pairs(user_examples(cell.pairs, user, "dev"), cell.users, cell.fmt, tokenizer, config,
+                               family=family)
             with io.staged_dir(user_dir(out_dir, user)) as staging:  # renamed into place once done.json is in
-                if method == "lora":
-                    torch.manual_seed(user_config.seed)  # the adapter's initial A matrices
-                    if peft_model is None:
-                        peft_model = get_peft_model(base_model, family.lora_config(config), adapter_name=ADAPTER_NAME)
-                    else:
-                        peft_model.add_adapter(ADAPTER_NAME, family.lora_config(config))
-                        peft_model.set_adapter(ADAPTER_NAME)  # also makes it (only it) trainable
-                    try:
-                        params = [p for p in peft_model.parameters() if p.requires_grad]
-                        summary = train_with_early_stopping(peft_model, train, dev, collator, user_config, params)
-                        peft_model.save_pretrained(str(staging / ADAPTER_DIR), selected_adapters=[ADAPTER_NAME],
-                                                   save_embedding_layers=False)
-                        if after_user is not None:
-                            after_user(user, peft_model, staging)
-                    finally:
-                        peft_model.delete_adapter(ADAPTER_NAME)
-                else:
-                    base_model.load_state_dict(base_state)
-                    for p in base_model.parameters():
-                        p.requires_grad_(True)
-                    summary = train_with_early_stopping(base_model, train, dev, collator, user_config)
-                    if save_full_models:
-                        base_model.save_pretrained(staging / MODEL_DIR)
-                        tokenizer.save_pretrained(staging / MODEL_DIR)
+                try:
+                    params = slot.begin(user_config)
+                    summary = train_with_early_stopping(slot.model, train, dev, collator, user_config, params)
+                    slot.save(staging, tokenizer, options)
                     if after_user is not None:
-                        after_user(user, base_model, staging)
-                io.write_json(staging / DONE_FILE, {"user_id": user, "method": method, "fmt": fmt,
+                        after_user(user, slot.model, staging)
+                finally:
+                    slot.end()
+                io.write_json(staging / DONE_FILE, {"user_id": user, "method": method.name, "fmt": cell.fmt,
                                                     "seed": user_config.seed, "summary": summary.as_dict(),
                                                     "config": config.as_dict()})
             statuses[user] = "trained"
     finally:
-        if peft_model is not None:
-            if ADAPTER_NAME in peft_model.peft_config:
-                peft_model.delete_adapter(ADAPTER_NAME)
-            peft_model.unload()
-        if base_state is not None:
-            base_model.load_state_dict(base_state)
+        slot.close()
         for name, p in base_model.named_parameters():
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         base_model.eval()
 
-    return user_table(out_dir, user_ids, statuses)
+    return user_table(out_dir, cell.user_ids, statuses)

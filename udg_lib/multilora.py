@@ -1,6 +1,6 @@
 """Batched multi-user LoRA (§3.5, §4.1.3): many users' adapters trained, or evaluated, in one forward pass.
 
-`finetuning.run_users("lora", ...)` trains one user's adapter at a time, so on a GPU each step is a small,
+`finetuning.run_users(methods.LORA, ...)` trains one user's adapter at a time, so on a GPU each step is a small,
 mostly idle batch, and on any device the per-step Python overhead is paid once per user. Here up to
 `users_per_batch` users train side by side on one plain base model:
 
@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from udg_lib import io
+from udg_lib.conditions import Cell
 from udg_lib.families import ModelFamily, family_of
 from udg_lib.precision import autocast_for, training_attention
 from udg_lib.finetuning import (
@@ -71,6 +72,8 @@ from udg_lib.finetuning import (
     AfterUser,
     FinetuneConfig,
     TrainingSummary,
+    UserMethod,
+    UserTrainingOptions,
     check_evaluation_unit,
     training_loader,
     encode_pairs,
@@ -82,6 +85,7 @@ from udg_lib.finetuning import (
 )
 from udg_lib.progress import progress_bar
 from udg_lib.routing import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, _peft_key, _TargetHooks, lora_target_names
+
 
 class MultiLora(_TargetHooks):
     """Per-row LoRA on a plain base model: each batch row goes through its own user's adapter.
@@ -361,13 +365,12 @@ def batched_dev_losses(model: PreTrainedModel, multi: MultiLora, examples: dict[
     return {user: totals[user] / tokens[user] if tokens[user] else float("nan") for user in examples}
 
 
-def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                      pairs: pd.DataFrame, users: pd.DataFrame, user_ids: Sequence[str], fmt: str,
-                      out_dir: str | Path, config: FinetuneConfig, users_per_batch: int = 8,
-                      after_user: AfterUser | None = None, progress: bool = True) -> pd.DataFrame:
-    """`run_users("lora", ...)` with up to `users_per_batch` users trained together in each step (§3.5).
+def run_users_batched(method: UserMethod, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      cell: Cell, out_dir: str | Path, config: FinetuneConfig,
+                      options: UserTrainingOptions | None = None, after_user: AfterUser | None = None) -> pd.DataFrame:
+    """`finetuning.run_users` of LoRA with up to `users_per_batch` users trained together in each step (§3.5).
 
-    Same inputs, artifacts and return value as `finetuning.run_users` with method "lora": per user,
+    Same artifacts and return value as `finetuning.run_users` with `methods.LORA`: per user,
     `out_dir/<user_dir_name>/` holds `adapter/` (PEFT format, `load_user_adapter`) and `done.json`
     (user_id, method, fmt, seed, summary, config, users_per_batch), written atomically with `io.staged_dir`;
     users with a `done.json` are skipped. Each user trains on its own `train_ft` pairs with batch
@@ -381,8 +384,9 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
     eval mode). Returns one row per user in `user_ids` order: user_id, status ("trained" / "skipped"), dir,
     and the summary's fields.
     """
-    if users_per_batch < 1:
-        raise ValueError(f"users_per_batch must be at least 1, got {users_per_batch}")
+    options = options or UserTrainingOptions()
+    pairs, users, user_ids, fmt = cell.pairs, cell.users, cell.user_ids, cell.fmt
+    users_per_batch, progress = options.users_per_batch, options.progress
     duplicated = sorted(u for u, n in Counter(user_ids).items() if n > 1)
     if duplicated:
         raise ValueError(f"user_ids lists users more than once: {duplicated[:5]}")
@@ -420,7 +424,7 @@ def run_users_batched(base_model: PreTrainedModel, tokenizer: PreTrainedTokenize
                 with multi.only(run.user):
                     after_user(run.user, base_model, staging)
                 base_model.train()
-            io.write_json(staging / DONE_FILE, {"user_id": run.user, "method": "lora", "fmt": fmt, "seed": run.seed,
+            io.write_json(staging / DONE_FILE, {"user_id": run.user, "method": method.name, "fmt": fmt, "seed": run.seed,
                                                 "summary": run.summary.as_dict(), "config": config.as_dict(),
                                                 "users_per_batch": users_per_batch})
         multi.remove_user(run.user)
