@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from udg_lib import io
+from udg_lib import io, methods
+from udg_lib.conditions import NO_PRETRAINED, PRETRAINED_FORMATS
 from udg_lib.paths import outputs_root, stage_dir
 
 EXP1_STAGE = "04_exp1_next_utterance"  # fine-tuned systems and the retrieval floor
@@ -43,10 +44,10 @@ FIGURE_HEIGHT = 4.2
 PANEL_MIN_HEIGHT = 2.6  # of the plot area: the rest of FIGURE_HEIGHT holds the titles and the tick labels
 LEGEND_GAP = 0.2  # between a legend and the next panel
 
-PRETRAINS: tuple[str, ...] = ("plain_t5", "plain_dialogue", "psp", "ppp")  # fine-tuned T5 systems, in table order
-FLOOR_PRETRAIN = "none"  # retrieval floor
+PRETRAINS: tuple[str, ...] = tuple(PRETRAINED_FORMATS)  # fine-tuned systems, in table order
+FLOOR_PRETRAIN = NO_PRETRAINED  # retrieval floor
 LLM_PRETRAIN = "llm"  # prompt-based LLMs
-FIGURE2_METHODS: tuple[str, ...] = ("one_id", "lora", "full")  # fine-tuning methods Figure 2 shows by default
+FIGURE2_METHODS: tuple[str, ...] = methods.FINE_TUNED  # fine-tuning methods Figure 2 shows by default
 REQUIRED_COLUMNS: tuple[str, ...] = ("dataset", "system", "pretrain", "method", "similarity")
 SIMILARITY_SLACK = 1e-4  # cosine similarity of float embeddings can overshoot ±1 by rounding
 
@@ -117,7 +118,7 @@ def system_order(scores: pd.DataFrame) -> list[str]:
     """System labels in table order: fine-tuned (by pre-training, then method), the floor, then the LLMs."""
     systems = scores[["system", "pretrain", "method"]].astype(str).drop_duplicates("system")
     pretrain_rank = {name: rank for rank, name in enumerate((*PRETRAINS, FLOOR_PRETRAIN, LLM_PRETRAIN))}
-    method_rank = {name: rank for rank, name in enumerate(("da", *FIGURE2_METHODS, "retrieval"))}
+    method_rank = {name: rank for rank, name in enumerate(methods.method_order())}
     order = sorted(
         systems.itertuples(index=False),
         key=lambda s: (pretrain_rank[s.pretrain], method_rank.get(s.method, len(method_rank)), s.method, s.system),
