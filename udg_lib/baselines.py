@@ -64,6 +64,8 @@ TRAINING_SPLITS: tuple[str, ...] = ("train_da", "train_ft")
 MAX_HISTORY = 10  # §4.2.2: "a dialogue history of up to 10 turns"
 # A method that reads the paper's 10-turn history, not the fine-tuned systems' turns: an extra row, never in C1/C5.
 PAPER_HISTORY_SUFFIX = "-paper10"
+RAG_SUFFIX = "-rag"  # an LLM row whose prompt also shows the user's retrieved own training pairs (Q3)
+RAG_LABEL = " + own replies (RAG)"
 
 
 def paper_history_method(method: str) -> str:
@@ -83,6 +85,17 @@ def is_paper_history_method(method: str) -> bool:
     input differs from theirs, so no comparison with them (C1, C1s, C5) may use it."""
     return str(method).endswith(PAPER_HISTORY_SUFFIX)
 
+
+def is_rag_method(method: str) -> bool:
+    """Whether a stage 06 method's prompt also showed the user's retrieved own training pairs (`Baseline.rag`):
+    a row for Q3 only; C1, C1s and C5 compare the fine-tuned systems with the plain prompts."""
+    return str(method).endswith(RAG_SUFFIX)
+
+
+def llm_base_method(method: str) -> str:
+    """The plain prompt row an extra row varies ("smollm2-chat-rag" -> "smollm2-chat")."""
+    return str(method).removesuffix(PAPER_HISTORY_SUFFIX).removesuffix(RAG_SUFFIX)
+
 # Labels, profile field names and the instruction, per language.
 _TEMPLATES: dict[str, dict[str, Any]] = {
     "en": {
@@ -100,6 +113,8 @@ _TEMPLATES: dict[str, dict[str, Any]] = {
         "start": "(The conversation starts. Say your first line.)",
         "continue": "(Go on: say your next line.)",
         "others": "Other people in the conversation: {labels} (no profiles given).",
+        "memories": "Things the speaker said before, in similar moments:",
+        "said": "{partner}: {context} / {speaker}: {reply}",
         "header": ("The following is a conversation between the Speaker and the Partner.\n"
                    "Speaker's profile: {speaker_profile}\n"
                    "Partner's profile: {partner_profile}\n"
@@ -121,6 +136,8 @@ _TEMPLATES: dict[str, dict[str, Any]] = {
         "start": "（対話の始まりです。最初の発話をしてください。）",
         "continue": "（続けて、次の発話をしてください。）",
         "others": "対話の他の参加者: {labels}（プロフィールなし）",
+        "memories": "話者が以前、似た場面で言ったこと:",
+        "said": "{partner}: {context} / {speaker}: {reply}",
         "header": ("以下は話者と相手の対話です。\n"
                    "話者のプロフィール: {speaker_profile}\n"
                    "相手のプロフィール: {partner_profile}\n"
@@ -307,6 +324,8 @@ class RolePlay:
     speaker_profile: Mapping[str, object] | None = None
     partner_profile: Mapping[str, object] | None = None
     self_intro: str = ""
+    # retrieved (partner's last line, speaker's reply) of the speaker's own training pairs (`retrieval`): RAG
+    memories: Sequence[tuple[str, str]] = ()
 
 
 def _labelled_history(play: RolePlay, max_history: int, language: str) -> list[tuple[str, bool, str]]:
@@ -342,6 +361,11 @@ def _fill(template: str, play: RolePlay, others: list[str], language: str) -> st
                            self_intro=" ".join(play.self_intro.split()) or words["not_given"])
     if others:
         text += "\n" + words["others"].format(labels=", ".join(others))
+    if play.memories:  # RAG: the speaker's own most similar training pairs
+        text += "\n" + words["memories"] + "".join(
+            "\n- " + words["said"].format(partner=words["partner"], speaker=words["speaker"],
+                                          context=" ".join(context.split()) or "-", reply=" ".join(reply.split()))
+            for context, reply in play.memories)
     return text
 
 
@@ -794,20 +818,51 @@ class OpenAICompatibleClient:
         return replies
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """One prompt-LLM row of stage 06: its method name, label, generator, format and prompt inputs."""
+
+    method: str
+    label: str
+    generator: Any  # LocalLLM or OpenAICompatibleClient
+    fmt: str  # "chat" or "completion"
+    paper_history: bool = False  # the paper's 10-turn history (extra rows, never in the claims)
+    rag: bool = False  # the user's retrieved own training pairs in the prompt (Q3)
+
+    def variant(self, paper_history: bool = False, rag: bool = False) -> Baseline:
+        """The same LLM with the paper's history or with retrieval."""
+        method = paper_history_method(self.method) if paper_history else self.method + (RAG_SUFFIX if rag else "")
+        label = paper_history_label(self.label) if paper_history else self.label + (RAG_LABEL if rag else "")
+        return Baseline(method, label, self.generator, self.fmt, paper_history, rag)
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """What the prompts show besides the speaker and the profiles: which turns of history, and which of the
+    speaker's own past replies (RAG). Series are indexed like the pairs they belong to."""
+
+    histories: pd.Series | None = None  # per pair: the (speaker_id, text) turns shown; None: the paper's
+    memories: pd.Series | None = None  # per pair: retrieved `retrieval.Memory` lists; None: no retrieval
+    max_history: int = MAX_HISTORY  # the paper's history: corpus turns before each reply (histories None)
+    split: str | None = "test"  # the pairs of this split; None: every row
+
+
 def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.DataFrame, turns: pd.DataFrame,
-                     fmt: str, max_history: int = MAX_HISTORY, language: str = "en",
-                     split: str | None = "test", histories: pd.Series | None = None) -> pd.DataFrame:
+                     fmt: str, language: str = "en", inputs: PromptInputs = PromptInputs()) -> pd.DataFrame:
     """§4.2.2 prompts, one row per pair of `split` in `pairs` (all rows with split=None): split_set (NA when
     `pairs` has none), pair_id, speaker_id, prompt (chat: the messages as JSON; completion: the text),
     reference, history_turns (the turns shown). A pair_id can recur across split sets; (split_set, pair_id)
     is the key.
 
-    The history: `histories` (a Series indexed like `pairs`: the (speaker_id, text) turns each prompt shows,
-    from `shared_histories`, the fine-tuned systems' turns) when given; else the paper's, the `max_history`
-    corpus turns before each reply (`dialogue_history` on `turns`, stage 00's canonical turns). Each turn is
-    labelled by its speaker's role. Self-introductions come from `train_pairs` (see `self_introduction`; only
-    its training splits are read), of the same split set as the pair when both frames have `split_set`.
+    The history: `inputs.histories` (a Series indexed like `pairs`: the (speaker_id, text) turns each prompt
+    shows, from `shared_histories`, the fine-tuned systems' turns) when given; else the paper's, the
+    `inputs.max_history` corpus turns before each reply (`dialogue_history` on `turns`, stage 00's canonical
+    turns). Each turn is labelled by its speaker's role. Self-introductions come from `train_pairs` (see
+    `self_introduction`; only its training splits are read), of the same split set as the pair when both
+    frames have `split_set`. `inputs.memories` (RAG): the speaker's own retrieved training pairs, each shown
+    as the partner's last line and the speaker's reply.
     """
+    histories, split = inputs.histories, inputs.split
     _check_format(fmt)
     _template(language)
     missing = {"pair_id", "dialogue_id", "turn_index", "speaker_id", "partner_id", "response"} - set(pairs.columns)
@@ -818,18 +873,16 @@ def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.D
             raise ValueError(f"pairs have no `split` column to pick split {split!r} from (pass split=None)")
         pairs = pairs[pairs["split"] == split]
     if histories is None:
-        histories = dialogue_history(turns, pairs, max_history)
+        histories = dialogue_history(turns, pairs, inputs.max_history)
     else:
-        missing = pairs.index.difference(histories.index)
-        if len(missing):
-            raise ValueError(f"histories lack {len(missing)} of the pairs (index {missing[:3].tolist()}); "
-                             "index them as the pairs")
-        histories = histories.loc[pairs.index]
+        histories = _aligned(histories, pairs, "histories")
+    memories = (_aligned(inputs.memories, pairs, "memories") if inputs.memories is not None
+                else pd.Series([[]] * len(pairs), index=pairs.index, dtype=object))
     profiles = profile_lookup(users)
     by_set = "split_set" in pairs and "split_set" in train_pairs
     intros: dict[tuple, str] = {}
     rows = []
-    for row, history in zip(pairs.itertuples(index=False), histories):
+    for row, history, found in zip(pairs.itertuples(index=False), histories, memories):
         split_set = getattr(row, "split_set", pd.NA)
         key = (split_set if by_set else None, row.speaker_id)
         if key not in intros:
@@ -837,13 +890,20 @@ def baseline_prompts(pairs: pd.DataFrame, users: pd.DataFrame, train_pairs: pd.D
             intros[key] = self_introduction(users, train, row.speaker_id)
         play = RolePlay(speaker_id=str(row.speaker_id), history=history, partner_id=str(row.partner_id or ""),
                         speaker_profile=profiles.get(row.speaker_id), partner_profile=profiles.get(row.partner_id),
-                        self_intro=intros[key])
+                        self_intro=intros[key], memories=[(m.context[-1] if m.context else "", m.reply) for m in found])
         shown = len(history)  # every turn of the history given (dialogue_history already cut it to max_history)
         prompt = (json.dumps(build_chat_messages(play, shown, language), ensure_ascii=False) if fmt == "chat"
                   else build_completion_prompt(play, shown, language))
         rows.append({"split_set": split_set, "pair_id": row.pair_id, "speaker_id": row.speaker_id, "prompt": prompt,
                      "reference": row.response, "history_turns": shown})
     return pd.DataFrame(rows, columns=["split_set", "pair_id", "speaker_id", "prompt", "reference", "history_turns"])
+
+
+def _aligned(values: pd.Series, pairs: pd.DataFrame, what: str) -> pd.Series:
+    missing = pairs.index.difference(values.index)
+    if len(missing):
+        raise ValueError(f"{what} lack {len(missing)} of the pairs (index {missing[:3].tolist()}); index them as the pairs")
+    return values.loc[pairs.index]
 
 
 def prompt_tokens(generator: LocalLLM | OpenAICompatibleClient, prompts: Sequence[str], fmt: str) -> list[float]:

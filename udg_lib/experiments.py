@@ -31,7 +31,7 @@ from transformers import AutoConfig
 
 from udg_lib import finetuning as ft
 from udg_lib import methods as mth
-from udg_lib.baselines import PAPER_HISTORY_SUFFIX, LocalLLM
+from udg_lib.baselines import LocalLLM, llm_base_method
 from udg_lib.conditions import (
     NO_PRETRAINED,
     PRETRAINED_FORMATS,
@@ -369,7 +369,7 @@ def row_tokenizer(pretrain: str, method: str) -> str:
     if pretrain in PRETRAINED_FORMATS:
         return OURS_TOKENIZER_LABEL
     if pretrain == "llm":
-        method = method.removesuffix(PAPER_HISTORY_SUFFIX)  # the 10-turn extra row: the same model and tokenizer
+        method = llm_base_method(method)  # the 10-turn and RAG extra rows: the same model and tokenizer
         base = method.rsplit("-", 1)[0] if method.endswith(("-chat", "-completion", "-endpoint")) else method
         return LLM_DISPLAY_NAMES.get(base, base)
     return ""

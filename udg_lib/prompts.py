@@ -4,6 +4,8 @@
     PSP:   [USER] u_p1, u_p2, ... [SEP] x_0 [SEP] ... x_n
     PPP:   [USER1] speaker profile [USER2] partner profile [SEP] x_0 [SEP] ... x_n
     One-ID: "<id> " + any of the above, id = 4 random alphanumerics, stable per user
+    RAG:   the head (plain: a [USER] head of its own) ends with "said: r_1 | r_2", the user's retrieved
+           own training replies (`retrieval`), before the first [SEP]: truncation keeps the head whole
 
 The bracketed markers are special tokens (see `udg_lib.tokenizer`). Context turns are joined with
 [SEP] too: the profile always stands before the first [SEP], so the split stays unambiguous.
@@ -58,13 +60,28 @@ def build_ppp_prompt(context: Sequence[str], speaker_profile: Mapping[str, objec
                  join_context(context))
 
 
+MEMORY_LEAD = "said:"  # leads the retrieved replies in a RAG prompt's head
+
+
+def add_memories(prompt: str, fmt: str, memory: str) -> str:
+    """A RAG prompt: the user's retrieved own replies (`retrieval.memory_head`) at the end of the head, so that
+    context truncation, which keeps the head whole and cuts the oldest turns, never drops them."""
+    if not memory:
+        return prompt
+    if fmt == "plain":
+        return _join(USER, MEMORY_LEAD, memory, SEP, prompt)
+    head, sep, context = prompt.partition(f" {SEP}")
+    return f"{_join(head, MEMORY_LEAD, memory)}{sep}{context}"
+
+
 def add_user_id(prompt: str, one_id: str) -> str:
     """§4.1.3 One-ID: the user's id at the beginning of the input prompt."""
     return f"{one_id} {prompt}"
 
 
 def build_prompt(fmt: str, context: Sequence[str], speaker_profile: Mapping[str, object] | None = None,
-                 partner_profile: Mapping[str, object] | None = None, one_id: str | None = None) -> str:
+                 partner_profile: Mapping[str, object] | None = None, one_id: str | None = None,
+                 memory: str = "") -> str:
     if fmt == "plain":
         prompt = build_plain_prompt(context)
     elif fmt == "psp":
@@ -73,17 +90,20 @@ def build_prompt(fmt: str, context: Sequence[str], speaker_profile: Mapping[str,
         prompt = build_ppp_prompt(context, speaker_profile, partner_profile)
     else:
         raise ValueError(f"unknown prompt format {fmt!r}; expected one of {PROMPT_FORMATS}")
+    prompt = add_memories(prompt, fmt, memory)
     return add_user_id(prompt, one_id) if one_id else prompt
 
 
 def build_prompts(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str,
                   one_ids: Mapping[str, str] | None = None) -> pd.Series:
-    """Prompts for reply pairs (`context`, `speaker_id`, `partner_id`) with profiles from `users`."""
+    """Prompts for reply pairs (`context`, `speaker_id`, `partner_id`) with profiles from `users`; a `memory`
+    column (RAG: `retrieval.memory_head`) puts the user's retrieved replies into each head."""
     profiles = profile_lookup(users)
+    memories = pairs["memory"] if "memory" in pairs.columns else [""] * len(pairs)
     return pd.Series([
         build_prompt(fmt, list(row.context), profiles.get(row.speaker_id), profiles.get(row.partner_id),
-                     one_ids.get(row.speaker_id) if one_ids else None)
-        for row in pairs.itertuples()
+                     one_ids.get(row.speaker_id) if one_ids else None, memory or "")
+        for row, memory in zip(pairs.itertuples(), memories)
     ], index=pairs.index, dtype=object)
 
 

@@ -2,7 +2,8 @@
 
 `DA` (domain adaptation: the base of every other method and the floor without per-user training),
 `ONE_ID`, `LORA` and `FULL` are the paper's; `PeftMethod` turns any peft config from the parameters into a
-per-user method (IA3, prefix tuning, LoRA variants) with no new code. Stage 03 builds its list with
+per-user method (IA3, prefix tuning, LoRA variants) with no new code; `RagLora` is LoRA whose inputs carry
+the user's retrieved own training replies (retrieval-augmented, `udg_lib.retrieval`). Stage 03 builds its list with
 `build_methods` and records it in its metrics (`Method.record`); stages 04-06 rebuild it with
 `from_records`, so a method added in stage 03's parameters reaches Tables 3-5 and 7 by itself.
 
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from udg_lib.methods.base import MODEL_DIR, Evaluation, Method, TrainingJob, inference_model
-from udg_lib.methods.per_user import LORA_EVAL_MODES, Full, Lora, PeftMethod, PerUserMethod, adapter_names_for
+from udg_lib.methods.per_user import LORA_EVAL_MODES, Full, Lora, PeftMethod, PerUserMethod, RagLora, adapter_names_for
 from udg_lib.methods.pooled import DA, DomainAdaptation, OneId
 
 ONE_ID = OneId()
@@ -32,7 +33,7 @@ LABELS: dict[str, str] = {**{m.name: m.label for m in PAPER_METHODS}, RETRIEVAL:
 
 __all__ = ["DA", "FINE_TUNED", "FULL", "LABELS", "LORA", "LORA_EVAL_MODES", "MODEL_DIR", "ONE_ID", "PAPER_METHODS",
            "REGISTRY", "RETRIEVAL", "USER_SPECIFIC", "DomainAdaptation", "Evaluation", "Full", "Lora", "Method",
-           "OneId", "PeftMethod", "PerUserMethod", "TrainingJob", "adapter_names_for", "build_methods",
+           "OneId", "PeftMethod", "PerUserMethod", "RagLora", "TrainingJob", "adapter_names_for", "build_methods",
            "from_records", "get", "inference_model", "labels_of", "method_order"]
 
 
@@ -43,17 +44,19 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def build_methods(names: Sequence[str], peft_methods: Mapping[str, Mapping[str, Any]] | None = None) -> list[Method]:
+def build_methods(names: Sequence[str], peft_methods: Mapping[str, Mapping[str, Any]] | None = None,
+                  rag: Mapping[str, Any] | None = None) -> list[Method]:
     """Stage 03's methods: DA first (every other method starts from it), the paper's `names` in the tables'
-    order, then one `PeftMethod` per entry of `peft_methods` ({name: {"peft_type": ..., "label": ...,
-    peft's fields}})."""
-    chosen = [get(name) for name in names]
+    order, RAG + LoRA when `names` holds "rag_lora" (`rag`: RagLora's settings), then one `PeftMethod` per
+    entry of `peft_methods` ({name: {"peft_type": ..., "label": ..., peft's fields}})."""
+    rag_lora = [RagLora(**(rag or {}))] if RagLora.NAME in names else []
+    chosen = [get(name) for name in names if name != RagLora.NAME]
     peft = [PeftMethod(name, {k: v for k, v in spec.items() if k != "label"}, spec.get("label", ""))
             for name, spec in (peft_methods or {}).items()]
-    clash = sorted({m.name for m in peft} & set(REGISTRY) | {RETRIEVAL} & {m.name for m in peft})
+    clash = sorted({m.name for m in peft} & {*REGISTRY, RETRIEVAL, RagLora.NAME})
     if clash:
-        raise ValueError(f"peft_methods {clash}: these names belong to the paper's methods; choose another")
-    return [DA, *[m for m in PAPER_METHODS[1:] if m in chosen], *peft]
+        raise ValueError(f"peft_methods {clash}: these names belong to the study's methods; choose another")
+    return [DA, *[m for m in PAPER_METHODS[1:] if m in chosen], *rag_lora, *peft]
 
 
 def from_records(records: Iterable[Mapping[str, Any]] | None) -> list[Method]:
@@ -61,7 +64,14 @@ def from_records(records: Iterable[Mapping[str, Any]] | None) -> list[Method]:
     trained before it recorded them)."""
     if records is None:
         return list(PAPER_METHODS)
-    return [PeftMethod(r["name"], r["peft"], r.get("label", "")) if "peft" in r else get(r["name"]) for r in records]
+    def rebuild(record: Mapping[str, Any]) -> Method:
+        if "rag" in record:
+            return RagLora(**record["rag"])
+        if "peft" in record:
+            return PeftMethod(record["name"], record["peft"], record.get("label", ""))
+        return get(record["name"])
+
+    return [rebuild(record) for record in records]
 
 
 def labels_of(methods: Iterable[Method]) -> dict[str, str]:

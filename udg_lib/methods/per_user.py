@@ -12,7 +12,7 @@ LoRA's adapters are saved and evaluated later, all users of a batch in one route
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,9 +35,11 @@ from udg_lib.generation import (
 )
 from udg_lib.methods.base import Evaluation, Method, ResponseTimer, TrainingJob, timed, weights_bytes
 from udg_lib.methods.pooled import DA
+from udg_lib.metrics import load_embedder
 from udg_lib.multilora import run_users_batched
 from udg_lib.precision import resolve_precision
 from udg_lib.prompts import build_prompts
+from udg_lib.retrieval import UserMemories, memory_head
 
 LORA_EVAL_MODES: tuple[str, ...] = ("routed", "peft")
 
@@ -260,12 +262,13 @@ class Lora(PeftMethod):
     several users per step (`multilora`) or one at a time, saved in PEFT's format and evaluated later with
     every user's adapter on one base (`load_condition_lora`)."""
 
+    NAME = "lora"
     paper: ClassVar[bool] = True
     evaluated_in_memory: ClassVar[bool] = False
     frozen_base: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        super().__init__("lora", {"peft_type": "LORA"}, "LoRA")
+        super().__init__(self.NAME, {"peft_type": "LORA"}, "LoRA")
 
     def __repr__(self) -> str:
         return "Lora()"
@@ -348,3 +351,72 @@ class Lora(PeftMethod):
             return cold, timed(lambda: (held["model"].set_adapter(name), reply(held["model"], row)), device)
 
         return time_user
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RAG + per-user LoRA
+
+
+class RagLora(Lora):
+    """Retrieval-augmented LoRA (not in the paper): each input's head carries the user's `k` most similar own
+    training replies (`retrieval.UserMemories`, by context similarity; a training pair never retrieves
+    itself), and the user's adapter is trained and evaluated on such inputs. The replies cost input tokens,
+    so its source budget is the run's plus `extra_tokens`: the context it sees is the same as LoRA's.
+
+    Leak guard: the index holds only the cell's training pairs of its users (`retrieval`): no dev or test
+    reply ever reaches an input (tests/test_retrieval.py plants one and looks for it).
+    """
+
+    NAME = "rag_lora"
+    paper: ClassVar[bool] = False
+
+    def __init__(self, k: int = 2, max_words: int = 12, extra_tokens: int = 32, embedder: str = "minilm"):
+        PeftMethod.__init__(self, self.NAME, {"peft_type": "LORA"}, "LoRA + own replies (RAG)")
+        if k < 1 or max_words < 1 or extra_tokens < 0:
+            raise ValueError(f"RAG needs k >= 1, max_words >= 1, extra_tokens >= 0; got {k}, {max_words}, {extra_tokens}")
+        self.k, self.max_words, self.extra_tokens, self.embedder_name = k, max_words, extra_tokens, embedder
+        self._embedders: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"RagLora(k={self.k}, max_words={self.max_words}, extra_tokens={self.extra_tokens})"
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label,
+                "rag": {"k": self.k, "max_words": self.max_words, "extra_tokens": self.extra_tokens,
+                        "embedder": self.embedder_name}}
+
+    def _embedder(self, device: str) -> Any:
+        if device not in self._embedders:
+            self._embedders[device] = load_embedder(self.embedder_name, device=device)
+        return self._embedders[device]
+
+    def with_memories(self, cell: Cell, frame: pd.DataFrame, device: str) -> pd.DataFrame:
+        """`frame` (pairs of the cell's users, or questions put to them) with each row's `memory`: the user's
+        retrieved own training replies, from the cell's training pairs only."""
+        index = UserMemories.from_pairs(self._embedder(device), cell.pairs, cell.user_ids)
+        found = index.retrieve(frame, self.k)
+        return frame.assign(memory=[memory_head(m, self.max_words) for m in found])
+
+    def rag_cell(self, cell: Cell, device: str) -> Cell:
+        return cell.with_pairs(self.with_memories(cell, cell.pairs, device))
+
+    def train(self, cell: Cell, job: TrainingJob) -> pd.DataFrame:
+        lora = job.configs.get(Lora.NAME, job.config)  # LoRA's own config (its swept rate), more input tokens
+        config = replace(lora, max_source_length=lora.max_source_length + self.extra_tokens)
+        return self.train_users(self.rag_cell(cell, job.device), job, self.folder(cell), config)
+
+    def _evaluation(self, evaluation: Evaluation) -> Evaluation:
+        settings = dict(evaluation.settings)
+        settings["max_source_length"] = settings.get("max_source_length", 128) + self.extra_tokens
+        return replace(evaluation, settings=settings)
+
+    def predict(self, cell: Cell, evaluation: Evaluation, generate_ids: Collection[Any] | None) -> pd.DataFrame:
+        return super().predict(self.rag_cell(cell, evaluation.device), self._evaluation(evaluation), generate_ids)
+
+    def answer(self, cell: Cell, evaluation: Evaluation, asked: pd.DataFrame) -> pd.DataFrame:
+        asked = self.with_memories(cell, asked, evaluation.device)
+        return super().answer(cell, self._evaluation(evaluation), asked).drop(columns=["memory"])
+
+    def response_timer(self, cell: Cell, evaluation: Evaluation) -> ResponseTimer | None:
+        return None
