@@ -117,11 +117,12 @@ def test_finetune_users_writes_reloadable_adapters_and_one_id_models(test_run: P
     result = metrics(test_run, "03_finetune_users")["metrics"]
     assert result["users_per_dataset"] == {"chitchat": 4, "seinfeld": 4, "tbbt": 4}
     assert result["lora_trainable_parameters_t5_base"] == 1_769_472  # §4.1.3: "1.8 million"
+    assert [m["name"] for m in result["methods"]] == ["da", "one_id", "lora", "full", "rag_lora", "ia3"]
     summaries = pd.read_parquet(stage / "training_summaries.parquet")
-    # per condition: DA + One-ID + each user of that set x (LoRA, FULL)
+    # per condition: DA + One-ID + each user of that set x (LoRA, FULL, RAG + LoRA, and IA3 from its peft config)
     sizes = summaries.groupby(["dataset", "split_set", "pretrained"]).size()
     for (dataset, split_set, _), n in sizes.items():
-        assert n == 2 + 2 * len(result["trained_users"][dataset][str(split_set)])
+        assert n == 2 + 4 * len(result["trained_users"][dataset][str(split_set)])
     # evaluation units are real: every model trained on data, at least one step, early stopping on dev pairs
     assert (summaries["n_train"] > 0).all() and (summaries["n_dev"] > 0).all()
     assert (summaries["epochs_run"] >= 1).all() and summaries["best_dev_loss"].notna().all()
@@ -129,9 +130,14 @@ def test_finetune_users_writes_reloadable_adapters_and_one_id_models(test_run: P
     condition = stage / "tbbt" / "set0" / "psp"
     for user in users["user_id"]:
         assert (user_dir(condition / "lora", user) / DONE_FILE).is_file()
-        assert (user_dir(condition / "full", user) / "predictions.parquet").is_file()
-    adapter = user_dir(condition / "lora", users["user_id"].iloc[0]) / "adapter"
-    PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(condition / "da" / "model"), adapter)
+        assert (user_dir(condition / "rag_lora", user) / DONE_FILE).is_file()
+        for in_memory in ("full", "ia3"):  # evaluated while trained
+            assert (user_dir(condition / in_memory, user) / "predictions.parquet").is_file()
+    for method in ("lora", "ia3", "rag_lora"):  # adapters in peft's format
+        adapter = user_dir(condition / method, users["user_id"].iloc[0]) / "adapter"
+        PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(condition / "da" / "model"), adapter)
+    ia3 = json.loads((user_dir(condition / "ia3", users["user_id"].iloc[0]) / "adapter" / "adapter_config.json").read_text())
+    assert ia3["peft_type"] == "IA3"
     AutoModelForSeq2SeqLM.from_pretrained(condition / "one_id" / "model")
     assert result["sizes"]["adapter_weights_bytes_mean"] < result["sizes"]["model_weights_bytes"] / 5
 
@@ -140,8 +146,8 @@ def test_exp1_writes_tables_scores_significance_leakage_and_table6(test_run: Pat
     stage = test_run / "04_exp1_next_utterance"
     scores = pd.read_parquet(stage / "scores.parquet")
     systems = set(zip(scores["pretrain"], scores["method"]))
-    assert {("psp", "lora"), ("ppp", "full"), ("plain_t5", "one_id"), ("plain_dialogue", "da"),
-            ("none", "retrieval")} <= systems and len(systems) == 17
+    assert {("psp", "lora"), ("ppp", "full"), ("plain_t5", "one_id"), ("plain_dialogue", "da"), ("psp", "ia3"),
+            ("ppp", "rag_lora"), ("none", "retrieval")} <= systems and len(systems) == 25
     # every system with a likelihood scores every test pair of every user, once; every system (retrieval too)
     # generates replies on the same pairs, at most max_generated_per_user (2 here) of each user's
     tuned = scores[scores["method"] != "retrieval"]
@@ -158,11 +164,13 @@ def test_exp1_writes_tables_scores_significance_leakage_and_table6(test_run: Pat
     assert counts["n_generated"].between(1, 2).all()
     for number, name in ((3, "chitchat"), (4, "seinfeld"), (5, "tbbt")):
         table = pd.read_csv(stage / f"table{number}_{name}.csv")
-        assert len(table) == 17 and (table["perplexity"].dropna() > 1).all()
+        assert len(table) == 25 and (table["perplexity"].dropna() > 1).all()
+        assert {"IA3", "LoRA + own replies (RAG)"} <= set(table["fine-tuning"])
         assert "**" in (stage / f"table{number}_{name}.md").read_text()
     significance = pd.read_csv(stage / "significance.csv")
     assert {"psp/lora", "ppp/full"} <= set(significance["label_a"]) and significance["p_value"].between(0, 1).all()
-    assert set(pd.read_csv(stage / "leakage_by_method.csv")["method"]) == {"da", "one_id", "lora", "full"}
+    assert set(pd.read_csv(stage / "leakage_by_method.csv")["method"]) == {"da", "one_id", "lora", "full", "rag_lora",
+                                                                          "ia3"}
     table6 = pd.read_csv(stage / "table6.csv").set_index("model")
     assert table6.loc["LoRA", "size_MB"] < table6.loc["FULL", "size_MB"] and (table6["response_s_cold"] > 0).all()
 
@@ -170,7 +178,9 @@ def test_exp1_writes_tables_scores_significance_leakage_and_table6(test_run: Pat
 def test_exp2_writes_table7(test_run: Path):
     stage = test_run / "05_exp2_diversity"
     table7 = pd.read_csv(stage / "table7.csv", index_col=0)
-    assert len(table7) == 9 and table7.to_numpy().min() >= 0 and table7.to_numpy().max() <= 1
+    assert len(table7) == 15 and table7.to_numpy().min() >= 0  # 3 models x One-ID, LoRA, FULL, RAG + LoRA, IA3
+    assert {"PSP / IA3", "PSP / LoRA + own replies (RAG)"} <= set(table7.index)
+    assert table7.to_numpy().min() >= 0 and table7.to_numpy().max() <= 1
     replies = pd.read_parquet(stage / "replies.parquet")
     assert replies["question_id"].nunique() == 5  # params/test: max_questions 5
     assert pd.read_csv(stage / "significance.csv")["metric"].isin(["dist_s", "dist_2"]).all()
@@ -183,7 +193,8 @@ def test_llm_baselines_figure2_and_the_report(test_run: Path, tmp_path: Path):
     scores = pd.read_parquet(stage / "scores.parquet")
     # the LLMs read the fine-tuned systems' turns; params/test adds the paper's 10-turn prompt as marked extra rows
     assert set(scores["method"]) == {"smollm2-chat", "gemma3-270m-completion", "smollm2-chat-paper10",
-                                     "gemma3-270m-completion-paper10"} and scores["generated"].str.len().gt(0).any()
+                                     "gemma3-270m-completion-paper10", "smollm2-chat-rag",
+                                     "gemma3-270m-completion-rag"} and scores["generated"].str.len().gt(0).any()
     assert scores.groupby("method")["user_id"].nunique().eq(12).all()
     exp1 = pd.read_parquet(test_run / "04_exp1_next_utterance" / "scores.parquet")
     test_pairs = exp1.drop_duplicates(["split_set", "pair_id"])
@@ -192,20 +203,23 @@ def test_llm_baselines_figure2_and_the_report(test_run: Path, tmp_path: Path):
         assert rows[rows["generated"].notna()].groupby("user_id").size().eq(1).all()
         assert rows.loc[rows["generated"].isna(), "similarity"].isna().all()
     metrics = json.loads((stage / "metrics.json").read_text())["metrics"]
-    assert metrics["extra_methods"] == ["smollm2-chat-paper10", "gemma3-270m-completion-paper10"]
     read = metrics["history_read"]["chitchat"]
+    assert metrics["extra_methods"] == ["smollm2-chat-paper10", "gemma3-270m-completion-paper10"]
+    assert metrics["rag_methods"] == ["smollm2-chat-rag", "gemma3-270m-completion-rag"]
+    # the RAG prompt is the plain one plus the user's retrieved own training pairs
+    assert read["smollm2-chat-rag"]["prompt_tokens"] > read["smollm2-chat"]["prompt_tokens"]
     assert read["smollm2-chat"]["turns"] == read["fine-tuned psp"]["turns"] < read["smollm2-chat-paper10"]["turns"]
     # the same words; a newest turn cut inside re-tokenizes its first, cut word a token or so differently
     assert read["smollm2-chat"]["tokens"] == pytest.approx(read["fine-tuned psp"]["tokens"], abs=0.5)
     tested = pd.read_csv(stage / "significance_vs_llm.csv")["label_b"]  # "llm/<method>"
-    assert tested.eq("llm/smollm2-chat").any() and not tested.str.endswith("-paper10").any()  # never in the tests
+    assert tested.eq("llm/smollm2-chat").any() and not tested.str.endswith(("-paper10", "-rag")).any()  # C1: plain
     assert "Prompt LLM" in (stage / "table3_chitchat.md").read_text()
     assert (stage / "figures" / "figure2.png").stat().st_size > 0 and (stage / "figures" / "figure2.pdf").exists()
     rebuilt = rebuild_figure2(test_run, tmp_path)  # from the saved scores alone
     assert {p.name for p in rebuilt} == {"figure2.png", "figure2.pdf", "figure2_histogram.csv"}
     report = (test_run / "report.md").read_text()
     for needed in ("Table 1 analog", "Table 2 analog", "Table 3 analog: chitchat", "Table 6 analog", "Table 7 analog",
-                   "figure2.png", "**C1**", "**C5**", "of wall time"):
+                   "figure2.png", "**C1**", "**C5**", "**Q3**", "of wall time"):
         assert needed in report, needed
 
 
@@ -219,7 +233,8 @@ def causal_run(test_run: Path, tmp_path_factory) -> Path:
     with (params / "02_pretrain_models.yaml").open("a", encoding="utf-8") as handle:
         handle.write("model_family: causal\n")
     with (params / "03_finetune_users.yaml").open("a", encoding="utf-8") as handle:  # the cpu profile's path
-        handle.write("lora_learning_rates: [1.0e-6, 1.0e-2]\nlora_sweep_users: 2\nlora_training: per_user\n")
+        handle.write("lora_learning_rates: [1.0e-6, 1.0e-2]\nlora_sweep_users: 2\nlora_training: per_user\n"
+                     "methods: [one_id, lora, full]\npeft_methods: {}\n")  # the paper's methods: the cpu path
     outputs = root / "test"
     for stage in ("00_prepare_corpus", "01_infer_profiles"):
         shutil.copytree(test_run / stage, outputs / stage)

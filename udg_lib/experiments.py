@@ -469,19 +469,17 @@ def _short_reply(reply: str | None, width: int = 40) -> str:
     return f'"{reply if len(reply) <= width else reply[: width - 1] + "…"}"'
 
 
-def significance_notes(significance: pd.DataFrame, alpha: float = 0.05) -> list[str]:
-    """One line per test: "a vs b: mean diff, p (test, n users)", significant ones marked."""
+def significance_notes(significance: pd.DataFrame, alpha: float = 0.05,
+                       labels: Mapping[str, str] | None = None) -> list[str]:
+    """One line per test: "a vs b: mean diff, p (test, n users)", significant ones marked. `labels` names
+    methods beyond the paper's (`methods.labels_of`)."""
     lines = []
     for row in significance.itertuples(index=False):
         mark = " *" if row.p_value < alpha else ""
-        lines.append(f"- {_selector_label(row.label_a)} vs {_selector_label(row.label_b)} ({row.metric}): "
+        a, b = (system_label(*label.partition("/")[::2], labels) for label in (row.label_a, row.label_b))
+        lines.append(f"- {a} vs {b} ({row.metric}): "
                      f"diff {row.mean_diff:+.4f}, p = {row.p_value:.3g}{mark} ({row.method}, n = {row.n})")
     return lines
-
-
-def _selector_label(label: str) -> str:
-    pretrain, _, method = label.partition("/")
-    return system_label(pretrain, method)
 
 
 def per_user_over_sets(per_user: pd.DataFrame, metric_cols: Sequence[str]) -> pd.DataFrame:
