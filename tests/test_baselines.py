@@ -29,6 +29,7 @@ from udg_lib.baselines import (
     LocalLLM,
     NewlineStop,
     OpenAICompatibleClient,
+    PromptInputs,
     RolePlay,
     baseline_prompts,
     build_chat_messages,
@@ -199,7 +200,7 @@ def test_llm_prompts_show_exactly_the_turns_the_fine_tuned_prompt_keeps(tokenize
     turns, pairs, users = _scene_pairs()
     views = fine_tuned_contexts(pairs, users, "psp", tokenizer, 60, SEQ2SEQ)
     histories = shared_histories(turns, pairs, views)
-    prompts = baseline_prompts(pairs, users, pairs, turns, fmt, histories=histories)
+    prompts = baseline_prompts(pairs, users, pairs, turns, fmt, inputs=PromptInputs(histories=histories))
     assert prompts["history_turns"].tolist() == [len(v.turns) for v in views]
     assert 0 < prompts["history_turns"].mean() < pairs["context"].map(len).mean()  # the budget bites, not always
     corpus = dict(zip(turns["text"], turns["speaker_id"]))
@@ -218,7 +219,7 @@ def test_llm_prompts_show_exactly_the_turns_the_fine_tuned_prompt_keeps(tokenize
     [history] = shared_histories(turns, pairs.tail(1), tight)
     assert history == [(corpus[pairs["context"].iloc[-1][-1]], view.turns[0])]
     with pytest.raises(ValueError, match="histories lack 1 of the pairs"):
-        baseline_prompts(pairs, users, pairs, turns, fmt, histories=histories.iloc[1:])
+        baseline_prompts(pairs, users, pairs, turns, fmt, inputs=PromptInputs(histories=histories.iloc[1:]))
     with pytest.raises(ValueError, match="do not end the corpus history"):
         shared_histories(turns, pairs.head(3), views[-3:])  # another scene's turns
 
@@ -314,8 +315,8 @@ def test_baseline_prompts_one_row_per_test_pair_and_no_answer_leaks(fmt):
         assert "Your partner's profile: age: 20s, gender: female" in messages[0]["content"]
     else:
         assert b_prompt.endswith("Partner: one\nPerson 1: two\nPartner: three\nSpeaker:")
-    assert "Partner: one" not in baseline_prompts(pairs, _users(), pairs, _turns(), fmt, max_history=2)["prompt"].iloc[1]
-    dev = baseline_prompts(pairs, _users(), pairs, _turns(), fmt, split="dev")
+    assert "Partner: one" not in baseline_prompts(pairs, _users(), pairs, _turns(), fmt, inputs=PromptInputs(max_history=2))["prompt"].iloc[1]
+    dev = baseline_prompts(pairs, _users(), pairs, _turns(), fmt, inputs=PromptInputs(split="dev"))
     assert dev["pair_id"].tolist() == ["d6#1"] * 2
     with pytest.raises(ValueError, match="'prose'"):
         baseline_prompts(pairs, _users(), pairs, _turns(), "prose")
@@ -694,10 +695,10 @@ def test_run_baseline_with_a_local_model_adds_clean_replies_and_nll(tiny_llm):
 
 def test_run_baseline_scores_every_prompt_and_generates_only_the_chosen(tiny_llm):
     """Stage 06: bits per character on every test pair (forward passes), replies on a capped seeded subset."""
-    from udg_lib.experiments import sample_test_contexts
+    from udg_lib.conditions import sample_test_contexts
 
     turns, pairs, users = _scene_pairs()
-    prompts = baseline_prompts(pairs, users, pairs, turns, "completion", max_history=3)
+    prompts = baseline_prompts(pairs, users, pairs, turns, "completion", inputs=PromptInputs(max_history=3))
     chosen = sample_test_contexts(pairs, ["a", "b", "c", "d"], 2, seed=5)  # the subset stage 04 generates too
     flags = prompts["pair_id"].isin(chosen["pair_id"]).tolist()
     assert 0 < sum(flags) < len(flags) and chosen.groupby("speaker_id").size().max() == 2
