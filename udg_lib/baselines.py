@@ -51,6 +51,7 @@ import pandas as pd
 
 from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN, profile_lookup
 from udg_lib.progress import progress_bar
+from udg_lib.prompts import build_prompts, join_context
 
 if TYPE_CHECKING:  # torch and transformers load only when a local model is used
     import torch
@@ -276,7 +277,6 @@ def fine_tuned_contexts(pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, toke
     `fmt` (plain, psp, ppp; with `one_ids`, One-ID's prefix) reads under `max_source_length` tokens of the
     fine-tuned `tokenizer`: `prompts.build_prompts`, then `family.visible_contexts`, the rule of its
     `encode_sources`."""
-    from udg_lib.prompts import build_prompts
 
     sources = build_prompts(pairs, users, fmt, one_ids)
     return family.visible_contexts([list(c) for c in pairs["context"]], sources.tolist(), tokenizer,
@@ -308,7 +308,6 @@ def shared_histories(turns: pd.DataFrame, pairs: pd.DataFrame, visible: Sequence
 def history_tokens(histories: pd.Series, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Tokens of each history's turns joined as the fine-tuned prompts join them (`prompts.join_context`), in
     `tokenizer`: with the fine-tuned tokenizer, the count to set beside `VisibleContext.n_tokens`."""
-    from udg_lib.prompts import join_context
 
     texts = [join_context([text for _, text in history]) for history in histories]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
@@ -433,7 +432,7 @@ class LocalLLM:
                  dtype: torch.dtype | None = None):
         import torch
 
-        from udg_lib.llm import load_causal_lm
+        from udg_lib.llm import load_causal_lm  # here, as torch: the prompt builders above need neither
 
         model, tokenizer = load_causal_lm(name_or_path, cache_dir=cache_dir, dtype=dtype or torch.float32)
         self._setup(model, tokenizer, name_or_path)

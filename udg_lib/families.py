@@ -87,6 +87,7 @@ from udg_lib.encoding import (
 )
 from udg_lib.precision import Precision, autocast_for
 from udg_lib.prompts import SEP
+from udg_lib.llm import checkpoint_source
 
 
 class LoraSettings(Protocol):
@@ -727,7 +728,6 @@ def build_base_model(family: str | ModelFamily, checkpoint: str | Path, preset: 
 def load_model(path_or_id: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A checkpoint (folder, hub id, or a packaged LLM's short name such as "smollm2", see
     `udg_lib.llm.PACKAGED_LLMS`) through its family's Auto class, in eval mode."""
-    from udg_lib.llm import checkpoint_source  # imported here: llm is only needed for short names
 
     source = str(checkpoint_source(path_or_id))
     family = family_of(AutoConfig.from_pretrained(source))

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from udg_lib import report, stats
+from udg_lib.baselines import is_paper_history_method
 
 METRICS = ("similarity", "bits_per_char")
 LOWER_IS_BETTER = {"similarity": False, "bits_per_char": True}
@@ -67,7 +68,6 @@ class RunValues:
 def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimSettings()) -> RunValues:
     """A run's per-user values: from stage 04's (and 06's) per-sample `scores.parquet` in an outputs folder,
     else from stage 04's `per_user_scores.csv` in a published folder (no per-user file for stage 06 there)."""
-    from udg_lib.baselines import is_paper_history_method
 
     run = Path(run_dir)
     exp1, llm = run / EXP1, run / LLM

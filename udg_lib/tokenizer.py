@@ -25,6 +25,8 @@ from transformers.convert_slow_tokenizer import SpmConverter
 
 from udg_lib.io import staged_dir
 from udg_lib.prompts import PROMPT_SPECIAL_TOKENS as SPECIAL_TOKENS  # §3.4: the PSP/PPP markers
+from udg_lib.llm import checkpoint_source
+from udg_lib.data.prepare import corpus_language, corpus_names, corpus_text_sample
 
 # T5's fixed ids; `bos_id=-1` because T5 never prepends a start token (the decoder starts from pad).
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
@@ -205,7 +207,6 @@ def load_tokenizer(name_or_path: str | Path, *, add_special_tokens: bool = True)
     `sonoisa/t5-base-japanese`) gains them, and `added_special_tokens` tells the caller to check the
     model's embedding size (see `add_marker_tokens`).
     """
-    from udg_lib.llm import checkpoint_source  # packaged LLM short names ("smollm2") resolve to their folder
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_source(name_or_path)))
     added = add_marker_tokens(tokenizer) if add_special_tokens else False
@@ -311,7 +312,6 @@ def check_corpora_fit(tokenizer: PreTrainedTokenizerBase, prepared_dir: str | Pa
                       languages: Iterable[str] | None = None) -> dict[str, TokenizerFit]:
     """`check_tokenizer_fit` on a seeded sample of every corpus stage 00 prepared in `prepared_dir` (those of
     `languages` only, when given); the fits by corpus name."""
-    from udg_lib.data.prepare import corpus_language, corpus_names, corpus_text_sample  # pandas: when needed
 
     wanted = None if languages is None else set(languages)
     fits = {}

@@ -19,6 +19,7 @@ from udg_lib.data.schema import (
     validate_corpus,
 )
 from udg_lib.data.sitcoms import load_seinfeld, load_tbbt
+from udg_lib.paths import repo_root
 
 FORMATS = ("chitchat", "seinfeld", "tbbt", "personachat_json", "japanese_xlsx", "generic")
 _LOADERS = {"chitchat": load_chitchat, "seinfeld": load_seinfeld, "tbbt": load_tbbt,
@@ -59,7 +60,6 @@ def check_corpus_spec(spec: object, where: str = "parameters") -> None:
 def corpus_paths(spec: dict) -> dict[str, Path]:
     """The files a corpus spec names, by key, resolved as `load_from_spec` resolves them (relative paths
     from the repository root)."""
-    from udg_lib.paths import repo_root
 
     found = {}
     for key in _PATH_KEYS.get(spec.get("format"), ()):
@@ -74,7 +74,6 @@ def load_from_spec(spec: dict) -> Corpus:
     `{"format": "generic", "turns": "data/turns.jsonl", "users": "data/users.csv", "name": "mylab"}`.
     Relative paths are taken from the repository root. Stage 00 reads the `split` key before this is called.
     """
-    from udg_lib.paths import repo_root
 
     check_corpus_spec(spec)
     spec = dict(spec)
