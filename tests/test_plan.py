@@ -102,18 +102,47 @@ def test_the_family_comes_from_model_family_and_precision_is_resolved(tmp_path):
 def test_epochs_come_from_an_earlier_run_when_there_is_one(tmp_path):
     loaded, _ = cost_plan.profile_params("tmp", write_params(tmp_path / "params"))
     s03 = loaded["03_finetune_users"]
-    caps, why = cost_plan.expected_epochs(s03, None, None)
-    assert caps == {"DA": 1, "One-ID": 2, "LoRA": 2, "FULL": 2} and "upper bound" in why
+    methods = cost_plan.stage03_methods(s03)
+    assert [m.plan_label for m in methods] == ["DA", "One-ID", "LoRA", "FULL"]
+    caps, why = cost_plan.expected_epochs(s03, methods, None, None)
+    assert caps == {"da": 1, "one_id": 2, "lora": 2, "full": 2} and "upper bound" in why
     stage = tmp_path / "outputs" / "03_finetune_users"
     stage.mkdir(parents=True)
     by_method = [{"method": m, "epochs_mean": e} for m, e in (("da", 1.0), ("one_id", 2.0), ("lora", 1.5),
                                                               ("lora", 2.5), ("full", 1.0))]
     (stage / "metrics.json").write_text(json.dumps({"metrics": {"by_method": by_method}}))
     measured = cost_plan.measured_epochs("tmp", tmp_path / "outputs")
-    assert measured[0] == {"DA": 1.0, "One-ID": 2.0, "LoRA": 2.0, "FULL": 1.0}
-    epochs, why = cost_plan.expected_epochs(s03, measured, None)
-    assert epochs["LoRA"] == 2.0 and "earlier run measured" in why
-    assert cost_plan.expected_epochs(s03, measured, 5)[0]["LoRA"] == 2  # an assumed count is capped too
+    assert measured[0] == {"da": 1.0, "one_id": 2.0, "lora": 2.0, "full": 1.0}
+    epochs, why = cost_plan.expected_epochs(s03, methods, measured, None)
+    assert epochs["lora"] == 2.0 and "earlier run measured" in why and "LoRA 2.0" in why
+    assert cost_plan.expected_epochs(s03, methods, measured, 5)[0]["lora"] == 2  # an assumed count is capped too
+    # a method the earlier run did not train is assumed to run to its cap
+    more = cost_plan.stage03_methods({**s03, "methods": ["one_id", "lora", "full", "rag_lora"],
+                                      "peft_methods": {"ia3": {"peft_type": "IA3"}}})
+    assert [m.plan_label for m in more] == ["DA", "One-ID", "LoRA", "FULL", "LoRA + own replies (RAG)", "ia3"]
+    epochs, _ = cost_plan.expected_epochs(s03, more, measured, None)
+    assert epochs["rag_lora"] == epochs["ia3"] == 2 and epochs["full"] == 1.0
+
+
+def test_every_method_of_stage_03_gets_a_row_priced_by_its_kind(tmp_path):
+    loaded, _ = cost_plan.profile_params("tmp", write_params(tmp_path / "params"))
+    s03 = {**loaded["03_finetune_users"], "methods": ["one_id", "lora", "full", "rag_lora"],
+           "peft_methods": {"ia3": {"peft_type": "IA3", "label": "IA3"}}, "lora_training": "per_user"}
+    methods = cost_plan.stage03_methods(s03)
+    timings = {kind: cost_plan.StepTiming(kind, 4, 4, None if kind == "lora_batched" else 1.0)
+               for kind in cost_plan.STEP_KINDS}
+    work = [cost_plan.WorkCounts("d", users=4, split_sets=1, pretrained=2, train_ft=8, train_da=8, dev=4, test=4)]
+    settings = cost_plan.CountSettings(tuple(methods), {m.name: 2 for m in methods}, user_batch=4, da_batch=8,
+                                       generate_batch=8, questions=2, lora_kind="lora", users_per_batch=2,
+                                       source_tokens=48)
+    rows = {r["work"]: r for r in cost_plan.count_rows(work, timings, settings)}
+    assert {"DA", "One-ID", "LoRA", "FULL", "LoRA + own replies (RAG)", "IA3", "FULL replies", "IA3 replies",
+            "generation"} == set(rows)
+    assert rows["IA3"]["units"] == rows["LoRA"]["units"] and rows["IA3"]["models"] == 4 * 2
+    # RAG + LoRA: LoRA's steps on longer inputs (48 + 32 prompt tokens)
+    assert rows["LoRA + own replies (RAG)"]["seconds_per_unit"] == pytest.approx(80 / 48)
+    # stages 04-05 generate for DA, One-ID, LoRA and RAG + LoRA (FULL and IA3 answered in stage 03)
+    assert rows["generation"]["units"] == 1 * 2 * 4 * 4 * 4 / 8  # sets x models x methods x users x test / batch
 
 
 def test_timings_are_positive_and_scale_the_estimates(planned):

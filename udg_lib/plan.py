@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from udg_lib import paths
+from udg_lib.methods import PAPER_METHODS, Method, build_methods
 from udg_lib.precision import PRECISIONS, cpu_flags_line, resolve_precision
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,16 +587,16 @@ class Plan:
     paper_table: pd.DataFrame  # the same at the paper's counts
     assumptions: list[str]
     work: list[WorkCounts] = field(default_factory=list)  # stage 03's datasets as counted
-    count_settings: dict[str, Any] = field(default_factory=dict)  # `count_rows`' keyword arguments as planned
+    count_settings: CountSettings | None = None  # how `count_rows` counted, to re-cost other designs
 
     def design_hours(self, users: int, train_pairs: float, test_pairs: float) -> float:
         """Stages 03 and 04-05 re-costed (`count_rows`, the same timings and settings) with every dataset at
         `users` users of `train_pairs` fine-tuning and `test_pairs` test pairs each (dev pairs, DA halves,
         split sets and pre-trained models as planned): the cost side of `power.design_tradeoff`."""
-        if not self.work:
+        if not self.work or self.count_settings is None:
             raise PlanError("this plan kept no counts to re-cost (made before design_hours existed)")
         work = [replace(w, users=users, train_ft=train_pairs, test=test_pairs) for w in self.work]
-        rows = count_rows(work, self.timings, **self.count_settings)
+        rows = count_rows(work, self.timings, self.count_settings)
         return float(sum(r["device_hours"] for r in rows))
 
     @property
@@ -643,73 +644,101 @@ class WorkCounts:
     test: float
 
 
-METHOD_KEYS = {"DA": "da", "One-ID": "one_id", "LoRA": "lora", "FULL": "full"}  # rows -> stage 03's method names
+def stage03_methods(s03: Mapping[str, Any]) -> list[Method]:
+    """The methods stage 03 trains with these parameters, DA first (as notebook 03 builds them)."""
+    rag = {"k": s03.get("rag_k", 2), "max_words": s03.get("rag_max_words", 12),
+           "extra_tokens": s03.get("rag_extra_tokens", 32), "embedder": s03.get("rag_embedder", "minilm")}
+    return build_methods(s03.get("methods", [m.name for m in PAPER_METHODS[1:]]), s03.get("peft_methods"), rag)
 
 
-def count_rows(work: Sequence[WorkCounts], timings: Mapping[str, StepTiming], *, epochs: Mapping[str, float],
-               user_batch: int, da_batch: int, generate_batch: int, questions: int, exp2_pretrained: int,
-               lora_kind: str, users_per_batch: int, sweep_trainings: int = 0,
-               predict_batch: int = 32) -> list[dict[str, Any]]:
-    """Stage 03-05 rows of a plan: DA, One-ID, LoRA (and its learning-rate sweep), FULL trainings, and the
-    generation batches.
+@dataclass(frozen=True)
+class CountSettings:
+    """How `count_rows` counts stage 03-05's work: the methods stage 03 trains, batches, epochs, generation."""
+
+    methods: tuple[Method, ...]  # stage 03's (`methods.build_methods` of its params), DA first
+    epochs: Mapping[str, float]  # method name -> epochs each training is assumed to run (`expected_epochs`)
+    user_batch: int
+    da_batch: int
+    generate_batch: int
+    questions: int
+    lora_kind: str  # "lora" (one user at a time) or "lora_batched" (LoRA's users `users_per_batch` per step)
+    users_per_batch: int
+    exp2_pretrained: int = 0
+    sweep_trainings: int = 0  # extra LoRA trainings of the learning-rate sweep
+    predict_batch: int = 32
+    source_tokens: int = 128  # the prompt tokens a training step was timed with
+
+
+def count_rows(work: Sequence[WorkCounts], timings: Mapping[str, StepTiming], settings: CountSettings
+               ) -> list[dict[str, Any]]:
+    """Stage 03-05 rows of a plan: one row per method stage 03 trains (DA, One-ID, LoRA and its learning-rate
+    sweep, FULL, any peft or RAG method), the in-memory evaluation of the methods evaluated so, and the
+    generation batches of stages 04-05.
 
     Steps per training = epochs x ceil(pairs / batch); the dev loss is measured before training and after each
-    epoch, each pass costing dev pairs / batch steps at `DEV_FORWARD_SHARE` of a step. `epochs` maps "DA",
-    "One-ID", "LoRA", "FULL" to the epochs each training is assumed to run (`expected_epochs`). The sweep
-    trains `sweep_trainings` extra LoRA users (candidates x sweep users). Generation: stage 03 answers every
-    FULL user's test contexts and Exp2 questions while the model is in memory (`predict_batch` rows per batch)
-    and scores the references (a forward pass); stages 04-05 generate the test replies of DA, One-ID and LoRA
-    and One-ID's and LoRA's Exp2 answers of `exp2_pretrained` models.
+    epoch, each pass costing dev pairs / batch steps at `DEV_FORWARD_SHARE` of a step. A method says what it
+    trains on (`Method.plan_rows`: pooled pairs or a user's own) and which timed step prices it
+    (`Method.plan_kind`, scaled by `Method.plan_scale` for longer inputs); DA's steps have its larger batch.
+    Generation: stage 03 answers every in-memory user's test contexts and Exp2 questions (`predict_batch` rows
+    per batch) and scores the references (a forward pass); stages 04-05 generate the test replies of the
+    other methods and their Exp2 answers under `exp2_pretrained` models.
     """
     def seconds(kind: str) -> float:
         value = timings[kind].seconds
         return float("nan") if value is None else value
 
     rows = []
-    lora_unit = seconds("lora")
-    if lora_kind == "lora_batched" and timings["lora_batched"].seconds is not None:
-        lora_unit = seconds("lora_batched") / max(users_per_batch, 1)  # one user's share of a batched step
-    pooled = seconds("full") * da_batch / user_batch  # a step of DA's larger batch (One-ID has the users' batch)
-    for method, models_each, unit, per_model in (
-        ("DA", 1, pooled, lambda w: (w.users * w.train_da, w.users * w.dev, da_batch)),
-        ("One-ID", 1, seconds("full"), lambda w: (w.users * w.train_ft, w.users * w.dev, user_batch)),  # config
-        ("LoRA", None, lora_unit, lambda w: (w.train_ft, w.dev, user_batch)),
-        ("FULL", None, seconds("full"), lambda w: (w.train_ft, w.dev, user_batch)),
-    ):
+    for method in settings.methods:
+        kind = method.plan_kind
+        unit = seconds(kind)
+        if kind == "lora" and settings.lora_kind == "lora_batched" and method.batched_lora and \
+                timings["lora_batched"].seconds is not None:
+            unit = seconds("lora_batched") / max(settings.users_per_batch, 1)  # one user's share of a batched step
+        pooled = method is settings.methods[0]  # DA: its own, larger batch
+        batch = settings.da_batch if pooled else settings.user_batch
+        unit *= (batch / settings.user_batch) * method.plan_scale(settings.source_tokens)
+        sweep = settings.sweep_trainings if method.swept else 0
         models = steps = 0.0
         for w in work:
-            n = (models_each or w.users) * w.split_sets * w.pretrained
-            train, dev, batch = per_model(w)
-            n_epochs = epochs[method]
+            train, dev, per_cell = method.plan_rows(w.train_da, w.train_ft, w.dev, w.users)
+            n = per_cell * w.split_sets * w.pretrained
+            n_epochs = settings.epochs[method.name]
             per = n_epochs * math.ceil(train / batch) + (n_epochs + 1) * DEV_FORWARD_SHARE * math.ceil(dev / batch)
             models += n
             steps += n * per
-            if method == "LoRA" and sweep_trainings and w is work[0]:  # the sweep: on the first condition
-                models += sweep_trainings
-                steps += sweep_trainings * per
-        rows.append({"stage": "03", "work": method + (" (+ lr sweep)" if method == "LoRA" and sweep_trainings else ""),
+            if sweep and w is work[0]:  # the sweep: on the first condition
+                models += sweep
+                steps += sweep * per
+        rows.append({"stage": "03", "work": method.plan_label + (" (+ lr sweep)" if sweep else ""),
                      "models": round(models), "units": round(steps), "unit": "step", "seconds_per_unit": unit,
                      "device_hours": steps * unit / 3600})
-    full_users = sum(w.split_sets * w.pretrained * w.users for w in work)
-    full_batches = full_users * (math.ceil(max(w.test for w in work) / predict_batch)
-                                 + math.ceil(questions / predict_batch)) if work else 0
-    scoring = full_users * math.ceil(max(w.test for w in work) / predict_batch) * DEV_FORWARD_SHARE if work else 0
-    full_seconds = full_batches * seconds("generate") + scoring * seconds("full")
-    rows.append({"stage": "03", "work": "FULL replies", "models": 0, "units": full_batches,
-                 "unit": f"batch of <= {predict_batch}", "device_hours": full_seconds / 3600,
-                 "seconds_per_unit": full_seconds / full_batches if full_batches else float("nan")})
-    replies = sum(w.split_sets * w.pretrained * 3 * w.users * w.test for w in work)
-    replies += sum(w.split_sets * min(exp2_pretrained, w.pretrained) * 2 * w.users * questions for w in work)
-    batches = math.ceil(replies / generate_batch)
+    test = max((w.test for w in work), default=0)
+    per_user = math.ceil(test / settings.predict_batch) + math.ceil(settings.questions / settings.predict_batch)
+    for method in settings.methods:
+        if not getattr(method, "evaluated_in_memory", False):
+            continue
+        users = sum(w.split_sets * w.pretrained * w.users for w in work)
+        batches = users * per_user if work else 0
+        scoring = users * math.ceil(test / settings.predict_batch) * DEV_FORWARD_SHARE if work else 0
+        total = batches * seconds("generate") + scoring * seconds("full")
+        rows.append({"stage": "03", "work": f"{method.plan_label} replies", "models": 0, "units": batches,
+                     "unit": f"batch of <= {settings.predict_batch}", "device_hours": total / 3600,
+                     "seconds_per_unit": total / batches if batches else float("nan")})
+    later = [m for m in settings.methods if not getattr(m, "evaluated_in_memory", False)]
+    answering = [m for m in later if m.answers_questions]
+    replies = sum(w.split_sets * w.pretrained * len(later) * w.users * w.test for w in work)
+    replies += sum(w.split_sets * min(settings.exp2_pretrained, w.pretrained) * len(answering) * w.users
+                   * settings.questions for w in work)
+    batches = math.ceil(replies / settings.generate_batch)
     rows.append({"stage": "04-05", "work": "generation", "models": 0, "units": batches,
-                 "unit": f"batch of {generate_batch}", "seconds_per_unit": seconds("generate"),
+                 "unit": f"batch of {settings.generate_batch}", "seconds_per_unit": seconds("generate"),
                  "device_hours": batches * seconds("generate") / 3600})
     return rows
 
 
 def measured_epochs(profile: str, outputs_root: Path) -> tuple[dict[str, float], str] | None:
-    """Mean epochs run per method (DA, One-ID, LoRA, FULL) in an earlier stage 03 of `profile`: its outputs,
-    else its published reference results (`results/<profile>/`); None when neither exists."""
+    """Mean epochs run per method (by name) in an earlier stage 03 of `profile`: its outputs, else its
+    published reference results (`results/<profile>/`); None when neither exists."""
     for root in (outputs_root, paths.repo_root() / "results" / profile):
         metrics = paths.stage_dir(root, STAGE_NAMES["03"]) / "metrics.json"
         if not metrics.is_file():
@@ -718,25 +747,25 @@ def measured_epochs(profile: str, outputs_root: Path) -> tuple[dict[str, float],
         if by_method.empty or "epochs_mean" not in by_method:
             continue
         means = by_method.groupby("method")["epochs_mean"].mean()
-        found = {row: float(means[key]) for row, key in METHOD_KEYS.items() if key in means}
-        if len(found) == len(METHOD_KEYS):
-            return found, str(metrics)
+        return {name: float(epochs) for name, epochs in means.items()}, str(metrics)
     return None
 
 
-def expected_epochs(s03: Mapping[str, Any], measured: tuple[dict[str, float], str] | None,
-                    epochs: int | None) -> tuple[dict[str, float], str]:
-    """Epochs each training is assumed to run, and why: `epochs` when given (capped), else the epochs an
-    earlier run of the profile measured (early stopping ends most runs before the cap), else the caps (an
-    upper bound)."""
-    caps = {"DA": s03["da_max_epochs"], "One-ID": s03["max_epochs"], "LoRA": s03["max_epochs"],
-            "FULL": s03["max_epochs"]}
+def expected_epochs(s03: Mapping[str, Any], methods: Sequence[Method],
+                    measured: tuple[dict[str, float], str] | None, epochs: int | None) -> tuple[dict[str, float], str]:
+    """Epochs each method's trainings are assumed to run (by method name), and why: `epochs` when given
+    (capped), else the epochs an earlier run measured for the method (early stopping ends most runs before
+    the cap; a method it did not train: the cap), else the caps (an upper bound). DA's cap is
+    `da_max_epochs`, every other method's `max_epochs`."""
+    caps = {m.name: s03["da_max_epochs"] if m is methods[0] else s03["max_epochs"] for m in methods}
     if epochs:
         return {k: min(epochs, cap) for k, cap in caps.items()}, f"{epochs} per training (assumed)"
     if measured:
         found, source = measured
-        return ({k: min(found[k], cap) for k, cap in caps.items()},
-                "as an earlier run measured (" + ", ".join(f"{k} {v:.1f}" for k, v in found.items()) + f"; {source})")
+        labels = {m.name: m.plan_label for m in methods}
+        return ({k: min(found.get(k, cap), cap) for k, cap in caps.items()},
+                "as an earlier run measured (" + ", ".join(f"{labels[k]} {found[k]:.1f}" for k in caps if k in found)
+                + f"; {source})")
     return caps, "the caps, an upper bound: early stopping ends most trainings sooner"
 
 
@@ -772,13 +801,14 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
     timings = time_steps(shape, spec, steps=steps, device=device, precision=precision, max_rows=max_rows)
     numerics = resolve_precision(precision, device)
 
-    epochs_by_method, epochs_why = expected_epochs(s03, measured_epochs(profile, out_root), epochs)
+    methods = stage03_methods(s03)
+    epochs_by_method, epochs_why = expected_epochs(s03, methods, measured_epochs(profile, out_root), epochs)
     lora_kind = "lora_batched" if s03["lora_training"] == "batched" else "lora"
     questions = min(QUESTIONS, s03["max_questions"]) if s03["max_questions"] else QUESTIONS
     sweep = len(s03["lora_learning_rates"]) * (s03["lora_sweep_users"] or (datasets[0].users if datasets else 0))
-    settings = dict(epochs=epochs_by_method, user_batch=spec.user_batch, da_batch=s03["da_batch_size"],
-                    generate_batch=spec.generate_batch, questions=questions, lora_kind=lora_kind,
-                    users_per_batch=spec.users_per_batch)
+    settings = CountSettings(tuple(methods), epochs_by_method, spec.user_batch, s03["da_batch_size"],
+                             spec.generate_batch, questions, lora_kind, spec.users_per_batch,
+                             exp2_pretrained=len(s05["pretrained"]), sweep_trainings=sweep, source_tokens=spec.source)
 
     plain_steps = 0 if s02["checkpoint"] else s02["plain_t5_steps"]
     dialogue_models = len(s02.get("dialogue_models", ("plain_dialogue", "psp", "ppp")))
@@ -788,12 +818,14 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
              "device_hours": pretrain_steps * (timings["pretrain"].seconds or float("nan")) / 3600}]
     work = [WorkCounts(d.name, d.users, len(s03["split_sets"]), len(s03["pretrained"]), d.train_ft, d.train_da,
                        d.dev, d.test) for d in datasets]
-    rows += count_rows(work, timings, exp2_pretrained=len(s05["pretrained"]), sweep_trainings=sweep, **settings)
+    rows += count_rows(work, timings, settings)
     seeds = training_seeds(profile, params_dir)
     for row in rows:  # every row here is stage 02 or later: each training seed runs them all again
         row.update(models=row["models"] * seeds, units=row["units"] * seeds, device_hours=row["device_hours"] * seeds)
     table = _finish(pd.DataFrame(rows))
-    paper = _finish(pd.DataFrame(count_rows(paper_counts(spec.user_batch), timings, exp2_pretrained=3, **settings)))
+    paper_settings = replace(settings, methods=tuple(PAPER_METHODS), exp2_pretrained=3, sweep_trainings=0,
+                             epochs={**{m.name: settings.epochs.get(m.name, s03["max_epochs"]) for m in PAPER_METHODS}})
+    paper = _finish(pd.DataFrame(count_rows(paper_counts(spec.user_batch), timings, paper_settings)))
 
     assumptions = [
         f"params: {source}; model: {shape.family} {shape.preset} ({shape.why}), vocabulary {shape.vocab_size:,}",
@@ -807,8 +839,10 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
         f"LoRA timed as {'batched multilora' if lora_kind == 'lora_batched' else 'one user at a time (peft)'}"
         + ("" if lora_kind == "lora" or timings["lora_batched"].seconds is not None
            else f" -> fell back to one user at a time ({timings['lora_batched'].note})"),
-        f"generation: test replies of DA, One-ID, LoRA, FULL and {questions} Exp2 questions per user, "
-        f"{spec.max_new_tokens} tokens each (FULL's in stage 03, with the references scored)",
+        f"methods: {', '.join(m.plan_label for m in methods)} (stage 03's `methods` and `peft_methods`); a peft "
+        "method is priced as a LoRA step, RAG + LoRA's by its longer inputs",
+        f"generation: test replies of every method and {questions} Exp2 questions per user, "
+        f"{spec.max_new_tokens} tokens each (FULL's and the peft methods' in stage 03, with the references scored)",
         f"timed on {device} in {numerics.used} ({precision!r} asked"
         + (f"; CPU: {cpu_flags_line()}" if device == "cpu" else "") + f"): {steps} repetitions after {CPU_WARMUP_CALLS if device == 'cpu' else 1} warm-up call(s)"
         + (f"; batches capped at {max(t.timed_rows for t in timings.values())} rows and scaled linearly"
@@ -820,7 +854,7 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
         "= 9,324; DA's 36 models are trained but not counted there",
     ]
     return Plan(profile, device, numerics.record(), shape, source, datasets, timings, table, paper, assumptions, work,
-                dict(settings, exp2_pretrained=len(s05["pretrained"]), sweep_trainings=sweep))
+                settings)
 
 
 def _finish(table: pd.DataFrame) -> pd.DataFrame:

@@ -143,6 +143,17 @@ class Method:
     paper: ClassVar[bool] = True  # one of the paper's systems, which its claims speak about
     answers_questions: ClassVar[bool] = True  # answers Exp2's personal questions (§4.3)
     plan_kind: ClassVar[str] = "full"  # the planner's timed step that prices one training step (plan.STEP_KINDS)
+    swept: ClassVar[bool] = False  # its learning rate is the one stage 03's sweep chooses (LoRA)
+    batched_lora: ClassVar[bool] = False  # trains several users per step with `lora_training: batched`
+
+    @property
+    def plan_label(self) -> str:
+        """The planner's row name (the tables' label)."""
+        return self.label
+
+    def plan_scale(self, source_tokens: int) -> float:
+        """A training step's cost relative to the timed one at `source_tokens` prompt tokens."""
+        return 1.0
 
     @property
     def record(self) -> dict[str, Any]:

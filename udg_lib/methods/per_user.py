@@ -264,6 +264,8 @@ class Lora(PeftMethod):
 
     NAME = "lora"
     paper: ClassVar[bool] = True
+    swept: ClassVar[bool] = True
+    batched_lora: ClassVar[bool] = True
     evaluated_in_memory: ClassVar[bool] = False
     frozen_base: ClassVar[bool] = True
 
@@ -369,6 +371,7 @@ class RagLora(Lora):
 
     NAME = "rag_lora"
     paper: ClassVar[bool] = False
+    swept: ClassVar[bool] = False  # trains at the rate LoRA's sweep chose
 
     def __init__(self, k: int = 2, max_words: int = 12, extra_tokens: int = 32, embedder: str = "minilm"):
         PeftMethod.__init__(self, self.NAME, {"peft_type": "LORA"}, "LoRA + own replies (RAG)")
@@ -397,6 +400,9 @@ class RagLora(Lora):
         index = UserMemories.from_pairs(self._embedder(device), cell.pairs, cell.user_ids)
         found = index.retrieve(frame, self.k)
         return frame.assign(memory=[memory_head(m, self.max_words) for m in found])
+
+    def plan_scale(self, source_tokens: int) -> float:
+        return (source_tokens + self.extra_tokens) / max(source_tokens, 1)  # longer inputs, the same step otherwise
 
     def rag_cell(self, cell: Cell, device: str) -> Cell:
         return cell.with_pairs(self.with_memories(cell, cell.pairs, device))

@@ -4,6 +4,7 @@ the floor without per-user training) and One-ID (every user's pairs, each prompt
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
@@ -61,7 +62,11 @@ class DomainAdaptation(Method):
             save_model(model, job.tokenizer, folder, record)
         return _summary_row(record, self.name)
 
-    def base_model_dir(self, cell: Cell):
+    @property
+    def plan_label(self) -> str:
+        return "DA"
+
+    def base_model_dir(self, cell: Cell) -> Path:
         """The domain-adapted model every other method of the cell starts from."""
         return self.folder(cell) / MODEL_DIR
 
