@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from udg_lib.conditions import sample_test_contexts
 from udg_lib import experiments as ex
 from udg_lib import paths, report
 
@@ -234,17 +235,57 @@ def question_scores(n_users: int, gain: float, psp_shift: float, seed: int = 0) 
 
 def test_run_questions_answer_yes_no_or_inconclusive():
     answers, tests = report.judge_questions(question_scores(30, 0.05, 0.0))
-    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "no"}  # Q2: equivalent
+    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "no",  # Q2: equivalent
+                                                                 "Q3a": "not tested", "Q3b": "not tested"}
+    assert "needs RAG + LoRA" in answers.set_index("question").loc["Q3a", "note"]
     q1, q2 = tests[tests["question"] == "Q1"], tests[tests["question"] == "Q2"]
     assert len(q1) == 6 and (q1["ci_low"] > 0.04).all() and (q1["n"] == 30).all()
     assert len(q2) == 4 and (q2["kind"] == "differs").all() and (q2["answer"] == "no").all()
     assert "≠" in q2["comparison"].iloc[0] and (q2["p_for_holm"] >= q2["p_for"]).all()
     answers, _ = report.judge_questions(question_scores(30, -0.05, 0.05))
-    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "no", "Q2": "yes"}
+    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "no", "Q2": "yes", "Q3a": "not tested",
+                                                                 "Q3b": "not tested"}
     answers, tests = report.judge_questions(question_scores(4, 0.05, 0.05))
-    assert set(answers["answer"]) == {"inconclusive"} and set(tests["answer"]) == {"inconclusive"}
+    assert set(answers["answer"][:2]) == {"inconclusive"} and set(tests["answer"]) == {"inconclusive"}
     missing, none = report.judge_questions(None)
     assert set(missing["answer"]) == {"not tested"} and none.empty
+
+
+def rag_scores(users: int, rag_gain: float, llm_gain: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 04 scores with LoRA, FULL and RAG + LoRA under PSP, and stage 06 scores of a plain and a RAG prompt
+    LLM on the same pairs: RAG + LoRA is `rag_gain` above LoRA, the RAG LLM `llm_gain` above LoRA."""
+    rng = np.random.default_rng(3)
+    exp1, llm = [], []
+    for user in range(users):
+        shift = rng.normal(0, 0.03)
+        for pair in range(4):
+            key = {"dataset": "chitchat", "split_set": 0, "user_id": f"u{user}", "pair_id": f"u{user}-{pair}"}
+            for m, gain in (("da", -0.02), ("lora", 0.0), ("full", 0.0), ("rag_lora", rag_gain)):
+                exp1.append({**key, "pretrain": "psp", "method": m,
+                             "similarity": 0.4 + gain + shift + rng.normal(0, 0.002)})
+            for m, gain in (("smollm2-chat", -0.1), ("smollm2-chat-rag", llm_gain)):
+                llm.append({**key, "pretrain": "llm", "method": m,
+                            "similarity": 0.4 + gain + shift + rng.normal(0, 0.002)})
+    return pd.DataFrame(exp1), pd.DataFrame(llm)
+
+
+def test_q3_compares_retrieval_with_per_user_fine_tuning():
+    exp1, llm = rag_scores(30, rag_gain=0.05, llm_gain=-0.05)
+    answers, tests = report.judge_questions(exp1, llm_scores=llm)
+    by_question = answers.set_index("question")["answer"]
+    # RAG-LLM worse than LoRA and FULL: "no"; RAG + LoRA above LoRA and above RAG-LLM: "yes"
+    assert by_question["Q3a"] == "no" and by_question["Q3b"] == "yes"
+    q3a, q3b = tests[tests["question"] == "Q3a"], tests[tests["question"] == "Q3b"]
+    assert set(q3a["comparison"]) == {"smollm2-chat-rag > PSP LoRA", "smollm2-chat-rag > PSP FULL"}
+    assert set(q3b["comparison"]) == {"PSP LoRA + own replies (RAG) > PSP LoRA",
+                                      "PSP LoRA + own replies (RAG) > smollm2-chat-rag"}
+    assert (q3a["source"] == "llm:smollm2-chat-rag").all() and (q3a["n"] == 30).all()
+    # the plain prompt row stays C1's: it is never a side of Q3
+    assert not tests["comparison"].str.contains("smollm2-chat >").any()
+    _, claim_tests = report.judge_claims(exp1, llm, None)
+    assert not claim_tests["source"].eq("llm:smollm2-chat-rag").any()  # RAG rows never judge C1 / C5
+    answers, _ = report.judge_questions(*rag_scores(4, 0.05, 0.05)[:1], llm_scores=rag_scores(4, 0.05, 0.05)[1])
+    assert answers.set_index("question").loc[["Q3a", "Q3b"], "answer"].eq("inconclusive").all()  # 4 users
 
 
 def test_same_base_llms_reads_both_stages_params(tmp_path):
@@ -309,10 +350,10 @@ def test_exp1_table_orders_rows_like_the_paper_and_notes_read_well():
 def test_sample_test_contexts_is_seeded_per_user():
     pairs = pd.DataFrame({"split": ["test"] * 8 + ["dev"], "speaker_id": list("aaaabbbbb"),
                           "pair_id": [f"p{i}" for i in range(9)]})
-    first = ex.sample_test_contexts(pairs, ["a", "b"], 2, seed=1)
+    first = sample_test_contexts(pairs, ["a", "b"], 2, seed=1)
     assert first.groupby("speaker_id").size().tolist() == [2, 2] and "p8" not in set(first["pair_id"])
-    assert first.equals(ex.sample_test_contexts(pairs, ["a", "b"], 2, seed=1))
-    assert len(ex.sample_test_contexts(pairs, ["a"], 0)) == 4
+    assert first.equals(sample_test_contexts(pairs, ["a", "b"], 2, seed=1))
+    assert len(sample_test_contexts(pairs, ["a"], 0)) == 4
 
 
 def write_stage(root, stage, metrics=None, params=None, seconds=60.0, rss=1024, finished=True):
@@ -686,7 +727,8 @@ def test_profile_gate_makes_c2_and_q2_untestable_with_the_figures():
     assert c2["note"] == f"{report.UNTESTABLE_PROFILES}: {failed.line}"
     assert claims.set_index("claim").loc["C4", "verdict"] != "untestable"
     answers, question_tests = report.judge_questions(question_scores(10, 0.05, 0.0), gate=failed)
-    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "untestable"}
+    assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "untestable",
+                                                                 "Q3a": "not tested", "Q3b": "not tested"}
     assert "Q2" not in set(question_tests["question"])
     answers, _ = report.judge_questions(question_scores(10, 0.05, 0.0), gate=passed)
     assert answers.set_index("question").loc["Q2", "answer"] != "untestable"

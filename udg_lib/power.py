@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from udg_lib import report, stats
+from udg_lib.methods import names as method_names
 from udg_lib.baselines import is_paper_history_method
 
 METRICS = ("similarity", "bits_per_char")
@@ -83,7 +84,7 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
         if (llm / "scores.parquet").is_file():
             llm_scores = pd.read_parquet(llm / "scores.parquet")
             frames.append(report.llm_unit_values(scores, llm_scores))
-            tuned = scores[scores["method"].isin(report.FINE_TUNED)]
+            tuned = scores[~scores["method"].isin([method_names.DA, method_names.RETRIEVAL])]  # every fine-tuned system
             for method, answers in llm_scores.groupby("method", sort=False):
                 if is_paper_history_method(method):  # the paper's 10-turn extra row: never a side of C1 (the judge's rule)
                     continue

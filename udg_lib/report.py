@@ -74,6 +74,8 @@ import numpy as np
 import pandas as pd
 
 from udg_lib import io, paths, stats
+from udg_lib.methods import names as method_names
+from udg_lib.baselines import is_paper_history_method, is_rag_method
 from udg_lib.provenance import stale_stage_faults
 
 STAGES = ("00_prepare_corpus", "01_infer_profiles", "02_pretrain_models", "03_finetune_users",
@@ -91,8 +93,8 @@ FULL_PROFILES = {
     "full-ja": "The paper's setting: its checkpoint, sizes and Japanese corpora (the `full-ja` profile).",
     "full-en": "The paper's sizes on the open English corpora, from google-t5/t5-base (the `full-en` profile).",
 }
-FINE_TUNED = ("one_id", "lora", "full")
-USER_SPECIFIC = ("lora", "full")
+FINE_TUNED = method_names.FINE_TUNED  # the paper's: One-ID, LoRA, FULL
+USER_SPECIFIC = method_names.USER_SPECIFIC  # LoRA, FULL
 PLAIN_PRETRAINS = ("plain_t5", "plain_dialogue")
 PROFILE_PRETRAINS = ("psp", "ppp")
 TABLE7_PRETRAINS = ("plain_dialogue", "psp", "ppp")  # the paper's Table 7 rows
@@ -272,7 +274,7 @@ def claim_comparisons(values: pd.DataFrame, small_datasets: Collection[str] | No
         tuned = [(p, m) for p in pretrains for m in USER_SPECIFIC if (p, m) in systems]
         if source.startswith("llm:"):
             llm = [("llm", source.split(":", 1)[1])]
-            if tuned and llm[0] in systems:
+            if tuned and llm[0] in systems and not is_rag_method(llm[0][1]):  # RAG rows: Q3's, not C1's
                 note = " (own base: C1s)" if llm[0][1] in settings.same_base_llms else ""
                 candidates += [_comparison("C1", source, dataset, metric, tuned, llm, "greater",
                                            settings.effect(metric), note=note) for metric in exp1_metrics]
@@ -384,8 +386,6 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
     and the share of replies under `threshold` (`low_share`) on the contexts every system generated a reply for
     (stages 04 and 06 generate on a subset), bits/char (when both stages scored it) on the contexts every system
     scored (every test pair). Per user, the mean over those contexts of each split set, then over split sets."""
-    from udg_lib.baselines import is_paper_history_method
-
     keys = ["dataset", "split_set", *(_replica(exp1_scores) if _replica(llm_scores) else []), "pair_id"]
     # the paper's 10-turn prompt (stage 06's `paper_history`) reads more than the fine-tuned systems: an extra
     # row of the tables, never a side of C1 / C5
@@ -396,7 +396,7 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
     _require(llm_scores, columns, "LLM scores")
     weights = [c for c in ("text_nll", "text_chars") if c in exp1_scores.columns and c in llm_scores.columns]
     columns += weights if len(weights) == 2 else []
-    tuned = exp1_scores[exp1_scores["method"].isin(FINE_TUNED)][columns]
+    tuned = exp1_scores[~exp1_scores["method"].isin([method_names.DA, method_names.RETRIEVAL])][columns]  # every fine-tuned
     unit = ["dataset", "user_id", "pretrain", "method"]
 
     def on_matched(llm: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -781,16 +781,21 @@ RUN_QUESTIONS = {
           "domain-adapted model with no per-user training (DA-pooled), under the same pre-trained model?",
     "Q2": "Does profile-aware pre-training (PSP, PPP) change the replies' fit against Plain Dialogue, method by "
           "method? (Two-sided; \"no\" means equivalent within the margin.)",
+    "Q3a": "Does retrieval beat per-user fine-tuning: does a prompt LLM shown the user's most similar own training "
+           "pairs (RAG-LLM) fit the user's held-out replies better than the user's LoRA and FULL models, on the "
+           "same contexts? (\"no\": not by the smallest effect of interest.)",
+    "Q3b": "Do retrieval and per-user fine-tuning add up: does RAG + per-user LoRA (the retrieved replies in the "
+           "fine-tuned model's input) beat LoRA alone and RAG-LLM alone?",
 }
 ANSWERS = {"supported": "yes", SMALLER: "yes, smaller than the smallest effect of interest", "contradicted": "no",
            "inconclusive": "inconclusive", NOT_TESTED: NOT_TESTED, UNTESTABLE: UNTESTABLE}
 
 
 def question_comparisons(values: pd.DataFrame, settings: ClaimSettings = ClaimSettings()) -> list[Comparison]:
-    """Q1 and Q2's comparisons on the Exp1 unit values (per dataset and metric, paired across users): Q1 each
+    """The questions' comparisons on the unit values (per dataset and metric, paired across users): Q1 each
     fine-tuned method > DA-pooled under its own pre-trained model ("greater", smallest effect of interest as
     C1's); Q2 PSP/PPP vs Plain Dialogue for each method ("differs": a two-sided sign-flip test for a
-    difference, TOST within the equivalence margin against)."""
+    difference, TOST within the equivalence margin against); Q3 (`rag_comparisons`)."""
     order = [*PLAIN_PRETRAINS, *PROFILE_PRETRAINS]
     out = []
     metrics = [m for m in EXP1_METRICS if m in values.columns and values[m].notna().any()]
@@ -804,7 +809,35 @@ def question_comparisons(values: pd.DataFrame, settings: ClaimSettings = ClaimSe
             for p in PROFILE_PRETRAINS:
                 out += [_comparison("Q2", "exp1", dataset, metric, [(p, m)], [("plain_dialogue", m)], "differs",
                                     settings.margin(metric))
-                        for m in ("da", *FINE_TUNED) if (p, m) in systems and ("plain_dialogue", m) in systems]
+                        for m in (method_names.DA, *FINE_TUNED) if (p, m) in systems and ("plain_dialogue", m) in systems]
+    return out + rag_comparisons(values, settings)
+
+
+def rag_comparisons(values: pd.DataFrame, settings: ClaimSettings = ClaimSettings()) -> list[Comparison]:
+    """Q3, on similarity and bits/char, per dataset and pre-trained model, each "greater" with C1's smallest
+    effect of interest: Q3a RAG-LLM > LoRA and > FULL (per RAG row of stage 06, on the contexts it answered:
+    `llm_unit_values`); Q3b RAG + LoRA > LoRA (stage 04, every test pair) and RAG + LoRA > RAG-LLM."""
+    rag, lora, full = method_names.RAG_LORA, method_names.LORA, method_names.FULL
+    order = [*PLAIN_PRETRAINS, *PROFILE_PRETRAINS]
+    out = []
+    for (source, dataset), frame in values.groupby(["source", "dataset"], sort=False):
+        systems = set(zip(frame["pretrain"], frame["method"]))
+        pretrains = sorted({p for p, _ in systems if p in order}, key=order.index)
+        metrics = [m for m in ("similarity", "bits_per_char") if m in frame.columns and frame[m].notna().any()]
+        llm = source.split(":", 1)[1] if source.startswith("llm:") else ""
+        if llm and not (is_rag_method(llm) and ("llm", llm) in systems):
+            continue
+        for metric in metrics:
+            effect = settings.effect(metric)
+            for p in pretrains:
+                if llm:
+                    out += [_comparison("Q3a", source, dataset, metric, [("llm", llm)], [(p, m)], "greater", effect)
+                            for m in (lora, full) if (p, m) in systems]
+                    if (p, rag) in systems:
+                        out.append(_comparison("Q3b", source, dataset, metric, [(p, rag)], [("llm", llm)], "greater",
+                                               effect))
+                elif source == "exp1" and (p, rag) in systems and (p, lora) in systems:
+                    out.append(_comparison("Q3b", source, dataset, metric, [(p, rag)], [(p, lora)], "greater", effect))
     return out
 
 
@@ -818,14 +851,20 @@ def _answer(rows: pd.DataFrame) -> str:
 
 def judge_questions(exp1_scores: pd.DataFrame | None, settings: ClaimSettings = ClaimSettings(),
                     collapsed: Mapping[tuple[str, str, str], float] | None = None,
-                    gate: ProfileGate | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    gate: ProfileGate | None = None, llm_scores: pd.DataFrame | None = None
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Q1-Q2 (`RUN_QUESTIONS`) from stage 04's per-sample scores, each comparison by the claims' rules (Holm
     within each question and metric): (answers, tests), shaped as `judge_claims`' (claims, tests) with the
     column "question". An answer (similarity; `answer_bits_per_char` beside it) is "yes", "no" or
     "inconclusive" when every comparison says so, else the counts ("no 1, inconclusive 5 of 6"): the
-    comparisons say which. A failed `gate` makes Q2 untestable."""
+    comparisons say which. A failed `gate` makes Q2 untestable. Q3a and Q3b need stage 06's RAG rows
+    (`llm_scores`) and stage 04's RAG + LoRA."""
     values = exp1_unit_values(exp1_scores) if exp1_scores is not None else pd.DataFrame(
         columns=["source", "dataset", "unit", "pretrain", "method"])
+    if exp1_scores is not None and llm_scores is not None and len(llm_scores):
+        rag = llm_scores[llm_scores["method"].map(is_rag_method).astype(bool)]
+        if len(rag):
+            values = pd.concat([values, llm_unit_values(exp1_scores, rag)], ignore_index=True)
     comparisons = question_comparisons(values, settings) if len(values) else []
     untestable = gate is not None and not gate.passed
     if untestable:
@@ -836,8 +875,9 @@ def judge_questions(exp1_scores: pd.DataFrame | None, settings: ClaimSettings = 
         rows = tests[tests["claim"] == question]
         gated = untestable and question in GATED
         sim, bpc = rows[rows["metric"] == "similarity"], rows[rows["metric"] == "bits_per_char"]
-        note = (f"{UNTESTABLE_PROFILES}: {gate.line}" if gated else
-                "" if len(rows) else "no comparison in scope (stage 04 scores or systems missing)")
+        note = (f"{UNTESTABLE_PROFILES}: {gate.line}" if gated else "" if len(rows) else
+                "no comparison in scope (stage 04 scores or systems missing)" if question in ("Q1", "Q2") else
+                "no comparison in scope: needs RAG + LoRA (stage 03 `methods`) and RAG rows of stage 06 (`rag_k`)")
         answers.append({"question": question, "answer": UNTESTABLE if gated else _answer(sim),
                         "answer_bits_per_char": UNTESTABLE if gated else (_answer(bpc) if len(bpc) else ""),
                         "n_tests": len(sim),
@@ -1225,15 +1265,17 @@ def _tests_markdown(rows: pd.DataFrame, outcome: str = "verdict") -> str:
 
 
 def questions_lines(answers: pd.DataFrame, tests: pd.DataFrame, settings: ClaimSettings) -> list[str]:
-    """The report's section on Q1-Q2 (`RUN_QUESTIONS`): answers on both metrics, then each question's
-    comparisons per metric."""
+    """The report's section on the run's questions (`RUN_QUESTIONS`): answers on both metrics, then each
+    question's comparisons per metric."""
     lines = [
-        "Two questions every run answers, judged by the claims' rules (paired across users, per dataset; Holm "
+        "Questions every run answers, judged by the claims' rules (paired across users, per dataset; Holm "
         f"within each question and metric; alpha = {settings.alpha}), on similarity and on bits/char (lower is "
-        f"better). Q1's smallest effects of interest are {settings.min_similarity_effect} similarity and "
+        f"better). Q1's and Q3's smallest effects of interest are {settings.min_similarity_effect} similarity and "
         f"{settings.min_bits_per_char_effect} bits/char; Q2 asks for any difference (two-sided sign-flip test) "
         f"and answers \"no\" only on equivalence within {settings.equivalence_margin} similarity / "
-        f"{settings.bits_per_char_equivalence_margin} bits/char (TOST).",
+        f"{settings.bits_per_char_equivalence_margin} bits/char (TOST). Q3 compares retrieval with per-user "
+        "fine-tuning: the prompt LLM's RAG row on the contexts it answered (Q3a, Q3b against RAG-LLM) and RAG + LoRA "
+        "against LoRA on every test pair (Q3b); it is not tested where a run has no RAG condition.",
         "",
         answers[["question", "answer", "answer_bits_per_char", "n_tests", "n_yes", "n_no", "n_inconclusive"]]
         .rename(columns={"answer": "answer (similarity)", "answer_bits_per_char": "answer (bits/char)"})
@@ -1414,13 +1456,14 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     gate = None if pretrain is None else profile_gate(pretrain.get("metrics", {}), settings.alpha,
                                                       settings.min_profile_share)
     exp1_scores = pooled_replicas(root, exp1, "04_exp1_next_utterance", "scores.parquet")
-    claims, claim_tests = judge_claims(exp1_scores, pooled_replicas(root, llm, "06_llm_baselines", "scores.parquet"),
+    llm_scores = pooled_replicas(root, llm, "06_llm_baselines", "scores.parquet")
+    claims, claim_tests = judge_claims(exp1_scores, llm_scores,
                                        pooled_replicas(root, exp2, "05_exp2_diversity", "replies.parquet"), small,
                                        settings, collapsed, gate)
     parts += ["", "## The paper's claims, checked on this run", seeds_line(root), "",
               *claims_lines(claims, claim_tests, settings, small, gate)]
-    answers, question_tests = judge_questions(exp1_scores, settings, collapsed, gate)
-    parts += ["", "## What per-user training and profiles change (beyond the paper)",
+    answers, question_tests = judge_questions(exp1_scores, settings, collapsed, gate, llm_scores)
+    parts += ["", "## What per-user training, profiles and retrieval change (beyond the paper)",
               *questions_lines(answers, question_tests, settings),
               "", "## How training ended (stage 03)", *training_lines(dirs["03_finetune_users"])]
     return Report("\n".join(parts) + "\n", claims, claim_tests, answers, question_tests)
@@ -1609,7 +1652,8 @@ def render_results_block(folder: str | Path, profile: str) -> str:
     answers, question_tests = _csv(folder / QUESTIONS_FILE), _csv(folder / QUESTION_TESTS_FILE)
     if answers is not None and question_tests is not None:
         both = "answer_bits_per_char" in answers.columns
-        lines += ["", "**What per-user training and profiles change** (beyond the paper; "
+        retrieval = ", profiles and retrieval" if answers["question"].str.startswith("Q3").any() else " and profiles"
+        lines += ["", f"**What per-user training{retrieval} change** (beyond the paper; "
                   + ("similarity and bits/char (lower is better)" if both else "similarity")
                   + ", paired across users; effect = mean difference with its 95% bootstrap CI; Holm within each "
                   "question" + (" and metric" if both else "") + "):", ""]

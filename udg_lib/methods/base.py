@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from udg_lib import finetuning as ft
 from udg_lib import io
 from udg_lib.conditions import Cell
+from udg_lib.methods import names
 from udg_lib.families import build_model
 from udg_lib.generation import UserPredictor
 from udg_lib.precision import Precision, resolve_precision
@@ -185,7 +186,7 @@ class Method:
 
     def disk_bytes(self, cell: Cell) -> float | None:
         """Table 6's size on disk of one of the method's models (weights only)."""
-        return float(weights_bytes(cell.path("da", MODEL_DIR)))  # a whole model, the DA model's size
+        return float(weights_bytes(cell.path(names.DA, MODEL_DIR)))  # a whole model, the DA model's size
 
     def response_timer(self, cell: Cell, evaluation: Evaluation) -> ResponseTimer | None:
         """Table 6's response time: a function of one test row, its user and the user's index giving the

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from udg_lib import finetuning as ft
 from udg_lib.conditions import Cell
+from udg_lib.methods import names
 from udg_lib.executors import clear_staging_leftovers, train_users
 from udg_lib.families import build_model, family_of, load_model
 from udg_lib.generation import (
@@ -150,8 +151,8 @@ class _FullSlot:
 class Full(PerUserMethod):
     """§4.1.3 FULL: every weight updated per user; evaluated in memory (a whole model per user)."""
 
-    name = "full"
-    label = "FULL"
+    name = names.FULL
+    label = names.LABELS[names.FULL]
 
     def user_slot(self, base_model: PreTrainedModel, config: ft.FinetuneConfig) -> _FullSlot:
         return _FullSlot(base_model)
@@ -262,7 +263,7 @@ class Lora(PeftMethod):
     several users per step (`multilora`) or one at a time, saved in PEFT's format and evaluated later with
     every user's adapter on one base (`load_condition_lora`)."""
 
-    NAME = "lora"
+    NAME = names.LORA
     paper: ClassVar[bool] = True
     swept: ClassVar[bool] = True
     batched_lora: ClassVar[bool] = True
@@ -270,7 +271,7 @@ class Lora(PeftMethod):
     frozen_base: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        super().__init__(self.NAME, {"peft_type": "LORA"}, "LoRA")
+        super().__init__(self.NAME, {"peft_type": "LORA"}, names.LABELS[names.LORA])
 
     def __repr__(self) -> str:
         return "Lora()"
@@ -369,12 +370,13 @@ class RagLora(Lora):
     reply ever reaches an input (tests/test_retrieval.py plants one and looks for it).
     """
 
-    NAME = "rag_lora"
+    NAME = names.RAG_LORA
+    LABEL = names.LABELS[names.RAG_LORA]
     paper: ClassVar[bool] = False
     swept: ClassVar[bool] = False  # trains at the rate LoRA's sweep chose
 
     def __init__(self, k: int = 2, max_words: int = 12, extra_tokens: int = 32, embedder: str = "minilm"):
-        PeftMethod.__init__(self, self.NAME, {"peft_type": "LORA"}, "LoRA + own replies (RAG)")
+        PeftMethod.__init__(self, self.NAME, {"peft_type": "LORA"}, self.LABEL)
         if k < 1 or max_words < 1 or extra_tokens < 0:
             raise ValueError(f"RAG needs k >= 1, max_words >= 1, extra_tokens >= 0; got {k}, {max_words}, {extra_tokens}")
         self.k, self.max_words, self.extra_tokens, self.embedder_name = k, max_words, extra_tokens, embedder

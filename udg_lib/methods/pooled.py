@@ -11,6 +11,7 @@ import pandas as pd
 
 from udg_lib import finetuning as ft
 from udg_lib.conditions import Cell
+from udg_lib.methods import names
 from udg_lib.families import build_model, family_of, load_model
 from udg_lib.generation import greedy_generate, predict_pairs
 from udg_lib.methods.base import (
@@ -44,8 +45,8 @@ class DomainAdaptation(Method):
     """§4.1.3 domain adaptation on the pooled train_da halves of the cell's users: the base of every other
     method, and as a system the floor without per-user training and without One-ID."""
 
-    name = "da"
-    label = "DA-pooled (no per-user training)"
+    name = names.DA
+    label = names.LABELS[names.DA]
     fine_tuned: ClassVar[bool] = False
     answers_questions: ClassVar[bool] = False
 
@@ -80,8 +81,8 @@ class DomainAdaptation(Method):
 class OneId(Method):
     """§4.1.3 One-ID: one model on every user's train_ft pairs, each prompt prefixed with its user's One-ID."""
 
-    name = "one_id"
-    label = "One-ID"
+    name = names.ONE_ID
+    label = names.LABELS[names.ONE_ID]
 
     def train(self, cell: Cell, job: TrainingJob) -> pd.DataFrame:
         folder = self.folder(cell)
