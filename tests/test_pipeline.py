@@ -219,7 +219,7 @@ def test_llm_baselines_figure2_and_the_report(test_run: Path, tmp_path: Path):
     assert {p.name for p in rebuilt} == {"figure2.png", "figure2.pdf", "figure2_histogram.csv"}
     report = (test_run / "report.md").read_text()
     for needed in ("Table 1 analog", "Table 2 analog", "Table 3 analog: chitchat", "Table 6 analog", "Table 7 analog",
-                   "figure2.png", "**C1**", "**C5**", "**Q3**", "of wall time"):
+                   "figure2.png", "**C1**", "**C5**", "### Q3a:", "### Q3b:", "of wall time"):
         assert needed in report, needed
 
 
