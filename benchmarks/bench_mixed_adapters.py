@@ -50,7 +50,7 @@ from udg_lib import io
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.finetuning import FinetuneConfig, lora_config
 from udg_lib.generation import RoutedAdapters, greedy_generate, load_routed_adapters, load_user_adapters
-from udg_lib.families import T5_PRESETS, t5_config
+from udg_lib.families import T5_PRESETS, Decoding, t5_config
 from udg_lib.pretraining import build_model, count_parameters
 from udg_lib.prompts import PROMPT_SPECIAL_TOKENS, build_ppp_prompt
 from udg_lib.provenance import provenance
@@ -193,8 +193,8 @@ def generate_loading_each_user(base: T5ForConditionalGeneration, tokenizer: PreT
             model.set_adapter(user)
             model.delete_adapter(previous)  # keep one adapter in memory, as a loop over users would
         previous = user
-        texts = greedy_generate(model, tokenizer, [sources[i] for i in rows], max_new_tokens=max_new_tokens,
-                                batch_size=len(rows))
+        texts = greedy_generate(model, tokenizer, [sources[i] for i in rows],
+                                Decoding(max_new_tokens=max_new_tokens, batch_size=len(rows)))
         for i, text in zip(rows, texts):
             replies[i] = text
     return replies
@@ -206,8 +206,8 @@ def generate_switching_users(model: PeftModel, tokenizer: PreTrainedTokenizerBas
     replies = [""] * len(sources)
     for user, rows in _by_user(owners).items():
         model.set_adapter(user)
-        texts = greedy_generate(model, tokenizer, [sources[i] for i in rows], max_new_tokens=max_new_tokens,
-                                batch_size=len(rows))
+        texts = greedy_generate(model, tokenizer, [sources[i] for i in rows],
+                                Decoding(max_new_tokens=max_new_tokens, batch_size=len(rows)))
         for i, text in zip(rows, texts):
             replies[i] = text
     return replies
@@ -216,15 +216,15 @@ def generate_switching_users(model: PeftModel, tokenizer: PreTrainedTokenizerBas
 def generate_mixed(model: PeftModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                    owners: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Many users per batch: each row runs through its own user's adapter (peft's `adapter_names`)."""
-    return greedy_generate(model, tokenizer, sources, adapter_names=owners, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
+    return greedy_generate(model, tokenizer, sources, Decoding(max_new_tokens=max_new_tokens,
+                                                               batch_size=batch_size), adapter_names=owners)
 
 
 def generate_routed(routed: RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
                     owners: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Many users per batch, each row routed through its own user's adapter in one pass per layer."""
-    return greedy_generate(routed, tokenizer, sources, adapter_names=owners, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
+    return greedy_generate(routed, tokenizer, sources, Decoding(max_new_tokens=max_new_tokens,
+                                                                batch_size=batch_size), adapter_names=owners)
 
 
 @dataclass

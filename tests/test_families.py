@@ -28,7 +28,7 @@ from udg_lib.families import (
 from udg_lib.finetuning import FinetuneConfig, train_with_early_stopping
 from udg_lib.metrics import reference_chars
 from udg_lib.encoding import LABEL_PAD_ID, encode_targets, tokenize_pairs
-from udg_lib.families import t5_config
+from udg_lib.families import Decoding, t5_config
 from udg_lib.pretraining import build_model
 from udg_lib.prompts import SEP, add_user_id, build_psp_prompt
 
@@ -244,8 +244,10 @@ def test_training_a_tiny_causal_model_with_the_finetuning_loop_lowers_the_loss(t
 def test_left_padded_batched_greedy_equals_one_at_a_time(tokenizer, trained_llama):
     model, _ = trained_llama
     sources = toy_pairs(12, seed=7)[0] + ["hello", build_psp_prompt(sentences(6, seed=8), None)]
-    batched = CAUSAL.generate(model, tokenizer, sources, max_new_tokens=12, batch_size=5, max_source_length=48)
-    alone = [CAUSAL.generate(model, tokenizer, [s], max_new_tokens=12, max_source_length=48)[0] for s in sources]
+    batched = CAUSAL.generate(model, tokenizer, sources, Decoding(max_new_tokens=12, batch_size=5,
+                                                                  max_source_length=48))
+    alone = [CAUSAL.generate(model, tokenizer, [s], Decoding(max_new_tokens=12, max_source_length=48))[0]
+             for s in sources]
     assert batched == alone
     lengths = {len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in batched}
     assert len(lengths) > 1 and min(lengths) < 12  # rows stopped at eos at different steps
@@ -264,8 +266,8 @@ def test_a_causal_reply_never_starts_with_a_stop_token(tokenizer):
         return output
 
     model.lm_head.register_forward_hook(prefer_eos_then_word)
-    replies = CAUSAL.generate(model, tokenizer, ["hello there", "how are you"], max_new_tokens=5, batch_size=2,
-                              max_source_length=32)
+    replies = CAUSAL.generate(model, tokenizer, ["hello there", "how are you"],
+                              Decoding(max_new_tokens=5, batch_size=2, max_source_length=32))
     expected = tokenizer.decode([word]).strip()
     assert expected and replies == [expected, expected]
 
@@ -274,8 +276,8 @@ def test_causal_reference_nll_equals_a_manual_computation(tokenizer, trained_lla
     model, _ = trained_llama
     sources, references = toy_pairs(7, seed=9)
     references[2] = " ".join(sentences(6, seed=10))  # longer than max_target_length: scored as cut
-    scores = CAUSAL.reference_nll(model, tokenizer, sources, references, batch_size=3, max_source_length=48,
-                                  max_target_length=12)
+    scores = CAUSAL.reference_nll(model, tokenizer, sources, references,
+                                  Decoding(batch_size=3, max_source_length=48, max_target_length=12))
     prompts = CAUSAL.encode_sources(sources, tokenizer, 48)
     targets = encode_targets(references, tokenizer, 12)
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
@@ -298,8 +300,8 @@ def test_seq2seq_family_generates_and_scores_as_todays_functions(tokenizer):
 
     model = tiny_t5(tokenizer)
     sources, references = toy_pairs(4)
-    assert SEQ2SEQ.generate(model, tokenizer, sources, max_new_tokens=5) == \
-        greedy_generate(model, tokenizer, sources, max_new_tokens=5)
+    assert SEQ2SEQ.generate(model, tokenizer, sources, Decoding(max_new_tokens=5)) == \
+        greedy_generate(model, tokenizer, sources, Decoding(max_new_tokens=5))
     ours, today = SEQ2SEQ.reference_nll(model, tokenizer, sources, references), \
         reference_nll(model, tokenizer, sources, references)
     assert all(np.array_equal(a, b) for a, b in zip(ours, today))  # one computation (generation delegates): exact
@@ -355,12 +357,13 @@ def test_mixed_adapter_causal_batches_equal_each_adapter_alone(tokenizer):
     assert isinstance(peft_model, PeftModel)
     sources, references = toy_pairs(6, seed=11)
     names = ["u0", "u1", "__base__", "u1", "u0", "u1"]
-    mixed = CAUSAL.generate(peft_model, tokenizer, sources, adapter_names=names, max_new_tokens=6, batch_size=6)
+    mixed = CAUSAL.generate(peft_model, tokenizer, sources, Decoding(max_new_tokens=6, batch_size=6),
+                            adapter_names=names)
     mixed_nll = CAUSAL.reference_nll(peft_model, tokenizer, sources, references, adapter_names=names).nll
     for adapter in ("u0", "u1", "__base__"):
         rows = [i for i, n in enumerate(names) if n == adapter]
-        one = CAUSAL.generate(peft_model, tokenizer, [sources[i] for i in rows], adapter_names=[adapter] * len(rows),
-                              max_new_tokens=6)
+        one = CAUSAL.generate(peft_model, tokenizer, [sources[i] for i in rows], Decoding(max_new_tokens=6),
+                              adapter_names=[adapter] * len(rows))
         assert one == [mixed[i] for i in rows]
         alone = CAUSAL.reference_nll(peft_model, tokenizer, [sources[i] for i in rows],
                                      [references[i] for i in rows], adapter_names=[adapter] * len(rows)).nll

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import assert_close_to_scale, sentences, seq2seq_only
 from conftest import tiny_model as build_tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
-from udg_lib.families import get_family
+from udg_lib.families import Decoding, get_family
 from udg_lib.finetuning import FinetuneConfig
 from udg_lib.generation import (
     BASE_ADAPTER,
@@ -75,21 +75,23 @@ def test_mixed_adapter_batches_equal_one_by_one(tokenizer, family, adapters):
     names = [f"u{i % 3}" for i in range(len(sources))]
     names[5] = BASE_ADAPTER
     mixed_model = load_user_adapters(tiny_model(tokenizer, family), adapters)
-    mixed = greedy_generate(mixed_model, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=5)
+    mixed = greedy_generate(mixed_model, tokenizer, sources, Decoding(max_new_tokens=12, batch_size=5),
+                            adapter_names=names)
     mixed_nll, mixed_n, *_ = reference_nll(mixed_model, tokenizer, sources, sentences(12, seed=4),
-                                       adapter_names=names, batch_size=5)
+                                           Decoding(batch_size=5),
+                                       adapter_names=names)
     one_by_one, nll_one = [], []
     for source, reference, name in zip(sources, sentences(12, seed=4), names):
         model = tiny_model(tokenizer, family)
         if name != BASE_ADAPTER:
             model = load_user_adapters(model, {name: adapters[name]})
-        one_by_one += greedy_generate(model, tokenizer, [source], max_new_tokens=12)
+        one_by_one += greedy_generate(model, tokenizer, [source], Decoding(max_new_tokens=12))
         nll_one.append(reference_nll(model, tokenizer, [source], [reference])[0][0])
     assert mixed == one_by_one  # greedy picks agree unless two logits tie within rounding (none do here)
     # batches of 5 vs 1 (other padding, other kernels): float32 rounding of sums over the hidden size
     assert_close_to_scale(mixed_nll, nll_one, dtype=torch.float32, reduction_size=mixed_model.config.hidden_size)
     # the adapters matter: not every user gets the base model's reply
-    base = greedy_generate(tiny_model(tokenizer, family), tokenizer, sources, max_new_tokens=12)
+    base = greedy_generate(tiny_model(tokenizer, family), tokenizer, sources, Decoding(max_new_tokens=12))
     assert mixed[5] == base[5] and mixed != base
     assert mixed_n.sum() > len(sources)
 
@@ -104,15 +106,18 @@ def test_routed_adapters_equal_peft_mixed_batches_token_for_token(tokenizer, fam
     names = [f"u{(i * 7) % 3}" for i in range(len(sources))]  # users interleaved: every batch mixes them
     names[2] = names[9] = BASE_ADAPTER
     peft_model = load_user_adapters(tiny_model(tokenizer, family), adapters)
-    expected = greedy_generate(peft_model, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=6)
-    expected_scores = reference_nll(peft_model, tokenizer, sources, references, adapter_names=names, batch_size=6)
+    expected = greedy_generate(peft_model, tokenizer, sources, Decoding(max_new_tokens=12, batch_size=6),
+                               adapter_names=names)
+    expected_scores = reference_nll(peft_model, tokenizer, sources, references, Decoding(batch_size=6),
+                                    adapter_names=names)
     base_model = tiny_model(tokenizer, family)
-    base = greedy_generate(base_model, tokenizer, sources, max_new_tokens=12)
+    base = greedy_generate(base_model, tokenizer, sources, Decoding(max_new_tokens=12))
     with load_routed_adapters(base_model, adapters) as routed:
         assert routed.targets == [n for n, _ in base_model.named_modules() if LORA_TARGET[family](n)]
-        replies = greedy_generate(routed, tokenizer, sources, adapter_names=names, max_new_tokens=12, batch_size=6)
-        scores = reference_nll(routed, tokenizer, sources, references, adapter_names=names, batch_size=6)
-        assert greedy_generate(routed, tokenizer, sources, max_new_tokens=12) == base  # no names: the base
+        replies = greedy_generate(routed, tokenizer, sources, Decoding(max_new_tokens=12, batch_size=6),
+                                  adapter_names=names)
+        scores = reference_nll(routed, tokenizer, sources, references, Decoding(batch_size=6), adapter_names=names)
+        assert greedy_generate(routed, tokenizer, sources, Decoding(max_new_tokens=12)) == base  # no names: the base
     assert replies == expected
     # routed and peft add the LoRA term by different matmuls: float32 rounding of sums over the hidden size
     for column in ("nll", "text_nll"):
@@ -123,7 +128,7 @@ def test_routed_adapters_equal_peft_mixed_batches_token_for_token(tokenizer, fam
     assert replies[2] == base[2] and replies[9] == base[9]
     assert sum(r != b for r, b in zip(replies, base)) >= len(sources) // 2
     # closed: the hooks are gone and the base model is what it was
-    assert greedy_generate(base_model, tokenizer, sources, max_new_tokens=12) == base
+    assert greedy_generate(base_model, tokenizer, sources, Decoding(max_new_tokens=12)) == base
 
 
 @seq2seq_only  # right-padded prompts: a causal batch would need left padding to match one-by-one beams
@@ -211,7 +216,7 @@ def test_routed_adapters_refuse_what_they_cannot_route(tokenizer, family, adapte
 def test_reference_nll_matches_corpus_perplexity(tokenizer):
     model = tiny_model(tokenizer)
     sources, references = sentences(7, seed=5), sentences(7, seed=6)
-    nll, n, *_ = reference_nll(model, tokenizer, sources, references, batch_size=3)
+    nll, n, *_ = reference_nll(model, tokenizer, sources, references, Decoding(batch_size=3))
     # compared as log perplexity, where the rounding is (float32 NLL from other batches, hidden-size sums)
     assert_close_to_scale(nll.sum() / n.sum(), math.log(reply_perplexity(model, tokenizer, sources, references)),
                           dtype=torch.float32, reduction_size=model.config.hidden_size)
@@ -226,7 +231,7 @@ def test_reference_text_nll_leaves_out_eos_and_counts_the_scored_characters(toke
     short, long = "  i like   cats ", " ".join(sentences(6, seed=8))
     sources = sentences(2, seed=9)
     kept = len(tokenizer(short, add_special_tokens=False)["input_ids"])  # the short reply just fits
-    scores = reference_nll(model, tokenizer, sources, [short, long], max_target_length=kept + 1)
+    scores = reference_nll(model, tokenizer, sources, [short, long], Decoding(max_target_length=kept + 1))
     assert scores.n_tokens.tolist() == [kept + 1] * 2  # the long one cut: `kept` text tokens + </s>
     # the text part is the full sum minus -log p(</s> | the reply's tokens), computed here by hand
     for i, reference in enumerate((short, long)):
@@ -251,7 +256,7 @@ def test_user_predictor_writes_the_users_rows_only(tokenizer, tmp_path):
                           "context": [next(texts)], "response": next(texts), "split": "test"}
                          for u in ("a", "b") for i in range(3)])
     questions = pd.DataFrame({"question_id": ["q01", "q02"], "question": ["what is your hobby", "do you like cats"]})
-    predictor = UserPredictor(tokenizer, test, users, "ppp", questions, max_new_tokens=8)
+    predictor = UserPredictor(tokenizer, test, users, "ppp", questions, decoding=Decoding(max_new_tokens=8))
     predictor("a", tiny_model(tokenizer), tmp_path)
     predictions = pd.read_parquet(tmp_path / PREDICTIONS_FILE)
     assert predictions["pair_id"].tolist() == ["a0", "a1", "a2"]

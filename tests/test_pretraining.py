@@ -24,7 +24,7 @@ from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.precision import native_bf16
 from udg_lib.data.prepare import pretraining_texts
 from udg_lib.encoding import LABEL_PAD_ID, encode_sources, tokenize_pairs
-from udg_lib.families import t5_config
+from udg_lib.families import Decoding, t5_config
 from udg_lib.pretraining import (
     LOG_HISTORY_FILE,
     build_model,
@@ -401,7 +401,7 @@ def test_uniform_model_has_perplexity_vocab_size(tokenizer):
         model.shared.weight.zero_()  # tied: lm_head is zero too, so every logit is 0
     assert torch.equal(model.lm_head.weight, torch.zeros_like(model.lm_head.weight))
     perplexity = reply_perplexity(model, tokenizer, ["hello how are you", "i like movies"],
-                                  ["fine", "me too the weather is nice"], batch_size=1)
+                                  ["fine", "me too the weather is nice"], Decoding(batch_size=1))
     assert math.isclose(perplexity, model.config.vocab_size, rel_tol=1e-5)
 
 
@@ -419,19 +419,20 @@ def test_perplexity_matches_model_loss(tokenizer):
 def test_greedy_replies_keep_input_order(tokenizer):
     model = tiny_model(tokenizer)
     sources = ["hello", "i like movies on weekends and cats", "hi"]
-    replies = greedy_replies(model, tokenizer, sources, max_new_tokens=4, batch_size=2)
+    replies = greedy_replies(model, tokenizer, sources, Decoding(max_new_tokens=4, batch_size=2))
     assert len(replies) == 3
-    assert replies == [greedy_replies(model, tokenizer, [s], max_new_tokens=4)[0] for s in sources]
-    assert greedy_replies(model, tokenizer, [], max_new_tokens=4) == []
+    assert replies == [greedy_replies(model, tokenizer, [s], Decoding(max_new_tokens=4))[0] for s in sources]
+    assert greedy_replies(model, tokenizer, [], Decoding(max_new_tokens=4)) == []
 
 
 @pytest.mark.parametrize("fmt", ["psp", "ppp"])
 def test_profile_swap_change_rate_is_a_fraction(tokenizer, corpus, fmt):
     pairs, users = corpus
     model = tiny_model(tokenizer)
-    rate = profile_swap_change_rate(model, tokenizer, pairs, users, fmt, n=8, seed=0, max_new_tokens=4)
+    rate = profile_swap_change_rate(model, tokenizer, pairs.head(8), users, fmt, seed=0,
+                                    decoding=Decoding(max_new_tokens=4))
     assert 0.0 <= rate <= 1.0
-    table = profile_swap_table(model, tokenizer, pairs, users, fmt, n=8, seed=0, max_new_tokens=4)
+    table = profile_swap_table(model, tokenizer, pairs.head(8), users, fmt, seed=0, decoding=Decoding(max_new_tokens=4))
     assert len(table) == 8 and (table["speaker_id"] != table["swap_user_id"]).all()
     assert (table["source"] != table["swapped_source"]).all()
     if fmt == "ppp":  # only the speaker's profile is swapped; the partner's stays
@@ -442,7 +443,7 @@ def test_profile_swap_change_rate_is_a_fraction(tokenizer, corpus, fmt):
 def test_profile_swap_without_differing_profiles_is_nan(tokenizer, corpus):
     pairs, users = corpus
     unknown = users.assign(**{f: "unknown" for f in PROFILE_FIELDS})
-    assert math.isnan(profile_swap_change_rate(tiny_model(tokenizer), tokenizer, pairs, unknown, "psp", n=4))
+    assert math.isnan(profile_swap_change_rate(tiny_model(tokenizer), tokenizer, pairs.head(4), unknown, "psp"))
     with pytest.raises(ValueError, match="profile prompt"):
         profile_swap_table(tiny_model(tokenizer), tokenizer, pairs, users, "plain")
 
@@ -467,26 +468,28 @@ def test_conditioning_checks_run_on_the_device_they_are_given(tokenizer, corpus,
     on the model's own device are those of a call without them (CPU here: the tests need no GPU)."""
     pairs, users = corpus
     model = tiny_model(tokenizer)
-    table = profile_swap_table(model, tokenizer, pairs, users, "psp", n=6, seed=0, max_new_tokens=4)
+    table = profile_swap_table(model, tokenizer, pairs.head(6), users, "psp", seed=0,
+                               decoding=Decoding(max_new_tokens=4))
     gap = profile_perplexity_gap(model, tokenizer, pairs.head(12), users, "psp", seed=0)
     moved, to = [], model.to
     monkeypatch.setattr(model, "to", lambda *args, **kwargs: moved.append(args) or to(*args, **kwargs))
-    on_device = profile_swap_table(model, tokenizer, pairs, users, "psp", n=6, seed=0, max_new_tokens=4,
-                                   device="cpu", precision="fp32")
+    on_device = profile_swap_table(model, tokenizer, pairs.head(6), users, "psp", seed=0,
+                                   decoding=Decoding(max_new_tokens=4, precision="fp32"), device="cpu")
     assert on_device.equals(table)
-    assert profile_perplexity_gap(model, tokenizer, pairs.head(12), users, "psp", seed=0, device="cpu",
-                                  precision="fp32") == pytest.approx(gap, nan_ok=True)
+    assert profile_perplexity_gap(model, tokenizer, pairs.head(12), users, "psp", seed=0,
+                                  decoding=Decoding(precision="fp32"),
+                                  device="cpu") == pytest.approx(gap, nan_ok=True)
     assert moved == [("cpu",)] * 3  # the swaps once, the true and the shuffled profiles' scores once each
     # held in bf16 as stage 02 holds it where bf16 is native (`Precision.for_inference`): NLLs still in fp32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 emulated on a CPU without AVX512-BF16: slow, not wrong
         numerics = resolve_precision("bf16", "cpu")
     half = numerics.for_inference(tiny_model(tokenizer))
-    result = profile_perplexity_gap(half, tokenizer, pairs.head(12), users, "psp", seed=0, device="cpu",
-                                    precision=numerics)
+    result = profile_perplexity_gap(half, tokenizer, pairs.head(12), users, "psp", seed=0,
+                                    decoding=Decoding(precision=numerics), device="cpu")
     assert result["perplexity_true_profiles"] == pytest.approx(gap["perplexity_true_profiles"], rel=0.05)
-    assert len(profile_swap_table(half, tokenizer, pairs, users, "psp", n=6, seed=0, max_new_tokens=4,
-                                  device="cpu", precision=numerics)) == 6
+    assert len(profile_swap_table(half, tokenizer, pairs.head(6), users, "psp", seed=0,
+                                  decoding=Decoding(max_new_tokens=4, precision=numerics), device="cpu")) == 6
 
 def test_profile_changing_pairs_keeps_speakers_whose_shuffled_profile_differs():
     users = pd.DataFrame({"user_id": list("abcde"), **{f: ["unknown"] * 5 for f in PROFILE_FIELDS}})

@@ -239,6 +239,18 @@ def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return losses, labels != LABEL_PAD_ID
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How prompts are cut, batched and read when a model generates or scores replies: every caller passes
+    these together (stages 02-06; `UserPredictor`, `methods.Evaluation`)."""
+
+    max_new_tokens: int = 48  # greedy reply length cap
+    batch_size: int = 32  # rows per forward pass (batched by length)
+    max_source_length: int = 128  # prompt tokens, cut as in training (`encode_sources`)
+    max_target_length: int = 48  # reference tokens scored, eos included (`encode_targets`)
+    precision: str | Precision = "fp32"  # the autocast of generation and scoring (`precision.autocast_for`)
+
+
 class ReferenceScores(NamedTuple):
     """`reference_nll`'s per-sample arrays (nats; tokens of the model's tokenizer)."""
 
@@ -361,23 +373,23 @@ class ModelFamily(ABC):
         `model(**batch).loss` is their masked mean. For per-row losses (`multilora`'s per-user means)."""
 
     @torch.no_grad()
-    def generate(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
-                 adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
-                 max_source_length: int = 128, one_id_prefix: bool = False,
-                 precision: str | Precision = "fp32") -> list[str]:
+    def generate(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+                 decoding: Decoding = Decoding(), *, adapter_names: Sequence[str] | None = None,
+                 one_id_prefix: bool = False) -> list[str]:
         """Greedy replies in the order of `sources` (`generation.greedy_generate`'s contract): prompts encoded
         and cut as in training, batched by length, each batch routed to its rows' adapters and decoded by the
-        family (`_generate_batch`) under `precision`'s autocast."""
+        family (`_generate_batch`) under the decoding's autocast."""
         _check_lengths("adapter names", adapter_names, len(sources))
         router, model = model, _module(model)
         was_training = model.training
         model.eval()
-        encoded = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
+        encoded = self.encode_sources(list(sources), tokenizer, decoding.max_source_length, one_id_prefix)
         replies = [""] * len(encoded)
-        for batch in _length_batches([len(e) for e in encoded], batch_size):
+        for batch in _length_batches([len(e) for e in encoded], decoding.batch_size):
             route, kwargs = _routing(router, adapter_names, batch)
-            with route, autocast_for(precision, _device(model)):  # every decoding step sees these rows, in order
-                texts = self._generate_batch(model, tokenizer, [encoded[i] for i in batch], max_new_tokens, kwargs)
+            with route, autocast_for(decoding.precision, _device(model)):  # every step sees these rows, in order
+                texts = self._generate_batch(model, tokenizer, [encoded[i] for i in batch], decoding.max_new_tokens,
+                                             kwargs)
             for i, text in zip(batch, texts):
                 replies[i] = text
         model.train(was_training)
@@ -390,12 +402,11 @@ class ModelFamily(ABC):
 
     @torch.no_grad()
     def reference_nll(self, model: Any, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
-                      references: Sequence[str], *, adapter_names: Sequence[str] | None = None,
-                      batch_size: int = 32, max_source_length: int = 128, max_target_length: int = 48,
-                      one_id_prefix: bool = False, precision: str | Precision = "fp32") -> ReferenceScores:
+                      references: Sequence[str], decoding: Decoding = Decoding(), *,
+                      adapter_names: Sequence[str] | None = None, one_id_prefix: bool = False) -> ReferenceScores:
         """Per-sample reply NLLs (`generation.reference_nll`'s contract): prompts and replies encoded and cut as
         in training, batched by length, each batch routed to its rows' adapters and scored by the family
-        (`_score_batch`) under `precision`'s autocast (log-probabilities in fp32, sums in fp64); `text_nll`
+        (`_score_batch`) under the decoding's autocast (log-probabilities in fp32, sums in fp64); `text_nll`
         leaves out each reply's final eos (`encode_targets` ends every one so)."""
         if len(sources) != len(references):
             raise ValueError(f"{len(sources)} sources but {len(references)} references")
@@ -403,14 +414,15 @@ class ModelFamily(ABC):
         router, model = model, _module(model)
         was_training = model.training
         model.eval()
-        prompts = self.encode_sources(list(sources), tokenizer, max_source_length, one_id_prefix)
-        targets = encode_targets(list(references), tokenizer, max_target_length)
+        prompts = self.encode_sources(list(sources), tokenizer, decoding.max_source_length, one_id_prefix)
+        targets = encode_targets(list(references), tokenizer, decoding.max_target_length)
         counts = np.array([len(t) for t in targets], dtype=np.int64)
         nll = np.zeros(len(prompts), dtype=np.float64)
         text_nll = np.zeros(len(prompts), dtype=np.float64)
-        for batch in _length_batches([self._score_length(p, t) for p, t in zip(prompts, targets)], batch_size):
+        for batch in _length_batches([self._score_length(p, t) for p, t in zip(prompts, targets)],
+                                     decoding.batch_size):
             route, kwargs = _routing(router, adapter_names, batch)
-            with route, autocast_for(precision, _device(model)):
+            with route, autocast_for(decoding.precision, _device(model)):
                 sums, eos = self._score_batch(model, tokenizer, [prompts[i] for i in batch],
                                               [targets[i] for i in batch], kwargs)
             nll[batch] = sums.numpy()

@@ -29,9 +29,8 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from udg_lib import io
-from udg_lib.families import ReferenceScores, _module, family_of
+from udg_lib.families import Decoding, ReferenceScores, _module, family_of
 from udg_lib.routing import BASE_ROUTE, RoutedAdapters
-from udg_lib.precision import Precision
 from udg_lib.prompts import build_prompts
 
 __all__ = ["BASE_ADAPTER", "EXP2_FILE", "PREDICTIONS_FILE", "ReferenceScores", "RoutedAdapters", "UserPredictor",
@@ -43,40 +42,33 @@ EXP2_FILE = "exp2_replies.parquet"  # a user's Exp2 answers: question_id, reply
 BASE_ADAPTER = BASE_ROUTE  # "__base__": no adapter for this row (peft's name inside a mixed batch; routed too)
 
 
-def greedy_generate(model: torch.nn.Module | RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *,
-                    adapter_names: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 32,
-                    max_source_length: int = 128, one_id_prefix: bool = False,
-                    precision: str | Precision = "fp32") -> list[str]:
+def greedy_generate(model: torch.nn.Module | RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+                    decoding: Decoding = Decoding(), *, adapter_names: Sequence[str] | None = None,
+                    one_id_prefix: bool = False) -> list[str]:
     """Greedy replies in the order of `sources`; prompts are cut as in training (`ModelFamily.encode_sources`).
 
     The model's family (`families.family_of`: T5 or a causal LM) does the decoding. `adapter_names[i]` picks
     the LoRA adapter of row i (`BASE_ADAPTER` for none): routed when `model` is a `RoutedAdapters`, peft's
     mixed batches when it is a `PeftModel` with those adapters loaded. Rows are batched by prompt length, so
-    results do not depend on the order. `precision` ("fp32", "bf16", "auto" or a resolved `Precision`) sets the
-    autocast the batches decode under (`precision.autocast_for`).
+    results do not depend on the order. `decoding` (`families.Decoding`) sets the lengths, the batch and the
+    autocast the batches decode under (its `precision`: "fp32", "bf16", "auto" or a resolved `Precision`).
     """
-    return family_of(_module(model)).generate(model, tokenizer, sources, adapter_names=adapter_names,
-                                              max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                              max_source_length=max_source_length, one_id_prefix=one_id_prefix,
-                                              precision=precision)
+    return family_of(_module(model)).generate(model, tokenizer, sources, decoding, adapter_names=adapter_names,
+                                              one_id_prefix=one_id_prefix)
 
 
 def reference_nll(model: torch.nn.Module | RoutedAdapters, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
-                  references: Sequence[str], *, adapter_names: Sequence[str] | None = None, batch_size: int = 32,
-                  max_source_length: int = 128, max_target_length: int = 48,
-                  one_id_prefix: bool = False, precision: str | Precision = "fp32") -> ReferenceScores:
+                  references: Sequence[str], decoding: Decoding = Decoding(), *,
+                  adapter_names: Sequence[str] | None = None, one_id_prefix: bool = False) -> ReferenceScores:
     """Per sample: summed NLL (nats) of the reference reply's tokens and their count, with and without eos.
 
-    References longer than `max_target_length - 1` tokens are cut as in training (`encode_targets`), so
+    References longer than `decoding.max_target_length - 1` tokens are cut as in training (`encode_targets`), so
     `text_chars` counts only the characters the kept tokens cover. Perplexity over any set of samples is
     exp(sum nll / sum n_tokens) (`metrics.perplexity`), bits per character sum text_nll / ln 2 / sum
     text_chars (`metrics.bits_per_char`). `model` and `adapter_names` as in `greedy_generate`.
     """
-    return family_of(_module(model)).reference_nll(model, tokenizer, sources, references,
-                                                   adapter_names=adapter_names, batch_size=batch_size,
-                                                   max_source_length=max_source_length,
-                                                   max_target_length=max_target_length, one_id_prefix=one_id_prefix,
-                                                   precision=precision)
+    return family_of(_module(model)).reference_nll(model, tokenizer, sources, references, decoding,
+                                                   adapter_names=adapter_names, one_id_prefix=one_id_prefix)
 
 
 def load_user_adapters(base_model: torch.nn.Module, adapter_dirs: Mapping[str, str | Path]) -> PeftModel:
@@ -121,12 +113,8 @@ class UserPredictor:
     fmt: str
     questions: pd.DataFrame | None = None
     one_ids: Mapping[str, str] | None = None
-    max_new_tokens: int = 48
-    batch_size: int = 32
-    max_source_length: int = 128
-    max_target_length: int = 48
-    precision: str | Precision = "fp32"  # autocast of generation and scoring (a FULL model in memory stays fp32)
-    # test pairs whose replies are generated (`experiments.generated_pair_ids`); None: all. Every pair is scored.
+    decoding: Decoding = Decoding()  # lengths, batch and autocast (a FULL model in memory stays fp32)
+    # test pairs whose replies are generated (`conditions.generated_pair_ids`); None: all. Every pair is scored.
     generate_ids: Collection[Any] | None = None
 
     def __call__(self, user_id: str, model: torch.nn.Module, folder: Path) -> None:
@@ -136,9 +124,8 @@ class UserPredictor:
         if self.questions is not None:
             asked = question_pairs(self.questions, user_id)
             sources = build_prompts(asked, self.users, self.fmt, self.one_ids).tolist()
-            replies = greedy_generate(model, self.tokenizer, sources, max_new_tokens=self.max_new_tokens,
-                                      batch_size=self.batch_size, max_source_length=self.max_source_length,
-                                      one_id_prefix=self.one_ids is not None, precision=self.precision)
+            replies = greedy_generate(model, self.tokenizer, sources, self.decoding,
+                                      one_id_prefix=self.one_ids is not None)
             io.write_parquet(Path(folder) / EXP2_FILE, pd.DataFrame({"question_id": asked["pair_id"].to_numpy(),
                                                                      "reply": replies}))
 
@@ -158,18 +145,13 @@ def predict_pairs(model: torch.nn.Module | RoutedAdapters, pairs: pd.DataFrame, 
     if len(chosen) != len(sources):
         raise ValueError(f"generate has {len(chosen)} flags for {len(sources)} pairs")
     rows = [i for i, g in enumerate(chosen) if g]
-    replies = greedy_generate(model, tokenizer, [sources[i] for i in rows],
+    replies = greedy_generate(model, tokenizer, [sources[i] for i in rows], settings.decoding,
                               adapter_names=None if adapter_names is None else [adapter_names[i] for i in rows],
-                              max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                              max_source_length=settings.max_source_length,
-                              one_id_prefix=settings.one_ids is not None, precision=settings.precision) if rows else []
+                              one_id_prefix=settings.one_ids is not None) if rows else []
     generated: list[str | None] = [None] * len(sources)
     for i, reply in zip(rows, replies):
         generated[i] = reply
-    scored = reference_nll(model, tokenizer, sources, pairs["response"].tolist(),
-                           adapter_names=adapter_names, batch_size=settings.batch_size,
-                           max_source_length=settings.max_source_length,
-                           max_target_length=settings.max_target_length,
-                           one_id_prefix=settings.one_ids is not None, precision=settings.precision)
+    scored = reference_nll(model, tokenizer, sources, pairs["response"].tolist(), settings.decoding,
+                           adapter_names=adapter_names, one_id_prefix=settings.one_ids is not None)
     return pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(), "speaker_id": pairs["speaker_id"].to_numpy(),
                          "generated": generated, **scored._asdict()})

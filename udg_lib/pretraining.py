@@ -47,9 +47,10 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from udg_lib import io
-from udg_lib.precision import Precision, resolve_precision, training_attention
+from udg_lib.precision import resolve_precision, training_attention
 from udg_lib.data.schema import PROFILE_FIELDS, has_known_profile, profile_lookup  # noqa: F401 (has_known_profile: used by notebook 02)
 from udg_lib.encoding import LABEL_PAD_ID
+from udg_lib.families import Decoding
 from udg_lib.generation import greedy_generate, reference_nll
 from udg_lib.prompts import build_prompt, build_prompts, render_profile
 
@@ -480,23 +481,20 @@ def _on_device(model: PreTrainedModel, device: str | torch.device | None) -> Pre
 
 
 def greedy_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
-                   max_new_tokens: int = 48, batch_size: int = 32, max_source_length: int = 128, *,
-                   device: str | torch.device | None = None, precision: str | Precision = "fp32") -> list[str]:
+                   decoding: Decoding = Decoding(), *, device: str | torch.device | None = None) -> list[str]:
     """Greedy decoding in the order of `sources`, for either model family (`generation.greedy_generate`), on
-    `device` (the model is moved there; None: where it is) under `precision`'s autocast."""
-
-    return greedy_generate(_on_device(model, device), tokenizer, sources, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, max_source_length=max_source_length, precision=precision)
+    `device` (the model is moved there; None: where it is) as `decoding` says."""
+    return greedy_generate(_on_device(model, device), tokenizer, sources, decoding)
 
 
 def profile_swap_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
-                       users: pd.DataFrame, fmt: str, n: int = 200, seed: int = 0, max_new_tokens: int = 48,
-                       batch_size: int = 32, max_source_length: int = 128, *, device: str | torch.device | None = None,
-                       precision: str | Precision = "fp32") -> pd.DataFrame:
-    """Per held-out context: the greedy reply with the true speaker profile and with another user's.
+                       users: pd.DataFrame, fmt: str, seed: int = 0, decoding: Decoding = Decoding(), *,
+                       device: str | torch.device | None = None) -> pd.DataFrame:
+    """Per held-out context of `pairs` (a sample: stage 02 draws it), the greedy reply with the true speaker
+    profile and with another user's, in an order shuffled with `seed`.
 
     The replies are decoded on `device` (the model is moved there; None: where it is; stage 02 passes its
-    GPU) under `precision`'s autocast (`greedy_replies`).
+    GPU) as `decoding` says (`greedy_replies`).
 
     The other user is drawn uniformly among those whose rendered profile differs from the speaker's; for
     PPP only the speaker's profile ([USER1]) is swapped. Contexts whose speaker has no such user are left
@@ -509,7 +507,7 @@ def profile_swap_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     user_ids = np.array(sorted(profiles))
     rendered = np.array([render_profile(profiles[u]) for u in user_ids], dtype=object)
     rng = np.random.default_rng(seed)
-    sample = pairs.iloc[rng.permutation(len(pairs))[: min(n, len(pairs))]]
+    sample = pairs.iloc[rng.permutation(len(pairs))]
     rows = []
     for row in sample.itertuples():
         speaker_profile = profiles.get(row.speaker_id)
@@ -527,7 +525,7 @@ def profile_swap_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         })
     table = pd.DataFrame(rows, columns=["pair_id", "speaker_id", "swap_user_id", "source", "swapped_source"])
     replies = greedy_replies(model, tokenizer, table["source"].tolist() + table["swapped_source"].tolist(),
-                             max_new_tokens, batch_size, max_source_length, device=device, precision=precision)
+                             decoding, device=device)
     table["reply"] = replies[: len(table)]
     table["swapped_reply"] = replies[len(table):]
     table["changed"] = table["reply"] != table["swapped_reply"]
@@ -535,35 +533,29 @@ def profile_swap_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 def profile_swap_change_rate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                             pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, n: int = 200, seed: int = 0,
+                             pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, seed: int = 0,
                              **kwargs: Any) -> float:
     """Fraction of held-out contexts whose greedy reply changes when the speaker profile is swapped.
 
     NaN when no context has a differing profile to swap in. See `profile_swap_table` for the per-context rows.
     """
-    table = profile_swap_table(model, tokenizer, pairs, users, fmt, n, seed, **kwargs)
+    table = profile_swap_table(model, tokenizer, pairs, users, fmt, seed, **kwargs)
     return float(table["changed"].mean()) if len(table) else float("nan")
 
 
 def reply_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
-                 targets: Sequence[str], batch_size: int = 32, max_source_length: int = 128,
-                 max_target_length: int = 48, *, device: str | torch.device | None = None,
-                 precision: str | Precision = "fp32"):
+                 targets: Sequence[str], decoding: Decoding = Decoding(), *,
+                 device: str | torch.device | None = None):
     """Per reply: summed NLL and token count, eos included (`generation.reference_nll`, either family), on
-    `device` (the model is moved there; None: where it is) under `precision`'s autocast."""
-
-    return reference_nll(_on_device(model, device), tokenizer, list(sources), list(targets), batch_size=batch_size,
-                         max_source_length=max_source_length, max_target_length=max_target_length,
-                         precision=precision)
+    `device` (the model is moved there; None: where it is) as `decoding` says."""
+    return reference_nll(_on_device(model, device), tokenizer, list(sources), list(targets), decoding)
 
 
 def reply_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
-                     targets: Sequence[str], batch_size: int = 32, max_source_length: int = 128,
-                     max_target_length: int = 48, *, device: str | torch.device | None = None,
-                     precision: str | Precision = "fp32") -> float:
+                     targets: Sequence[str], decoding: Decoding = Decoding(), *,
+                     device: str | torch.device | None = None) -> float:
     """Token-level perplexity of the replies: exp(total NLL / total target tokens, eos included)."""
-    scores = reply_scores(model, tokenizer, sources, targets, batch_size, max_source_length, max_target_length,
-                          device=device, precision=precision)
+    scores = reply_scores(model, tokenizer, sources, targets, decoding, device=device)
     total = int(scores.n_tokens.sum())
     return math.exp(float(scores.nll.sum()) / total) if total else float("nan")
 
@@ -636,25 +628,22 @@ def profile_reading_test(nll_diff: Sequence[float] | np.ndarray, alpha: float = 
 
 def profile_perplexity_gap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                            pairs: pd.DataFrame, users: pd.DataFrame, fmt: str, seed: int = 0,
-                           batch_size: int = 32, max_source_length: int = 128,
-                           max_target_length: int = 48, *, device: str | torch.device | None = None,
-                           precision: str | Precision = "fp32") -> dict[str, float]:
+                           decoding: Decoding = Decoding(), *,
+                           device: str | torch.device | None = None) -> dict[str, float]:
     """Reply perplexity with the true profiles vs with shuffled ones (`shuffle_profiles`), with a paired test.
 
     Only the pairs whose speaker profile the shuffle changes are scored (`profile_changing_pairs`; `n_offered`
     counts the pairs given). A model that uses the profile scores its own users' replies better: `gap` =
     shuffled - true perplexity > 0. The units are the replies, paired: each one's mean NLL per token under the
     shuffled minus the true profiles, tested one-sided by `profile_reading_test` (`reads_profiles`).
-    Scored on `device` (the model is moved there; None: where it is) under `precision`'s autocast.
+    Scored on `device` (the model is moved there; None: where it is) as `decoding` says.
     """
     offered = len(pairs)
     pairs = profile_changing_pairs(pairs, users, seed)
     targets = pairs["response"].tolist()
-    kwargs = dict(batch_size=batch_size, max_source_length=max_source_length, max_target_length=max_target_length,
-                  device=device, precision=precision)
-    true = reply_scores(model, tokenizer, build_prompts(pairs, users, fmt).tolist(), targets, **kwargs)
+    true = reply_scores(model, tokenizer, build_prompts(pairs, users, fmt).tolist(), targets, decoding, device=device)
     shuffled = reply_scores(model, tokenizer, build_prompts(pairs, shuffle_profiles(users, seed), fmt).tolist(),
-                            targets, **kwargs)
+                            targets, decoding, device=device)
 
     def perplexity(scores) -> float:
         return math.exp(float(scores.nll.sum()) / int(scores.n_tokens.sum())) if len(scores.nll) else float("nan")

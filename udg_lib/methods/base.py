@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,7 +24,7 @@ from udg_lib import finetuning as ft
 from udg_lib import io
 from udg_lib.conditions import Cell
 from udg_lib.methods import names
-from udg_lib.families import build_model
+from udg_lib.families import Decoding, build_model
 from udg_lib.generation import UserPredictor
 from udg_lib.precision import Precision, resolve_precision
 
@@ -42,7 +42,7 @@ class TrainingJob:
     da_config: ft.FinetuneConfig  # domain adaptation (§4.1.3)
     options: ft.UserTrainingOptions = field(default_factory=ft.UserTrainingOptions)
     device: str = "cpu"
-    predict: Mapping[str, Any] = field(default_factory=dict)  # UserPredictor's lengths, batch and precision
+    decoding: Decoding = Decoding()  # the in-memory evaluation's lengths, batch and precision
     questions: pd.DataFrame | None = None  # Exp2 questions, answered in memory by methods evaluated there
     max_generated: int = 0  # test replies generated in memory per user (0: all; `Cell.generated_ids`)
     generation_seed: int = 0
@@ -52,9 +52,7 @@ class TrainingJob:
         return self.configs.get(method.name, self.config)
 
     def with_config(self, method: Method, config: ft.FinetuneConfig) -> TrainingJob:
-        return TrainingJob(self.tokenizer, self.pretrained_dir, self.config, self.da_config, self.options,
-                           self.device, self.predict, self.questions, self.max_generated, self.generation_seed,
-                           {**self.configs, method.name: config})
+        return replace(self, configs={**self.configs, method.name: config})
 
     def pretrained_model(self, cell: Cell) -> Path:
         return Path(self.pretrained_dir) / cell.pretrained / MODEL_DIR
@@ -63,7 +61,7 @@ class TrainingJob:
         """The in-memory evaluation of a user's trained model: its test replies and Exp2 answers."""
         generate = cell.generated_ids(self.max_generated, self.generation_seed) if self.max_generated else None
         return UserPredictor(self.tokenizer, cell.pairs[cell.pairs["split"] == "test"], cell.users, cell.fmt,
-                             self.questions, one_ids=one_ids, generate_ids=generate, **dict(self.predict))
+                             self.questions, one_ids, self.decoding, generate)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,7 +69,7 @@ class Evaluation:
     """How stages 04-05 run a cell's trained systems: generation/scoring settings, device, LoRA's path."""
 
     tokenizer: PreTrainedTokenizerBase
-    settings: Mapping[str, Any] = field(default_factory=dict)  # max_new_tokens, batch_size, lengths, precision
+    decoding: Decoding = Decoding()  # lengths, batch and precision of generation and scoring
     device: str = "cpu"
     lora_eval: str = "routed"  # "routed" (`routing.RoutedAdapters`) or "peft" (mixed-adapter batches)
     max_generated: int = 0  # test replies generated per user (0: all); every test pair is scored
@@ -79,19 +77,13 @@ class Evaluation:
 
     @property
     def precision(self) -> str | Precision:
-        return self.settings.get("precision", "fp32")
+        return self.decoding.precision
 
     def generate_ids(self, cell: Cell) -> set[Any]:
         return cell.generated_ids(self.max_generated, self.generation_seed)
 
     def predictor(self, cell: Cell, test: pd.DataFrame, one_ids: Mapping[str, str] | None = None) -> UserPredictor:
-        return UserPredictor(self.tokenizer, test, cell.users, cell.fmt, None, one_ids=one_ids,
-                             **dict(self.settings))
-
-    def generation_options(self) -> dict[str, Any]:
-        """`generation.greedy_generate`'s keyword options among the settings."""
-        return {k: v for k, v in self.settings.items()
-                if k in ("max_new_tokens", "batch_size", "max_source_length", "precision")}
+        return UserPredictor(self.tokenizer, test, cell.users, cell.fmt, None, one_ids, self.decoding)
 
     def model(self, folder: Path) -> torch.nn.Module:
         return inference_model(folder, self.tokenizer, self.device, self.precision)

@@ -25,7 +25,7 @@ from udg_lib import finetuning as ft
 from udg_lib.conditions import Cell
 from udg_lib.methods import names
 from udg_lib.executors import clear_staging_leftovers, train_users
-from udg_lib.families import build_model, family_of, load_model
+from udg_lib.families import Decoding, build_model, family_of, load_model
 from udg_lib.generation import (
     EXP2_FILE,
     PREDICTIONS_FILE,
@@ -165,8 +165,8 @@ class Full(PerUserMethod):
 
         def reply(model: torch.nn.Module, row: pd.DataFrame) -> None:
             source = build_prompts(row, cell.users, cell.fmt).tolist()
-            greedy_generate(model, evaluation.tokenizer, source, precision=precision,
-                            max_new_tokens=evaluation.settings.get("max_new_tokens", 48))
+            greedy_generate(model, evaluation.tokenizer, source, Decoding(evaluation.decoding.max_new_tokens,
+                                                                          precision=precision))
 
         def time_user(row: pd.DataFrame, user: str, k: int) -> tuple[float, float]:
             saved = ft.user_dir(self.folder(cell), user) / ft.MODEL_DIR
@@ -321,9 +321,8 @@ class Lora(PeftMethod):
     def answer(self, cell: Cell, evaluation: Evaluation, asked: pd.DataFrame) -> pd.DataFrame:
         model, names = self.load_all(cell, evaluation)
         sources = build_prompts(asked, cell.users, cell.fmt).tolist()
-        replies = greedy_generate(model, evaluation.tokenizer, sources,
-                                  adapter_names=[names[u] for u in asked["speaker_id"]],
-                                  **evaluation.generation_options())
+        replies = greedy_generate(model, evaluation.tokenizer, sources, evaluation.decoding,
+                                  adapter_names=[names[u] for u in asked["speaker_id"]])
         return asked.assign(reply=replies, method=self.name)
 
     def response_timer(self, cell: Cell, evaluation: Evaluation) -> ResponseTimer:
@@ -335,8 +334,8 @@ class Lora(PeftMethod):
 
         def reply(model: torch.nn.Module, row: pd.DataFrame) -> None:
             source = build_prompts(row, cell.users, cell.fmt).tolist()
-            greedy_generate(model, evaluation.tokenizer, source, precision=precision,
-                            max_new_tokens=evaluation.settings.get("max_new_tokens", 48))
+            greedy_generate(model, evaluation.tokenizer, source, Decoding(evaluation.decoding.max_new_tokens,
+                                                                          precision=precision))
 
         def time_user(row: pd.DataFrame, user: str, k: int) -> tuple[float, float]:
             adapter, name = ft.user_dir(self.folder(cell), user) / ft.ADAPTER_DIR, f"u{k}"
@@ -415,9 +414,9 @@ class RagLora(Lora):
         return self.train_users(self.rag_cell(cell, job.device), job, self.folder(cell), config)
 
     def _evaluation(self, evaluation: Evaluation) -> Evaluation:
-        settings = dict(evaluation.settings)
-        settings["max_source_length"] = settings.get("max_source_length", 128) + self.extra_tokens
-        return replace(evaluation, settings=settings)
+        decoding = evaluation.decoding
+        return replace(evaluation, decoding=replace(decoding, max_source_length=decoding.max_source_length
+                                                    + self.extra_tokens))
 
     def predict(self, cell: Cell, evaluation: Evaluation, generate_ids: Collection[Any] | None) -> pd.DataFrame:
         return super().predict(self.rag_cell(cell, evaluation.device), self._evaluation(evaluation), generate_ids)

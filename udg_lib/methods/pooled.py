@@ -12,7 +12,7 @@ import pandas as pd
 from udg_lib import finetuning as ft
 from udg_lib.conditions import Cell
 from udg_lib.methods import names
-from udg_lib.families import build_model, family_of, load_model
+from udg_lib.families import Decoding, build_model, family_of, load_model
 from udg_lib.generation import greedy_generate, predict_pairs
 from udg_lib.methods.base import (
     MODEL_DIR,
@@ -103,8 +103,7 @@ class OneId(Method):
     def answer(self, cell: Cell, evaluation: Evaluation, asked: pd.DataFrame) -> pd.DataFrame:
         model = evaluation.model(cell.path(self.name, MODEL_DIR))
         sources = build_prompts(asked, cell.users, cell.fmt, ft.one_ids_of(cell.users)).tolist()
-        replies = greedy_generate(model, evaluation.tokenizer, sources, one_id_prefix=True,
-                                  **evaluation.generation_options())
+        replies = greedy_generate(model, evaluation.tokenizer, sources, evaluation.decoding, one_id_prefix=True)
         return asked.assign(reply=replies, method=self.name)
 
     def response_timer(self, cell: Cell, evaluation: Evaluation) -> ResponseTimer:
@@ -120,8 +119,8 @@ class OneId(Method):
 
         def reply(model, row: pd.DataFrame) -> None:
             source = build_prompts(row, cell.users, cell.fmt, one_ids).tolist()
-            greedy_generate(model, evaluation.tokenizer, source, max_new_tokens=evaluation.settings.get(
-                "max_new_tokens", 48), one_id_prefix=True, precision=precision)
+            greedy_generate(model, evaluation.tokenizer, source, Decoding(evaluation.decoding.max_new_tokens,
+                                                                          precision=precision), one_id_prefix=True)
 
         def time_user(row: pd.DataFrame, user: str, k: int) -> tuple[float, float]:
             return timed(lambda: reply(load(), row), device), timed(lambda: reply(warm, row), device)
