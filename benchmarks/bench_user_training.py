@@ -76,7 +76,7 @@ from udg_lib.families import t5_config
 from udg_lib.pretraining import build_model, count_parameters
 from udg_lib.provenance import provenance
 from udg_lib.prompts import build_prompts
-from udg_lib.tokenizer import train_sentencepiece_tokenizer
+from udg_lib.tokenizer import SentencePieceSettings, train_sentencepiece_tokenizer
 
 SHAPES = ("cpu", "t5-base")
 VOCAB = {"test": 1000, "cpu": 8000, "t5-base": 32128}  # embedding rows; the tokenizer itself is smaller
@@ -127,7 +127,8 @@ def synthetic_pairs(n_users: int, train_per_user: int, dev_per_user: int,
 
 def synthetic_tokenizer(pairs: pd.DataFrame, folder: Path) -> PreTrainedTokenizerBase:
     texts = [t for context in pairs["context"] for t in context] + pairs["response"].tolist()
-    return train_sentencepiece_tokenizer(texts, folder, vocab_size=2000, extra_ids=100, num_threads=1)
+    return train_sentencepiece_tokenizer(texts, folder, SentencePieceSettings(vocab_size=2000, extra_ids=100,
+                                                                              num_threads=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------

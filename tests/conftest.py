@@ -85,11 +85,11 @@ def tiny_model(tokenizer, family: str = "seq2seq", seed: int = 0, dropout: float
 def tokenizer(tmp_path_factory):
     """A small SentencePiece T5 tokenizer over the generated sentences, the prompt markers and CANARY
     (modules that need another tokenizer define their own fixture of this name)."""
-    from udg_lib.tokenizer import train_sentencepiece_tokenizer
+    from udg_lib.tokenizer import SentencePieceSettings, train_sentencepiece_tokenizer
 
     corpus = sentences(60) + ["[USER] 20s, female [SEP] hello", "[USER1] 30s [USER2] 40s [SEP] hi", CANARY]
-    return train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=300,
-                                         extra_ids=10, num_threads=1)
+    return train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer",
+                                         SentencePieceSettings(vocab_size=300, extra_ids=10, num_threads=1))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -102,7 +102,8 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def synthetic_turns(n_users: int = 12, n_dialogues: int = 120, turns_per_dialogue: int = 8, seed: int = 0) -> pd.DataFrame:
+def synthetic_turns(n_users: int = 12, n_dialogues: int = 120, turns_per_dialogue: int = 8,
+                    seed: int = 0) -> pd.DataFrame:
     """Two-party dialogues between random pairs of users; text names speaker, dialogue and turn."""
     rng = random.Random(seed)
     users = [f"u{i:02d}" for i in range(n_users)]

@@ -130,7 +130,7 @@ def _prompts_of_set(turns, config, split_set):
     heldout = report["heldout_dialogues"]
     users = normalize_users(pd.DataFrame({"user_id": sorted(turns["speaker_id"].unique())}))
     _, _, by_set = profiles.profiles_by_split_set(turns, users, profiles.MarkovLogicInferrer(), heldout,
-                                                  unit_size=5, threshold=0.5, progress=False)
+                                                  profiles.Voting(unit_size=5, threshold=0.5), progress=False)
     table = by_set[split_set]
     set_pairs = pairs[pairs["split_set"] == split_set]
     rendered = pd.concat([build_prompts(set_pairs, table, fmt) for fmt in PROMPT_FORMATS])

@@ -35,7 +35,7 @@ from udg_lib.generation import (
 )
 from udg_lib.pretraining import reply_perplexity
 from udg_lib.prompts import build_prompts
-from udg_lib.tokenizer import train_sentencepiece_tokenizer
+from udg_lib.tokenizer import SentencePieceSettings, train_sentencepiece_tokenizer
 
 
 
@@ -44,7 +44,7 @@ from udg_lib.tokenizer import train_sentencepiece_tokenizer
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return train_sentencepiece_tokenizer(sentences(60), tmp_path_factory.mktemp("tok") / "tokenizer",
-                                         vocab_size=300, extra_ids=10, num_threads=1)
+                                         SentencePieceSettings(vocab_size=300, extra_ids=10, num_threads=1))
 
 
 def tiny_model(tokenizer, family: str = "seq2seq"):

@@ -568,7 +568,7 @@ def test_a_failure_on_a_full_disk_says_so_when_the_error_hides_its_errno(tmp_pat
 
 def test_sentencepiece_on_a_full_disk_raises_the_os_error_naming_the_folder(tmp_path: Path) -> None:
     from conftest import sentences
-    from udg_lib.tokenizer import train_sentencepiece_tokenizer
+    from udg_lib.tokenizer import SentencePieceSettings, train_sentencepiece_tokenizer
 
     texts = sentences(200)
     disk = tmp_path / "disk"
@@ -579,7 +579,8 @@ def test_sentencepiece_on_a_full_disk_raises_the_os_error_naming_the_folder(tmp_
         free = shutil.disk_usage(disk).free - len("\n".join(texts).encode()) - (16 << 10)
         (disk / "filler.bin").write_bytes(b"\0" * (free // 4096 * 4096))
         with pytest.raises(OSError) as failure:
-            train_sentencepiece_tokenizer(texts, disk / "tokenizer", vocab_size=300, extra_ids=2, num_threads=1)
+            train_sentencepiece_tokenizer(texts, disk / "tokenizer", SentencePieceSettings(vocab_size=300,
+                                                                                           extra_ids=2, num_threads=1))
     assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(disk / "tokenizer")
     assert str(failure.value) == f"[Errno 28] No space left on device: '{disk / 'tokenizer'}'"
 
@@ -653,7 +654,8 @@ def test_seeds_replicate_the_training_stages_and_share_the_earlier_ones(tmp_path
     folder = tmp_path / "notebooks"
     folder.mkdir()
     write_notebook(folder / "00_make_number.ipynb", MAKE_NUMBER)
-    write_notebook(folder / "01_train.ipynb", TRAIN_WITH_SEED, parameters=PARAMETERS + "\nseed: int = 5  # training seed")
+    write_notebook(folder / "01_train.ipynb", TRAIN_WITH_SEED,
+                   parameters=PARAMETERS + "\nseed: int = 5  # training seed")
     outputs = tmp_path / "outputs"
     write_yaml(tmp_path / "params" / RUN_SETTINGS_FILE, {"seeds": 3, "replicate_from": "01"})
     write_yaml(tmp_path / "params" / "00_make_number.yaml", {"x": 7})

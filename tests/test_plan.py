@@ -349,7 +349,7 @@ def test_design_tradeoff_costs_and_shrinks_with_users_and_test_pairs(tmp_path):
     run = run_power.read_run(write_outputs(tmp_path / "run", scores))
     table = run_power.power_table(run)
     grid = run_power.design_tradeoff(table, run, lambda users, train, test: users * train * test / 60,
-                                     users=[N_USERS, 4 * N_USERS], train_pairs=[10], test_pairs=[N_PAIRS, 4 * N_PAIRS])
+                                     run_power.DesignGrid([N_USERS, 4 * N_USERS], [10], [N_PAIRS, 4 * N_PAIRS]))
     assert grid["minutes"].tolist() == pytest.approx([u * 10 * t for u in (N_USERS, 4 * N_USERS)
                                                       for t in (N_PAIRS, 4 * N_PAIRS)])
     at_run = grid[(grid["users"] == N_USERS) & (grid["test_pairs"] == N_PAIRS)].iloc[0]

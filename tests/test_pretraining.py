@@ -53,7 +53,7 @@ from udg_lib.pretraining import (
 from udg_lib.precision import resolve_precision
 from udg_lib.prompts import build_prompt, build_prompts
 from udg_lib.splits import build_reply_pairs
-from udg_lib.tokenizer import train_sentencepiece_tokenizer
+from udg_lib.tokenizer import SentencePieceSettings, train_sentencepiece_tokenizer
 
 WORDS = ("hello how are you today i like movies on weekends what is your hobby the weather is nice "
          "i am a student and live in tokyo cooking music games sports reading travel cats dogs").split()
@@ -75,8 +75,8 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     corpus = sentences(60) + ["[USER] 20s, female [SEP] hello", "[USER1] 30s [USER2] 40s [SEP] hi"]
     corpus += [", ".join(values) for values in PROFILE_VALUES.values()]
-    return train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=400,
-                                         extra_ids=50)
+    return train_sentencepiece_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer",
+                                         SentencePieceSettings(vocab_size=400, extra_ids=50))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from udg_lib.tokenizer import (
     TokenizerLanguageError,
     check_tokenizer_fit,
     measure_tokenizer_fit,
+    SentencePieceSettings,
     train_sentencepiece_tokenizer,
 )
 
@@ -30,8 +31,10 @@ def tokenizers(tmp_path_factory) -> dict[str, Path]:
     a hub-style Japanese T5 tokenizer (spiece.model only, no byte fallback) whose vocabulary holds the Latin
     letters one by one, as a Japanese vocabulary trained on web text does."""
     root = tmp_path_factory.mktemp("language_tokenizers")
-    train_sentencepiece_tokenizer(sentences(300), root / "en", vocab_size=1000, extra_ids=10, num_threads=1)
-    train_sentencepiece_tokenizer(japanese_sentences(300), root / "ja", vocab_size=600, extra_ids=10, num_threads=1)
+    train_sentencepiece_tokenizer(sentences(300), root / "en", SentencePieceSettings(vocab_size=1000, extra_ids=10,
+                                                                                     num_threads=1))
+    train_sentencepiece_tokenizer(japanese_sentences(300), root / "ja",
+                                  SentencePieceSettings(vocab_size=600, extra_ids=10, num_threads=1))
     corpus = root / "ja_latin.txt"
     corpus.write_text("\n".join([*japanese_sentences(300), *[" ".join(string.ascii_letters)] * 5]), encoding="utf-8")
     folder = root / "ja_latin"

@@ -16,6 +16,7 @@ from udg_lib.profiles import (
     VOCABULARY,
     LLMProfileInferrer,
     MarkovLogicInferrer,
+    Voting,
     evaluate_inference,
     infer_profiles,
     majority_vote,
@@ -234,7 +235,8 @@ def _corpus() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_infer_profiles_keeps_corpus_values_and_fills_the_missing(inferrer):
     turns, users = _corpus()
-    table = infer_profiles(turns, users, inferrer, unit_size=150, threshold=0.6, progress=False).set_index("user_id")
+    table = infer_profiles(turns, users, inferrer, Voting(unit_size=150, threshold=0.6),
+                           progress=False).set_index("user_id")
     assert list(table.columns[:2]) == ["n_posts", "n_units"]
     assert table.loc["ann", "gender"] == "female" and table.loc["ann", "gender_source"] == "corpus"
     assert table.loc["ann", "gender_inferred"] == "male"  # the raw inference stays visible
@@ -246,7 +248,7 @@ def test_infer_profiles_keeps_corpus_values_and_fills_the_missing(inferrer):
     assert table.loc["dee", ["n_posts", "n_units"]].tolist() == [0, 0]  # no turns: no units
     assert table.loc["ann", ["n_posts", "n_units"]].tolist() == [3, 1]
 
-    everything = infer_profiles(turns, users, inferrer, unit_size=150, threshold=0.6, only_missing=False,
+    everything = infer_profiles(turns, users, inferrer, Voting(unit_size=150, threshold=0.6), only_missing=False,
                                 user_ids=["ann"], progress=False)
     assert everything["user_id"].tolist() == ["ann"]
     assert everything.loc[0, "gender"] == "male" and everything.loc[0, "gender_source"] == "inferred"
@@ -256,7 +258,7 @@ def test_infer_profiles_votes_over_units(inferrer):
     posts = ["my wife is great"] * 2 + ["my husband is great"] + ["filler"] * 3
     turns = pd.DataFrame({"dialogue_id": "d", "turn_index": range(len(posts)), "speaker_id": "u", "text": posts})
     users = normalize_users(pd.DataFrame({"user_id": ["u"]}))
-    row = infer_profiles(turns, users, inferrer, unit_size=1, threshold=0.6, progress=False).iloc[0]
+    row = infer_profiles(turns, users, inferrer, Voting(unit_size=1, threshold=0.6), progress=False).iloc[0]
     assert (row["n_units"], row["gender"], row["gender_confidence"]) == (6, "male", pytest.approx(2 / 3))
 
 
@@ -353,7 +355,8 @@ def test_llm_inferrer_parses_the_continuation_of_its_reply_prefix():
 def test_infer_profiles_runs_with_the_llm_inferrer():
     turns, users = _corpus()
     inferrer = LLMProfileInferrer(lambda messages: '{"gender": "male", "occupation": "nurse"}', reply_prefix="")
-    table = infer_profiles(turns, users, inferrer, unit_size=2, threshold=0.6, progress=False).set_index("user_id")
+    table = infer_profiles(turns, users, inferrer, Voting(unit_size=2, threshold=0.6),
+                           progress=False).set_index("user_id")
     assert table.loc["bob", "gender"] == "male" and table.loc["bob", "occupation"] == "professional"
     assert table.loc["ann", "gender"] == "female"  # corpus value kept
     assert table.loc["ann", "n_units"] == 2 and table.loc["dee", "gender"] == UNKNOWN
@@ -381,7 +384,7 @@ def test_inference_across_corpora_namespaces_user_ids():
     turns = pd.DataFrame({"speaker_id": ["ann", "bob"], "text": ["My husband cooks.", "hello"]})
     corpora = {"cc": SimpleNamespace(turns=turns, users=users)}
     predicted = profiles.infer_across_corpora(corpora, {"cc": ["ann"]}, profiles.MarkovLogicInferrer(),
-                                              unit_size=5, threshold=0.6)
+                                              profiles.Voting(unit_size=5, threshold=0.6))
     assert predicted["user_id"].tolist() == ["cc/ann"] and predicted.loc[0, "marital_inferred"] == "married"
     gold = profiles.users_across_corpora(corpora, {"cc": ["ann"]})
     assert gold["user_id"].tolist() == ["cc/ann"] and gold.loc[0, "gender"] == "female"

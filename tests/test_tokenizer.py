@@ -14,6 +14,7 @@ from udg_lib.tokenizer import (
     load_tokenizer,
     sentinel_tokens,
     tokenizer_fingerprint,
+    SentencePieceSettings,
     train_sentencepiece_tokenizer,
 )
 
@@ -48,7 +49,8 @@ def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     output_dir = tmp_path_factory.mktemp("tok") / "tokenizer"
-    tokenizer = train_sentencepiece_tokenizer(make_corpus(), output_dir, vocab_size=VOCAB_SIZE, extra_ids=EXTRA_IDS)
+    tokenizer = train_sentencepiece_tokenizer(make_corpus(), output_dir,
+                                              SentencePieceSettings(vocab_size=VOCAB_SIZE, extra_ids=EXTRA_IDS))
     return output_dir, tokenizer
 
 
@@ -124,19 +126,22 @@ def test_reload_from_disk_is_identical(trained):
 
 def test_training_is_deterministic_and_overwrites(tmp_path):
     corpus = make_corpus(n_lines=200, seed=1)
-    first = train_sentencepiece_tokenizer(corpus, tmp_path / "a", vocab_size=VOCAB_SIZE, extra_ids=8)
+    first = train_sentencepiece_tokenizer(corpus, tmp_path / "a", SentencePieceSettings(vocab_size=VOCAB_SIZE,
+                                                                                        extra_ids=8))
     first_json = (tmp_path / "a" / "tokenizer.json").read_bytes()
-    second = train_sentencepiece_tokenizer(corpus, tmp_path / "b", vocab_size=VOCAB_SIZE, extra_ids=8)
+    second = train_sentencepiece_tokenizer(corpus, tmp_path / "b", SentencePieceSettings(vocab_size=VOCAB_SIZE,
+                                                                                         extra_ids=8))
     assert tokenizer_fingerprint(first) == tokenizer_fingerprint(second)
     assert (tmp_path / "b" / "tokenizer.json").read_bytes() == first_json  # scores included
     # Retraining into an existing folder replaces it whole.
-    train_sentencepiece_tokenizer(corpus, tmp_path / "a", vocab_size=VOCAB_SIZE, extra_ids=4)
+    train_sentencepiece_tokenizer(corpus, tmp_path / "a", SentencePieceSettings(vocab_size=VOCAB_SIZE, extra_ids=4))
     assert len(AutoTokenizer.from_pretrained(tmp_path / "a")) == len(first) - 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 def test_bpe_model_type(tmp_path):
-    tok = train_sentencepiece_tokenizer(make_corpus(200), tmp_path / "bpe", vocab_size=VOCAB_SIZE, model_type="bpe")
+    tok = train_sentencepiece_tokenizer(make_corpus(200), tmp_path / "bpe",
+                                        SentencePieceSettings(vocab_size=VOCAB_SIZE, model_type="bpe"))
     ids = tok("[USER] 趣味は映画鑑賞です🎬").input_ids
     assert tok.convert_ids_to_tokens(ids)[0] == "[USER]" and tok.unk_token_id not in ids
     assert tok.decode(ids, skip_special_tokens=True) == "趣味は映画鑑賞です🎬"
@@ -144,7 +149,7 @@ def test_bpe_model_type(tmp_path):
 
 def test_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
-        train_sentencepiece_tokenizer(["hi"], tmp_path / "x", model_type="char")
+        train_sentencepiece_tokenizer(["hi"], tmp_path / "x", SentencePieceSettings(model_type="char"))
     with pytest.raises(ValueError, match="no non-empty texts"):
         train_sentencepiece_tokenizer(["", "  ", "\n"], tmp_path / "x")
     assert list(tmp_path.iterdir()) == []

@@ -31,7 +31,7 @@ a published folder holds per-user means only, so there the measured SD is kept f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -244,11 +244,19 @@ def format_power(table: pd.DataFrame, run: RunValues, run_dir: str | Path, power
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class DesignGrid:
+    """The designs `design_tradeoff` costs and powers: every combination of these."""
+
+    users: Sequence[int]
+    train_pairs: Sequence[float]  # fine-tuning pairs per user
+    test_pairs: Sequence[float]  # test pairs per user
+
+
 def design_tradeoff(table: pd.DataFrame, run: RunValues, hours: Callable[[int, float, float], float],
-                    users: Iterable[int], train_pairs: Iterable[float], test_pairs: Iterable[float],
-                    metric: str = "similarity", power: float = POWER,
+                    grid: DesignGrid, metric: str = "similarity", power: float = POWER,
                     settings: report.ClaimSettings = report.ClaimSettings()) -> pd.DataFrame:
-    """Per design (users, fine-tuning pairs per user, test pairs per user): `hours(users, train_pairs,
+    """Per design of `grid` (users, fine-tuning pairs per user, test pairs per user): `hours(users, train_pairs,
     test_pairs)` as minutes (e.g. `plan.Plan.design_hours`) and, per family of `table` (`power_table`), the
     detectable effect on `metric` of its hardest comparison (the largest SD at the design's test pairs).
     The SD at other test pairs comes from `variance_components` when the run kept per-sample scores, else the
@@ -262,9 +270,9 @@ def design_tradeoff(table: pd.DataFrame, run: RunValues, hours: Callable[[int, f
             c = comparisons[(row["family"], row["dataset"], row["comparison"])]
             parts[i] = variance_components(sample_differences(run.samples, c))
     out = []
-    for n in users:
-        for train in train_pairs:
-            for test in test_pairs:
+    for n in grid.users:
+        for train in grid.train_pairs:
+            for test in grid.test_pairs:
                 row: dict[str, Any] = {"users": n, "train_pairs": train, "test_pairs": test,
                                        "minutes": hours(n, train, test) * 60}
                 for family, rows in rows_of.groupby("family", sort=False):

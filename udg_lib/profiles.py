@@ -745,9 +745,20 @@ class UnitInferrer(Protocol):
     def infer_unit(self, posts: Sequence[str], threshold: float = DEFAULT_THRESHOLD) -> UnitResult: ...
 
 
-def infer_profiles(turns: pd.DataFrame, users: pd.DataFrame, inferrer: UnitInferrer, *,
-                   unit_size: int, threshold: float, only_missing: bool = True,
-                   user_ids: Iterable[str] | None = None, max_units: int | None = None, seed: int = 0,
+@dataclass(frozen=True)
+class Voting:
+    """How §3.3 turns a user's posts into a profile: units of `unit_size` posts, one inference per unit whose
+    field values count when their confidence reaches `threshold`, a majority vote per field. `max_units` votes
+    over a seeded sample (`seed`) of each user's units (for a slow inferrer such as the LLM one); None: all."""
+
+    unit_size: int
+    threshold: float
+    max_units: int | None = None
+    seed: int = 0
+
+
+def infer_profiles(turns: pd.DataFrame, users: pd.DataFrame, inferrer: UnitInferrer, voting: Voting, *,
+                   only_missing: bool = True, user_ids: Iterable[str] | None = None,
                    progress: bool = True) -> pd.DataFrame:
     """§3.3 for a corpus: each user's posts (their turns' texts, in the order of `turns`) in units,
     one inference per unit, a majority vote per field.
@@ -755,13 +766,13 @@ def infer_profiles(turns: pd.DataFrame, users: pd.DataFrame, inferrer: UnitInfer
     Columns: user_id, n_posts, n_units, then per field `<field>` (the profile to use),
     `<field>_inferred` (the vote), `<field>_confidence` (the winner's vote share) and `<field>_source`:
     "corpus" where the users table has a known value and `only_missing` (the value is kept),
-    otherwise "inferred" or "unknown". `max_units` votes over a seeded sample of each user's units (for a
-    slow inferrer such as the LLM one); None uses them all.
+    otherwise "inferred" or "unknown". `voting` says how units are cut, sampled and counted.
     """
+    unit_size, threshold, max_units = voting.unit_size, voting.threshold, voting.max_units
     posts_by_user = turns.groupby("speaker_id", sort=False)["text"].agg(list).to_dict()
     table = users.set_index("user_id")
     ids = list(table.index) if user_ids is None else [str(u) for u in user_ids]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(voting.seed)
     rows = []
     for user_id in progress_bar(ids, desc="profiles", disable=not progress):
         posts = posts_by_user.get(user_id, [])
@@ -1036,12 +1047,12 @@ def labels_from_personas(users: pd.DataFrame, inferrer: UnitInferrer,
 
 
 def infer_across_corpora(corpora: Mapping[str, object], user_ids: Mapping[str, Sequence[str]],
-                         inferrer: UnitInferrer, *, unit_size: int, threshold: float, **options) -> pd.DataFrame:
+                         inferrer: UnitInferrer, voting: Voting) -> pd.DataFrame:
     """`infer_profiles` (raw inference, `only_missing=False`) for the named users of several corpora,
     with ids namespaced as `corpus/user`; `corpora` maps names to Corpus objects."""
     frames = [
-        infer_profiles(corpora[name].turns, corpora[name].users, inferrer, unit_size=unit_size, threshold=threshold,
-                       only_missing=False, user_ids=ids, progress=False, **options)
+        infer_profiles(corpora[name].turns, corpora[name].users, inferrer, voting, only_missing=False, user_ids=ids,
+                       progress=False)
         .assign(user_id=lambda frame, name=name: name + "/" + frame["user_id"])
         for name, ids in user_ids.items()
     ]
@@ -1082,7 +1093,7 @@ def turns_outside_heldout(turns: pd.DataFrame, heldout: pd.DataFrame) -> pd.Data
 
 
 def profiles_by_split_set(turns: pd.DataFrame, users: pd.DataFrame, inferrer: UnitInferrer,
-                          heldout: pd.DataFrame, *, unit_size: int, threshold: float,
+                          heldout: pd.DataFrame, voting: Voting, *,
                           user_ids: Iterable[str] | None = None, progress: bool = True
                           ) -> tuple[pd.DataFrame, pd.DataFrame, dict[int, pd.DataFrame]]:
     """Users tables whose inferred profiles never read a dev/test turn (§3.3, §4.2.1).
@@ -1100,12 +1111,12 @@ def profiles_by_split_set(turns: pd.DataFrame, users: pd.DataFrame, inferrer: Un
     """
     evaluation = sorted(set(heldout["user_id"].astype(str)))
     ids = None if user_ids is None else sorted(set(map(str, user_ids)) | set(evaluation))
-    inference = infer_profiles(turns_outside_heldout(turns, heldout), users, inferrer, unit_size=unit_size,
-                               threshold=threshold, user_ids=ids, progress=progress)
+    inference = infer_profiles(turns_outside_heldout(turns, heldout), users, inferrer, voting, user_ids=ids,
+                               progress=progress)
     base = fill_profiles(users, inference)
     by_set = {}
     for split_set, hidden in heldout.groupby("split_set", sort=True):
-        per_set = infer_profiles(turns_outside_heldout(turns, hidden), users, inferrer, unit_size=unit_size,
-                                 threshold=threshold, user_ids=evaluation, progress=False)
+        per_set = infer_profiles(turns_outside_heldout(turns, hidden), users, inferrer, voting, user_ids=evaluation,
+                                 progress=False)
         by_set[int(split_set)] = fill_profiles(base, per_set)
     return inference, base, by_set

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -114,46 +115,51 @@ def _write_failure(staging: Path, output_dir: Path) -> OSError | None:
     return None
 
 
-def train_sentencepiece_tokenizer(
-    texts: Iterable[str],
-    output_dir: str | Path,
-    *,
-    vocab_size: int = 8000,
-    model_type: str = "unigram",
-    character_coverage: float = 0.9995,
-    extra_ids: int = 100,
-    input_sentence_size: int = 2_000_000,
-    seed: int = 0,
-    normalization_rule_name: str = "nmt_nfkc",
-    num_threads: int = 4,
-) -> PreTrainedTokenizerBase:
+@dataclass(frozen=True)
+class SentencePieceSettings:
+    """How `train_sentencepiece_tokenizer` trains (stage 00's parameters)."""
+
+    vocab_size: int = 8000  # an upper bound: a small corpus yields fewer pieces (256 bytes and the markers count)
+    model_type: str = "unigram"  # or "bpe"
+    character_coverage: float = 0.9995
+    extra_ids: int = 100  # T5's <extra_id_N> sentinels, not counted in vocab_size
+    input_sentence_size: int = 2_000_000  # sentences sampled (seeded) when the corpus has more
+    seed: int = 0
+    normalization_rule_name: str = "nmt_nfkc"  # "identity" keeps every character as written
+    num_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}")
+
+
+def train_sentencepiece_tokenizer(texts: Iterable[str], output_dir: str | Path,
+                                  settings: SentencePieceSettings = SentencePieceSettings()) -> PreTrainedTokenizerBase:
     """Train a SentencePiece tokenizer on `texts`, save it to `output_dir`, and return it reloaded from there.
 
     `output_dir` holds tokenizer.json + tokenizer_config.json (load with `AutoTokenizer`) and spiece.model,
     whose trainer spec records every training option. It is written atomically and replaced if it exists.
-    `vocab_size` is an upper bound (a small corpus yields fewer pieces); it counts the 256 byte pieces and the
-    markers, but not the `extra_ids` sentinels: size the model's embeddings with `len(tokenizer)`.
-    The default NFKC rule folds full-width ASCII and half-width kana (as T5 does); pass "identity" to keep
-    every character as written. Output is identical for identical texts, seed and `num_threads`.
+    `settings.vocab_size` is an upper bound (a small corpus yields fewer pieces); it counts the 256 byte pieces
+    and the markers, but not the `extra_ids` sentinels: size the model's embeddings with `len(tokenizer)`.
+    The default NFKC rule folds full-width ASCII and half-width kana (as T5 does); "identity" keeps every
+    character as written. Output is identical for identical texts, seed and `num_threads`.
     """
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     output_dir = Path(output_dir)
     with staged_dir(output_dir) as staging:  # built beside output_dir, renamed into place on success
         corpus_file = staging / "corpus.txt"
         if _write_training_corpus(texts, corpus_file) == 0:
             raise ValueError("no non-empty texts to train the tokenizer on")
         # Seeds the sentence sampling and shuffling used when the corpus exceeds input_sentence_size.
-        spm.set_random_generator_seed(seed)
+        spm.set_random_generator_seed(settings.seed)
         try:
             spm.SentencePieceTrainer.train(
                 input=str(corpus_file),
                 model_prefix=str(staging / Path(SPIECE_MODEL_FILE).stem),
-                vocab_size=vocab_size,
-                model_type=model_type,
-                character_coverage=character_coverage,
-                normalization_rule_name=normalization_rule_name,
-                input_sentence_size=input_sentence_size,
+                vocab_size=settings.vocab_size,
+                model_type=settings.model_type,
+                character_coverage=settings.character_coverage,
+                normalization_rule_name=settings.normalization_rule_name,
+                input_sentence_size=settings.input_sentence_size,
                 shuffle_input_sentence=True,
                 pad_id=0,
                 eos_id=1,
@@ -162,11 +168,11 @@ def train_sentencepiece_tokenizer(
                 user_defined_symbols=list(SPECIAL_TOKENS),  # §3.4: each marker is one piece, never split
                 byte_fallback=True,  # unseen characters become UTF-8 byte pieces, never <unk>
                 hard_vocab_limit=False,  # a small corpus yields fewer pieces instead of failing
-                num_threads=num_threads,
+                num_threads=settings.num_threads,
                 minloglevel=1,  # keep warnings (e.g. over-long lines skipped), drop the progress log
             )
             # Parsed before the training text is deleted, so that a full disk is still full if this fails.
-            wrapped = _wrap_sentencepiece_model(staging / SPIECE_MODEL_FILE, extra_ids)
+            wrapped = _wrap_sentencepiece_model(staging / SPIECE_MODEL_FILE, settings.extra_ids)
         except Exception as err:
             # A full disk shows as SentencePiece's "INTERNAL: ...WriteLine..." or, when the model file was
             # cut short without an error, as a protobuf DecodeError: report the OS error instead.
