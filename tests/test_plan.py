@@ -50,7 +50,8 @@ def write_stage00(root):
 def planned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plan")
     return cost_plan.plan_profile("tmp", params_dir=write_params(tmp / "params"),
-                                  outputs_root=write_stage00(tmp / "outputs"), steps=1, device="cpu")
+                                  outputs_root=write_stage00(tmp / "outputs"),
+                                  options=cost_plan.PlanOptions(steps=1, device="cpu"))
 
 
 def test_counts_match_a_hand_count(planned):
@@ -92,8 +93,9 @@ def test_the_family_comes_from_model_family_and_precision_is_resolved(tmp_path):
     with_checkpoint = {**loaded, "02_pretrain_models": {**loaded["02_pretrain_models"], "checkpoint": "smollm2"}}
     shape = cost_plan.profile_shape(with_checkpoint)  # the cpu profile: SmolLM2 as shipped, not the default preset
     assert (shape.preset, shape.vocab_size) == ("smollm2-135m", 49152)
-    planned = cost_plan.plan_profile("tmp", params_dir=tmp_path / "params", steps=1, device="cpu", max_rows=1,
-                                     outputs_root=write_stage00(tmp_path / "outputs"))
+    planned = cost_plan.plan_profile("tmp", params_dir=tmp_path / "params",
+                                     outputs_root=write_stage00(tmp_path / "outputs"),
+                                     options=cost_plan.PlanOptions(steps=1, device="cpu", max_rows=1))
     assert planned.shape.family == "causal"
     assert planned.precision["requested"] == "fp32" and planned.precision["used"] == "fp32"
     assert "avx512_bf16" in planned.precision["cpu"]
@@ -367,7 +369,8 @@ def test_design_tradeoff_costs_and_shrinks_with_users_and_test_pairs(tmp_path):
 def test_design_hours_recost_the_planned_stages(tmp_path, monkeypatch):
     monkeypatch.delitem(USERS, "beta")  # one dataset: the plan's own design is one (users, pairs) point
     planned = cost_plan.plan_profile("tmp", params_dir=write_params(tmp_path / "params"),
-                                     outputs_root=write_stage00(tmp_path / "outputs"), steps=1, device="cpu")
+                                     outputs_root=write_stage00(tmp_path / "outputs"),
+                                     options=cost_plan.PlanOptions(steps=1, device="cpu"))
     own = planned.design_hours(USERS["alpha"], PAIRS["train_ft"], PAIRS["test"])
     assert own == pytest.approx(planned.stage_hours("03") + planned.stage_hours("04-05"))
     assert planned.design_hours(2 * USERS["alpha"], PAIRS["train_ft"], PAIRS["test"]) > own

@@ -777,14 +777,27 @@ def paper_counts(user_batch: int) -> list[WorkCounts]:
             for (name, users), train in zip(PAPER_USERS.items(), PAPER_TRAIN_PAIRS_PER_USER.values())]
 
 
+@dataclass(frozen=True)
+class PlanOptions:
+    """How `plan_profile` times and counts; every field None takes the profile's or the device's own."""
+
+    steps: int | None = None  # repetitions per timed step (default 3, the median taken)
+    device: str | None = None  # default: cuda when available, else cpu
+    precision: str | None = None  # default: stage 03's parameter, resolved for the device
+    family: str | None = None  # force a model family (default: stage 02's)
+    epochs: int | None = None  # epochs every training is assumed to run (default: `expected_epochs`)
+    max_rows: int | None = None  # rows timed per batch (default: `time_steps`' rule)
+
+
 def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_root: str | Path | None = None,
-                 notebooks_dir: str | Path | None = None, steps: int | None = None, device: str | None = None,
-                 precision: str | None = None, family: str | None = None, epochs: int | None = None,
-                 max_rows: int | None = None) -> Plan:
+                 notebooks_dir: str | Path | None = None, options: PlanOptions = PlanOptions()) -> Plan:
     """The cost plan of `profile` on this device: counts from its params and users, a few timed steps of each
-    kind, and estimates per stage and at the paper's counts. `precision` defaults to stage 03's parameter
-    (what a run would use here: "auto" is resolved for this device); `epochs` assumes trainings stop after that
-    many epochs (default: as an earlier run of the profile measured, else the caps: `expected_epochs`)."""
+    kind, and estimates per stage and at the paper's counts. `options.precision` defaults to stage 03's
+    parameter (what a run would use here: "auto" is resolved for this device); `options.epochs` assumes
+    trainings stop after that many epochs (default: as an earlier run of the profile measured, else the caps:
+    `expected_epochs`)."""
+    steps, device, precision, family, epochs, max_rows = (options.steps, options.device, options.precision,
+                                                           options.family, options.epochs, options.max_rows)
     params, source = profile_params(profile, params_dir, notebooks_dir)
     out_root = paths.outputs_root(profile, outputs_root)
     shape = profile_shape(params, family)
@@ -944,9 +957,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"udg plan: no params/{args.profile}/ (profiles: {', '.join(known)})", file=sys.stderr)
         return 1
     try:
-        plan = plan_profile(args.profile, params_dir=args.params_dir, outputs_root=args.outputs_root,
-                            steps=args.steps, device=args.device, precision=args.precision, family=args.family,
-                            epochs=args.epochs, max_rows=args.max_rows)
+        options = PlanOptions(args.steps, args.device, args.precision, args.family, args.epochs, args.max_rows)
+        plan = plan_profile(args.profile, params_dir=args.params_dir, outputs_root=args.outputs_root, options=options)
     except Exception as exc:  # pipeline and corpus errors carry one-line messages
         print(f"udg plan: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
