@@ -355,8 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             # adapters matter, without which identical replies would prove nothing.
             with all_adapters.disable_adapter():
                 record("base model, no adapters", partial(greedy_generate, all_adapters, tokenizer, sources,
-                                                          max_new_tokens=args.max_new_tokens,
-                                                          batch_size=args.batch_size))
+                                                          Decoding(args.max_new_tokens, args.batch_size)))
 
         routed.close()
 

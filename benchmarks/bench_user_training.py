@@ -2,7 +2,7 @@
 
 (a) naive: for every user the base model is reloaded from disk (`from_pretrained` + `get_peft_model` +
     train + `save_pretrained`), as most public per-user PEFT code does;
-(b) in-process loop: `finetuning.run_users("lora", ...)`, the base loaded once and one adapter added and
+(b) in-process loop: `finetuning.run_users(methods.LORA, ...)`, the base loaded once and one adapter added and
     deleted per user;
 (c) batched: `multilora.run_users_batched`, up to `--users-per-batch` users' adapters trained together in
     one forward/backward per step.
@@ -62,6 +62,7 @@ from udg_lib.families import CAUSAL, SMOLLM2_VOCAB, ModelFamily, get_family, lla
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     FinetuneConfig,
+    UserTrainingOptions,
     encode_pairs,
     lora_config,
     run_users,
@@ -72,6 +73,8 @@ from udg_lib.finetuning import (
     user_seed,
 )
 from udg_lib.multilora import run_users_batched
+from udg_lib.conditions import Cell
+from udg_lib.methods import LORA
 from udg_lib.families import t5_config
 from udg_lib.pretraining import build_model, count_parameters
 from udg_lib.provenance import provenance
@@ -235,10 +238,12 @@ def bench_shape(shape: str, n_users: int, steps: int, users_per_batch: int, batc
     runs = {
         VARIANTS[0]: lambda out: reload_per_user(model_dir, device, tokenizer, pairs, users, user_ids, out, config,
                                                  family),
-        VARIANTS[1]: lambda out: run_users("lora", load_base(), tokenizer, pairs, users, user_ids, FMT, out, config,
-                                           progress=False),
-        VARIANTS[2]: lambda out: run_users_batched(load_base(), tokenizer, pairs, users, user_ids, FMT, out, config,
-                                                   users_per_batch=users_per_batch, progress=False),
+        VARIANTS[1]: lambda out: run_users(LORA, load_base(), tokenizer,
+                                           Cell(pairs, users, user_ids, fmt_override=FMT), out, config,
+                                           UserTrainingOptions(progress=False)),
+        VARIANTS[2]: lambda out: run_users_batched(LORA, load_base(), tokenizer,
+                                                   Cell(pairs, users, user_ids, fmt_override=FMT), out, config,
+                                                   UserTrainingOptions(users_per_batch=users_per_batch, progress=False)),
     }
     # warm-up (untimed): first calls pay one-off costs (allocator, kernels, lazy imports) that belong to no variant
     reload_per_user(model_dir, device, tokenizer, pairs, users, user_ids[:1], work / "warmup", config, family)

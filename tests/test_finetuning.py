@@ -25,6 +25,7 @@ from udg_lib.finetuning import (
     DONE_FILE,
     MODEL_DIR,
     FinetuneConfig,
+    UserTrainingOptions,
     domain_adapt,
     encode_pairs,
     load_user_adapter,
@@ -39,6 +40,8 @@ from udg_lib.finetuning import (
     user_seed,
 )
 from udg_lib.encoding import LABEL_PAD_ID
+from udg_lib.conditions import Cell
+from udg_lib.methods import FULL, LORA, get
 
 USERS = ["u0", "u1", "u2"]
 
@@ -154,7 +157,7 @@ def test_lora_trains_only_adapters_and_saved_adapter_reloads(tokenizer, data, tm
             seen[user] = model(**batch).logits
         (folder / "replies.txt").write_text("kept with the artifact")
 
-    table = run_users("lora", base, tokenizer, pairs, users, USERS[:2], "psp", tmp_path, CONFIG,
+    table = run_users(LORA, base, tokenizer, Cell(pairs, users, USERS[:2], fmt_override="psp"), tmp_path, CONFIG,
                       after_user=keep_outputs)
     assert list(table["status"]) == ["trained", "trained"]
     assert not isinstance(base, PeftModel) and not any("lora" in n for n, _ in base.named_modules())
@@ -201,13 +204,13 @@ def test_full_restores_base_between_users(tokenizer, data, tmp_path, family):
     def recorder(store):
         return lambda user, model, folder: store.__setitem__(user, state(model))
 
-    run_users("full", base, tokenizer, pairs, users, USERS, "plain", tmp_path / "all", CONFIG,
-              save_full_models=True, after_user=recorder(in_loop))
+    run_users(FULL, base, tokenizer, Cell(pairs, users, USERS, fmt_override="plain"), tmp_path / "all", CONFIG,
+              UserTrainingOptions(save_full_models=True), after_user=recorder(in_loop))
     assert same_state(before, state(base))  # the caller's model comes back as it went in
     assert not same_state(in_loop["u2"], before)  # ... though every weight was trainable per user
     # u2 trained third (after u0 and u1) ends exactly as u2 trained alone from a fresh base
-    run_users("full", tiny_model(tokenizer, family), tokenizer, pairs, users, ["u2"], "plain", tmp_path / "alone",
-              CONFIG, after_user=recorder(alone))
+    run_users(FULL, tiny_model(tokenizer, family), tokenizer, Cell(pairs, users, ["u2"], fmt_override="plain"),
+              tmp_path / "alone", CONFIG, after_user=recorder(alone))
     assert same_state(in_loop["u2"], alone["u2"])
     saved = user_dir(tmp_path / "all", "u2") / MODEL_DIR
     assert (saved / "config.json").is_file() and not (user_dir(tmp_path / "alone", "u2") / MODEL_DIR).exists()
@@ -220,22 +223,22 @@ def test_full_restores_base_between_users(tokenizer, data, tmp_path, family):
 
 def test_resume_after_crash_matches_uninterrupted_run(tokenizer, data, tmp_path, family):
     pairs, users = data
-    full_run = run_users("lora", tiny_model(tokenizer, family), tokenizer, pairs, users, USERS, "ppp", tmp_path / "a",
-                         CONFIG)
+    full_run = run_users(LORA, tiny_model(tokenizer, family), tokenizer,
+                         Cell(pairs, users, USERS, fmt_override="ppp"), tmp_path / "a", CONFIG)
     assert list(full_run["status"]) == ["trained"] * 3
     reference = {u: adapter_tensors(user_dir(tmp_path / "a", u)) for u in USERS}
 
     # same seed, same data: identical adapters (determinism)
-    twin = run_users("lora", tiny_model(tokenizer, family), tokenizer, pairs, users, USERS, "ppp", tmp_path / "b",
-                     CONFIG)
+    twin = run_users(LORA, tiny_model(tokenizer, family), tokenizer, Cell(pairs, users, USERS, fmt_override="ppp"),
+                     tmp_path / "b", CONFIG)
     for u in USERS:
         assert same_state(reference[u], adapter_tensors(user_dir(tmp_path / "b", u)))
     assert twin["best_dev_loss"].tolist() == full_run["best_dev_loss"].tolist()
 
     # crash 1: the last user's marker is gone (killed before it was written) -> only that user retrains
     (user_dir(tmp_path / "b", "u2") / DONE_FILE).unlink()
-    rerun = run_users("lora", tiny_model(tokenizer, family), tokenizer, pairs, users, USERS, "ppp", tmp_path / "b",
-                      CONFIG)
+    rerun = run_users(LORA, tiny_model(tokenizer, family), tokenizer, Cell(pairs, users, USERS, fmt_override="ppp"),
+                      tmp_path / "b", CONFIG)
     assert list(rerun["status"]) == ["skipped", "skipped", "trained"]
     assert same_state(reference["u2"], adapter_tensors(user_dir(tmp_path / "b", "u2")))
 
@@ -247,11 +250,12 @@ def test_resume_after_crash_matches_uninterrupted_run(tokenizer, data, tmp_path,
     base = tiny_model(tokenizer, family)
     before = state(base)
     with pytest.raises(RuntimeError, match="simulated"):
-        run_users("lora", base, tokenizer, pairs, users, USERS, "ppp", tmp_path / "c", CONFIG, after_user=crash)
+        run_users(LORA, base, tokenizer, Cell(pairs, users, USERS, fmt_override="ppp"), tmp_path / "c", CONFIG,
+                  after_user=crash)
     assert same_state(before, state(base)) and not isinstance(base, PeftModel)
     assert not user_dir(tmp_path / "c", "u2").exists()
     assert [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")] == []  # no staging left
-    resumed = run_users("lora", base, tokenizer, pairs, users, USERS, "ppp", tmp_path / "c", CONFIG)
+    resumed = run_users(LORA, base, tokenizer, Cell(pairs, users, USERS, fmt_override="ppp"), tmp_path / "c", CONFIG)
     assert list(resumed["status"]) == ["skipped", "skipped", "trained"]
     for u in USERS:
         assert same_state(reference[u], adapter_tensors(user_dir(tmp_path / "c", u)))
@@ -298,7 +302,8 @@ def test_no_other_users_rows_reach_a_users_batches(tokenizer, data, tmp_path, me
 
     monkeypatch.setattr(model_family, "collator", recording_collator)
     monkeypatch.setattr(finetuning, "encode_pairs", tracking_encode)
-    run_users(method, tiny_model(tokenizer, family), tokenizer, pairs, users, ["u0", "u1"], "psp", tmp_path, CONFIG)
+    run_users(get(method), tiny_model(tokenizer, family), tokenizer,
+              Cell(pairs, users, ["u0", "u1"], fmt_override="psp"), tmp_path, CONFIG)
     assert decoded["u0"] and not any(CANARY in text for text in decoded["u0"])
     assert any(CANARY in text for text in decoded["u1"])  # the detector does see the canary
 

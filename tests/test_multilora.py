@@ -23,6 +23,7 @@ from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
     FinetuneConfig,
+    UserTrainingOptions,
     encode_pairs,
     load_user_adapter,
     run_users,
@@ -30,6 +31,8 @@ from udg_lib.finetuning import (
     user_examples,
 )
 from udg_lib.multilora import MultiLora, lora_target_names, run_users_batched
+from udg_lib.conditions import Cell
+from udg_lib.methods import LORA
 
 USERS = ["u0", "u1", "u2", "u3"]
 
@@ -217,8 +220,9 @@ def test_batched_run_saves_peft_adapters_and_leaves_base_unchanged(tokenizer, da
             seen[user] = model(**batch_of(tokenizer, data, [user])).logits
         (folder / "replies.txt").write_text("kept with the artifact")
 
-    table = run_users_batched(base, tokenizer, pairs, users, USERS, "psp", tmp_path / "batched", CONFIG,
-                              users_per_batch=2, after_user=keep_outputs, progress=False)
+    table = run_users_batched(LORA, base, tokenizer, Cell(pairs, users, USERS, fmt_override="psp"),
+                              tmp_path / "batched", CONFIG, UserTrainingOptions(users_per_batch=2, progress=False),
+                              after_user=keep_outputs)
     assert list(table["user_id"]) == USERS and list(table["status"]) == ["trained"] * 4
     assert same_state(before, state(base)) and has_no_hooks(base) and not base.training
     assert grads == {n: p.requires_grad for n, p in base.named_parameters()}
@@ -228,8 +232,8 @@ def test_batched_run_saves_peft_adapters_and_leaves_base_unchanged(tokenizer, da
     assert u3["steps"] == 2 * u3["epochs_run"] and u3["epochs_run"] >= 1
 
     # the same files as run_users("lora") writes, and adapter_config.json identical to PEFT's own
-    reference = run_users("lora", tiny_model(tokenizer), tokenizer, pairs, users, ["u0"], "psp", tmp_path / "loop",
-                          CONFIG, progress=False)
+    reference = run_users(LORA, tiny_model(tokenizer), tokenizer, Cell(pairs, users, ["u0"], fmt_override="psp"),
+                          tmp_path / "loop", CONFIG, UserTrainingOptions(progress=False))
     ours, theirs = user_dir(tmp_path / "batched", "u0"), user_dir(tmp_path / "loop", "u0")
     assert json.loads((ours / ADAPTER_DIR / "adapter_config.json").read_text()) == \
         json.loads((theirs / ADAPTER_DIR / "adapter_config.json").read_text())
@@ -276,10 +280,12 @@ def test_matches_the_one_user_loop(tokenizer, data, tmp_path, users_per_batch, d
     pairs, users = data
     loss_tolerance, weight_tolerance = TRAINED_MATCH[family]
     config = replace(CONFIG if dropout else NO_DROPOUT, max_epochs=LOOP_EPOCHS[family])
-    loop = run_users("lora", tiny_model(tokenizer, family, dropout=dropout), tokenizer, pairs, users, USERS, "ppp",
-                     tmp_path / "loop", config, progress=False)
-    batched = run_users_batched(tiny_model(tokenizer, family, dropout=dropout), tokenizer, pairs, users, USERS, "ppp",
-                                tmp_path / "batched", config, users_per_batch=users_per_batch, progress=False)
+    loop = run_users(LORA, tiny_model(tokenizer, family, dropout=dropout), tokenizer,
+                     Cell(pairs, users, USERS, fmt_override="ppp"), tmp_path / "loop", config,
+                     UserTrainingOptions(progress=False))
+    batched = run_users_batched(LORA, tiny_model(tokenizer, family, dropout=dropout), tokenizer,
+                                Cell(pairs, users, USERS, fmt_override="ppp"), tmp_path / "batched", config,
+                                UserTrainingOptions(users_per_batch=users_per_batch, progress=False))
     for column in ("epochs_run", "best_epoch", "steps", "stopped_early", "n_train", "n_dev"):
         assert batched[column].tolist() == loop[column].tolist(), column
     assert loop["stopped_early"].any() and not loop["stopped_early"].all()  # both ways of ending are exercised
@@ -298,10 +304,12 @@ def test_canary_in_a_batchmate_does_not_reach_a_users_adapter(tokenizer, data, t
     pairs = pairs.copy()
     planted = (pairs["speaker_id"] == "u1") & (pairs["split"] == "train_ft")
     pairs.loc[planted, "response"] = f"{CANARY} " + pairs.loc[planted, "response"]
-    together = run_users_batched(tiny_model(tokenizer, family, dropout=0.0), tokenizer, pairs, users, ["u0", "u1"],
-                                 "psp", tmp_path / "together", NO_DROPOUT, users_per_batch=2, progress=False)
-    alone = run_users_batched(tiny_model(tokenizer, family, dropout=0.0), tokenizer, pairs, users, ["u0"], "psp",
-                              tmp_path / "alone", NO_DROPOUT, users_per_batch=2, progress=False)
+    together = run_users_batched(LORA, tiny_model(tokenizer, family, dropout=0.0), tokenizer,
+                                 Cell(pairs, users, ["u0", "u1"], fmt_override="psp"), tmp_path / "together",
+                                 NO_DROPOUT, UserTrainingOptions(users_per_batch=2, progress=False))
+    alone = run_users_batched(LORA, tiny_model(tokenizer, family, dropout=0.0), tokenizer,
+                              Cell(pairs, users, ["u0"], fmt_override="psp"), tmp_path / "alone", NO_DROPOUT,
+                              UserTrainingOptions(users_per_batch=2, progress=False))
     loss_tolerance, weight_tolerance = TRAINED_MATCH[family]  # batchmates change rounding only
     assert close_tensors(adapter_tensors(tmp_path / "together", "u0"), adapter_tensors(tmp_path / "alone", "u0"),
                          atol=weight_tolerance)
@@ -315,8 +323,9 @@ def test_deterministic_and_resumable(tokenizer, data, tmp_path, family):
     pairs, users = data
 
     def run(out, model=None, **kwargs):
-        return run_users_batched(model or tiny_model(tokenizer, family), tokenizer, pairs, users, USERS, "psp",
-                                 tmp_path / out, CONFIG, users_per_batch=3, progress=False, **kwargs)
+        return run_users_batched(LORA, model or tiny_model(tokenizer, family), tokenizer,
+                                 Cell(pairs, users, USERS, fmt_override="psp"), tmp_path / out, CONFIG,
+                                 UserTrainingOptions(users_per_batch=3, progress=False), **kwargs)
 
     first, second = run("a"), run("b")  # same seed, with dropout: identical adapters
     for user in USERS:
@@ -355,13 +364,15 @@ def test_deterministic_and_resumable(tokenizer, data, tmp_path, family):
 def test_bad_arguments(tokenizer, data, tmp_path):
     pairs, users = data
     with pytest.raises(ValueError, match="users_per_batch"):
-        run_users_batched(tiny_model(tokenizer), tokenizer, pairs, users, USERS, "psp", tmp_path, CONFIG,
-                          users_per_batch=0)
+        run_users_batched(LORA, tiny_model(tokenizer), tokenizer, Cell(pairs, users, USERS, fmt_override="psp"),
+                          tmp_path, CONFIG, UserTrainingOptions(users_per_batch=0))
     with pytest.raises(ValueError, match="more than once.*u1"):
-        run_users_batched(tiny_model(tokenizer), tokenizer, pairs, users, ["u1", "u0", "u1"], "psp", tmp_path, CONFIG)
+        run_users_batched(LORA, tiny_model(tokenizer), tokenizer,
+                          Cell(pairs, users, ["u1", "u0", "u1"], fmt_override="psp"), tmp_path, CONFIG)
     with pytest.raises(ValueError, match="split set"):
-        run_users_batched(tiny_model(tokenizer), tokenizer, pd.concat([pairs, pairs.assign(split_set=1)]), users,
-                          USERS, "psp", tmp_path, CONFIG, progress=False)
+        run_users_batched(LORA, tiny_model(tokenizer), tokenizer,
+                          Cell(pd.concat([pairs, pairs.assign(split_set=1)]), users, USERS, fmt_override="psp"),
+                          tmp_path, CONFIG, UserTrainingOptions(progress=False))
     with MultiLora(tiny_model(tokenizer), CONFIG) as multi:
         with pytest.raises(KeyError, match="no adapter"), multi.routed(["nobody"]):
             pass
@@ -376,5 +387,5 @@ def test_a_user_without_dev_pairs_is_refused_not_trained_on_nothing(tokenizer, d
     pairs, users = data
     without_dev = pairs[~((pairs["speaker_id"] == "u3") & (pairs["split"] == "dev"))]
     with pytest.raises(ValueError, match="'u3' has no dev pairs"):
-        run_users_batched(tiny_model(tokenizer), tokenizer, without_dev, users, ["u3"], "psp", tmp_path / "b",
-                          CONFIG)
+        run_users_batched(LORA, tiny_model(tokenizer), tokenizer,
+                          Cell(without_dev, users, ["u3"], fmt_override="psp"), tmp_path / "b", CONFIG)

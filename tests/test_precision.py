@@ -19,8 +19,11 @@ from udg_lib import finetuning as ft_module
 from udg_lib import precision as pr
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.families import get_family
-from udg_lib.finetuning import ADAPTER_DIR, FinetuneConfig, encode_pairs, run_users, train_with_early_stopping, \
-    user_dir, user_examples
+from udg_lib.finetuning import ADAPTER_DIR, FinetuneConfig, UserTrainingOptions, encode_pairs, run_users, \
+    train_with_early_stopping, user_dir, user_examples
+from udg_lib.conditions import Cell
+from udg_lib.families import Decoding
+from udg_lib.methods import LORA
 from udg_lib.generation import greedy_generate, load_routed_adapters, reference_nll
 from udg_lib.prompts import build_prompts
 
@@ -118,7 +121,8 @@ def test_bf16_lora_trains_on_a_bf16_base_and_scores_like_fp32(tokenizer, family,
     pairs, users = data
     config = replace(CONFIG, precision="bf16")
     base = tiny_model(tokenizer, family, seed=1).to(dtype=torch.bfloat16)
-    table = run_users("lora", base, tokenizer, pairs, users, USERS, "psp", tmp_path, config, progress=False)
+    table = run_users(LORA, base, tokenizer, Cell(pairs, users, USERS, fmt_override="psp"), tmp_path, config,
+                      UserTrainingOptions(progress=False))
     assert (table["best_dev_loss"] < table["initial_dev_loss"]).all()
     assert all(math.isfinite(x) for x in table["best_dev_loss"])
     for user in USERS:
@@ -134,10 +138,10 @@ def test_bf16_lora_trains_on_a_bf16_base_and_scores_like_fp32(tokenizer, family,
     for dtype, chosen in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         model = tiny_model(tokenizer, family, seed=1).to(dtype=dtype)
         routed = load_routed_adapters(model, dirs)
-        scores[chosen] = reference_nll(routed, tokenizer, sources, test["response"].tolist(), adapter_names=names,
-                                       max_source_length=32, max_target_length=16, precision=chosen)
-        replies = greedy_generate(routed, tokenizer, sources, adapter_names=names, max_new_tokens=6,
-                                  max_source_length=32, precision=chosen)
+        decoding = Decoding(max_new_tokens=6, max_source_length=32, max_target_length=16, precision=chosen)
+        scores[chosen] = reference_nll(routed, tokenizer, sources, test["response"].tolist(), decoding,
+                                       adapter_names=names)
+        replies = greedy_generate(routed, tokenizer, sources, decoding, adapter_names=names)
         assert len(replies) == len(sources) and all(isinstance(r, str) for r in replies)
         routed.close()
     np.testing.assert_allclose(scores["bf16"].nll, scores["fp32"].nll, rtol=0.05)

@@ -26,15 +26,19 @@ from safetensors.torch import load_file
 
 from conftest import CANARY, sentences, seq2seq_only, tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
-from udg_lib.executors import EXECUTORS, UserTrainingError, load_base_model, train_users
+from udg_lib.executors import UserTrainingError, load_base_model, train_users
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
+    EXECUTORS,
     FinetuneConfig,
+    UserTrainingOptions,
     load_user_adapter,
     user_dir,
 )
 from udg_lib.encoding import LABEL_PAD_ID
+from udg_lib.conditions import Cell
+from udg_lib.methods import FULL, LORA, ONE_ID, get
 
 USERS = ["u0", "u1", "u2", "u3"]
 CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=3, patience=1, max_source_length=32,
@@ -106,20 +110,22 @@ def adapter_config(out_dir: Path, user: str) -> dict:
 @seq2seq_only
 def test_bad_input_gets_clear_errors(base_dir, data, tmp_path):
     pairs, users = data
-    with pytest.raises(ValueError, match=r"unknown executor 'dask'.*'local', 'ray'"):
-        train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG, executor="dask")
+    with pytest.raises(ValueError, match=r"executor must be one of \('local', 'ray'\), not 'dask'"):
+        UserTrainingOptions(executor="dask")
     assert EXECUTORS == ("local", "ray")
-    with pytest.raises(ValueError, match=r"unknown method 'one_id'.*'lora', 'full'"):
-        train_users("one_id", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG)
+    with pytest.raises(AttributeError, match="train_on_base"):  # One-ID is one pooled model, not a per-user method
+        train_users(ONE_ID, base_dir, Cell(pairs, users, ["u0"], fmt_override="psp"), tmp_path, CONFIG)
     with pytest.raises(ValueError, match=r"not in users\['user_id'\]: \['nobody'\]"):
-        train_users("lora", base_dir, pairs, users, ["u0", "nobody"], "psp", tmp_path, CONFIG)
+        train_users(LORA, base_dir, Cell(pairs, users, ["u0", "nobody"], fmt_override="psp"), tmp_path, CONFIG,
+                    UserTrainingOptions(lora_training="per_user"))
     with pytest.raises(ValueError, match=r"more than once: \['u0'\]"):
-        train_users("lora", base_dir, pairs, users, ["u0", "u0"], "psp", tmp_path, CONFIG)
+        train_users(LORA, base_dir, Cell(pairs, users, ["u0", "u0"], fmt_override="psp"), tmp_path, CONFIG,
+                    UserTrainingOptions(lora_training="per_user"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        train_users("lora", tmp_path / "missing", pairs, users, ["u0"], "psp", tmp_path, CONFIG)
+        train_users(LORA, tmp_path / "missing", Cell(pairs, users, ["u0"], fmt_override="psp"), tmp_path, CONFIG,
+                    UserTrainingOptions(lora_training="per_user"))
     with pytest.raises(ValueError, match="users_per_task"):
-        train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG, executor="ray",
-                    users_per_task=0)
+        UserTrainingOptions(executor="ray", users_per_task=0)
     assert not any(tmp_path.iterdir())  # nothing trained or written by a rejected call
 
 
@@ -130,8 +136,8 @@ def test_same_seed_gives_identical_adapters_and_another_seed_does_not(base_dir, 
     pairs, users = data
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        table = train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path / name,
-                            replace(CONFIG, seed=seed), progress=False)
+        table = train_users(LORA, base_dir, Cell(pairs, users, ["u0"], fmt_override="psp"), tmp_path / name,
+                            replace(CONFIG, seed=seed), UserTrainingOptions(progress=False, lora_training="per_user"))
         assert table["status"].tolist() == ["trained"]
         runs[name] = adapter_tensors(tmp_path / name, "u0")
     assert same_tensors(runs["a"], runs["b"])
@@ -146,8 +152,10 @@ RUNNER = textwrap.dedent('''
     import json, sys, time
     import pandas as pd
     import torch
+    from udg_lib.conditions import Cell
     from udg_lib.executors import train_users
-    from udg_lib.finetuning import FinetuneConfig
+    from udg_lib.finetuning import FinetuneConfig, UserTrainingOptions
+    from udg_lib.methods import LORA
 
     torch.set_num_threads(1)
     args = json.loads(open(sys.argv[1]).read())
@@ -157,9 +165,10 @@ RUNNER = textwrap.dedent('''
     def slow_down(user, model, folder):  # runs before done.json: the staging folder exists meanwhile
         time.sleep(pause)
 
-    table = train_users("lora", args["base_dir"], pd.read_pickle(args["pairs"]), pd.read_pickle(args["users"]),
-                        args["user_ids"], "psp", args["out_dir"], config, device="cpu",
-                        after_user=slow_down if pause else None, progress=False)
+    cell = Cell(pd.read_pickle(args["pairs"]), pd.read_pickle(args["users"]), args["user_ids"], fmt_override="psp")
+    table = train_users(LORA, args["base_dir"], cell, args["out_dir"], config,
+                        UserTrainingOptions(lora_training="per_user", progress=False), device="cpu",
+                        after_user=slow_down if pause else None)
     table.to_json(args["table"], orient="records")
 ''')
 
@@ -207,7 +216,8 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(base_dir, data, t
     assert leftovers(out_dir) == []
 
     reference = tmp_path / "uninterrupted"
-    train_users("lora", base_dir, pairs, users, USERS, "psp", reference, CONFIG, device="cpu", progress=False)
+    train_users(LORA, base_dir, Cell(pairs, users, USERS, fmt_override="psp"), reference, CONFIG,
+                UserTrainingOptions(progress=False, lora_training="per_user"), device="cpu")
     for user in USERS:
         weights = "adapter_model.safetensors"
         assert ((user_dir(out_dir, user) / ADAPTER_DIR / weights).read_bytes()
@@ -265,8 +275,8 @@ def test_another_users_canary_never_reaches_a_users_batches(base_dir, data, tmp_
 
     def batches_of(user: str) -> tuple[list[str], list[list[int]]]:
         seen.clear()
-        train_users(method, base_dir, pairs, users, [user], "psp", tmp_path / user, config, device="cpu",
-                    progress=False)
+        train_users(get(method), base_dir, Cell(pairs, users, [user], fmt_override="psp"), tmp_path / user, config,
+                    UserTrainingOptions(progress=False, lora_training="per_user"), device="cpu")
         texts, rows = [], []
         for key, ids in seen:
             ids = ids.clone()
@@ -317,10 +327,11 @@ def local_ray():
 
 def test_ray_tasks_give_the_local_executors_adapters(base_dir, data, tmp_path, local_ray):
     pairs, users = data
-    local = train_users("lora", base_dir, pairs, users, USERS[:2], "ppp", tmp_path / "local", CONFIG,
-                        progress=False)
-    remote = train_users("lora", base_dir, pairs, users, USERS[:2], "ppp", tmp_path / "ray", CONFIG,
-                         executor="ray", users_per_task=1, num_cpus_per_task=1, progress=False)
+    local = train_users(LORA, base_dir, Cell(pairs, users, USERS[:2], fmt_override="ppp"), tmp_path / "local", CONFIG,
+                        UserTrainingOptions(progress=False, lora_training="per_user"))
+    remote = train_users(LORA, base_dir, Cell(pairs, users, USERS[:2], fmt_override="ppp"), tmp_path / "ray", CONFIG,
+                         UserTrainingOptions(executor="ray", users_per_task=1, num_cpus_per_task=1, progress=False,
+                                             lora_training="per_user"))
     assert local_ray.is_initialized()  # a Ray the caller started is left running
     assert remote["status"].tolist() == ["trained", "trained"] and remote["user_id"].tolist() == USERS[:2]
     assert remote.drop(columns=["dir", "seconds"]).equals(local.drop(columns=["dir", "seconds"]))
@@ -332,8 +343,8 @@ def test_ray_tasks_give_the_local_executors_adapters(base_dir, data, tmp_path, l
         assert any("lora_" in name for name, _ in model.named_parameters())
         base = model.unload()
     # a rerun through Ray trains nothing
-    again = train_users("lora", base_dir, pairs, users, USERS[:2], "ppp", tmp_path / "ray", CONFIG,
-                        executor="ray", progress=False)
+    again = train_users(LORA, base_dir, Cell(pairs, users, USERS[:2], fmt_override="ppp"), tmp_path / "ray", CONFIG,
+                        UserTrainingOptions(executor="ray", progress=False, lora_training="per_user"))
     assert again["status"].tolist() == ["skipped", "skipped"]
     assert leftovers(tmp_path / "ray") == []
 
@@ -347,13 +358,13 @@ def test_batched_lora_in_ray_tasks_equals_batched_lora_here(base_dir, data, tmp_
     config = replace(CONFIG, precision="bf16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 emulated on a CPU without AVX512-BF16: slow, not wrong
-        local = train_users("lora", base_dir, pairs, users, USERS[:3], "ppp", tmp_path / "local", config,
-                            lora_training="batched", users_per_batch=2, progress=False)
-        remote = train_users("lora", base_dir, pairs, users, USERS[:3], "ppp", tmp_path / "ray", config,
-                             executor="ray", users_per_task=3, num_cpus_per_task=1, lora_training="batched",
-                             users_per_batch=2, progress=False)
-    fp32 = train_users("lora", base_dir, pairs, users, USERS[:3], "ppp", tmp_path / "fp32", CONFIG,
-                       lora_training="batched", users_per_batch=2, progress=False)
+        local = train_users(LORA, base_dir, Cell(pairs, users, USERS[:3], fmt_override="ppp"), tmp_path / "local",
+                            config, UserTrainingOptions(lora_training="batched", users_per_batch=2, progress=False))
+        remote = train_users(LORA, base_dir, Cell(pairs, users, USERS[:3], fmt_override="ppp"), tmp_path / "ray",
+                             config, UserTrainingOptions(executor="ray", users_per_task=3, num_cpus_per_task=1,
+                                                 lora_training="batched", users_per_batch=2, progress=False))
+    fp32 = train_users(LORA, base_dir, Cell(pairs, users, USERS[:3], fmt_override="ppp"), tmp_path / "fp32", CONFIG,
+                       UserTrainingOptions(lora_training="batched", users_per_batch=2, progress=False))
     assert remote["status"].tolist() == ["trained"] * 3
     assert remote.drop(columns=["dir", "seconds"]).equals(local.drop(columns=["dir", "seconds"]))
     for user in USERS[:3]:
@@ -364,9 +375,8 @@ def test_batched_lora_in_ray_tasks_equals_batched_lora_here(base_dir, data, tmp_
     # the frozen base's dtype reaches the adapters: an fp32 base trains another adapter
     assert not same_tensors(adapter_tensors(tmp_path / "fp32", "u0"), adapter_tensors(tmp_path / "ray", "u0"))
     assert fp32["status"].tolist() == ["trained"] * 3
-    with pytest.raises(ValueError, match="unknown lora_training 'mixed'"):
-        train_users("lora", base_dir, pairs, users, ["u0"], "ppp", tmp_path / "bad", CONFIG, executor="ray",
-                    lora_training="mixed")
+    with pytest.raises(ValueError, match="lora_training must be one of .* not 'mixed'"):
+        UserTrainingOptions(executor="ray", lora_training="mixed")
 
 @seq2seq_only
 def test_failed_ray_task_names_its_users_and_keeps_finished_ones(base_dir, data, tmp_path, local_ray):
@@ -379,14 +389,16 @@ def test_failed_ray_task_names_its_users_and_keeps_finished_ones(base_dir, data,
     with pytest.raises(UserTrainingError,
                        match=r"^1 of 2 Ray tasks failed \(users: u0, u1\).*\['u1'\].*RuntimeError: planted failure$") \
             as caught:
-        train_users("full", base_dir, pairs, users, USERS[:3], "psp", tmp_path, CONFIG, executor="ray",
-                    users_per_task=2, after_user=fail_on_u1, progress=False)
+        train_users(FULL, base_dir, Cell(pairs, users, USERS[:3], fmt_override="psp"), tmp_path, CONFIG,
+                    UserTrainingOptions(executor="ray", users_per_task=2, progress=False, lora_training="per_user"),
+                    after_user=fail_on_u1)
     assert caught.value.failed_users == ["u1"]
     # u0 (before the failure, same task) and u2 (the other task) stay done; nothing of u1 is left
     assert all((user_dir(tmp_path, u) / DONE_FILE).is_file() for u in ("u0", "u2"))
     assert not user_dir(tmp_path, "u1").exists() and leftovers(tmp_path) == []
-    resumed = train_users("full", base_dir, pairs, users, USERS[:3], "psp", tmp_path, CONFIG, executor="ray",
-                          users_per_task=2, progress=False)
+    resumed = train_users(FULL, base_dir, Cell(pairs, users, USERS[:3], fmt_override="psp"), tmp_path, CONFIG,
+                          UserTrainingOptions(executor="ray", users_per_task=2, progress=False,
+                                              lora_training="per_user"))
     assert resumed["status"].tolist() == ["skipped", "trained", "skipped"]
 
 
@@ -394,8 +406,9 @@ def test_failed_ray_task_names_its_users_and_keeps_finished_ones(base_dir, data,
 def test_a_request_the_local_ray_cannot_meet_fails_instead_of_waiting(base_dir, data, tmp_path, local_ray):
     pairs, users = data
     with pytest.raises(ValueError, match="asks for 0.25 GPUs but the local Ray instance has 0"):
-        train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG, executor="ray",
-                    num_gpus_per_task=0.25, progress=False)
+        train_users(LORA, base_dir, Cell(pairs, users, ["u0"], fmt_override="psp"), tmp_path, CONFIG,
+                    UserTrainingOptions(executor="ray", num_gpus_per_task=0.25, progress=False,
+                                        lora_training="per_user"))
     with pytest.raises(ValueError, match="asks for 3 CPUs but the local Ray instance has 2"):
-        train_users("lora", base_dir, pairs, users, ["u0"], "psp", tmp_path, CONFIG, executor="ray",
-                    num_cpus_per_task=3, progress=False)
+        train_users(LORA, base_dir, Cell(pairs, users, ["u0"], fmt_override="psp"), tmp_path, CONFIG,
+                    UserTrainingOptions(executor="ray", num_cpus_per_task=3, progress=False, lora_training="per_user"))
