@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from udg_lib.experiments import sweep_summary
-from udg_lib.report import compare_results
+from udg_lib.publishing import compare_results
 
 PRETRAIN, FINETUNE = "02_pretrain_models", "03_finetune_users"
 

@@ -104,12 +104,12 @@ TIME_LOG = """START
 
 
 def test_record_make_run_keeps_one_entry_per_label_and_renders(tmp_path, capsys):
-    from udg_lib import report
+    from udg_lib import rendering
 
     record = load_script("record_make_run")
     assert record.parse_time_log(TIME_LOG) == {"wall_seconds": 3723.5, "max_rss_gb": 6.5}
     outputs = tmp_path / "outputs"
-    for k, name in enumerate(report.STAGES):
+    for k, name in enumerate(rendering.STAGES):
         (outputs / name).mkdir(parents=True)
         metrics = {"precision": {"used": "bf16"}} if k >= 2 else {}
         (outputs / name / "metrics.json").write_text(json.dumps({
@@ -123,7 +123,7 @@ def test_record_make_run_keeps_one_entry_per_label_and_renders(tmp_path, capsys)
     runs = json.loads(out.read_text())["runs"]
     assert [r["label"] for r in runs] == ["before", "after"]  # a label recorded again is replaced
     assert runs[0]["stage_minutes_total"] == 28.0 and runs[0]["precision"]["03_finetune_users"] == "bf16"
-    block = report.render_benchmarks_block(tmp_path / "results")
+    block = rendering.render_benchmarks_block(tmp_path / "results")
     assert "**`make run` of the `cpu` profile on one machine**" in block and "| before |" in block
     assert "01234567" in block and "62.1" in block  # the commit, the wall minutes
     log.write_text("no report here")

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from udg_lib import report
+from udg_lib import judging
 
-SETTINGS = report.ClaimSettings()
+SETTINGS = judging.ClaimSettings()
 ALPHA = SETTINGS.alpha
 BOUND = SETTINGS.min_similarity_effect  # smallest effect of interest, and the equivalence margin (0.01 each)
 SD = 0.02  # per-user sd of paired similarity differences, about the cpu run's
@@ -46,7 +46,7 @@ def noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def rate(verdict: str, kind: str, shift: float, noise_kind: str, n: int, seed: int) -> tuple[float, list[dict]]:
     rng = np.random.default_rng(seed)
-    rows = [report.judge_array(shift + noise(noise_kind, n, rng), kind, BOUND, SETTINGS)
+    rows = [judging.judge_array(shift + noise(noise_kind, n, rng), kind, BOUND, SETTINGS)
             for _ in range(N_SIMULATIONS)]
     return float(np.mean([r["verdict"] == verdict for r in rows])), rows
 
@@ -83,7 +83,7 @@ def test_a_skewed_effect_equal_to_the_claim_is_rarely_contradicted():
     for n in (10, 30):
         rng = np.random.default_rng(7 + n)
         samples = [BOUND + SD * (rng.exponential(1.0, n) - 1.0) for _ in range(N_SIMULATIONS)]
-        ours = np.mean([report.judge_array(d, "greater", BOUND, SETTINGS)["verdict"] == "contradicted"
+        ours = np.mean([judging.judge_array(d, "greater", BOUND, SETTINGS)["verdict"] == "contradicted"
                         for d in samples])
         signed_rank = np.mean([scipy.stats.wilcoxon(d - BOUND, alternative="less").pvalue < ALPHA for d in samples])
         measured[n] = (float(ours), float(signed_rank))
@@ -95,23 +95,23 @@ def test_a_skewed_effect_equal_to_the_claim_is_rarely_contradicted():
 def test_real_but_smaller_effects_are_never_supported():
     """A precisely measured effect in the claimed direction but well below the smallest effect of interest."""
     rng = np.random.default_rng(3)
-    rows = [report.judge_array(BOUND / 4 + rng.normal(0.0, SD / 10, 30), "greater", BOUND, SETTINGS)
+    rows = [judging.judge_array(BOUND / 4 + rng.normal(0.0, SD / 10, 30), "greater", BOUND, SETTINGS)
             for _ in range(200)]
     verdicts = {r["verdict"] for r in rows}
-    assert verdicts == {report.SMALLER}
+    assert verdicts == {judging.SMALLER}
 
 
 def test_the_smallest_attainable_p_uses_the_non_zero_n_and_the_familys_alpha():
     # 5 non-zero differences out of 8, all positive: the exact one-sided floor is 1/32 = 0.031
     diffs = np.array([0.05, 0.04, 0.06, 0.05, 0.07, 0.0, 0.0, 0.0])
-    alone = report.judge_array(diffs, "greater", BOUND, SETTINGS)
+    alone = judging.judge_array(diffs, "greater", BOUND, SETTINGS)
     assert alone["n"] == 8 and alone["n_nonzero"] == 5 and alone["min_attainable_p"] == pytest.approx(1 / 32)
     assert alone["p_for"] == pytest.approx(1 / 32) and alone["verdict"] == "supported"
 
     def in_family_of_two(d):
-        row = {**report.judge_differences(d, "greater", BOUND, 2, SETTINGS), "kind": "greater"}
+        row = {**judging.judge_differences(d, "greater", BOUND, 2, SETTINGS), "kind": "greater"}
         row["p_for_holm"], row["p_against_holm"] = min(1.0, row["p_for"] * 2), min(1.0, row["p_against"] * 2)
-        return row, report.comparison_verdict(row, ALPHA)
+        return row, judging.comparison_verdict(row, ALPHA)
 
     # in a family of two, Holm's strictest step is 0.025: out of this test's reach, whatever the data
     row, (verdict, _) = in_family_of_two(diffs)

@@ -13,7 +13,7 @@ import pytest
 
 from udg_lib.conditions import sample_test_contexts
 from udg_lib import experiments as ex
-from udg_lib import paths, report
+from udg_lib import judging, paths, publishing, rendering, report
 
 
 def significance_row(dataset, a, b, diff, p, metric="similarity"):
@@ -47,7 +47,7 @@ PAPER_PPL = {
            ("plain_dialogue", "one_id"): 22.2, ("plain_dialogue", "lora"): 24.3, ("plain_dialogue", "full"): 17.2,
            ("psp", "one_id"): 16.1, ("psp", "lora"): 16.1, ("psp", "full"): 15.7,
            ("ppp", "one_id"): 21.5, ("ppp", "lora"): 13.07, ("ppp", "full"): 10.7},
-    "UPC": {k: v[3] for k, v in report.PAPER_TABLE4_UPC.items() if k[0] != "llm"},
+    "UPC": {k: v[3] for k, v in rendering.PAPER_TABLE4_UPC.items() if k[0] != "llm"},
     "PCJP": {("plain_t5", "one_id"): 23.6, ("plain_t5", "lora"): 16.5, ("plain_t5", "full"): 29.3,
              ("plain_dialogue", "one_id"): 22.2, ("plain_dialogue", "lora"): 17.4, ("plain_dialogue", "full"): 19.2,
              ("psp", "one_id"): 18.8, ("psp", "lora"): 14.7, ("psp", "full"): 16.1,
@@ -88,10 +88,10 @@ def paper_values() -> pd.DataFrame:
 
 
 def test_the_papers_own_means_give_the_papers_conclusions():
-    settings = report.ClaimSettings()
-    small = report.small_data_datasets(PAPER_TABLE2, settings.small_data_max_train)
+    settings = judging.ClaimSettings()
+    small = judging.small_data_datasets(PAPER_TABLE2, settings.small_data_max_train)
     assert small == {"UPC", "PCJP"}  # §4.2.4: "the UPC or PCJP datasets with fewer training data"
-    verdicts = report.direction_verdicts(paper_values(), small, settings)
+    verdicts = judging.direction_verdicts(paper_values(), small, settings)
     assert verdicts.to_dict() == {"C1": "supported", "C2": "supported", "C3": "supported", "C4": "supported",
                                   "C5": "not tested",  # Figure 2 gives no numbers
                                   # §4.2.4's "slightly higher" under PSP/PPP is not in the similarity column
@@ -100,19 +100,19 @@ def test_the_papers_own_means_give_the_papers_conclusions():
     # The PPL columns (lower is better): PSP/PPP help LoRA/FULL on the small datasets (C2) and put them ahead of
     # One-ID there (C6's second half, the "slightly higher" of §4.2.4); One-ID's lead under Plain T5 / Plain
     # Dialogue is a similarity finding, and LoRA and FULL differ by up to 7 PPL. No LLM has a PPL (NA).
-    ppl = report.direction_verdicts(paper_values(), small, settings, metrics=("perplexity",))
+    ppl = judging.direction_verdicts(paper_values(), small, settings, metrics=("perplexity",))
     assert ppl.to_dict() == {"C1": "not tested", "C2": "supported", "C3": "not tested", "C4": "contradicted",
                              "C5": "not tested", "C6": "contradicted", "C6 (our reading)": "supported"}
     values = paper_values()
-    profile_half = [c for c in report.claim_comparisons(values, small, settings) if c.claim == "C6"
-                    and c.reading == "paper" and c.a[0][0] in report.PROFILE_PRETRAINS]
-    effects = {(c.metric, c.dataset, c.a[0][0]): float(report.unit_differences(values, c).mean())
+    profile_half = [c for c in judging.claim_comparisons(values, small, settings) if c.claim == "C6"
+                    and c.reading == "paper" and c.a[0][0] in judging.PROFILE_PRETRAINS]
+    effects = {(c.metric, c.dataset, c.a[0][0]): float(judging.unit_differences(values, c).mean())
                for c in profile_half}
     assert len(effects) == 8 and all(v > 0 for (m, _, _), v in effects.items() if m == "perplexity")
     assert effects[("perplexity", "UPC", "psp")] == pytest.approx(17.2 - (12.6 + 10.1) / 2)  # oriented: b - a
     assert effects[("similarity", "UPC", "psp")] < 0
     # Scope matters: on SD (most data per user) PSP/PPP do not help, and One-ID stays ahead under PSP/PPP.
-    unscoped = report.direction_verdicts(paper_values(), None, settings)
+    unscoped = judging.direction_verdicts(paper_values(), None, settings)
     assert unscoped["C2"] == "contradicted" and unscoped["C6"] == "contradicted"
     # C3 as Table 7 bears it out (pooled over datasets); per dataset the paper's own PCJP column contradicts it
     # (One-ID's Dist-S 0.806 on average against LoRA/FULL's 0.804).
@@ -120,7 +120,7 @@ def test_the_papers_own_means_give_the_papers_conclusions():
     pcjp = pcjp[pcjp["source"] != "exp2"]
     cells = pd.DataFrame([{"source": "exp2", "dataset": d, "unit": "paper", "pretrain": p, "method": m, "dist_s": v}
                           for d, systems in PAPER_DIST_S.items() for (p, m), v in systems.items()])
-    per_dataset = report.direction_verdicts(pd.concat([pcjp, cells]), small, settings)
+    per_dataset = judging.direction_verdicts(pd.concat([pcjp, cells]), small, settings)
     assert per_dataset["C3"] == "contradicted"
 
 
@@ -165,7 +165,7 @@ def synthetic_run(n_users: int, direction: int, contexts: int = 6, questions: in
 
 def test_four_users_are_inconclusive_for_every_claim():
     scores, llm, replies = synthetic_run(4, +1)
-    claims, tests = report.judge_claims(scores, llm, replies)
+    claims, tests = judging.judge_claims(scores, llm, replies)
     assert claims["verdict"].tolist() == ["inconclusive"] * 6
     assert set(tests["verdict"]) == {"inconclusive"} and len(tests) > 6
     assert tests.loc[tests["claim"] == "C1", "reason"].iloc[0] == (
@@ -177,7 +177,7 @@ def test_four_users_are_inconclusive_for_every_claim():
 
 def test_many_users_support_or_contradict_clear_effects():
     scores, llm, replies = synthetic_run(30, +1)
-    claims, tests = report.judge_claims(scores, llm, replies)
+    claims, tests = judging.judge_claims(scores, llm, replies)
     assert claims.set_index("claim")["verdict"].to_dict() == {f"C{i}": "supported" for i in range(1, 7)}
     c4 = tests[tests["claim"] == "C4"]
     assert len(c4) == 8 and (c4["kind"] == "equivalent").all() and (c4["p_for_holm"] >= c4["p_for"]).all()
@@ -190,15 +190,15 @@ def test_many_users_support_or_contradict_clear_effects():
     assert bits == {"C1": "supported", "C2": "supported", "C3": "", "C4": "supported", "C5": "", "C6": "supported"}
     assert claims.set_index("claim").loc["C6", "our_reading"] == "similarity: supported; bits/char: supported"
     scores, llm, replies = synthetic_run(30, -1)
-    claims, _ = report.judge_claims(scores, llm, replies)
+    claims, _ = judging.judge_claims(scores, llm, replies)
     assert claims.set_index("claim")["verdict"].to_dict() == {f"C{i}": "contradicted" for i in range(1, 7)}
     assert set(claims["verdict_bits_per_char"]) == {"contradicted", ""}
 
 
 def test_controlled_c1_is_judged_only_against_the_llm_that_shares_the_base():
     scores, llm, replies = synthetic_run(30, +1)
-    claims, tests = report.judge_claims(scores, llm, replies,
-                                        settings=report.ClaimSettings(same_base_llms=("tiny-chat",)))
+    claims, tests = judging.judge_claims(scores, llm, replies,
+                                        settings=judging.ClaimSettings(same_base_llms=("tiny-chat",)))
     verdicts = claims.set_index("claim")["verdict"]
     assert verdicts["C1s"] == "supported" == verdicts["C1"]
     # one test per metric, counted once: in C1's family, labelled as the controlled C1s, never a second row
@@ -208,12 +208,12 @@ def test_controlled_c1_is_judged_only_against_the_llm_that_shares_the_base():
     assert rows.loc["C1s", "note"].startswith("the same comparisons as C1's against tiny-chat")
     assert "also the controlled C1s" in rows.loc["C1", "note"]
     assert rows.loc["C1s", "verdict_bits_per_char"] == "supported" == rows.loc["C1", "verdict_bits_per_char"]
-    text = "\n".join(report.claims_lines(claims, tests, report.ClaimSettings(same_base_llms=("tiny-chat",)), None))
+    text = "\n".join(rendering.claims_lines(claims, tests, judging.ClaimSettings(same_base_llms=("tiny-chat",)), None))
     assert text.count("(own base: C1s)") == 2  # the comparison's table rows, once per metric, under C1 only
-    other, _ = report.judge_claims(scores, llm, replies,
-                                   settings=report.ClaimSettings(same_base_llms=("another-chat",)))
+    other, _ = judging.judge_claims(scores, llm, replies,
+                                   settings=judging.ClaimSettings(same_base_llms=("another-chat",)))
     assert other.set_index("claim").loc["C1s", "verdict"] == "not tested"
-    assert "C1s" not in set(report.judge_claims(scores, llm, replies)[0]["claim"])  # a T5 run: no such claim
+    assert "C1s" not in set(judging.judge_claims(scores, llm, replies)[0]["claim"])  # a T5 run: no such claim
 
 
 def question_scores(n_users: int, gain: float, psp_shift: float, seed: int = 0) -> pd.DataFrame:
@@ -234,7 +234,7 @@ def question_scores(n_users: int, gain: float, psp_shift: float, seed: int = 0) 
 
 
 def test_run_questions_answer_yes_no_or_inconclusive():
-    answers, tests = report.judge_questions(question_scores(30, 0.05, 0.0))
+    answers, tests = judging.judge_questions(question_scores(30, 0.05, 0.0))
     assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "no",  # Q2: equivalent
                                                                  "Q3a": "not tested", "Q3b": "not tested"}
     assert "needs RAG + LoRA" in answers.set_index("question").loc["Q3a", "note"]
@@ -242,12 +242,12 @@ def test_run_questions_answer_yes_no_or_inconclusive():
     assert len(q1) == 6 and (q1["ci_low"] > 0.04).all() and (q1["n"] == 30).all()
     assert len(q2) == 4 and (q2["kind"] == "differs").all() and (q2["answer"] == "no").all()
     assert "≠" in q2["comparison"].iloc[0] and (q2["p_for_holm"] >= q2["p_for"]).all()
-    answers, _ = report.judge_questions(question_scores(30, -0.05, 0.05))
+    answers, _ = judging.judge_questions(question_scores(30, -0.05, 0.05))
     assert answers.set_index("question")["answer"].to_dict() == {"Q1": "no", "Q2": "yes", "Q3a": "not tested",
                                                                  "Q3b": "not tested"}
-    answers, tests = report.judge_questions(question_scores(4, 0.05, 0.05))
+    answers, tests = judging.judge_questions(question_scores(4, 0.05, 0.05))
     assert set(answers["answer"][:2]) == {"inconclusive"} and set(tests["answer"]) == {"inconclusive"}
-    missing, none = report.judge_questions(None)
+    missing, none = judging.judge_questions(None)
     assert set(missing["answer"]) == {"not tested"} and none.empty
 
 
@@ -271,7 +271,7 @@ def rag_scores(users: int, rag_gain: float, llm_gain: float) -> tuple[pd.DataFra
 
 def test_q3_compares_retrieval_with_per_user_fine_tuning():
     exp1, llm = rag_scores(30, rag_gain=0.05, llm_gain=-0.05)
-    answers, tests = report.judge_questions(exp1, llm_scores=llm)
+    answers, tests = judging.judge_questions(exp1, llm_scores=llm)
     by_question = answers.set_index("question")["answer"]
     # RAG-LLM worse than LoRA and FULL: "no"; RAG + LoRA above LoRA and above RAG-LLM: "yes"
     assert by_question["Q3a"] == "no" and by_question["Q3b"] == "yes"
@@ -282,9 +282,9 @@ def test_q3_compares_retrieval_with_per_user_fine_tuning():
     assert (q3a["source"] == "llm:smollm2-chat-rag").all() and (q3a["n"] == 30).all()
     # the plain prompt row stays C1's: it is never a side of Q3
     assert not tests["comparison"].str.contains("smollm2-chat >").any()
-    _, claim_tests = report.judge_claims(exp1, llm, None)
+    _, claim_tests = judging.judge_claims(exp1, llm, None)
     assert not claim_tests["source"].eq("llm:smollm2-chat-rag").any()  # RAG rows never judge C1 / C5
-    answers, _ = report.judge_questions(*rag_scores(4, 0.05, 0.05)[:1], llm_scores=rag_scores(4, 0.05, 0.05)[1])
+    answers, _ = judging.judge_questions(*rag_scores(4, 0.05, 0.05)[:1], llm_scores=rag_scores(4, 0.05, 0.05)[1])
     assert answers.set_index("question").loc[["Q3a", "Q3b"], "answer"].eq("inconclusive").all()  # 4 users
 
 
@@ -296,9 +296,9 @@ def test_same_base_llms_reads_both_stages_params(tmp_path):
                            (llm, {"chat_model": "smollm2", "completion_model": "gemma3-270m"})):
         folder.mkdir()
         (folder / "metrics.json").write_text(json.dumps({"stage": {"params": params}}))
-    assert report.same_base_llms(pretrain, llm) == ("smollm2-chat",)
+    assert rendering.same_base_llms(pretrain, llm) == ("smollm2-chat",)
     (pretrain / "metrics.json").write_text(json.dumps({"stage": {"params": {"checkpoint": ""}}}))
-    assert report.same_base_llms(pretrain, llm) == ()
+    assert rendering.same_base_llms(pretrain, llm) == ()
 
 
 def test_equivalence_needs_evidence_not_silence():
@@ -307,19 +307,19 @@ def test_equivalence_needs_evidence_not_silence():
     scores = pd.DataFrame([{"dataset": "d", "split_set": 0, "user_id": f"u{u}", "pair_id": f"{u}-{k}",
                             "pretrain": "psp", "method": m, "similarity": 0.5 + rng.normal(0, 0.1)}
                            for u in range(8) for k in range(3) for m in ("lora", "full")])
-    claims, tests = report.judge_claims(scores, None, None)
+    claims, tests = judging.judge_claims(scores, None, None)
     c4 = tests[tests["claim"] == "C4"].iloc[0]
     assert c4["p_against"] > 0.05 and c4["verdict"] == "inconclusive" and c4["p_for"] > 0.05
     assert claims.set_index("claim").loc["C4", "verdict"] == "inconclusive"
     assert claims.set_index("claim").loc["C1", "note"] == "stage 06 scores missing"
-    missing, no_tests = report.judge_claims(None, None, None)
+    missing, no_tests = judging.judge_claims(None, None, None)
     assert set(missing["verdict"]) == {"not tested"} and len(missing) == 6 and no_tests.empty
 
 
 def test_llm_comparisons_use_only_the_contexts_the_llm_answered():
     scores, llm, _ = synthetic_run(6, +1)
     scores.loc[~scores["pair_id"].str.endswith(("-0", "-1", "-2")), "similarity"] = 0.0  # unanswered: ignored
-    values = report.llm_unit_values(scores, llm)
+    values = judging.llm_unit_values(scores, llm)
     psp_lora = values[(values["pretrain"] == "psp") & (values["method"] == "lora")]
     assert (psp_lora["similarity"] > 0.4).all() and (values["source"] == "llm:tiny-chat").all()
     assert values.loc[values["pretrain"] == "llm", "low_share"].eq(1.0).all()
@@ -328,7 +328,7 @@ def test_llm_comparisons_use_only_the_contexts_the_llm_answered():
 def test_low_similarity_shares():
     scores = pd.DataFrame({"dataset": "d", "system": ["s"] * 4, "pretrain": "llm", "method": "m",
                            "similarity": [0.1, 0.19, 0.2, 0.9]})
-    shares = report.low_similarity_shares(scores)
+    shares = judging.low_similarity_shares(scores)
     assert shares["share_below_0.2"].tolist() == [0.5] and shares["n"].tolist() == [4]
 
 
@@ -375,7 +375,7 @@ PROFILE_CHECK_PASSED = {
 
 def fake_outputs(root, dataset="seinfeld", stage06_finished=True):
     """A complete small outputs folder: every stage's metrics.json, tables, per-sample scores and replies."""
-    for stage in report.STAGES:
+    for stage in rendering.STAGES:
         write_stage(root, stage)
     write_stage(root, "02_pretrain_models", {"models": {"plain_t5": {"n_parameters": 56_000, "steps": 30}},
                                              **PROFILE_CHECK_PASSED}, {"model_preset": "test", "checkpoint": ""})
@@ -414,7 +414,7 @@ def fake_outputs(root, dataset="seinfeld", stage06_finished=True):
 def test_report_reads_sizes_settings_health_and_judges_from_scores(tmp_path):
     root = tmp_path / "outputs"
     fake_outputs(root, stage06_finished=False)  # as notebook 06 writes it: its own runner record not yet there
-    path = report.write_report(root, "cpu")
+    path = rendering.write_report(root, "cpu")
     text = path.read_text()
     assert "56,000 (0.056 M) parameters" in text and "trained from scratch (preset `test`)" in text
     assert "1,536 trainable parameters per user" in text and "Tiny (chat)" in text
@@ -426,7 +426,7 @@ def test_report_reads_sizes_settings_health_and_judges_from_scores(tmp_path):
     assert "- **seinfeld**" in text  # Table 7's tests labelled by dataset
     assert "| system " in text.split("## Table 7")[1] and "Unnamed" not in text  # its row labels' column named
     assert "equivalence margin 0.01 similarity" in text  # the default (notebook 06 passes its parameter)
-    claims = pd.read_csv(root / report.CLAIMS_FILE, keep_default_na=False).set_index("claim")
+    claims = pd.read_csv(root / rendering.CLAIMS_FILE, keep_default_na=False).set_index("claim")
     # the LLM is flagged degenerate (45%): C1 and C5, which compare with it, cannot be judged
     assert claims["verdict"].to_dict() == {"C1": "inconclusive", "C2": "supported", "C3": "supported",
                                            "C4": "supported", "C5": "inconclusive", "C6": "supported"}
@@ -436,11 +436,11 @@ def test_report_reads_sizes_settings_health_and_judges_from_scores(tmp_path):
     assert "Profile check (C2, Q2): PSP shuffled-minus-true profile NLL +0.0500 [+0.0300, +0.0700]" in text
     assert "### C2: supported (similarity); bits/char: supported" in text
     assert "single training run" in text
-    tests = pd.read_csv(root / report.CLAIM_TESTS_FILE)
+    tests = pd.read_csv(root / rendering.CLAIM_TESTS_FILE)
     assert {"p_for", "p_for_holm", "ci_low", "ci_high", "detectable_80", "n"} <= set(tests.columns)
     assert "### C4: supported" in text and "effect [95% CI]" in text
     write_stage(root, "06_llm_baselines", params={"equivalence_margin": 0.02}, seconds=120, rss=2048)  # runner's record
-    rebuilt = report.build_report(root, "cpu").text
+    rebuilt = rendering.build_report(root, "cpu").text
     assert "**8.0 min** of wall time" in rebuilt  # 6 stages x 1 min + 2 min
     assert "equivalence margin 0.02 similarity" in rebuilt  # the margin stage 06 ran with, from its record
 
@@ -452,7 +452,7 @@ def test_report_without_stage_outputs(tmp_path):
     pd.DataFrame({"model": ["PSP"], "fine-tuning": ["LoRA"], "similarity": [0.41], "rouge_l": [9.0]}).to_csv(
         root / "04_exp1_next_utterance" / "table3_chitchat.csv", index=False)
     (root / "04_exp1_next_utterance" / "table3_chitchat.md").write_text("### Table 3 analog: chitchat")
-    text = report.write_report(root, "cpu").read_text()
+    text = rendering.write_report(root, "cpu").read_text()
     assert "Beside the paper" in text and "0.41" in text  # Chit-Chat ran: our PSP / LoRA beside the paper's
     assert "### C1: not tested" in text and "(not recorded by this run" in text
     assert report.main(["--profile", "cpu", "--outputs-root", str(root)]) == 0
@@ -485,7 +485,7 @@ def checkout(tmp_path):
     return repo
 
 
-def stamp_commit(root, commit, stages=report.STAGES):
+def stamp_commit(root, commit, stages=rendering.STAGES):
     """Record `commit` as the git commit every stage of `root` ran from."""
     for stage in stages:
         path = root / stage / "metrics.json"
@@ -499,28 +499,28 @@ def test_publish_refuses_dirty_stale_or_unrecorded_commits(tmp_path, checkout):
     fake_outputs(root)
     run_commit = git(checkout, "rev-parse", "HEAD")
     with pytest.raises(ValueError, match="no git commit recorded"):  # fake_outputs records none
-        report.publish_results(root, dest, "cpu", repo=checkout)
+        publishing.publish_results(root, dest, "cpu", repo=checkout)
     stamp_commit(root, run_commit + "+dirty", ["03_finetune_users"])
-    stamp_commit(root, run_commit, [s for s in report.STAGES if s != "03_finetune_users"])
+    stamp_commit(root, run_commit, [s for s in rendering.STAGES if s != "03_finetune_users"])
     with pytest.raises(ValueError, match=r"03_finetune_users/metrics.json: ran on a dirty tree"):
-        report.publish_results(root, dest, "cpu", repo=checkout)
+        publishing.publish_results(root, dest, "cpu", repo=checkout)
     stamp_commit(root, run_commit)
     commit_file(checkout, "README.md", "docs only\n")  # not code: the run stays current
     commit_file(checkout, "params/full-en/00.yaml", "b: 2\n")  # another profile's params: still current
-    assert report.publish_results(root, dest, "cpu", repo=checkout)
+    assert publishing.publish_results(root, dest, "cpu", repo=checkout)
     shutil.rmtree(dest)
     for changed in ("udg_lib/x.py", "notebooks/00.ipynb", "params/cpu/00.yaml"):
         stamp_commit(root, git(checkout, "rev-parse", "HEAD"))
         last = commit_file(checkout, changed, f"changed {changed}\n")
         with pytest.raises(ValueError, match=f"stale: commit .* predates {last[:10]}") as refused:
-            report.publish_results(root, dest, "cpu", repo=checkout)
+            publishing.publish_results(root, dest, "cpu", repo=checkout)
         assert "\n" not in str(refused.value) and "(and 6 more stage(s))" in str(refused.value)
         assert not dest.exists()  # refused before anything was written
     stamp_commit(root, "0" * 40)
     with pytest.raises(ValueError, match="is not in the repository"):
-        report.publish_results(root, dest, "cpu", repo=checkout)
+        publishing.publish_results(root, dest, "cpu", repo=checkout)
     stamp_commit(root, git(checkout, "rev-parse", "HEAD"))  # rerun from the current commit: published
-    published = report.publish_results(root, dest, "cpu", repo=checkout)
+    published = publishing.publish_results(root, dest, "cpu", repo=checkout)
     assert dest / "03_finetune_users" / "metrics.json" in published and all(p.is_file() for p in published)
 
 
@@ -533,7 +533,7 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys, checkout, m
     assert "refused to publish" in capsys.readouterr().err and not results.exists()
     stamp_commit(root, git(checkout, "rev-parse", "HEAD"))
     readme = tmp_path / "README.md"
-    start, end = report.readme_markers("cpu")
+    start, end = rendering.readme_markers("cpu")
     readme.write_text(f"# Title\n\n{start}\nold hand-typed results\n{end}\n\nAfter.\n")
     assert report.main(["--profile", "cpu", "--outputs-root", str(root), "--publish", "--results-dir", str(results),
                         "--readme", str(readme)]) == 0
@@ -543,8 +543,8 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys, checkout, m
             "03_finetune_users/metrics.json", "05_exp2_diversity/table7.csv"} <= published
     assert not any(p.endswith((".parquet", ".safetensors")) for p in published)
     text = readme.read_text()
-    block = report.readme_block(text, "cpu")
-    assert block == report.render_results_block(results, "cpu")
+    block = rendering.readme_block(text, "cpu")
+    assert block == rendering.render_results_block(results, "cpu")
     assert "old hand-typed" not in text and text.endswith("After.\n")
     assert re.search(r"\| C4 +\| \*\*supported\*\* \(similarity\) +\| 4/0/0/0 +\| "
                      r"\*\*supported\*\* \(4/0/0/0\) +\|", block)  # both metrics' verdicts, each naming it
@@ -562,30 +562,30 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys, checkout, m
     shutil.copytree(results, other)
     table = other / "06_llm_baselines" / "table3_seinfeld.csv"
     pd.read_csv(table).assign(similarity=[0.51, 0.1]).to_csv(table, index=False)
-    compared = report.compare_results(results, other).set_index("item")
+    compared = publishing.compare_results(results, other).set_index("item")
     assert compared.loc["Exp1 seinfeld: PSP / LoRA: similarity", "difference"] == pytest.approx(0.1)
     assert compared.loc["C1 verdict", "difference"] == ""
-    assert report.precision_differences(compared.reset_index()) == []
+    assert publishing.precision_differences(compared.reset_index()) == []
     record = json.loads((other / "03_finetune_users" / "metrics.json").read_text())  # the rerun in bf16
     record["metrics"]["precision"] = {"requested": "auto", "used": "bf16", "device": "cpu", "tf32": False,
                                       "cpu": {"model_name": "AMD EPYC", "torch_cpu_capability": "avx512",
                                               "avx2": True, "avx512_bf16": True, "amx_bf16": False}}
     (other / "03_finetune_users" / "metrics.json").write_text(json.dumps(record))
-    compared = report.compare_results(results, other).set_index("item")
+    compared = publishing.compare_results(results, other).set_index("item")
     assert compared.loc["precision: 03_finetune_users", "difference"] == "differs"
-    notes = report.precision_differences(compared.reset_index())
+    notes = publishing.precision_differences(compared.reset_index())
     assert notes == ["note: 03_finetune_users ran in fp32 in the reference and in bf16 in the run: its numbers "
                      "differ by rounding too"]
-    assert "AVX512-BF16 yes" in report.precision_line({n: other / n for n in report.STAGES})
+    assert "AVX512-BF16 yes" in rendering.precision_line({n: other / n for n in rendering.STAGES})
     capsys.readouterr()
     assert report.main(["--compare", str(results), str(other)]) == 0
     assert capsys.readouterr().out.startswith(notes[0])
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
-        report.update_readme(readme, block, "cpu")
+        rendering.update_readme(readme, block, "cpu")
     (root / "05_exp2_diversity" / "metrics.json").unlink()
     with pytest.raises(FileNotFoundError, match="05_exp2_diversity"):
-        report.publish_results(root, tmp_path / "again")
+        publishing.publish_results(root, tmp_path / "again")
 
 
 def test_readme_results_block_matches_the_published_results():
@@ -594,26 +594,26 @@ def test_readme_results_block_matches_the_published_results():
         pytest.skip("results/cpu/ is not committed yet (written by `python -m udg_lib.report --profile cpu "
                     "--publish` after a full cpu run); the renderer is tested on a synthetic folder above")
     readme = (paths.repo_root() / "README.md").read_text(encoding="utf-8")
-    assert report.readme_block(readme, "cpu") == report.render_results_block(results, "cpu")
+    assert rendering.readme_block(readme, "cpu") == rendering.render_results_block(results, "cpu")
 
 
 def test_readme_benchmark_block_matches_the_saved_figures():
     readme = (paths.repo_root() / "README.md").read_text(encoding="utf-8")
-    block = report.readme_block(readme, report.BENCHMARKS_BLOCK)
-    assert block == report.render_benchmarks_block(paths.repo_root() / "benchmarks" / "results")
+    block = rendering.readme_block(readme, rendering.BENCHMARKS_BLOCK)
+    assert block == rendering.render_benchmarks_block(paths.repo_root() / "benchmarks" / "results")
     assert "**Training throughput**" in block and "× (a)" in block and "no `" not in block
     assert "The cost plan notebook 03 made before training" in block and "Re-planned afterwards" in block
 
 
 def test_a_plans_epoch_source_is_named_as_its_assumptions_give_it():
     line = "epochs: as an earlier run measured (DA 1.0, LoRA 2.5; /work/x/results/cpu/03_finetune_users/metrics.json); a"
-    assert report._plan_epochs_source({"assumptions": ["users: 3", line]}) == \
+    assert rendering._plan_epochs_source({"assumptions": ["users: 3", line]}) == \
         "epochs as the previously published run measured"
-    assert report._plan_epochs_source({"assumptions": [line.replace("/results/", "/outputs/")]}) == \
+    assert rendering._plan_epochs_source({"assumptions": [line.replace("/results/", "/outputs/")]}) == \
         "epochs as the run at --outputs-root measured"
-    assert report._plan_epochs_source({"assumptions": ["epochs: 2 per training (assumed); more"]}) == \
+    assert rendering._plan_epochs_source({"assumptions": ["epochs: 2 per training (assumed); more"]}) == \
         "epochs: 2 per training (assumed)"
-    assert report._plan_epochs_source({}) == "epochs: unknown"
+    assert rendering._plan_epochs_source({}) == "epochs: unknown"
 
 
 def test_benchmark_block_names_missing_figures_and_needs_markers(tmp_path, capsys):
@@ -621,14 +621,14 @@ def test_benchmark_block_names_missing_figures_and_needs_markers(tmp_path, capsy
     record = {"rows": [{"shape": "cpu", "variant": "a: reload per user", "users": 2, "steps_per_user": 1,
                         "seconds": 2.0, "users_per_hour": 3600.0, "speedup_vs_a": 1.0}], "torch_threads": 1}
     (tmp_path / "results" / "bench_user_training.json").write_text(json.dumps(record))
-    block = report.render_benchmarks_block(tmp_path / "results")
+    block = rendering.render_benchmarks_block(tmp_path / "results")
     assert "no `bench_throughput.json`" in block and "no `bench_mixed_adapters.json`" in block
     assert "no `bench_user_training_causal.json`" in block and "| a: reload per user |" in block
     readme = tmp_path / "README.md"
-    start, end = report.readme_markers(report.BENCHMARKS_BLOCK)
+    start, end = rendering.readme_markers(rendering.BENCHMARKS_BLOCK)
     readme.write_text(f"Intro.\n\n{start}\nold\n{end}\n")
     assert report.main(["--benchmarks", str(tmp_path / "results"), "--readme", str(readme)]) == 0
-    assert report.readme_block(readme.read_text(), report.BENCHMARKS_BLOCK) == block
+    assert rendering.readme_block(readme.read_text(), rendering.BENCHMARKS_BLOCK) == block
     readme.write_text("no markers\n")
     assert report.main(["--benchmarks", str(tmp_path / "results"), "--readme", str(readme)]) == 1
     assert "no '<!-- results:benchmarks:start -->'" in capsys.readouterr().err
@@ -674,18 +674,18 @@ def test_unit_values_and_low_shares_ignore_pairs_scored_without_a_reply():
     partly = scores.assign(similarity=scores["similarity"].where(~unanswered),
                            generated=None)  # stage 04: these pairs scored only
     both = llm["pair_id"].isin(scores.loc[~unanswered, "pair_id"])
-    values = report.llm_unit_values(partly, llm).reset_index(drop=True)
-    expected = report.llm_unit_values(scores[~unanswered], llm[both]).reset_index(drop=True)
+    values = judging.llm_unit_values(partly, llm).reset_index(drop=True)
+    expected = judging.llm_unit_values(scores[~unanswered], llm[both]).reset_index(drop=True)
     reply_metrics = ["unit", "pretrain", "method", "similarity", "low_share"]  # on the generated contexts only
     pd.testing.assert_frame_equal(values[reply_metrics], expected[reply_metrics])
-    everything = report.llm_unit_values(scores, llm).reset_index(drop=True)  # bits/char: on every scored pair
+    everything = judging.llm_unit_values(scores, llm).reset_index(drop=True)  # bits/char: on every scored pair
     pd.testing.assert_series_equal(values["bits_per_char"], everything["bits_per_char"])
-    shares = report.low_similarity_shares(partly)
-    assert shares.equals(report.low_similarity_shares(scores[~unanswered]))
+    shares = judging.low_similarity_shares(partly)
+    assert shares.equals(judging.low_similarity_shares(scores[~unanswered]))
     # similarity averages the generated pairs only; bits/char every scored pair
-    unit = report.exp1_unit_values(partly)
-    pd.testing.assert_series_equal(unit["similarity"], report.exp1_unit_values(scores[~unanswered])["similarity"])
-    pd.testing.assert_series_equal(unit["bits_per_char"], report.exp1_unit_values(scores)["bits_per_char"])
+    unit = judging.exp1_unit_values(partly)
+    pd.testing.assert_series_equal(unit["similarity"], judging.exp1_unit_values(scores[~unanswered])["similarity"])
+    pd.testing.assert_series_equal(unit["bits_per_char"], judging.exp1_unit_values(scores)["bits_per_char"])
 
 
 def test_report_counts_scored_and_generated_pairs_per_user(tmp_path):
@@ -695,53 +695,53 @@ def test_report_counts_scored_and_generated_pairs_per_user(tmp_path):
                              for p, m, n_scored, n_generated in (("psp", "lora", 10 + extra, 2),
                                                                  ("psp", "full", 10, 2 + extra),
                                                                  ("none", "retrieval", 0, 2))])
-    counts = report.scored_generated_counts(per_user)
+    counts = rendering.scored_generated_counts(per_user)
     assert counts.to_dict("records") == [
         {"dataset": "d", "user": "a", "n scored": "20", "n generated": "4"},  # over 2 split sets
         {"dataset": "d", "user": "b", "n scored": "20-22", "n generated": "4-6"}]  # systems differ: a range
-    assert "not recorded" in report.scored_generated_lines(tmp_path)[0]
+    assert "not recorded" in rendering.scored_generated_lines(tmp_path)[0]
     per_user.to_csv(tmp_path / "per_user_scores.csv", index=False)
     (tmp_path / "metrics.json").write_text(json.dumps({"stage": {"params": {"max_generated_per_user": 2}}}))
-    lines = report.scored_generated_lines(tmp_path)
+    lines = rendering.scored_generated_lines(tmp_path)
     assert "at most 2 per user" in lines[0] and "| b      | 20-22" in lines[-1]
 
 
 def test_profile_gate_makes_c2_and_q2_untestable_with_the_figures():
-    passed = report.profile_gate(PROFILE_CHECK_PASSED)
+    passed = judging.profile_gate(PROFILE_CHECK_PASSED)
     assert passed.passed and "50% of evaluation prompts carry a known profile field" in passed.line
     # no `reads_profiles`: decided from the recorded p and CI (here the CI covers 0: the model does not read them)
-    failed = report.profile_gate({**PROFILE_CHECK_PASSED, "profile_conditioning": {"psp": {
+    failed = judging.profile_gate({**PROFILE_CHECK_PASSED, "profile_conditioning": {"psp": {
         "nll_diff_mean": 0.0033, "nll_diff_ci_low": -0.0221, "nll_diff_ci_high": 0.0287, "p_value": 0.49,
         "n_pairs": 48}}})
     assert not failed.passed and "+0.0033 [-0.0221, +0.0287], p = 0.49, n = 48 pairs: does not read" in failed.line
     explicit = {"psp": {**PROFILE_CHECK_PASSED["profile_conditioning"]["psp"], "reads_profiles": False}}
-    assert not report.profile_gate({**PROFILE_CHECK_PASSED, "profile_conditioning": explicit}).passed
-    sparse = report.profile_gate({**PROFILE_CHECK_PASSED, "profile_shares": {"evaluation_prompts": 0.1}})
+    assert not judging.profile_gate({**PROFILE_CHECK_PASSED, "profile_conditioning": explicit}).passed
+    sparse = judging.profile_gate({**PROFILE_CHECK_PASSED, "profile_shares": {"evaluation_prompts": 0.1}})
     assert not sparse.passed and "10% of evaluation prompts" in sparse.line
-    unrecorded = report.profile_gate({"profile_conditioning": PROFILE_CHECK_PASSED["profile_conditioning"]})
+    unrecorded = judging.profile_gate({"profile_conditioning": PROFILE_CHECK_PASSED["profile_conditioning"]})
     assert not unrecorded.passed and "was not recorded" in unrecorded.line
     scores, llm, replies = synthetic_run(6, +1)
-    claims, tests = report.judge_claims(scores, llm, replies, gate=failed)
+    claims, tests = judging.judge_claims(scores, llm, replies, gate=failed)
     c2 = claims.set_index("claim").loc["C2"]
     assert c2["verdict"] == "untestable" == c2["verdict_bits_per_char"] and "C2" not in set(tests["claim"])
-    assert c2["note"] == f"{report.UNTESTABLE_PROFILES}: {failed.line}"
+    assert c2["note"] == f"{judging.UNTESTABLE_PROFILES}: {failed.line}"
     assert claims.set_index("claim").loc["C4", "verdict"] != "untestable"
-    answers, question_tests = report.judge_questions(question_scores(10, 0.05, 0.0), gate=failed)
+    answers, question_tests = judging.judge_questions(question_scores(10, 0.05, 0.0), gate=failed)
     assert answers.set_index("question")["answer"].to_dict() == {"Q1": "yes", "Q2": "untestable",
                                                                  "Q3a": "not tested", "Q3b": "not tested"}
     assert "Q2" not in set(question_tests["question"])
-    answers, _ = report.judge_questions(question_scores(10, 0.05, 0.0), gate=passed)
+    answers, _ = judging.judge_questions(question_scores(10, 0.05, 0.0), gate=passed)
     assert answers.set_index("question").loc["Q2", "answer"] != "untestable"
 
 
 def test_a_comparison_with_a_collapsed_system_is_inconclusive():
     scores, llm, replies = synthetic_run(30, +1)
-    claims, tests = report.judge_claims(scores, None, None, collapsed={("chitchat", "psp", "one_id"): 0.31})
+    claims, tests = judging.judge_claims(scores, None, None, collapsed={("chitchat", "psp", "one_id"): 0.31})
     involved = tests["comparison"].str.contains("PSP One-ID")
     assert involved.any() and (tests.loc[involved, "verdict"] == "inconclusive").all()
     assert (tests.loc[involved, "reason"] == "collapsed system: chitchat PSP One-ID (31% degenerate)").all()
     assert (tests.loc[~involved, "verdict"] == "supported").all()
-    assert report.collapsed_systems(pd.DataFrame({"dataset": ["d", "d"], "pretrain": ["psp", "llm"],
+    assert judging.collapsed_systems(pd.DataFrame({"dataset": ["d", "d"], "pretrain": ["psp", "llm"],
                                                   "method": ["lora", "x"], "degenerate_share": [0.05, 0.45],
                                                   "degenerate": [False, True]})) == {("d", "llm", "x"): 0.45}
 
@@ -751,17 +751,17 @@ def test_unit_values_carry_both_metrics_and_skip_pairs_scored_but_not_generated(
     scores = pd.DataFrame([{"dataset": "d", "split_set": s, "user_id": "u", "pair_id": f"p{k}", "pretrain": "psp",
                             "method": "lora", "similarity": 0.4 + 0.1 * k if k < 2 else np.nan,
                             "bits_per_char": 1.0 + k} for s in (0, 1) for k in range(4)])
-    values = report.exp1_unit_values(scores)
+    values = judging.exp1_unit_values(scores)
     assert values[["similarity", "bits_per_char"]].iloc[0].tolist() == pytest.approx([0.45, 2.5])
     llm = scores.assign(pretrain="llm", method="tiny-chat", similarity=[0.1, np.nan, np.nan, np.nan] * 2)
-    llm_values = report.llm_unit_values(scores, llm).set_index("pretrain")
+    llm_values = judging.llm_unit_values(scores, llm).set_index("pretrain")
     assert llm_values.loc["llm", "low_share"] == 1.0 and llm_values.loc["psp", "low_share"] == 0.0  # NaN: no reply
     assert llm_values.loc["llm", "bits_per_char"] == pytest.approx(2.5)
     # oriented differences: bits/char is lower-better, so a positive effect favours the claim's side
     pair = pd.concat([values, values.assign(method="full", bits_per_char=values["bits_per_char"] + 0.1)])
-    comparison = report._comparison("C4", "exp1", "d", "bits_per_char", [("psp", "lora")], [("psp", "full")],
+    comparison = judging._comparison("C4", "exp1", "d", "bits_per_char", [("psp", "lora")], [("psp", "full")],
                                     "equivalent", 0.02)
-    assert report.unit_differences(pair, comparison).tolist() == pytest.approx([0.1])
+    assert judging.unit_differences(pair, comparison).tolist() == pytest.approx([0.1])
 
 
 def test_the_paper_10_turn_rows_are_no_side_of_c1_or_c5():
@@ -771,30 +771,30 @@ def test_the_paper_10_turn_rows_are_no_side_of_c1_or_c5():
 
     scores, llm, _ = synthetic_run(6, +1)
     extra = llm.assign(method=llm["method"] + PAPER_HISTORY_SUFFIX, similarity=0.99)
-    with_extra = report.llm_unit_values(scores, pd.concat([llm, extra], ignore_index=True))
+    with_extra = judging.llm_unit_values(scores, pd.concat([llm, extra], ignore_index=True))
     assert not with_extra["source"].str.endswith(PAPER_HISTORY_SUFFIX).any()
     pd.testing.assert_frame_equal(with_extra.reset_index(drop=True),
-                                  report.llm_unit_values(scores, llm).reset_index(drop=True))
+                                  judging.llm_unit_values(scores, llm).reset_index(drop=True))
 
 
 def test_table2_says_which_corpora_are_evaluated_and_which_only_give_pretraining_pairs(tmp_path):
     table2 = pd.DataFrame({"dataset": ["chitchat", "seinfeld"], "N users": [12, 12]})
-    roles = report.table2_with_roles(table2, {"chitchat": 1000, "seinfeld": 44}, {"chitchat": 10})
-    assert roles["in this run"].tolist() == [report.EVALUATED, report.PRETRAINING_ONLY]
+    roles = rendering.table2_with_roles(table2, {"chitchat": 1000, "seinfeld": 44}, {"chitchat": 10})
+    assert roles["in this run"].tolist() == [rendering.EVALUATED, rendering.PRETRAINING_ONLY]
     assert roles["users fine-tuned"].tolist() == [10, 0] and roles["pre-training pairs"].tolist() == [1000, 44]
     assert list(roles.columns[:4]) == ["dataset", "in this run", "users fine-tuned", "pre-training pairs"]
     root = tmp_path / "outputs"  # the report and README's block say it from the run's own files
     fake_outputs(root, dataset="chitchat")
     table2.to_csv(root / "00_prepare_corpus" / "table2.csv", index=False)
     write_stage(root, "00_prepare_corpus", {"pretrain_pairs": {"chitchat": 1000, "seinfeld": 44}})
-    text = report.build_report(root, "cpu").text
+    text = rendering.build_report(root, "cpu").text
     table = text.split("## Table 2 analog")[1].split("## Tables 3-5")[0]
     assert "| seinfeld  | pre-training pairs only |" in table and "| chitchat  | evaluated " in table
     line = ("- Corpora (Table 2 analog): evaluated chitchat; seinfeld gives pre-training pairs only (stage 03 "
             "fine-tunes none of its users).")
     assert line in text
-    dirs = {name: root / name for name in report.STAGES}
-    assert report.corpora_line(dirs) == line
+    dirs = {name: root / name for name in rendering.STAGES}
+    assert rendering.corpora_line(dirs) == line
 
 
 def test_the_judge_weights_bits_per_char_by_characters_as_tables_3_to_5_and_the_power_planner():
@@ -809,13 +809,13 @@ def test_the_judge_weights_bits_per_char_by_characters_as_tables_3_to_5_and_the_
                             "method": m, "similarity": 0.5, "bits_per_char": b, "text_chars": c,
                             "text_nll": b * c * math.log(2)} for m in ("lora", "full")
                            for k, (b, c) in enumerate(zip(bits, chars))])
-    values = report.exp1_unit_values(scores)
+    values = judging.exp1_unit_values(scores)
     assert values["bits_per_char"].tolist() == pytest.approx([1.2, 1.2])
     table = per_user_means(scores, ["bits_per_char"], system_cols=("pretrain", "method"),
                            unit_cols=("dataset", "split_set", "user_id"))
     assert table["bits_per_char"].tolist() == pytest.approx(values["bits_per_char"].tolist())
     llm = scores[scores["method"] == "lora"].assign(pretrain="llm", method="tiny-chat")
-    llm_values = report.llm_unit_values(scores, llm).set_index(["pretrain", "method"])
+    llm_values = judging.llm_unit_values(scores, llm).set_index(["pretrain", "method"])
     assert llm_values["bits_per_char"].tolist() == pytest.approx([1.2, 1.2, 1.2])
 
 
@@ -827,34 +827,34 @@ def test_training_seed_replicas_are_a_replication_factor_within_each_user(tmp_pa
     first, llm_first, replies_first = synthetic_run(8, +1, seed=1)
     second, llm_second, replies_second = synthetic_run(8, +1, seed=2)
     pooled = pd.concat([first.assign(replica=0), second.assign(replica=1)], ignore_index=True)
-    values = report.exp1_unit_values(pooled).set_index(["unit", "pretrain", "method"])
-    each = [report.exp1_unit_values(frame).set_index(["unit", "pretrain", "method"]) for frame in (first, second)]
+    values = judging.exp1_unit_values(pooled).set_index(["unit", "pretrain", "method"])
+    each = [judging.exp1_unit_values(frame).set_index(["unit", "pretrain", "method"]) for frame in (first, second)]
     assert len(values) == len(each[0])  # one value per user and system
     for metric in ("similarity", "bits_per_char"):
         pd.testing.assert_series_equal(values[metric], (each[0][metric] + each[1][metric]) / 2, check_names=False)
     llm_pooled = pd.concat([llm_first.assign(replica=0), llm_second.assign(replica=1)], ignore_index=True)
-    llm_values = report.llm_unit_values(pooled, llm_pooled).set_index(["unit", "pretrain", "method"])
-    llm_each = [report.llm_unit_values(s, l).set_index(["unit", "pretrain", "method"])
+    llm_values = judging.llm_unit_values(pooled, llm_pooled).set_index(["unit", "pretrain", "method"])
+    llm_each = [judging.llm_unit_values(s, l).set_index(["unit", "pretrain", "method"])
                 for s, l in ((first, llm_first), (second, llm_second))]
     pd.testing.assert_series_equal(llm_values["similarity"], (llm_each[0]["similarity"] + llm_each[1]["similarity"]) / 2,
                                    check_names=False)
-    exp2 = report.exp2_unit_values(pd.concat([replies_first.assign(replica=0), replies_second.assign(replica=1)]))
-    exp2_each = [report.exp2_unit_values(r).set_index(["unit", "pretrain", "method"])["dist_s"]
+    exp2 = judging.exp2_unit_values(pd.concat([replies_first.assign(replica=0), replies_second.assign(replica=1)]))
+    exp2_each = [judging.exp2_unit_values(r).set_index(["unit", "pretrain", "method"])["dist_s"]
                  for r in (replies_first, replies_second)]
     pd.testing.assert_series_equal(exp2.set_index(["unit", "pretrain", "method"])["dist_s"],
                                    (exp2_each[0] + exp2_each[1]) / 2, check_names=False)
-    claims, tests = report.judge_claims(pooled, llm_pooled, None)
+    claims, tests = judging.judge_claims(pooled, llm_pooled, None)
     assert (tests.loc[tests["claim"] == "C4", "n"] == 8).all()  # paired by user
     # build_report reads the replicas from seeds/seed-<r>/ beside the run's own stages
     stage = "04_exp1_next_utterance"
     (tmp_path / stage).mkdir()
     first.to_parquet(tmp_path / stage / "scores.parquet")
-    assert report.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet").equals(first)
-    assert "single training run" in report.seeds_line(tmp_path)
+    assert rendering.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet").equals(first)
+    assert "single training run" in rendering.seeds_line(tmp_path)
     (replica_root(tmp_path, 1) / stage).mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="training-seed replica 1 has no scores.parquet"):
-        report.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet")
+        rendering.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet")
     second.to_parquet(replica_root(tmp_path, 1) / stage / "scores.parquet")
-    read = report.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet")
+    read = rendering.pooled_replicas(tmp_path, tmp_path / stage, stage, "scores.parquet")
     assert read["replica"].value_counts().to_dict() == {0: len(first), 1: len(second)}
-    assert "Training seeds: 2" in report.seeds_line(tmp_path)
+    assert "Training seeds: 2" in rendering.seeds_line(tmp_path)

@@ -55,9 +55,6 @@ from udg_lib.metrics import (
 from udg_lib.precision import Precision, resolve_precision
 
 
-METHOD_LABELS = mth.LABELS  # TEMPORARY: report.py reads it here until its split lands
-
-
 def system_label(pretrained: str, method: str, labels: Mapping[str, str] | None = None) -> str:
     """Display label of a system, e.g. "PSP / LoRA"; floors without a pre-trained model keep their own.
     `labels` names methods beyond the paper's (`methods.labels_of`)."""

@@ -3,12 +3,12 @@
     python -m udg_lib.plan --power results/cpu             # a published folder (per-user means only)
     python -m udg_lib.plan --power outputs/cpu --target-bpc 0.02 --target-similarity 0.01
 
-The comparisons are the judge's (`report.claim_comparisons`, `report.question_comparisons`), each taken on
+The comparisons are the judge's (`judging.claim_comparisons`, `judging.question_comparisons`), each taken on
 similarity and on bits per character (`dataclasses.replace(comparison, metric=...)`), per user as the judge
-pairs them (`report.unit_differences`); C3 (Distinct-S across questions) and C5 (the share of replies under
+pairs them (`judging.unit_differences`); C3 (Distinct-S across questions) and C5 (the share of replies under
 0.2) are judged on other metrics and are not planned here. Per comparison and metric:
 
-- `sd`: the SD of the per-user differences, oriented as the judge orients them (`report.unit_differences`):
+- `sd`: the SD of the per-user differences, oriented as the judge orients them (`judging.unit_differences`):
   positive favours the comparison's first side, a - b for similarity (higher is better), b - a for bits per
   character (lower is better). Detectable effects and targets are magnitudes.
 - `detectable`: the smallest mean difference the run's n users detect with 80% power at Holm's strictest
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from udg_lib import report, stats
+from udg_lib import judging, stats
 from udg_lib.methods import names as method_names
 from udg_lib.baselines import is_paper_history_method
 
@@ -66,7 +66,7 @@ class RunValues:
     notes: list[str]
 
 
-def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimSettings()) -> RunValues:
+def read_run(run_dir: str | Path, settings: judging.ClaimSettings = judging.ClaimSettings()) -> RunValues:
     """A run's per-user values: from stage 04's (and 06's) per-sample `scores.parquet` in an outputs folder,
     else from stage 04's `per_user_scores.csv` in a published folder (no per-user file for stage 06 there)."""
 
@@ -74,16 +74,16 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
     exp1, llm = run / EXP1, run / LLM
     table2_file = run / "00_prepare_corpus" / "table2.csv"
     table2 = pd.read_csv(table2_file) if table2_file.is_file() else None
-    small = report.small_data_datasets(table2, settings.small_data_max_train)
+    small = judging.small_data_datasets(table2, settings.small_data_max_train)
     notes = [] if table2 is not None else ["no stage 00 table2.csv: every dataset is in C2 / C6's scope"]
     if (exp1 / "scores.parquet").is_file():
         scores = pd.read_parquet(exp1 / "scores.parquet")
-        # the unit values are the judge's own (report.exp1_unit_values / llm_unit_values), so the SD and the effect
+        # the unit values are the judge's own (judging.exp1_unit_values / llm_unit_values), so the SD and the effect
         # here are those the judge tests; the per-sample rows feed only the variance split
-        frames, samples = [report.exp1_unit_values(scores)], [scores.assign(source="exp1")]
+        frames, samples = [judging.exp1_unit_values(scores)], [scores.assign(source="exp1")]
         if (llm / "scores.parquet").is_file():
             llm_scores = pd.read_parquet(llm / "scores.parquet")
-            frames.append(report.llm_unit_values(scores, llm_scores))
+            frames.append(judging.llm_unit_values(scores, llm_scores))
             tuned = scores[~scores["method"].isin([method_names.DA, method_names.RETRIEVAL])]  # every fine-tuned system
             for method, answers in llm_scores.groupby("method", sort=False):
                 if is_paper_history_method(method):  # the paper's 10-turn extra row: never a side of C1 (the judge's rule)
@@ -109,10 +109,10 @@ def read_run(run_dir: str | Path, settings: report.ClaimSettings = report.ClaimS
 
 
 def comparisons_by_metric(values: pd.DataFrame, small_datasets: set[str] | None,
-                          settings: report.ClaimSettings = report.ClaimSettings()) -> list[report.Comparison]:
+                          settings: judging.ClaimSettings = judging.ClaimSettings()) -> list[judging.Comparison]:
     """The judge's similarity comparisons (claims, then questions), each on every metric of `METRICS` that
     the values hold."""
-    found = report.claim_comparisons(values, small_datasets, settings) + report.question_comparisons(values, settings)
+    found = judging.claim_comparisons(values, small_datasets, settings) + judging.question_comparisons(values, settings)
     on_similarity = [c for c in found if c.metric == "similarity"]
     return [replace(c, metric=m) for m in METRICS if m in values.columns and values[m].notna().any()
             for c in on_similarity]
@@ -141,7 +141,7 @@ def users_needed(detectable: Callable[[int], float], target: float, limit: int =
     return high
 
 
-def sample_differences(samples: pd.DataFrame, comparison: report.Comparison) -> pd.DataFrame:
+def sample_differences(samples: pd.DataFrame, comparison: judging.Comparison) -> pd.DataFrame:
     """Per test reply of the comparison's source: mean of `a`'s systems minus mean of `b`'s on the same context
     (columns dataset, user_id, diff); contexts missing a system are left out."""
     frame = samples[samples["source"] == comparison.source]
@@ -189,7 +189,7 @@ def variance_components(diffs: pd.DataFrame) -> Components | None:
 
 
 def power_table(run: RunValues, targets: dict[str, float] | None = None, power: float = POWER,
-                settings: report.ClaimSettings = report.ClaimSettings()) -> pd.DataFrame:
+                settings: judging.ClaimSettings = judging.ClaimSettings()) -> pd.DataFrame:
     """One row per comparison and metric: n users, family size m, SD, detectable effect, target, n needed
     (and, from per-sample scores, the SD's between / within split and the run's test pairs per user)."""
     targets = {**DEFAULT_TARGETS, **(targets or {})}
@@ -197,7 +197,7 @@ def power_table(run: RunValues, targets: dict[str, float] | None = None, power: 
     family = pd.Series([(c.claim, c.metric, c.reading) for c in comparisons]).value_counts().to_dict()  # as the judge's Holm families
     rows = []
     for c in comparisons:
-        diffs = report.unit_differences(run.values, c).to_numpy(float)
+        diffs = judging.unit_differences(run.values, c).to_numpy(float)
         n, m = int(diffs.size), family[(c.claim, c.metric, c.reading)]
         sd = float(np.std(diffs, ddof=1)) if n >= 2 else float("nan")
         alpha = settings.alpha / m  # Holm's strictest step
@@ -220,7 +220,7 @@ def power_table(run: RunValues, targets: dict[str, float] | None = None, power: 
 
 
 def format_power(table: pd.DataFrame, run: RunValues, run_dir: str | Path, power: float = POWER,
-                 alpha: float = report.ALPHA) -> str:
+                 alpha: float = judging.ALPHA) -> str:
     """The printed power table with its conventions and notes."""
     lines = [f"power of {run_dir}'s paired comparisons: per user, {power:.0%} power, Holm's strictest step "
              f"(alpha {alpha:g} / m, m = comparisons in the family for that metric)", f"sign: {SIGN_NOTE}",
@@ -255,7 +255,7 @@ class DesignGrid:
 
 def design_tradeoff(table: pd.DataFrame, run: RunValues, hours: Callable[[int, float, float], float],
                     grid: DesignGrid, metric: str = "similarity", power: float = POWER,
-                    settings: report.ClaimSettings = report.ClaimSettings()) -> pd.DataFrame:
+                    settings: judging.ClaimSettings = judging.ClaimSettings()) -> pd.DataFrame:
     """Per design of `grid` (users, fine-tuning pairs per user, test pairs per user): `hours(users, train_pairs,
     test_pairs)` as minutes (e.g. `plan.Plan.design_hours`) and, per family of `table` (`power_table`), the
     detectable effect on `metric` of its hardest comparison (the largest SD at the design's test pairs).
