@@ -759,7 +759,7 @@ def test_unit_values_carry_both_metrics_and_skip_pairs_scored_but_not_generated(
     assert llm_values.loc["llm", "bits_per_char"] == pytest.approx(2.5)
     # oriented differences: bits/char is lower-better, so a positive effect favours the claim's side
     pair = pd.concat([values, values.assign(method="full", bits_per_char=values["bits_per_char"] + 0.1)])
-    comparison = judging._comparison("C4", "exp1", "d", "bits_per_char", [("psp", "lora")], [("psp", "full")],
+    comparison = judging._comparison("C4", judging.Scope("exp1", "d", "bits_per_char"), [("psp", "lora")], [("psp", "full")],
                                     "equivalent", 0.02)
     assert judging.unit_differences(pair, comparison).tolist() == pytest.approx([0.1])
 

@@ -56,13 +56,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from udg_lib import stats
 from udg_lib.methods import names as method_names
+from udg_lib.methods.names import DA, FULL, LORA, ONE_ID
 from udg_lib.baselines import is_paper_history_method, is_rag_method
 from udg_lib.conditions import PRETRAINED_LABELS
 from udg_lib.metrics import bits_per_char, distinct_s
@@ -189,11 +190,18 @@ def _systems_label(systems: Sequence[tuple[str, str]]) -> str:
             f"{'/'.join(method_names.LABELS.get(m, m) for m in methods)}")
 
 
-def _comparison(claim: str, source: str, dataset: str, metric: str, a: Sequence[tuple[str, str]],
-                b: Sequence[tuple[str, str]], kind: str, bound: float, reading: str = PAPER_READING,
-                note: str = "") -> Comparison:
+class Scope(NamedTuple):
+    """Where a comparison is made: its source of unit values ("exp1", "exp2", "llm:<method>"), dataset, metric."""
+
+    source: str
+    dataset: str
+    metric: str
+
+
+def _comparison(claim: str, scope: Scope, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]], kind: str,
+                bound: float, reading: str = PAPER_READING, note: str = "") -> Comparison:
     sign = {"greater": ">", "equivalent": "≈", "noninferior": ">=", "differs": "≠"}[kind]
-    return Comparison(claim, source, dataset, metric, tuple(a), tuple(b), kind, bound,
+    return Comparison(claim, *scope, tuple(a), tuple(b), kind, bound,
                       f"{_systems_label(a)} {sign} {_systems_label(b)}{note}", reading)
 
 
@@ -221,16 +229,17 @@ def claim_comparisons(values: pd.DataFrame, small_datasets: Collection[str] | No
             llm = [("llm", source.split(":", 1)[1])]
             if tuned and llm[0] in systems and not is_rag_method(llm[0][1]):  # RAG rows: Q3's, not C1's
                 note = " (own base: C1s)" if llm[0][1] in settings.same_base_llms else ""
-                candidates += [_comparison("C1", source, dataset, metric, tuned, llm, "greater",
+                candidates += [_comparison("C1", Scope(source, dataset, metric), tuned, llm, "greater",
                                            settings.effect(metric), note=note) for metric in exp1_metrics]
-                candidates.append(_comparison("C5", source, dataset, "low_share", llm, tuned, "greater",
+                candidates.append(_comparison("C5", Scope(source, dataset, "low_share"), llm, tuned, "greater",
                                               settings.min_share_effect))
             continue
         if source == "exp2":
             a = [(p, m) for p in TABLE7_PRETRAINS for m in USER_SPECIFIC if (p, m) in systems]
-            b = [(p, "one_id") for p in TABLE7_PRETRAINS if (p, "one_id") in systems]
+            b = [(p, ONE_ID) for p in TABLE7_PRETRAINS if (p, ONE_ID) in systems]
             if a and b:
-                candidates.append(_comparison("C3", source, dataset, "dist_s", a, b, "greater", settings.min_dist_s_effect))
+                candidates.append(_comparison("C3", Scope(source, dataset, "dist_s"), a, b, "greater",
+                                              settings.min_dist_s_effect))
             continue
         for metric in exp1_metrics:
             effect, margin = settings.effect(metric), settings.margin(metric)
@@ -238,22 +247,23 @@ def claim_comparisons(values: pd.DataFrame, small_datasets: Collection[str] | No
                 a = [(p, m) for p in PROFILE_PRETRAINS for m in USER_SPECIFIC if (p, m) in systems]
                 b = [("plain_dialogue", m) for m in USER_SPECIFIC if ("plain_dialogue", m) in systems]
                 if a and b:
-                    candidates.append(_comparison("C2", source, dataset, metric, a, b, "greater", effect))
+                    candidates.append(_comparison("C2", Scope(source, dataset, metric), a, b, "greater", effect))
             for p in pretrains:
-                if (p, "lora") in systems and (p, "full") in systems:
-                    candidates.append(_comparison("C4", source, dataset, metric, [(p, "full")], [(p, "lora")],
+                if (p, LORA) in systems and (p, FULL) in systems:
+                    candidates.append(_comparison("C4", Scope(source, dataset, metric), [(p, FULL)], [(p, LORA)],
                                                   "equivalent", margin))
             for p in pretrains:
                 own = [(p, m) for m in USER_SPECIFIC if (p, m) in systems]
-                if (p, "one_id") not in systems or not own:
+                if (p, ONE_ID) not in systems or not own:
                     continue
                 if p in PLAIN_PRETRAINS:
-                    candidates.append(_comparison("C6", source, dataset, metric, [(p, "one_id")], own, "greater",
+                    candidates.append(_comparison("C6", Scope(source, dataset, metric), [(p, ONE_ID)], own, "greater",
                                                   effect))
                 elif p in PROFILE_PRETRAINS and small(dataset):  # §4.2.4 "slightly higher"; then our reading
-                    candidates.append(_comparison("C6", source, dataset, metric, own, [(p, "one_id")], "greater",
+                    candidates.append(_comparison("C6", Scope(source, dataset, metric), own, [(p, ONE_ID)], "greater",
                                                   effect))
-                    candidates.append(_comparison("C6", source, dataset, metric, own, [(p, "one_id")], "noninferior",
+                    candidates.append(_comparison("C6", Scope(source, dataset, metric), own, [(p, ONE_ID)],
+                                                  "noninferior",
                                                   margin, OUR_READING, " (our reading)"))
     out = [c for c in candidates if (c.source, c.metric) in measured]
     return sorted(out, key=lambda c: (c.claim, list(METRIC_NAMES).index(c.metric), c.reading, c.dataset != "all", c.dataset, c.source,
@@ -339,7 +349,7 @@ def llm_unit_values(exp1_scores: pd.DataFrame, llm_scores: pd.DataFrame,
     _require(llm_scores, columns, "LLM scores")
     weights = [c for c in ("text_nll", "text_chars") if c in exp1_scores.columns and c in llm_scores.columns]
     columns += weights if len(weights) == 2 else []
-    tuned = exp1_scores[~exp1_scores["method"].isin([method_names.DA, method_names.RETRIEVAL])][columns]  # every fine-tuned
+    tuned = exp1_scores[~exp1_scores["method"].isin([DA, method_names.RETRIEVAL])][columns]  # every fine-tuned one
     unit = ["dataset", "user_id", "pretrain", "method"]
 
     def on_matched(llm: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -744,13 +754,13 @@ def question_comparisons(values: pd.DataFrame, settings: ClaimSettings = ClaimSe
         systems = set(zip(frame["pretrain"], frame["method"]))
         for metric in metrics:
             for p in sorted({p for p, _ in systems if p in order}, key=order.index):
-                out += [_comparison("Q1", "exp1", dataset, metric, [(p, m)], [(p, "da")], "greater",
+                out += [_comparison("Q1", Scope("exp1", dataset, metric), [(p, m)], [(p, DA)], "greater",
                                     settings.effect(metric))
-                        for m in FINE_TUNED if (p, m) in systems and (p, "da") in systems]
+                        for m in FINE_TUNED if (p, m) in systems and (p, DA) in systems]
             for p in PROFILE_PRETRAINS:
-                out += [_comparison("Q2", "exp1", dataset, metric, [(p, m)], [("plain_dialogue", m)], "differs",
+                out += [_comparison("Q2", Scope("exp1", dataset, metric), [(p, m)], [("plain_dialogue", m)], "differs",
                                     settings.margin(metric))
-                        for m in (method_names.DA, *FINE_TUNED) if (p, m) in systems and ("plain_dialogue", m) in systems]
+                        for m in (DA, *FINE_TUNED) if (p, m) in systems and ("plain_dialogue", m) in systems]
     return out + rag_comparisons(values, settings)
 
 
@@ -769,16 +779,15 @@ def rag_comparisons(values: pd.DataFrame, settings: ClaimSettings = ClaimSetting
         if llm and not (is_rag_method(llm) and ("llm", llm) in systems):
             continue
         for metric in metrics:
-            effect = settings.effect(metric)
+            effect, scope = settings.effect(metric), Scope(source, dataset, metric)
             for p in pretrains:
                 if llm:
-                    out += [_comparison("Q3a", source, dataset, metric, [("llm", llm)], [(p, m)], "greater", effect)
+                    out += [_comparison("Q3a", scope, [("llm", llm)], [(p, m)], "greater", effect)
                             for m in (lora, full) if (p, m) in systems]
                     if (p, rag) in systems:
-                        out.append(_comparison("Q3b", source, dataset, metric, [(p, rag)], [("llm", llm)], "greater",
-                                               effect))
+                        out.append(_comparison("Q3b", scope, [(p, rag)], [("llm", llm)], "greater", effect))
                 elif source == "exp1" and (p, rag) in systems and (p, lora) in systems:
-                    out.append(_comparison("Q3b", source, dataset, metric, [(p, rag)], [(p, lora)], "greater", effect))
+                    out.append(_comparison("Q3b", scope, [(p, rag)], [(p, lora)], "greater", effect))
     return out
 
 

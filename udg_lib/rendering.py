@@ -35,6 +35,7 @@ from udg_lib.judging import (
 from udg_lib.conditions import PRETRAINED_LABELS
 from udg_lib.experiments import llm_short_name, significance_notes, sweep_summary
 from udg_lib.methods.names import LABELS as METHOD_LABELS
+from udg_lib.methods.names import FULL, LORA, ONE_ID
 
 STAGES = ("00_prepare_corpus", "01_infer_profiles", "02_pretrain_models", "03_finetune_users",
           "04_exp1_next_utterance", "05_exp2_diversity", "06_llm_baselines")
@@ -54,25 +55,25 @@ FULL_PROFILES = {
 # paper's closest analog of BYU Chit-Chat (real users, text chat, ~100 training turns each).
 # (similarity, Acc@sim0.9, ROUGE-L, PPL); PPL None = NA.
 PAPER_TABLE4_UPC: dict[tuple[str, str], tuple[float, float, float, float | None]] = {
-    ("plain_t5", "one_id"): (0.497, 0.0467, 23.7, 23.7), ("plain_t5", "lora"): (0.443, 0.0235, 21.4, 23.0),
-    ("plain_t5", "full"): (0.448, 0.0282, 22.2, 23.3),
-    ("plain_dialogue", "one_id"): (0.530, 0.0711, 27.8, 15.9), ("plain_dialogue", "lora"): (0.520, 0.0691, 27.8, 16.6),
-    ("plain_dialogue", "full"): (0.524, 0.0727, 28.2, 14.8),
-    ("psp", "one_id"): (0.533, 0.0721, 27.9, 17.2), ("psp", "lora"): (0.532, 0.0781, 28.0, 12.6),
-    ("psp", "full"): (0.533, 0.079, 28.2, 10.1),
-    ("ppp", "one_id"): (0.533, 0.072, 27.4, 17.7), ("ppp", "lora"): (0.530, 0.0758, 27.9, 14.5),
-    ("ppp", "full"): (0.534, 0.0780, 28.0, 14.4),
+    ("plain_t5", ONE_ID): (0.497, 0.0467, 23.7, 23.7), ("plain_t5", LORA): (0.443, 0.0235, 21.4, 23.0),
+    ("plain_t5", FULL): (0.448, 0.0282, 22.2, 23.3),
+    ("plain_dialogue", ONE_ID): (0.530, 0.0711, 27.8, 15.9), ("plain_dialogue", LORA): (0.520, 0.0691, 27.8, 16.6),
+    ("plain_dialogue", FULL): (0.524, 0.0727, 28.2, 14.8),
+    ("psp", ONE_ID): (0.533, 0.0721, 27.9, 17.2), ("psp", LORA): (0.532, 0.0781, 28.0, 12.6),
+    ("psp", FULL): (0.533, 0.079, 28.2, 10.1),
+    ("ppp", ONE_ID): (0.533, 0.072, 27.4, 17.7), ("ppp", LORA): (0.530, 0.0758, 27.9, 14.5),
+    ("ppp", FULL): (0.534, 0.0780, 28.0, 14.4),
     ("llm", "GPT3.5"): (0.342, 0.0447, 18.4, None), ("llm", "Jp-NeoX-3.6B"): (0.317, 0.0306, 15.8, None),
     ("llm", "Jp-Llama2-7B"): (0.313, 0.0373, 15.1, None),
 }
 # Table 7, UPC column: (Dist-1, Dist-2, Dist-S).
 PAPER_TABLE7_UPC: dict[tuple[str, str], tuple[float, float, float]] = {
-    ("plain_dialogue", "one_id"): (0.174, 0.320, 0.305), ("plain_dialogue", "lora"): (0.0330, 0.0669, 0.265),
-    ("plain_dialogue", "full"): (0.0348, 0.0725, 0.312),
-    ("psp", "one_id"): (0.0324, 0.0624, 0.181), ("psp", "lora"): (0.0457, 0.103, 0.472),
-    ("psp", "full"): (0.0443, 0.100, 0.475),
-    ("ppp", "one_id"): (0.0206, 0.0354, 0.0877), ("ppp", "lora"): (0.0496, 0.109, 0.452),
-    ("ppp", "full"): (0.0517, 0.112, 0.456),
+    ("plain_dialogue", ONE_ID): (0.174, 0.320, 0.305), ("plain_dialogue", LORA): (0.0330, 0.0669, 0.265),
+    ("plain_dialogue", FULL): (0.0348, 0.0725, 0.312),
+    ("psp", ONE_ID): (0.0324, 0.0624, 0.181), ("psp", LORA): (0.0457, 0.103, 0.472),
+    ("psp", FULL): (0.0443, 0.100, 0.475),
+    ("ppp", ONE_ID): (0.0206, 0.0354, 0.0877), ("ppp", LORA): (0.0496, 0.109, 0.452),
+    ("ppp", FULL): (0.0517, 0.112, 0.456),
 }
 # Table 6 (t5-base, 222 M parameters, a GPU).
 PAPER_TABLE6 = pd.DataFrame({"model": ["One-ID", "LoRA", "FULL"], "models": ["1", "No. of users", "No. of users"],
