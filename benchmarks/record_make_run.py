@@ -23,7 +23,7 @@ from typing import Any
 
 from udg_lib import io
 from udg_lib.precision import cpu_flags
-from udg_lib.rendering import STAGES
+from udg_lib.catalog import STAGE_NAMES as STAGES
 
 
 def parse_time_log(text: str) -> dict[str, float]:

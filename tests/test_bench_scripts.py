@@ -104,12 +104,12 @@ TIME_LOG = """START
 
 
 def test_record_make_run_keeps_one_entry_per_label_and_renders(tmp_path, capsys):
-    from udg_lib import rendering
+    from udg_lib import catalog, rendering
 
     record = load_script("record_make_run")
     assert record.parse_time_log(TIME_LOG) == {"wall_seconds": 3723.5, "max_rss_gb": 6.5}
     outputs = tmp_path / "outputs"
-    for k, name in enumerate(rendering.STAGES):
+    for k, name in enumerate(catalog.STAGE_NAMES):
         (outputs / name).mkdir(parents=True)
         metrics = {"precision": {"used": "bf16"}} if k >= 2 else {}
         (outputs / name / "metrics.json").write_text(json.dumps({

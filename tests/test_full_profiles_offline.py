@@ -250,7 +250,7 @@ def profile_corpora(profile: str, hub_cache: dict) -> list[dict]:
     """The corpora a test run of `profile` prepares: full-ja's own specs with the path of our workbook (its
     yaml names a file the user supplies); for full-en, whose corpora are the notebook's open defaults, a
     generated corpus in the generic format."""
-    from udg_lib.pipeline import load_stage
+    from udg_lib.stage_params import load_stage
 
     notebook = repo_root() / "notebooks" / "00_prepare_corpus.ipynb"
     specs = load_stage(notebook, repo_root() / "params" / profile, profile).params["corpora"]

@@ -10,7 +10,7 @@ import yaml
 
 from udg_lib.param_profiles import PipelineError, layered_file, profile_chain
 from udg_lib.paths import repo_root
-from udg_lib.pipeline import load_stage, read_run_settings, stage_notebooks
+from udg_lib.stage_params import load_stage, read_run_settings, stage_notebooks
 
 
 def write(folder: Path, name: str, values: dict) -> Path:

@@ -17,11 +17,11 @@ import nbformat
 import pytest
 import yaml
 
+from udg_lib.stage_params import notebook_source_hash
 from udg_lib.pipeline import (
     PipelineError,
     compute_run_key,
     main,
-    notebook_source_hash,
     run_pipeline,
     stage_index,
     stage_statuses,
@@ -410,7 +410,7 @@ def test_the_project_profiles_pass_the_parameter_checks(profile: str, tmp_path: 
 
 
 def test_the_project_notebooks_name_the_udg_kernel() -> None:
-    from udg_lib.pipeline import stage_notebooks
+    from udg_lib.stage_params import stage_notebooks
     from udg_lib.paths import repo_root
 
     for notebook in stage_notebooks(repo_root() / "notebooks"):
@@ -451,7 +451,7 @@ def test_an_input_file_cut_at_the_same_path_makes_its_stage_stale(tmp_path: Path
 
 
 def test_input_paths_are_regular_files_and_folders_named_by_a_path(tmp_path: Path) -> None:
-    from udg_lib.pipeline import input_paths
+    from udg_lib.stage_params import input_paths
 
     corpus = tmp_path / "turns.jsonl"
     corpus.write_text("turn\n")
@@ -649,7 +649,7 @@ write_metrics(output_dir, {"x": upstream["metrics"]["x"], "seed": seed})"""
 
 def test_seeds_replicate_the_training_stages_and_share_the_earlier_ones(tmp_path: Path, capsys) -> None:
     from udg_lib.paths import replica_roots
-    from udg_lib.pipeline import RUN_SETTINGS_FILE
+    from udg_lib.param_profiles import RUN_SETTINGS_FILE
 
     folder = tmp_path / "notebooks"
     folder.mkdir()
@@ -677,7 +677,7 @@ def test_seeds_replicate_the_training_stages_and_share_the_earlier_ones(tmp_path
                                              ({"seed": 2}, "unknown setting 'seed'"),
                                              ({"seeds": 2, "replicate_from": "07"}, "no stage '07'")])
 def test_bad_run_settings_fail_before_any_stage_runs(notebooks: Path, tmp_path: Path, settings, fault) -> None:
-    from udg_lib.pipeline import RUN_SETTINGS_FILE
+    from udg_lib.param_profiles import RUN_SETTINGS_FILE
 
     write_yaml(tmp_path / "params" / RUN_SETTINGS_FILE, settings)
     with pytest.raises(PipelineError, match=fault) as error:

@@ -419,7 +419,7 @@ def test_data_lengths_are_the_mean_padded_lengths_of_each_users_batches(tmp_path
 
 
 def test_the_plan_counts_every_training_seed(tmp_path):
-    from udg_lib.pipeline import RUN_SETTINGS_FILE
+    from udg_lib.param_profiles import RUN_SETTINGS_FILE
 
     assert cost_plan.training_seeds("full-en") == 3 and cost_plan.training_seeds("cpu") == 1
     (tmp_path / RUN_SETTINGS_FILE).write_text("seeds: 2\n")

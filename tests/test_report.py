@@ -13,7 +13,7 @@ import pytest
 
 from udg_lib.conditions import sample_test_contexts
 from udg_lib import experiments as ex
-from udg_lib import judging, paths, publishing, rendering, report
+from udg_lib import catalog, judging, paths, publishing, rendering, report
 
 
 def significance_row(dataset, a, b, diff, p, metric="similarity"):
@@ -375,7 +375,7 @@ PROFILE_CHECK_PASSED = {
 
 def fake_outputs(root, dataset="seinfeld", stage06_finished=True):
     """A complete small outputs folder: every stage's metrics.json, tables, per-sample scores and replies."""
-    for stage in rendering.STAGES:
+    for stage in catalog.STAGE_NAMES:
         write_stage(root, stage)
     write_stage(root, "02_pretrain_models", {"models": {"plain_t5": {"n_parameters": 56_000, "steps": 30}},
                                              **PROFILE_CHECK_PASSED}, {"model_preset": "test", "checkpoint": ""})
@@ -485,7 +485,7 @@ def checkout(tmp_path):
     return repo
 
 
-def stamp_commit(root, commit, stages=rendering.STAGES):
+def stamp_commit(root, commit, stages=catalog.STAGE_NAMES):
     """Record `commit` as the git commit every stage of `root` ran from."""
     for stage in stages:
         path = root / stage / "metrics.json"
@@ -501,7 +501,7 @@ def test_publish_refuses_dirty_stale_or_unrecorded_commits(tmp_path, checkout):
     with pytest.raises(ValueError, match="no git commit recorded"):  # fake_outputs records none
         publishing.publish_results(root, dest, "cpu", repo=checkout)
     stamp_commit(root, run_commit + "+dirty", ["03_finetune_users"])
-    stamp_commit(root, run_commit, [s for s in rendering.STAGES if s != "03_finetune_users"])
+    stamp_commit(root, run_commit, [s for s in catalog.STAGE_NAMES if s != "03_finetune_users"])
     with pytest.raises(ValueError, match=r"03_finetune_users/metrics.json: ran on a dirty tree"):
         publishing.publish_results(root, dest, "cpu", repo=checkout)
     stamp_commit(root, run_commit)
@@ -576,7 +576,7 @@ def test_publish_renders_readme_block_and_compares(tmp_path, capsys, checkout, m
     notes = publishing.precision_differences(compared.reset_index())
     assert notes == ["note: 03_finetune_users ran in fp32 in the reference and in bf16 in the run: its numbers "
                      "differ by rounding too"]
-    assert "AVX512-BF16 yes" in rendering.precision_line({n: other / n for n in rendering.STAGES})
+    assert "AVX512-BF16 yes" in rendering.precision_line({n: other / n for n in catalog.STAGE_NAMES})
     capsys.readouterr()
     assert report.main(["--compare", str(results), str(other)]) == 0
     assert capsys.readouterr().out.startswith(notes[0])
@@ -793,7 +793,7 @@ def test_table2_says_which_corpora_are_evaluated_and_which_only_give_pretraining
     line = ("- Corpora (Table 2 analog): evaluated chitchat; seinfeld gives pre-training pairs only (stage 03 "
             "fine-tunes none of its users).")
     assert line in text
-    dirs = {name: root / name for name in rendering.STAGES}
+    dirs = {name: root / name for name in catalog.STAGE_NAMES}
     assert rendering.corpora_line(dirs) == line
 
 

@@ -5,7 +5,7 @@
     python -m udg_lib.plan --power results/cpu               # a finished run's power per comparison (udg_lib.power)
 
 Counts come from the profile's parameters (params/<profile>/*.yaml over each notebook's parameters cell,
-resolved by `pipeline.load_stage`, as a run would see them): users x split sets x pre-trained models x
+resolved by `stage_params.load_stage`, as a run would see them): users x split sets x pre-trained models x
 methods, where domain adaptation (DA) and One-ID train once per (dataset, split set, pre-trained model) and
 LoRA and FULL once per user (§4.1.3, notebook 03), plus stage 02's pre-training steps. Users and their pairs
 come from stage 00's outputs under outputs/<profile>/ when they exist; otherwise each corpus of stage 00 is
@@ -47,6 +47,19 @@ import torch
 
 from udg_lib import paths
 from udg_lib.methods import PAPER_METHODS, Method, build_methods
+from udg_lib.stage_params import load_stage, read_run_settings, stage_notebooks
+from udg_lib.catalog import stage
+from udg_lib.conditions import PRETRAINED_FORMATS
+from udg_lib.data import load_from_spec
+from udg_lib.families import LLAMA_PRESETS, SMOLLM2_VOCAB, T5_PRESETS, get_family, llama_config, t5_config
+from udg_lib.finetuning import FinetuneConfig, LengthBucketSampler, SELF_ATTENTION_QKVO
+from udg_lib.io import write_json
+from udg_lib.multilora import MultiLora
+from udg_lib.power import format_power, power_table, read_run
+from udg_lib.prompts import SEP, USER, USER1
+from udg_lib.provenance import provenance
+from udg_lib.splits import SplitConfig, eligibility
+from udg_lib.tokenizer import load_tokenizer
 from udg_lib.precision import PRECISIONS, cpu_flags_line, resolve_precision
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,8 +88,6 @@ CPU_FULL_BATCH_SECONDS = 10.0
 # call left the 3.2 s step in the plan, which put stage 03 at twice its measured time).
 CPU_WARMUP_CALLS = 2
 
-STAGE_NAMES = {"00": "00_prepare_corpus", "02": "02_pretrain_models", "03": "03_finetune_users",
-               "04": "04_exp1_next_utterance", "05": "05_exp2_diversity"}
 STEP_KINDS = ("pretrain", "full", "lora", "lora_batched", "generate")
 
 
@@ -89,22 +100,18 @@ class PlanError(RuntimeError):
 
 
 def training_seeds(profile: str, params_dir: str | Path | None = None) -> int:
-    """The profile's `seeds` (its runner settings, `pipeline.RUN_SETTINGS_FILE`; 1 without one)."""
-    from udg_lib.pipeline import read_run_settings
-
+    """The profile's `seeds` (its runner settings, `param_profiles.RUN_SETTINGS_FILE`; 1 without one)."""
     params_root = Path(params_dir) if params_dir else paths.repo_root() / "params" / profile
     return read_run_settings(params_root).seeds if params_root.is_dir() else 1
 
 
 def profile_params(profile: str, params_dir: str | Path | None = None,
                    notebooks_dir: str | Path | None = None) -> tuple[dict[str, dict[str, Any]], str]:
-    """(stage name -> resolved params, where they came from), as `pipeline.load_stage` resolves them.
+    """(stage name -> resolved params, where they came from), as `stage_params.load_stage` resolves them.
 
     A profile without a params folder gets the notebooks' defaults (said in the second value): the planner
     only reads, so a default plan is still informative where a run would refuse to start.
     """
-    from udg_lib.pipeline import load_stage, stage_notebooks
-
     root = paths.repo_root()
     params_root = Path(params_dir) if params_dir else root / "params" / profile
     notebooks = stage_notebooks(Path(notebooks_dir) if notebooks_dir else root / "notebooks")
@@ -113,7 +120,7 @@ def profile_params(profile: str, params_dir: str | Path | None = None,
 
 
 def _stage(params: Mapping[str, dict[str, Any]], key: str) -> dict[str, Any]:
-    name = STAGE_NAMES[key]
+    name = stage(key).name
     if name not in params:
         raise PlanError(f"no stage {name} among the notebooks ({', '.join(params)})")
     return params[name]
@@ -175,8 +182,6 @@ def _test_cap(value: int) -> int | None:
 
 def users_from_corpora(stage00: Mapping[str, Any], max_users: int = 0) -> list[DatasetUsers]:
     """Stage 00's eligibility rules applied to each of its corpora, loaded here (Chit-Chat: ~5 s)."""
-    from udg_lib.data import load_from_spec
-    from udg_lib.splits import SplitConfig, eligibility
 
     base = dict(min_turns=stage00["min_turns"], max_turns=stage00["max_turns"],
                 max_users=stage00["max_users"] or None, heldout_partner_fraction=stage00["heldout_partner_fraction"],
@@ -215,7 +220,7 @@ def users_from_corpora(stage00: Mapping[str, Any], max_users: int = 0) -> list[D
 def dataset_users(params: Mapping[str, dict[str, Any]], outputs_root: Path) -> list[DatasetUsers]:
     """Stage 03's datasets: from stage 00's outputs when present, else estimated from the corpora."""
     stage03 = _stage(params, "03")
-    prepared = paths.stage_dir(outputs_root, STAGE_NAMES["00"])
+    prepared = paths.stage_dir(outputs_root, stage("00").name)
     found = users_from_outputs(prepared, stage03["max_users"]) if prepared.is_dir() else []
     if not found:
         found = users_from_corpora(_stage(params, "00"), stage03["max_users"])
@@ -237,8 +242,6 @@ class ModelShape:
     why: str  # how it was read from the params
 
     def model_config(self) -> Any:
-        from udg_lib.families import llama_config
-        from udg_lib.families import t5_config
 
         if self.family == "causal":
             return llama_config(self.preset, self.vocab_size)
@@ -249,8 +252,6 @@ def profile_shape(params: Mapping[str, dict[str, Any]], family: str | None = Non
     """The model shape stage 02 trains: a checkpoint's (taken as t5-base's, as every §4.1.2 T5 checkpoint is;
     nothing is downloaded to read it) or its from-scratch preset; `family` (default: stage 02's `model_family`
     parameter) "causal" is the causal track, sized as SmolLM2-135M unless its preset is another Llama shape."""
-    from udg_lib.families import LLAMA_PRESETS, SMOLLM2_VOCAB
-    from udg_lib.families import T5_PRESETS
 
     stage00, stage02 = _stage(params, "00"), _stage(params, "02")
     family = family or stage02.get("model_family") or "seq2seq"
@@ -294,7 +295,6 @@ def synthetic_tokenizer(words: int = 500) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from udg_lib.prompts import SEP, USER, USER1
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, SEP: 3, USER: 4, USER1: 5}
     vocab.update({f"w{i}": len(vocab) + i for i in range(words)})
@@ -308,7 +308,6 @@ def synthetic_batch(family: Any, tokenizer: Any, rows: int, source_length: int, 
     """A training batch of `rows` prompts of `source_length` tokens and replies of `target_length`, made by the
     family's own `tokenize_pairs` and `collator` from word sequences longer than both (so both are cut to
     exactly the lengths the profile allows)."""
-    from udg_lib.prompts import SEP
 
     words = [f"w{i % 500}" for i in range(2 * source_length)]
     turns = [" ".join(words[i:i + 8]) for i in range(0, len(words), 8)]
@@ -336,10 +335,6 @@ def data_lengths(prepared: Path, family_name: str, pretrained: Sequence[str], ba
     evaluation user's `train_ft` pairs in the prompt format of each pre-trained model in `pretrained`, tokenized
     by the family as stage 03 tokenizes them (cut to the caps) and batched by `finetuning.LengthBucketSampler`
     (seed 0) in batches of `batch`. None when stage 00 has not run (the plan then times the caps)."""
-    from udg_lib.experiments import PRETRAINED_FORMATS
-    from udg_lib.families import get_family
-    from udg_lib.finetuning import LengthBucketSampler
-    from udg_lib.tokenizer import load_tokenizer
 
     files = [f for f in sorted(prepared.glob("*/prompts.parquet")) if not datasets or f.parent.name in datasets]
     if not (prepared / "tokenizer").is_dir() or not files:
@@ -447,9 +442,6 @@ def time_steps(shape: ModelShape, spec: TimingSpec, *, steps: int = 2, device: s
     """
     from peft import get_peft_model
 
-    from udg_lib.families import get_family
-    from udg_lib.finetuning import SELF_ATTENTION_QKVO, FinetuneConfig
-    from udg_lib.multilora import MultiLora
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -740,7 +732,7 @@ def measured_epochs(profile: str, outputs_root: Path) -> tuple[dict[str, float],
     """Mean epochs run per method (by name) in an earlier stage 03 of `profile`: its outputs, else its
     published reference results (`results/<profile>/`); None when neither exists."""
     for root in (outputs_root, paths.repo_root() / "results" / profile):
-        metrics = paths.stage_dir(root, STAGE_NAMES["03"]) / "metrics.json"
+        metrics = paths.stage_dir(root, stage("03").name) / "metrics.json"
         if not metrics.is_file():
             continue
         by_method = pd.DataFrame(json.loads(metrics.read_text(encoding="utf-8"))["metrics"].get("by_method") or [])
@@ -806,7 +798,7 @@ def plan_profile(profile: str, *, params_dir: str | Path | None = None, outputs_
     s02, s03, s05 = _stage(params, "02"), _stage(params, "03"), _stage(params, "05")
     datasets = dataset_users(params, out_root)
     spec = TimingSpec.from_params(params)
-    lengths = data_lengths(paths.stage_dir(out_root, STAGE_NAMES["00"]), shape.family, s03["pretrained"],
+    lengths = data_lengths(paths.stage_dir(out_root, stage("00").name), shape.family, s03["pretrained"],
                            spec.user_batch, spec.source, spec.target, s03["datasets"])
     if lengths is not None:
         spec = replace(spec, source=lengths.source, target=lengths.target)
@@ -912,7 +904,6 @@ def format_plan(plan: Plan) -> str:
 def print_power(run_dir: Path, targets: Mapping[str, float]) -> int:
     """`--power RUN_DIR`: the power table of a finished run (`udg_lib.power`; imported here, so that a cost plan
     does not load statsmodels)."""
-    from udg_lib.power import format_power, power_table, read_run
 
     try:
         run = read_run(run_dir)
@@ -964,8 +955,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(format_plan(plan))
     if args.json:
-        from udg_lib.io import write_json
-        from udg_lib.provenance import provenance
 
         write_json(args.json, {**plan.as_dict(), "provenance": provenance()})
     return 0

@@ -29,12 +29,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from udg_lib.catalog import EXP1, LLM
 from udg_lib import io, methods
 from udg_lib.conditions import NO_PRETRAINED, PRETRAINED_FORMATS
 from udg_lib.paths import outputs_root, stage_dir
 
-EXP1_STAGE = "04_exp1_next_utterance"  # fine-tuned systems and the retrieval floor
-LLM_STAGE = "06_llm_baselines"  # prompt-based LLMs; Figure 2 is written under this stage
+EXP1_STAGE = EXP1.name  # fine-tuned systems and the retrieval floor
+LLM_STAGE = LLM.name  # prompt-based LLMs; Figure 2 is written under this stage
 SCORES_FILE = "scores.parquet"
 FIGURE_NAME = "figure2"
 FIGURE2_TITLE = "Frequency distribution of similarity between generated and reference utterances"
@@ -344,7 +345,8 @@ def write_figure2(scores: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m udg_lib.plots", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", required=True, help="read outputs/<profile>/ (Figure 2 goes to 06_llm_baselines/figures)")
+    parser.add_argument("--profile", required=True,
+                        help=f"read outputs/<profile>/ (Figure 2 goes to {LLM_STAGE}/figures)")
     parser.add_argument("--outputs-root", help="folder of stage outputs instead of outputs/<profile>")
     return parser.parse_args(argv)
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from udg_lib.catalog import EXP1, LLM, PREPARE
 from udg_lib import judging, stats
 from udg_lib.methods import names as method_names
 from udg_lib.baselines import is_paper_history_method
@@ -48,8 +49,7 @@ LOWER_IS_BETTER = {"similarity": False, "bits_per_char": True}
 DEFAULT_TARGETS = {"similarity": 0.01, "bits_per_char": 0.02}  # plan --power says so in its help
 POWER = 0.8
 MAX_USERS = 1_000_000  # n_needed searches up to here; beyond it the table says "> 1e6"
-EXP1 = "04_exp1_next_utterance"
-LLM = "06_llm_baselines"
+EXP1_DIR, LLM_DIR = EXP1.name, LLM.name  # stage folders read here
 SAMPLE_KEYS = ["dataset", "split_set", "user_id", "pair_id"]
 SIGN_NOTE = ("differences are oriented as the judge orients them: positive favours the comparison's first side "
              "(similarity a - b, higher is better; bits_per_char b - a, lower is better); detectable effects and "
@@ -71,8 +71,8 @@ def read_run(run_dir: str | Path, settings: judging.ClaimSettings = judging.Clai
     else from stage 04's `per_user_scores.csv` in a published folder (no per-user file for stage 06 there)."""
 
     run = Path(run_dir)
-    exp1, llm = run / EXP1, run / LLM
-    table2_file = run / "00_prepare_corpus" / "table2.csv"
+    exp1, llm = run / EXP1_DIR, run / LLM_DIR
+    table2_file = run / PREPARE.name / "table2.csv"
     table2 = pd.read_csv(table2_file) if table2_file.is_file() else None
     small = judging.small_data_datasets(table2, settings.small_data_max_train)
     notes = [] if table2 is not None else ["no stage 00 table2.csv: every dataset is in C2 / C6's scope"]
@@ -93,18 +93,18 @@ def read_run(run_dir: str | Path, settings: judging.ClaimSettings = judging.Clai
                                  ignore_index=True)
                 samples.append(both.assign(source=f"llm:{method}"))
         else:
-            notes.append(f"no {LLM}/scores.parquet: LLM comparisons (C1) are not available from this folder")
+            notes.append(f"no {LLM_DIR}/scores.parquet: LLM comparisons (C1) are not available from this folder")
         return RunValues(pd.concat(frames, ignore_index=True), pd.concat(samples, ignore_index=True), small, notes)
     per_user = exp1 / "per_user_scores.csv"
     if not per_user.is_file():
-        raise FileNotFoundError(f"{run}: neither {EXP1}/scores.parquet nor {EXP1}/per_user_scores.csv")
+        raise FileNotFoundError(f"{run}: neither {EXP1_DIR}/scores.parquet nor {EXP1_DIR}/per_user_scores.csv")
     means = pd.read_csv(per_user)
     metrics = [m for m in METRICS if m in means.columns]
     values = (means.groupby(["dataset", "user_id", "pretrain", "method"], sort=False)[metrics].mean().reset_index()
               .rename(columns={"user_id": "unit"}).assign(source="exp1"))
     notes += [f"{per_user.relative_to(run)}: per-user means only, so the SD of a difference is measured at the "
               "run's test pairs and kept as it is for any other number of test pairs",
-              f"LLM comparisons (C1) are not available from this folder: it has no per-user file for {LLM}"]
+              f"LLM comparisons (C1) are not available from this folder: it has no per-user file for {LLM_DIR}"]
     return RunValues(values, None, small, notes)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from udg_lib.catalog import EXP2, STAGE_NAMES
 from udg_lib import io
 from udg_lib.provenance import stale_stage_faults
 from udg_lib.rendering import (
@@ -22,7 +23,6 @@ from udg_lib.rendering import (
     QUESTIONS_FILE,
     QUESTION_TESTS_FILE,
     REPORT_FILE,
-    STAGES,
     _csv,
     _exp1_tables,
     _table7,
@@ -49,15 +49,15 @@ def publish_results(root: str | Path, dest: str | Path, profile: str | None = No
     stale stages from a clean commit), or when the folder would exceed PUBLISH_MAX_BYTES. Every check runs
     before anything is copied, and the copy is atomic (`io.staged_dir`)."""
     root, dest = Path(root), Path(dest)
-    absent = [s for s in STAGES if not (root / s / "metrics.json").is_file()]
+    absent = [s for s in STAGE_NAMES if not (root / s / "metrics.json").is_file()]
     if absent:
         raise FileNotFoundError(f"{root}: stages {absent} have no metrics.json; publish a finished run")
-    faults = stale_stage_faults([root / s / "metrics.json" for s in STAGES], profile, repo)
+    faults = stale_stage_faults([root / s / "metrics.json" for s in STAGE_NAMES], profile, repo)
     if faults:
         more = f" (and {len(faults) - 1} more stage(s))" if len(faults) > 1 else ""
         raise ValueError(f"refused to publish {root}: {faults[0]}{more}; rerun from a clean, current commit")
     files = sorted({p for pattern in PUBLISH_PATTERNS for p in root.glob(pattern)
-                    if p.is_file() and (p.parent == root or p.relative_to(root).parts[0] in STAGES)})
+                    if p.is_file() and (p.parent == root or p.relative_to(root).parts[0] in STAGE_NAMES)})
     large = [p for p in files if p.stat().st_size > PUBLISH_MAX_FILE_BYTES]
     for path in large:
         print(f"udg report: not published (over {PUBLISH_MAX_FILE_BYTES:,} bytes): {path.relative_to(root)}",
@@ -81,7 +81,7 @@ def headline_numbers(folder: str | Path) -> pd.DataFrame:
     Dist-S, the claims' verdicts and each comparison's effect. Reads a results/ or an outputs/ folder."""
     folder = Path(folder)
     items: list[tuple[str, Any]] = []
-    summary = run_summary({name: folder / name for name in STAGES})
+    summary = run_summary({name: folder / name for name in STAGE_NAMES})
     items += [(f"wall minutes: {r.stage}", r.wall_minutes) for r in summary.itertuples(index=False)]
     items += [(f"precision: {r.stage}", r.precision) for r in summary.itertuples(index=False) if r.precision]
     for dataset, table in _exp1_tables(folder).items():
@@ -89,7 +89,7 @@ def headline_numbers(folder: str | Path) -> pd.DataFrame:
             for metric in ("similarity", "rouge_l", "bits_per_char"):
                 if metric in row:
                     items.append((f"Exp1 {dataset}: {row['model']} / {row['fine-tuning']}: {metric}", row[metric]))
-    table7 = _table7(folder / "05_exp2_diversity")
+    table7 = _table7(folder / EXP2.name)
     if table7 is not None:
         for row in table7.to_dict("records"):
             items += [(f"Exp2 {row['system']}: {c}", row[c]) for c in table7.columns if c.endswith("Dist-S")]

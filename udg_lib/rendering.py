@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from udg_lib.catalog import EXP1, EXP2, FINETUNE, LLM, PRECISION_STAGES, PREPARE, PRETRAIN, PROFILES, STAGE_NAMES
 from udg_lib import io, paths
 from udg_lib.judging import (
     ClaimSettings,
@@ -37,9 +38,6 @@ from udg_lib.experiments import llm_short_name, significance_notes, sweep_summar
 from udg_lib.methods.names import LABELS as METHOD_LABELS
 from udg_lib.methods.names import FULL, LORA, ONE_ID
 
-STAGES = ("00_prepare_corpus", "01_infer_profiles", "02_pretrain_models", "03_finetune_users",
-          "04_exp1_next_utterance", "05_exp2_diversity", "06_llm_baselines")
-PRECISION_STAGES = STAGES[2:]  # the stages that train, generate or score (a `precision` parameter each)
 REPORT_FILE = "report.md"
 CLAIMS_FILE = "claims.csv"
 CLAIM_TESTS_FILE = "claim_tests.csv"
@@ -147,7 +145,7 @@ def run_summary(stage_dirs: Mapping[str, Path]) -> pd.DataFrame:
     A stage whose metrics.json has no runner record yet (stage 06 writing this report) says so in `finished`.
     """
     rows = []
-    for name in STAGES:
+    for name in STAGE_NAMES:
         record = _metrics(stage_dirs[name])
         if record is None:
             continue
@@ -212,10 +210,10 @@ def table2_with_roles(table2: pd.DataFrame, pretrain_pairs: Mapping[str, int] | 
 
 def corpus_roles(dirs: Mapping[str, Path]) -> pd.DataFrame | None:
     """`table2_with_roles` from a run's stage 00 `table2.csv` and the metrics.json of stages 00 and 03."""
-    table2 = _csv(dirs["00_prepare_corpus"] / "table2.csv")
+    table2 = _csv(dirs[PREPARE.name] / "table2.csv")
     if table2 is None or "dataset" not in table2.columns:
         return None
-    prepared, tuned = _metrics(dirs["00_prepare_corpus"]), _metrics(dirs["03_finetune_users"])
+    prepared, tuned = _metrics(dirs[PREPARE.name]), _metrics(dirs[FINETUNE.name])
     pairs = None if prepared is None else prepared.get("metrics", {}).get("pretrain_pairs")
     users = None if tuned is None else tuned.get("metrics", {}).get("users_per_dataset")
     return table2_with_roles(table2, pairs, users)
@@ -237,7 +235,7 @@ def corpora_line(dirs: Mapping[str, Path]) -> str | None:
 def _table2_markdown(dirs: Mapping[str, Path]) -> str:
     roles = corpus_roles(dirs)
     if roles is None:
-        return _read(dirs["00_prepare_corpus"] / "table2.md") or "(missing)"
+        return _read(dirs[PREPARE.name] / "table2.md") or "(missing)"
     return ("\"in this run\": evaluated when stage 03 fine-tuned users of the corpus (stages 04-06 score them), "
             "else the corpus only gives pre-training pairs (stage 00's pool, from dialogues without evaluation "
             "users).\n\n" + roles.to_markdown(index=False))
@@ -246,7 +244,7 @@ def _table2_markdown(dirs: Mapping[str, Path]) -> str:
 def settings_lines(dirs: Mapping[str, Path]) -> list[str]:
     """The run's corpora, model sizes and settings, read from stages 00, 02, 03 and 06's metrics.json."""
     lines = [line for line in [precision_line(dirs), corpora_line(dirs)] if line]
-    pre = _metrics(dirs["02_pretrain_models"])
+    pre = _metrics(dirs[PRETRAIN.name])
     if pre is not None:
         params, models = _stage_params(pre), pre.get("metrics", {}).get("models", {})
         origin = (f"the checkpoint `{params['checkpoint']}`" if params.get("checkpoint")
@@ -258,7 +256,7 @@ def settings_lines(dirs: Mapping[str, Path]) -> list[str]:
         family = pre.get("metrics", {}).get("model_family", params.get("model_family", "seq2seq"))
         kind = "causal LM" if family == "causal" else "T5"
         lines.append(f"- Pre-trained {kind} models: {origin}, {size} parameters; training steps: {steps or '?'}.")
-    tuned = _metrics(dirs["03_finetune_users"])
+    tuned = _metrics(dirs[FINETUNE.name])
     if tuned is not None:
         params, metrics = _stage_params(tuned), tuned.get("metrics", {})
         lora = metrics.get("lora_trainable_parameters")
@@ -272,7 +270,7 @@ def settings_lines(dirs: Mapping[str, Path]) -> list[str]:
             f"{params.get('lora_r', '?')} on `{params.get('lora_targets', '?')}`: "
             f"{f'{lora:,}' if isinstance(lora, int) else '?'} trainable parameters per user. Users per dataset: "
             f"{metrics.get('users_per_dataset', {})}; split sets: {metrics.get('split_sets', [])}.")
-    llm = _metrics(dirs["06_llm_baselines"])
+    llm = _metrics(dirs[LLM.name])
     if llm is not None:
         metrics = llm.get("metrics", {})
         baselines = ", ".join(metrics.get("baselines", {}).values()) or "none"
@@ -299,8 +297,8 @@ def _paper_side_by_side(ours: pd.DataFrame | None) -> str:
 
 def generation_health(dirs: Mapping[str, Path]) -> pd.DataFrame | None:
     """Stages 04 and 06's `generation_health.csv` together (None when neither stage wrote one)."""
-    frames = [f for f in (_csv(dirs[s] / "generation_health.csv") for s in ("04_exp1_next_utterance",
-                                                                           "06_llm_baselines")) if f is not None]
+    frames = [f for f in (_csv(dirs[s] / "generation_health.csv") for s in (EXP1.name,
+                                                                           LLM.name)) if f is not None]
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
@@ -547,13 +545,13 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
     at the final stage folders under `root`. `settings` None reads the equivalence margin stage 06 recorded,
     else the defaults."""
     root = Path(root)
-    dirs = {name: Path((stage_dirs or {}).get(name, paths.stage_dir(root, name))) for name in STAGES}
-    exp1, exp2, llm = dirs["04_exp1_next_utterance"], dirs["05_exp2_diversity"], dirs["06_llm_baselines"]
+    dirs = {name: Path((stage_dirs or {}).get(name, paths.stage_dir(root, name))) for name in STAGE_NAMES}
+    exp1, exp2, llm = dirs[EXP1.name], dirs[EXP2.name], dirs[LLM.name]
     if settings is None:
         margin = _stage_params(_metrics(llm)).get("equivalence_margin")
         settings = ClaimSettings(equivalence_margin=float(margin)) if margin is not None else ClaimSettings()
     if not settings.same_base_llms:
-        settings = replace(settings, same_base_llms=same_base_llms(dirs["02_pretrain_models"], llm))
+        settings = replace(settings, same_base_llms=same_base_llms(dirs[PRETRAIN.name], llm))
     summary = run_summary(dirs)
     finished = summary[summary["finished"] != RUNNING]
     total = finished["wall_minutes"].sum() if len(finished) else float("nan")
@@ -578,7 +576,7 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
         _summary_markdown(summary) if len(summary) else "(no stage outputs)",
         "",
         "## Table 1 analog: inferred profiles (§3.3)",
-        _read(dirs["01_infer_profiles"] / "table1.md") or "(missing)",
+        _read(dirs[PROFILES.name] / "table1.md") or "(missing)",
         "",
         "## Table 2 analog: datasets (§4.2.1)",
         _table2_markdown(dirs),
@@ -606,7 +604,7 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
               "", "Paper, UPC column:",
               pd.DataFrame([{"system": f"{p} / {m}", "Dist-1": v[0], "Dist-2": v[1], "Dist-S": v[2]}
                             for (p, m), v in PAPER_TABLE7_UPC.items()]).to_markdown(index=False, floatfmt=".3g")]
-    figure = paths.stage_dir(".", "06_llm_baselines") / "figures" / "figure2.png"
+    figure = paths.stage_dir(".", LLM.name) / "figures" / "figure2.png"
     parts += ["", "## Figure 2 analog: similarity between generated and reference replies",
               f"![Figure 2]({figure.as_posix()})" if (llm / "figures" / "figure2.png").is_file() else "(missing)"]
     leakage = _csv(exp1 / "leakage_by_method.csv")
@@ -620,22 +618,22 @@ def build_report(root: str | Path, profile: str, stage_dirs: Mapping[str, str | 
         if tests is not None:
             parts += ["", tests[["dataset", "label_a", "label_b", "metric", "mean_diff", "p_value", "n"]]
                       .to_markdown(index=False, floatfmt=".3g")]
-    small = small_data_datasets(_csv(dirs["00_prepare_corpus"] / "table2.csv"), settings.small_data_max_train)
+    small = small_data_datasets(_csv(dirs[PREPARE.name] / "table2.csv"), settings.small_data_max_train)
     collapsed = collapsed_systems(generation_health(dirs))
-    pretrain = _metrics(dirs["02_pretrain_models"])
+    pretrain = _metrics(dirs[PRETRAIN.name])
     gate = None if pretrain is None else profile_gate(pretrain.get("metrics", {}), settings.alpha,
                                                       settings.min_profile_share)
-    exp1_scores = pooled_replicas(root, exp1, "04_exp1_next_utterance", "scores.parquet")
-    llm_scores = pooled_replicas(root, llm, "06_llm_baselines", "scores.parquet")
+    exp1_scores = pooled_replicas(root, exp1, EXP1.name, "scores.parquet")
+    llm_scores = pooled_replicas(root, llm, LLM.name, "scores.parquet")
     claims, claim_tests = judge_claims(exp1_scores, llm_scores,
-                                       pooled_replicas(root, exp2, "05_exp2_diversity", "replies.parquet"), small,
+                                       pooled_replicas(root, exp2, EXP2.name, "replies.parquet"), small,
                                        settings, collapsed, gate)
     parts += ["", "## The paper's claims, checked on this run", seeds_line(root), "",
               *claims_lines(claims, claim_tests, settings, small, gate)]
     answers, question_tests = judge_questions(exp1_scores, settings, collapsed, gate, llm_scores)
     parts += ["", "## What per-user training, profiles and retrieval change (beyond the paper)",
               *questions_lines(answers, question_tests, settings),
-              "", "## How training ended (stage 03)", *training_lines(dirs["03_finetune_users"])]
+              "", "## How training ended (stage 03)", *training_lines(dirs[FINETUNE.name])]
     return Report("\n".join(parts) + "\n", claims, claim_tests, answers, question_tests)
 
 
@@ -656,15 +654,15 @@ def readme_markers(profile: str) -> tuple[str, str]:
 
 
 def _exp1_tables(folder: Path) -> dict[str, pd.DataFrame]:
-    stage = folder / "06_llm_baselines"
-    found = sorted(stage.glob("table[3-9]_*.csv")) or sorted((folder / "04_exp1_next_utterance").glob("table[3-9]_*.csv"))
+    stage = folder / LLM.name
+    found = sorted(stage.glob("table[3-9]_*.csv")) or sorted((folder / EXP1.name).glob("table[3-9]_*.csv"))
     return {p.stem.split("_", 1)[1]: pd.read_csv(p) for p in found}
 
 
 def render_results_block(folder: str | Path, profile: str) -> str:
     """README's results block (between the markers) rendered from a published results folder."""
     folder = Path(folder)
-    dirs = {name: folder / name for name in STAGES}
+    dirs = {name: folder / name for name in STAGE_NAMES}
     summary = run_summary(dirs)
     rel = f"results/{profile}"
     lines = [f"_Written by `python -m udg_lib.report --profile {profile} --publish` from `{rel}/` (do not edit by "
@@ -682,7 +680,7 @@ def render_results_block(folder: str | Path, profile: str) -> str:
     health = generation_health(dirs)
     if health is not None:
         lines += ["", *_health_lines(health)[-1:]]
-    table7 = _table7(folder / "05_exp2_diversity")
+    table7 = _table7(folder / EXP2.name)
     if table7 is not None:
         columns = ["system", *[c for c in table7.columns if c.endswith("Dist-S")]]
         lines += ["", "**Exp2, Distinct-S** (Table 7 analog):", "",
@@ -869,7 +867,7 @@ def render_benchmarks_block(folder: str | Path) -> str:
         cpus = {f"{r['cpu']['model_name']} ({'AVX512-BF16' if r['cpu'].get('avx512_bf16') else 'no AVX512-BF16'}, "
                 f"{'AMX' if r['cpu'].get('amx_bf16') else 'no AMX'})" for r in runs["runs"]}
         lines += [table.to_markdown(index=False, floatfmt=".1f"), "", f"CPU: {'; '.join(sorted(cpus))}."]
-        plan, tuned = _bench_json(folder, "plan_cpu"), _metrics(folder.parents[1] / "results" / "cpu" / "03_finetune_users")
+        plan, tuned = _bench_json(folder, "plan_cpu"), _metrics(folder.parents[1] / "results" / "cpu" / FINETUNE.name)
         if tuned is not None:
             measured = tuned["metrics"]["training_seconds"] / 60
             ahead = tuned["metrics"].get("plan") or {}
