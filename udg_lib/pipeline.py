@@ -143,6 +143,7 @@ def check_model_languages(stages: list[Stage], prepared_dir: Path) -> None:
     the corpora stage 00 prepared in `prepared_dir` (`tokenizer.check_corpora_fit`), so a Japanese checkpoint
     with English corpora, or an English embedder with a Japanese corpus, fails before the long stages run.
     Only tokenizers are loaded (from the Hugging Face cache or a folder): seconds."""
+    # imported here, as torch, transformers and sentence-transformers: `--help` and a status check need none
     from udg_lib.data.prepare import corpus_language, corpus_names
     from udg_lib.metrics import embedder_model_ref
     from udg_lib.tokenizer import TokenizerLanguageError, check_corpora_fit, load_tokenizer
