@@ -123,6 +123,23 @@ def test_choose_learning_rate_adapts_the_domain_then_sweeps_the_first_users(toke
     assert summary["users_lowest"].sum() == 2  # each swept user's lowest dev loss counted once
 
 
+def test_choose_learning_rate_sweeps_the_first_users_by_id_whatever_the_cells_order(tokenizer, tmp_path,
+                                                                                    monkeypatch):
+    swept = []
+
+    def sweep(method, cell, job, learning_rates):
+        swept.append(cell.user_ids)
+        return 1e-3, pd.DataFrame()
+
+    monkeypatch.setattr(mth.DA, "train", lambda cell, job: None)  # the DA model is not what this test is about
+    monkeypatch.setattr(ex, "sweep_learning_rate", sweep)
+    config = ft.FinetuneConfig()
+    cell = Cell(_test_pairs(), users_table(), ["carol", "alice", "bob/2"], "psp", "d", 0, tmp_path)
+    job, _ = ex.choose_learning_rate(mth.LORA, cell, mth.TrainingJob(tokenizer, tmp_path, config, config), [1e-3],
+                                     sweep_users=2)
+    assert swept == [("alice", "bob/2")] and job.config_for(mth.LORA).learning_rate == 1e-3
+
+
 def test_sweep_summary_counts_the_users_each_rate_wins():
     table = pd.DataFrame({"learning_rate": [1e-4, 1e-4, 1e-4, 1e-3, 1e-3, 1e-3], "user_id": list("abcabc"),
                           "initial_dev_loss": 3.0, "best_dev_loss": [2.9, 2.8, 2.5, 2.7, 2.9, 2.6],

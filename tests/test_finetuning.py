@@ -41,7 +41,7 @@ from udg_lib.finetuning import (
 )
 from udg_lib.encoding import LABEL_PAD_ID
 from udg_lib.conditions import Cell
-from udg_lib.methods import FULL, LORA, get
+from udg_lib.methods import DA, FULL, LORA, ONE_ID, get
 
 USERS = ["u0", "u1", "u2"]
 
@@ -314,6 +314,16 @@ def test_user_examples_rejects_mixed_split_sets(data):
     with pytest.raises(ValueError, match="split set"):
         user_examples(mixed, "u0", "train_ft")
     assert set(user_examples(pairs, "u0", "dev")["speaker_id"]) == {"u0"}
+
+
+def test_run_users_trains_per_user_methods_only(tokenizer, data, tmp_path):
+    """DA and One-ID train one pooled model per cell; a method's name is no method: refused before any file."""
+    pairs, users = data
+    base, cell = tiny_model(tokenizer), Cell(pairs, users, ["u0"], fmt_override="psp")
+    for method, name in ((ONE_ID, "one_id"), (DA, "da"), ("lora", "lora")):
+        with pytest.raises(TypeError, match=f"per-user method .*not '{name}'"):
+            run_users(method, base, tokenizer, cell, tmp_path / "out", CONFIG)
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_ids_must_be_strings(data):

@@ -13,6 +13,7 @@ import torch
 from conftest import sentences
 from udg_lib import finetuning as ft
 from udg_lib import methods as mth
+from udg_lib import conditions as cd
 from udg_lib.conditions import Cell, generated_pair_ids
 from udg_lib.data.schema import PROFILE_FIELDS
 from udg_lib.families import t5_config
@@ -74,6 +75,7 @@ def test_a_cell_holds_one_split_set_and_its_users():
     assert len(cell.test) == 6 and set(cell.test["split"]) == {"test"}
     assert cell.generated_ids(2, 0) == generated_pair_ids(pairs, ["u0", "u1"], 2, 0, "d", 0)
     assert cell.with_users(["u0"]).user_ids == ("u0",) and set(cell.train_pairs("u0")["split"]) == {"train_ft"}
+    assert cell.with_users(["u1", "u0"]).user_ids == ("u1", "u0")  # the order given: a Ray task's chunk keeps it
     with pytest.raises(ValueError, match="one split set"):
         Cell(pd.concat([pairs, _pairs(1)]), _users(), USERS)
     with pytest.raises(TypeError, match="not the string"):
@@ -82,6 +84,47 @@ def test_a_cell_holds_one_split_set_and_its_users():
         _ = Cell(pairs, _users(), USERS).fmt  # a data-only cell has no pre-trained model
     with pytest.raises(ValueError, match="no stage 03 folder"):
         Cell(pairs, _users(), USERS).path("da")
+
+
+def _prepared(tmp_path) -> tuple:
+    """Stage 00's and stage 01's files for dataset "d" ("ja"): eval users u0-u2 (u2 has no pairs in set 1) and
+    one partner who is no evaluation user, in two split sets."""
+    prepared, users_dir = tmp_path / "00", tmp_path / "01"
+    (prepared / "d" / "corpus").mkdir(parents=True)
+    (prepared / "d" / "corpus" / "meta.json").write_text(json.dumps({"language": "ja"}))
+    (prepared / "d" / "eval_users.csv").write_text("user_id,one_id,n_turns\nu0,0042,10\nu1,aB3x,12\nu2,Qz9k,9\n")
+    pairs = pd.concat([_pairs(0), _pairs(1), _pairs(0).assign(speaker_id="u2", split_set=0,
+                                                               pair_id=lambda f: "u2" + f["pair_id"])])
+    pairs.to_parquet(prepared / "d" / cd.EVAL_PAIRS_FILE)
+    users_dir.mkdir()
+    for split_set in (0, 1):
+        profiles = pd.DataFrame({"user_id": ["u0", "u1", "u2", "partner"],
+                                 **{f: f"set{split_set}" for f in PROFILE_FIELDS}})
+        profiles.to_parquet(cd.users_table_path(users_dir, "d", split_set))
+    return prepared, users_dir
+
+
+def test_cells_loop_over_datasets_split_sets_and_pretrained_models_with_their_data(tmp_path):
+    prepared, users_dir = _prepared(tmp_path)
+    stage03 = tmp_path / "03"
+    found = list(cd.cells(prepared, users_dir, ["d"], [0, 1], ["psp", cd.NO_PRETRAINED], stage03))
+    assert [(c.split_set, c.pretrained) for c in found] == [(0, "psp"), (0, "none"), (1, "psp"), (1, "none")]
+    first, data_only, later = found[0], found[1], found[2]
+    assert first.folder == cd.condition_dir(stage03, "d", 0, "psp") == stage03 / "d" / "set0" / "psp"
+    assert data_only.folder is None and first.language == "ja" and first.fmt == "psp"
+    assert first.pairs is data_only.pairs and first.users is data_only.users  # one read per (dataset, set)
+    assert set(first.pairs["split_set"]) == {0} and set(later.pairs["split_set"]) == {1}
+    assert first.user_ids == ("u0", "u1", "u2") and later.user_ids == ("u0", "u1")  # u2: no pairs in set 1
+    users = first.users.set_index("user_id")
+    assert users.loc["u0", "one_id"] == "0042" and users.loc["partner", "one_id"] == ""  # One-IDs stay strings
+    assert users["evaluation"].tolist() == [True, True, True, False] and set(later.users["age_band"]) == {"set1"}
+    assert cd.evaluation_user_ids(first.users) == ["u0", "u1", "u2"]
+    assert [[c.pretrained for c in group] for group in cd.by_split_set(found)] == [["psp", "none"]] * 2
+    assert [c.user_ids for c in cd.cells(prepared, users_dir, ["d"], [0], ["ppp"], max_users=2)] == [("u0", "u1")]
+    trained = {"trained_users": {"d": {"0": ["u2", "u0"]}}}  # stage 03's metrics: the users it trained
+    assert next(cd.cells(prepared, users_dir, ["d"], [0], ["ppp"], trained=trained)).user_ids == ("u0", "u2")
+    with pytest.raises(FileNotFoundError, match="no users table for split set 2"):
+        list(cd.cells(prepared, users_dir, ["d"], [2], ["psp"]))
 
 
 def test_a_peft_method_from_its_config_trains_each_user_and_gives_the_base_back(tokenizer, tmp_path):

@@ -32,7 +32,7 @@ from udg_lib.finetuning import (
 )
 from udg_lib.multilora import MultiLora, lora_target_names, run_users_batched
 from udg_lib.conditions import Cell
-from udg_lib.methods import LORA
+from udg_lib.methods import FULL, LORA
 
 USERS = ["u0", "u1", "u2", "u3"]
 
@@ -363,6 +363,9 @@ def test_deterministic_and_resumable(tokenizer, data, tmp_path, family):
 
 def test_bad_arguments(tokenizer, data, tmp_path):
     pairs, users = data
+    with pytest.raises(TypeError, match="trains LoRA .*not 'full'"):  # its adapters would be labelled FULL
+        run_users_batched(FULL, tiny_model(tokenizer), tokenizer, Cell(pairs, users, USERS, fmt_override="psp"),
+                          tmp_path, CONFIG)
     with pytest.raises(ValueError, match="users_per_batch"):
         run_users_batched(LORA, tiny_model(tokenizer), tokenizer, Cell(pairs, users, USERS, fmt_override="psp"),
                           tmp_path, CONFIG, UserTrainingOptions(users_per_batch=0))

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from conftest import CANARY, sentences, seq2seq_only, tiny_model
 from udg_lib.data.schema import PROFILE_FIELDS
-from udg_lib.executors import UserTrainingError, load_base_model, train_users
+from udg_lib.executors import RayTask, UserTrainingError, load_base_model, train_user_chunk, train_users
 from udg_lib.finetuning import (
     ADAPTER_DIR,
     DONE_FILE,
@@ -43,8 +43,6 @@ from udg_lib.methods import FULL, LORA, ONE_ID, get
 USERS = ["u0", "u1", "u2", "u3"]
 CONFIG = FinetuneConfig(learning_rate=1e-2, batch_size=4, max_epochs=3, patience=1, max_source_length=32,
                         max_target_length=16)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +111,12 @@ def test_bad_input_gets_clear_errors(base_dir, data, tmp_path):
     with pytest.raises(ValueError, match=r"executor must be one of \('local', 'ray'\), not 'dask'"):
         UserTrainingOptions(executor="dask")
     assert EXECUTORS == ("local", "ray")
-    with pytest.raises(AttributeError, match="train_on_base"):  # One-ID is one pooled model, not a per-user method
+    with pytest.raises(TypeError, match="per-user method .*not 'one_id'"):  # One-ID: one pooled model per cell
         train_users(ONE_ID, base_dir, Cell(pairs, users, ["u0"], fmt_override="psp"), tmp_path, CONFIG)
+    with pytest.raises(TypeError, match="not 'lora'"):  # a method is an object now, not its name
+        train_users("lora", base_dir, Cell(pairs, users, ["u0"], fmt_override="psp"), tmp_path, CONFIG)
+    with pytest.raises(ValueError, match=r"lora_training must be one of \('per_user', 'batched'\), not 'mixed'"):
+        UserTrainingOptions(lora_training="mixed")
     with pytest.raises(ValueError, match=r"not in users\['user_id'\]: \['nobody'\]"):
         train_users(LORA, base_dir, Cell(pairs, users, ["u0", "nobody"], fmt_override="psp"), tmp_path, CONFIG,
                     UserTrainingOptions(lora_training="per_user"))
@@ -126,7 +128,29 @@ def test_bad_input_gets_clear_errors(base_dir, data, tmp_path):
                     UserTrainingOptions(lora_training="per_user"))
     with pytest.raises(ValueError, match="users_per_task"):
         UserTrainingOptions(executor="ray", users_per_task=0)
+    with pytest.raises(ValueError, match="users_per_batch"):
+        UserTrainingOptions(users_per_batch=0)
+    with pytest.raises(ValueError, match="resources per task"):
+        UserTrainingOptions(executor="ray", num_gpus_per_task=-1)
     assert not any(tmp_path.iterdir())  # nothing trained or written by a rejected call
+
+
+@seq2seq_only
+def test_a_ray_task_trains_its_chunk_in_the_order_it_was_cut(base_dir, data, tmp_path):
+    """A task's users keep the caller's order (batched LoRA cuts its batches in it, as the local executor does)."""
+    pairs, users = data
+    seen = []
+
+    class Recorder:  # stands in for a per-user method: what train_on_base is handed
+        name = "recorder"
+
+        def train_on_base(self, model, tokenizer, cell, out_dir, config, options, after_user):
+            seen.append((cell.user_ids, options.progress))
+            return pd.DataFrame({"user_id": list(cell.user_ids), "status": "trained"})
+
+    task = RayTask(Recorder(), str(base_dir), str(tmp_path), CONFIG, UserTrainingOptions(executor="ray"), "cpu", None)
+    statuses = train_user_chunk(task, Cell(pairs, users, USERS, fmt_override="psp"), ["u3", "u1"])
+    assert statuses == {"u3": "trained", "u1": "trained"} and seen == [(("u3", "u1"), False)]
 
 
 # --- determinism ------------------------------------------------------------------------------------------------

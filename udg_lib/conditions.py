@@ -100,8 +100,9 @@ class Cell:
         return Path(self.folder, *parts)
 
     def with_users(self, user_ids: Iterable[str]) -> Cell:
-        """The same cell restricted to `user_ids` (e.g. the users a learning-rate sweep trains)."""
-        return Cell(self.pairs, self.users, tuple(sorted(user_ids)), self.pretrained, self.dataset, self.split_set,
+        """The same cell restricted to `user_ids`, in the order given (e.g. the users a learning-rate sweep
+        trains, or a Ray task's chunk: batched LoRA cuts its batches in this order)."""
+        return Cell(self.pairs, self.users, tuple(user_ids), self.pretrained, self.dataset, self.split_set,
                     self.folder, self.language, self.fmt_override)
 
     def with_pairs(self, pairs: pd.DataFrame) -> Cell:

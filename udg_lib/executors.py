@@ -143,6 +143,9 @@ def train_users(method: UserTrainer, base_model_dir: str | Path, cell: Cell, out
       their done.json, so a rerun trains only the rest. Ray retries a task whose worker died (e.g. killed for
       memory); resuming makes that safe.
     """
+    if not callable(getattr(method, "train_on_base", None)):
+        raise TypeError("train_users trains a per-user method (methods.LORA, methods.FULL, a PeftMethod), "
+                        f"not {getattr(method, 'name', method)!r}")
     options = options or UserTrainingOptions()
     _check_users(cell)
     base_model_dir = Path(base_model_dir).resolve()

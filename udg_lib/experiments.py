@@ -116,7 +116,7 @@ def choose_learning_rate(method: PerUserMethod, cell: Cell, job: TrainingJob, le
     rate swept on the first `sweep_users` users' dev loss (0: all of the cell's). Returns `job` training
     `method` at the chosen rate, and the sweep's per-user table."""
     DA.train(cell, job)
-    swept = cell.with_users(cell.user_ids[:sweep_users or None])
+    swept = cell.with_users(sorted(cell.user_ids)[:sweep_users or None])  # the first users by id
     rate, table = sweep_learning_rate(method, swept, job, learning_rates)
     return job.with_config(method, finetune_config(job.config_for(method), learning_rate=rate)), table
 

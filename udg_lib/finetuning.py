@@ -512,6 +512,9 @@ def run_users(method: UserMethod, base_model: PreTrainedModel, tokenizer: PreTra
     `done.json` are skipped. Returns one row per user in `cell.user_ids` order: user_id, status
     ("trained" / "skipped"), dir, and the summary's fields.
     """
+    if not callable(getattr(method, "user_slot", None)):
+        raise TypeError("run_users trains a per-user method (methods.LORA, methods.FULL, a PeftMethod), "
+                        f"not {getattr(method, 'name', method)!r}")
     options = options or UserTrainingOptions()
     _check_users(cell)
     out_dir = Path(out_dir)

@@ -384,6 +384,9 @@ def run_users_batched(method: UserMethod, base_model: PreTrainedModel, tokenizer
     eval mode). Returns one row per user in `user_ids` order: user_id, status ("trained" / "skipped"), dir,
     and the summary's fields.
     """
+    if not getattr(method, "batched_lora", False):  # it trains LoRA adapters: under another name they would lie
+        raise TypeError("run_users_batched trains LoRA (methods.LORA, RagLora), "
+                        f"not {getattr(method, 'name', method)!r}")
     options = options or UserTrainingOptions()
     pairs, users, user_ids, fmt = cell.pairs, cell.users, cell.user_ids, cell.fmt
     users_per_batch, progress = options.users_per_batch, options.progress

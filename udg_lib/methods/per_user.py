@@ -261,7 +261,7 @@ def adapter_names_for(user_ids: Collection[str]) -> dict[str, str]:
 class Lora(PeftMethod):
     """§3.5 LoRA (r=12 by default; the family's attention projections): one adapter per user, trained
     several users per step (`multilora`) or one at a time, saved in PEFT's format and evaluated later with
-    every user's adapter on one base (`load_condition_lora`)."""
+    every user's adapter on one base (`load_all`)."""
 
     NAME = names.LORA
     paper: ClassVar[bool] = True
