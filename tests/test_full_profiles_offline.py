@@ -61,6 +61,11 @@ SIZES = {
 }
 
 
+def profile_value(profile: str, stage: str, key: str):
+    """One value of a project profile as a run resolves it (the profiles it extends and its model layer)."""
+    return layered_file(repo_root() / "params" / profile, f"{stage}.yaml")[0][key]
+
+
 def hub_snapshot(cache: Path, repo_id: str) -> Path:
     """An empty snapshot folder for `repo_id` in a hub-layout cache, with `refs/main` naming its commit."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
@@ -207,8 +212,8 @@ def hub_cache(tmp_path_factory) -> dict:
         "sonoisa/t5-base-japanese": stand_in_t5(hub_snapshot(cache, "sonoisa/t5-base-japanese"), ja_spiece,
                                                 ("tokenizer_config.json",), **SHRUNK_T5),
     }
-    causal = yaml.safe_load((repo_root() / "params" / "full-en-causal" / "02_pretrain_models.yaml").read_text())
-    params[causal["checkpoint"]] = stand_in_causal_lm(hub_snapshot(cache, causal["checkpoint"]), english)
+    causal = profile_value("full-en-causal", "02_pretrain_models", "checkpoint")
+    params[causal] = stand_in_causal_lm(hub_snapshot(cache, causal), english)
     stand_in_embedder(hub_snapshot(cache, "sentence-transformers/all-mpnet-base-v2"), en_spiece)
     stand_in_embedder(hub_snapshot(cache, "sonoisa/sentence-luke-japanese-base-lite"), ja_spiece)
     corpora = {"full-en": [english_corpus(work)],
@@ -291,7 +296,7 @@ def test_a_full_profile_runs_stages_00_to_05_offline_on_stand_in_checkpoints(
 
 
 def test_the_causal_track_runs_stages_00_to_05_offline_on_a_stand_in_lm(hub_cache, tmp_path):
-    base = yaml.safe_load((repo_root() / "params" / "full-en-causal" / "02_pretrain_models.yaml").read_text())["checkpoint"]
+    base = profile_value("full-en-causal", "02_pretrain_models", "checkpoint")
     result = run_profile("full-en-causal", hub_cache, tmp_path,
                          **{"00_prepare_corpus": {"corpora": profile_corpora("full-en-causal", hub_cache)}})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -349,7 +354,7 @@ def test_the_t5_base_stand_in_loads_and_trains_a_step_offline(hub_cache, tmp_pat
     if bf16 and not _cpu_bf16():
         pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
                     "(AVX512-BF16 or AMX); full-en's bf16 runs on the GPU node")
-    checkpoint = yaml.safe_load((repo_root() / "params" / "full-en" / "02_pretrain_models.yaml").read_text())["checkpoint"]
+    checkpoint = profile_value("full-en", "02_pretrain_models", "checkpoint")
     cache = tmp_path / "hub"
     n_parameters = stand_in_t5(hub_snapshot(cache, checkpoint), hub_cache["en_spiece"], ("tokenizer.json",),
                                vocab_rows=T5_BASE_VOCAB_ROWS)

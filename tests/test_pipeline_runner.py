@@ -247,6 +247,9 @@ def test_missing_profile_folder_is_an_error(notebooks: Path, tmp_path: Path):
     with pytest.raises(PipelineError, match="no parameter folder .*nope for profile 'tiny'"):
         run_pipeline("tiny", params_dir=tmp_path / "nope", outputs_root=tmp_path / "out", notebooks_dir=notebooks)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(PipelineError, match="params/models holds model layers .*not a profile"):
+        run_pipeline("models", outputs_root=tmp_path / "out", notebooks_dir=notebooks)
+    assert not (tmp_path / "out").exists()
 
 
 def test_stale_temp_folders_of_a_killed_run_are_removed(notebooks: Path, tmp_path: Path):

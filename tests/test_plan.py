@@ -199,7 +199,9 @@ def test_command_line_prints_the_plan_and_writes_json(tmp_path, capsys):
 
 def test_command_line_names_the_known_profiles_for_an_unknown_one(capsys):
     assert cost_plan.main(["--profile", "no-such-profile"]) == 1
-    assert "no params/no-such-profile/" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "no params/no-such-profile/" in error and "cpu, cpu-t5" in error and "models" not in error
+    assert cost_plan.main(["--profile", "models"]) == 1  # the model layers' folder is not a profile
 
 
 # ---------------------------------------------------------------------------------------------------------------

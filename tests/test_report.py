@@ -668,6 +668,21 @@ def test_a_change_to_the_profile_a_profile_extends_makes_its_results_stale(tmp_p
     assert "stale" in fault and "params/cpu, params/cpu-big" in fault
 
 
+def test_a_change_to_a_profiles_model_layer_makes_its_results_stale(tmp_path, checkout):
+    from udg_lib.provenance import source_paths, stale_stage_faults
+
+    commit_file(checkout, "params/models/m/00_prepare_corpus.yaml", "tokenizer_name_or_path: a\n")
+    commit_file(checkout, "params/cpu/pipeline.yaml", "model: m\n")
+    record = tmp_path / "metrics.json"
+    record.write_text(json.dumps({"provenance": {"git_commit": git(checkout, "rev-parse", "HEAD")}}))
+    assert source_paths("cpu", checkout)[-2:] == ["params/models/m", "params/cpu"]
+    commit_file(checkout, "params/models/other/00_prepare_corpus.yaml", "tokenizer_name_or_path: b\n")
+    assert stale_stage_faults([record], "cpu", checkout) == []  # a model the profile does not name
+    commit_file(checkout, "params/models/m/00_prepare_corpus.yaml", "tokenizer_name_or_path: c\n")
+    [fault] = stale_stage_faults([record], "cpu", checkout)
+    assert "stale" in fault and "params/models/m, params/cpu" in fault
+
+
 def test_unit_values_and_low_shares_ignore_pairs_scored_without_a_reply():
     scores, llm, _ = synthetic_run(6, +1)
     unanswered = ~scores["pair_id"].str.endswith(("-0", "-1"))

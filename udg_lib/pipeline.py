@@ -56,7 +56,7 @@ from traitlets.config import Config
 
 from udg_lib import paths
 from udg_lib.io import replace_dir, write_json
-from udg_lib.param_profiles import PipelineError
+from udg_lib.param_profiles import MODELS_DIR, PipelineError
 from udg_lib.stage_params import (
     RunSettings,
     Stage,
@@ -202,6 +202,9 @@ def _resolve_dirs(
 ) -> tuple[Path, Path, Path]:
     """(params, outputs, notebooks) folders: the repo's own unless given."""
     root = paths.repo_root()
+    if not params_dir and profile == MODELS_DIR:  # params/models/ holds model layers, not a profile
+        raise PipelineError(f"{root / 'params' / MODELS_DIR} holds model layers (named by a profile's "
+                            f"pipeline.yaml), not a profile: name a profile")
     return (
         Path(params_dir) if params_dir else root / "params" / profile,
         paths.outputs_root(profile, outputs_root).resolve(),

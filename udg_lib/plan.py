@@ -47,6 +47,7 @@ import torch
 
 from udg_lib import paths
 from udg_lib.methods import PAPER_METHODS, Method, build_methods
+from udg_lib.param_profiles import known_profiles
 from udg_lib.stage_params import load_stage, read_run_settings, stage_notebooks
 from udg_lib.catalog import stage
 from udg_lib.conditions import PRETRAINED_FORMATS
@@ -943,8 +944,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--profile is required (or --power RUN_DIR)")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
-    if args.params_dir is None and not (paths.repo_root() / "params" / args.profile).is_dir():
-        known = sorted(p.name for p in (paths.repo_root() / "params").iterdir() if p.is_dir())
+    known = known_profiles(paths.repo_root() / "params")
+    if args.params_dir is None and args.profile not in known:
         print(f"udg plan: no params/{args.profile}/ (profiles: {', '.join(known)})", file=sys.stderr)
         return 1
     try:

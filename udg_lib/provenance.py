@@ -222,13 +222,14 @@ SOURCE_PATHS: tuple[str, ...] = ("udg_lib", "notebooks")
 
 def source_paths(profile: str | None, root: str | Path | None = None) -> list[str]:
     """The paths whose last commit a published run must include: `SOURCE_PATHS` and `params/<profile>` with
-    every profile it extends (`param_profiles.profile_chain`; all of `params/` when the profile is not known)."""
+    every profile it extends and its model layer (`param_profiles.profile_chain`; all of `params/` when the
+    profile is not known)."""
     if not profile:
         return [*SOURCE_PATHS, "params"]
-    params = Path(root) if root else repo_root()
-    folder = params / "params" / profile
+    checkout = Path(root) if root else repo_root()
+    folder = checkout / "params" / profile
     chain = profile_chain(folder) if folder.is_dir() else [folder]
-    return [*SOURCE_PATHS, *(f"params/{p.name}" for p in chain)]
+    return [*SOURCE_PATHS, *(p.relative_to(checkout).as_posix() for p in chain)]
 
 
 def last_source_commit(profile: str | None, root: str | Path | None = None) -> str:

@@ -18,7 +18,8 @@ import nbformat
 import papermill
 
 from udg_lib import paths
-from udg_lib.param_profiles import RUN_SETTINGS_FILE, PipelineError, layered_file
+from udg_lib.catalog import STAGE_NAMES, stage
+from udg_lib.param_profiles import CHAIN_KEYS, RUN_SETTINGS_FILE, PipelineError, is_model_layer, layered_file
 from udg_lib.provenance import fingerprint_cached
 
 # Parameters the runner sets itself, injected only into notebooks that declare them.
@@ -32,7 +33,8 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
 
 
 # A profile's own runner settings (not a stage's parameters): params/<profile>/pipeline.yaml, which may also say
-# `extends: <profile>` (udg_lib.param_profiles: the profile is that one with its own files laid over it).
+# `extends: <profile>` (udg_lib.param_profiles: the profile is that one with its own files laid over it) and
+# `model: <name>` (the model layer params/models/<name>/ that sets the model's keys in every stage).
 # `seeds`: training seeds (1: one run). With N > 1 the stages from `replicate_from` on (by default the first that
 # trains: the pre-trained models, then DA, One-ID, LoRA and FULL and their evaluation) run N - 1 more times,
 # replica r in outputs/<profile>/seeds/seed-<r>/ with every replicated stage's `seed` parameter + r; the
@@ -86,7 +88,11 @@ def load_stage(notebook: Path, params_dir: Path, profile: str) -> Stage:
     defaults = {name: _default_value(p["default"]) for name, p in declared.items()}
     params_file = params_dir / f"{notebook.stem}.yaml"
     overrides, sources = layered_file(params_dir, params_file.name)
+    model_keys = stage(notebook.stem).model_keys if notebook.stem in STAGE_NAMES else ()
     for key in overrides:
+        if is_model_layer(sources[key].parent) and key not in model_keys:
+            raise PipelineError(f"{sources[key]}: '{key}' is not the model's to set (a model layer sets only "
+                                f"{', '.join(model_keys) or 'nothing'} in {notebook.stem}; the rest is the profile's)")
         if key in RUNNER_PARAMS:
             raise PipelineError(f"{sources[key]}: '{key}' is set by the runner and cannot be overridden")
         if key not in defaults:
@@ -201,7 +207,7 @@ def read_run_settings(params_root: Path) -> RunSettings:
     values, sources = layered_file(params_root, RUN_SETTINGS_FILE)
     for key in values:
         if key not in RUN_SETTINGS:
-            raise PipelineError(f"{sources[key]}: unknown setting '{key}' (known: extends, {', '.join(RUN_SETTINGS)})")
+            raise PipelineError(f"{sources[key]}: unknown setting '{key}' (known: {', '.join([*CHAIN_KEYS, *RUN_SETTINGS])})")
     seeds = values.get("seeds", 1)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise PipelineError(f"{sources['seeds']}: seeds must be a whole number >= 1, got {seeds!r}")
