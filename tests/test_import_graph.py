@@ -5,7 +5,11 @@ piece two modules share moves into a module below both instead (`encoding`, `rou
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "udg_lib"
 
@@ -86,3 +90,12 @@ def test_the_circle_finder_finds_a_circle_through_a_function_level_import(tmp_pa
     graph = import_graph(package)
     assert graph["udg_lib.b"] == {"udg_lib.a"} and graph["udg_lib.c"] == {"udg_lib.a"}
     assert circles(graph) == [["udg_lib.a", "udg_lib.b"]]
+
+
+@pytest.mark.parametrize("module", ["udg_lib.report", "udg_lib.plots", "udg_lib.methods.names", "udg_lib.catalog"])
+def test_light_modules_load_without_torch(module):
+    """The report's command line, the figures and the names plots and the judge read stay light: loading torch
+    and transformers (seconds) is for the stages that train, generate or score."""
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", f"{module} loads {loaded.strip()}"

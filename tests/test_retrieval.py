@@ -12,7 +12,7 @@ import pytest
 from udg_lib import baselines as bl
 from udg_lib.conditions import Cell
 from udg_lib.data.schema import PROFILE_FIELDS, UNKNOWN
-from udg_lib.methods import RagLora
+from udg_lib.methods import RagLora, per_user
 from udg_lib.metrics import SentenceEmbedder
 from udg_lib.prompts import SEP, build_prompts
 from udg_lib.retrieval import UserMemories, memory_head
@@ -91,13 +91,14 @@ def test_memory_head_cuts_words_and_never_ends_the_head():
     assert SEP not in memory_head([memories[0].__class__("x", (), f"a {SEP} b", 1.0)], 5)
 
 
-def test_planted_held_out_replies_never_reach_a_rag_prompt():
+def test_planted_held_out_replies_never_reach_a_rag_prompt(monkeypatch):
     """The leak test: every prompt the RAG conditions build (LLM chat and completion prompts; RAG + LoRA's
     training, dev, test and Exp2 inputs) for pairs whose dev/test replies are planted holds no planted text."""
     pairs, users = _pairs(), _users()
     embedder = LetterEmbedder()
-    rag = RagLora(k=3)
-    rag._embedders["cpu"] = embedder  # a fake embedder instead of minilm
+    loaded = []
+    monkeypatch.setattr(per_user, "load_embedder", lambda name, device: loaded.append((name, device)) or embedder)
+    rag = RagLora(k=3)  # its minilm is the fake above, loaded once per device
     cell = Cell(pairs, users, ("a", "b"), "psp")
     rag_pairs = rag.rag_cell(cell, "cpu").pairs
     prompts = build_prompts(rag_pairs, users, "psp").tolist()
@@ -107,6 +108,7 @@ def test_planted_held_out_replies_never_reach_a_rag_prompt():
                               "context": [["do you like cats"]]})
     asked = rag.with_memories(cell, questions, "cpu")
     assert PLANTED not in build_prompts(asked, users, "psp").iloc[0] and asked["memory"].iloc[0]
+    assert loaded == [("minilm", "cpu")]  # the embedder is loaded once and kept
 
     test = pairs[pairs["split"] == "test"]
     memories = pd.Series(UserMemories.from_pairs(embedder, pairs, ["a", "b"]).retrieve(test, 3), index=test.index)

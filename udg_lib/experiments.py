@@ -53,15 +53,14 @@ from udg_lib.metrics import (
     rouge_l,
 )
 from udg_lib.precision import Precision, resolve_precision
-
-
-def system_label(pretrained: str, method: str, labels: Mapping[str, str] | None = None) -> str:
-    """Display label of a system, e.g. "PSP / LoRA"; floors without a pre-trained model keep their own.
-    `labels` names methods beyond the paper's (`methods.labels_of`)."""
-    labels = {**mth.LABELS, **(labels or {})}
-    if pretrained in PRETRAINED_LABELS:
-        return f"{PRETRAINED_LABELS[pretrained]} / {labels.get(method, method)}"
-    return labels.get(method, method)
+from udg_lib.summaries import (  # the notebooks call them as experiments.*
+    LLM_DISPLAY_NAMES,
+    llm_display_name,
+    llm_short_name,
+    significance_notes,
+    sweep_summary,
+    system_label,
+)
 
 
 def condition_family(condition: str | Path) -> ModelFamily:
@@ -119,16 +118,6 @@ def choose_learning_rate(method: PerUserMethod, cell: Cell, job: TrainingJob, le
     swept = cell.with_users(sorted(cell.user_ids)[:sweep_users or None])  # the first users by id
     rate, table = sweep_learning_rate(method, swept, job, learning_rates)
     return job.with_config(method, finetune_config(job.config_for(method), learning_rate=rate)), table
-
-
-def sweep_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per swept learning rate: mean initial and best dev loss, epochs run, share stopped early,
-    and `users_lowest`, the users whose lowest best dev loss came with that rate (how decisive the choice was:
-    a mean won by one user of two can flip with the last digits of the pre-trained weights)."""
-    columns = ["initial_dev_loss", "best_dev_loss", "epochs_run", "stopped_early"]
-    summary = table.groupby("learning_rate")[columns].mean().reset_index()
-    winners = table.loc[table.groupby("user_id")["best_dev_loss"].idxmin(), "learning_rate"].value_counts()
-    return summary.assign(users_lowest=summary["learning_rate"].map(winners).fillna(0).astype(int))
 
 
 def finetune_config(base: ft.FinetuneConfig, **overrides: Any) -> ft.FinetuneConfig:
@@ -466,19 +455,6 @@ def _short_reply(reply: str | None, width: int = 40) -> str:
     return f'"{reply if len(reply) <= width else reply[: width - 1] + "…"}"'
 
 
-def significance_notes(significance: pd.DataFrame, alpha: float = 0.05,
-                       labels: Mapping[str, str] | None = None) -> list[str]:
-    """One line per test: "a vs b: mean diff, p (test, n users)", significant ones marked. `labels` names
-    methods beyond the paper's (`methods.labels_of`)."""
-    lines = []
-    for row in significance.itertuples(index=False):
-        mark = " *" if row.p_value < alpha else ""
-        a, b = (system_label(*label.partition("/")[::2], labels) for label in (row.label_a, row.label_b))
-        lines.append(f"- {a} vs {b} ({row.metric}): "
-                     f"diff {row.mean_diff:+.4f}, p = {row.p_value:.3g}{mark} ({row.method}, n = {row.n})")
-    return lines
-
-
 def per_user_over_sets(per_user: pd.DataFrame, metric_cols: Sequence[str]) -> pd.DataFrame:
     """Per-user values averaged over split sets: the unit of the significance tests (a user appears in every
     split set, so the sets are not independent samples)."""
@@ -488,18 +464,6 @@ def per_user_over_sets(per_user: pd.DataFrame, metric_cols: Sequence[str]) -> pd
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt-based LLM baselines (§4.2.2): naming and context sampling
-
-
-LLM_DISPLAY_NAMES: dict[str, str] = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
-
-
-def llm_short_name(name_or_path: str) -> str:
-    """A method name for an LLM: the packaged short name, or the last path / id component, lower-cased."""
-    return Path(name_or_path.rstrip("/")).name.lower() or "llm"
-
-
-def llm_display_name(name_or_path: str) -> str:
-    return LLM_DISPLAY_NAMES.get(name_or_path, Path(name_or_path.rstrip("/")).name)
 
 
 def local_llm(name_or_path: str, device: str = "cpu", precision: str | Precision = "fp32") -> Any:

@@ -56,7 +56,7 @@ from traitlets.config import Config
 
 from udg_lib import paths
 from udg_lib.io import replace_dir, write_json
-from udg_lib.param_profiles import MODELS_DIR, PipelineError
+from udg_lib.param_profiles import MODELS_DIR, PipelineError, is_model_layer, profile_chain
 from udg_lib.stage_params import (
     RunSettings,
     Stage,
@@ -268,6 +268,8 @@ def run_pipeline(
     run_settings = read_run_settings(params_root)
     if run_settings.seeds > 1:
         stage_index(names, run_settings.replicate_from)  # a mistyped stage fails before anything runs
+    layers = [f"{MODELS_DIR}/{f.name}" if is_model_layer(f) else f.name for f in reversed(profile_chain(params_root))]
+    print(f"profile {profile}: {' over '.join(layers)}; training seeds {run_settings.seeds}")
     # The stage that prepares the corpora (00): once its output is there, the later stages' models are checked
     # against the corpora's languages before the first of them runs.
     corpus_stage = next((index for index, stage in enumerate(all_stages) if "corpora" in stage.params), None)

@@ -34,7 +34,7 @@ from udg_lib.judging import (
     small_data_datasets,
 )
 from udg_lib.conditions import PRETRAINED_LABELS
-from udg_lib.experiments import llm_short_name, significance_notes, sweep_summary
+from udg_lib.summaries import llm_short_name, significance_notes, sweep_summary
 from udg_lib.methods.names import LABELS as METHOD_LABELS
 from udg_lib.methods.names import FULL, LORA, ONE_ID
 

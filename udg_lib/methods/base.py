@@ -24,9 +24,10 @@ from udg_lib import finetuning as ft
 from udg_lib import io
 from udg_lib.conditions import Cell
 from udg_lib.methods import names
-from udg_lib.families import Decoding, build_model
-from udg_lib.generation import UserPredictor
+from udg_lib.families import Decoding, build_model, load_model
+from udg_lib.generation import UserPredictor, greedy_generate
 from udg_lib.precision import Precision, resolve_precision
+from udg_lib.prompts import build_prompts
 
 MODEL_DIR = "model"  # a saved model (save_pretrained + tokenizer) inside a method's folder
 ResponseTimer = Callable[[pd.DataFrame, str, int], tuple[float, float]]  # (one test row, user, k) -> cold, warm
@@ -94,6 +95,25 @@ def inference_model(folder: str | Path, tokenizer: PreTrainedTokenizerBase, devi
     """A saved model on `device` for generation or scoring only: held in `precision`'s frozen dtype (bf16
     where it resolves to bf16 on `device`), in eval mode."""
     return resolve_precision(precision, device).for_inference(build_model(folder, tokenizer).to(device))
+
+
+def held_for_timing(folder: str | Path, evaluation: Evaluation) -> torch.nn.Module:
+    """A saved model as Table 6 times it: read from disk and held as stage 04 evaluates (the precision's dtype)."""
+    numerics = resolve_precision(evaluation.precision, evaluation.device)
+    return numerics.for_inference(load_model(folder).to(evaluation.device))
+
+
+def timed_reply(cell: Cell, evaluation: Evaluation,
+                one_ids: Mapping[str, str] | None = None) -> Callable[[torch.nn.Module, pd.DataFrame], None]:
+    """Table 6's reply: a model answers one test row greedily as stage 04 generates (the evaluation's reply cap
+    and precision); with `one_ids`, in One-ID's prompt with its ID prefix."""
+    decoding = Decoding(evaluation.decoding.max_new_tokens, precision=evaluation.precision)
+
+    def reply(model: torch.nn.Module, row: pd.DataFrame) -> None:
+        sources = build_prompts(row, cell.users, cell.fmt, one_ids).tolist()
+        greedy_generate(model, evaluation.tokenizer, sources, decoding, one_id_prefix=one_ids is not None)
+
+    return reply
 
 
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, record: dict) -> None:

@@ -25,7 +25,7 @@ from udg_lib import finetuning as ft
 from udg_lib.conditions import Cell
 from udg_lib.methods import names
 from udg_lib.executors import clear_staging_leftovers, train_users
-from udg_lib.families import Decoding, build_model, family_of, load_model
+from udg_lib.families import build_model, family_of
 from udg_lib.generation import (
     EXP2_FILE,
     PREDICTIONS_FILE,
@@ -34,7 +34,8 @@ from udg_lib.generation import (
     load_user_adapters,
     predict_pairs,
 )
-from udg_lib.methods.base import Evaluation, Method, ResponseTimer, TrainingJob, timed, weights_bytes
+from udg_lib.methods.base import (Evaluation, Method, ResponseTimer, TrainingJob, held_for_timing, timed, timed_reply,
+                                  weights_bytes)
 from udg_lib.methods.pooled import DA
 from udg_lib.metrics import load_embedder
 from udg_lib.multilora import run_users_batched
@@ -160,20 +161,16 @@ class Full(PerUserMethod):
     def response_timer(self, cell: Cell, evaluation: Evaluation) -> ResponseTimer:
         """A whole model per user: cold reads it (the DA model's folder stands in when FULL models were not
         kept: same architecture and file size, so the same read time), warm generates with it in memory."""
-        device, precision = evaluation.device, evaluation.precision
+        device = evaluation.device
         held: dict[str, torch.nn.Module] = {}
-
-        def reply(model: torch.nn.Module, row: pd.DataFrame) -> None:
-            source = build_prompts(row, cell.users, cell.fmt).tolist()
-            greedy_generate(model, evaluation.tokenizer, source, Decoding(evaluation.decoding.max_new_tokens,
-                                                                          precision=precision))
+        reply = timed_reply(cell, evaluation)
 
         def time_user(row: pd.DataFrame, user: str, k: int) -> tuple[float, float]:
             saved = ft.user_dir(self.folder(cell), user) / ft.MODEL_DIR
             folder = saved if saved.is_dir() else DA.base_model_dir(cell)
 
             def load_and_reply() -> None:
-                held["model"] = resolve_precision(precision, device).for_inference(load_model(folder).to(device))
+                held["model"] = held_for_timing(folder, evaluation)
                 reply(held["model"], row)
 
             cold = timed(load_and_reply, device)
@@ -328,14 +325,10 @@ class Lora(PeftMethod):
     def response_timer(self, cell: Cell, evaluation: Evaluation) -> ResponseTimer:
         """The DA base stays in memory: cold reads the user's adapter onto it, warm switches to the adapter
         already loaded."""
-        device, precision = evaluation.device, evaluation.precision
-        base = resolve_precision(precision, device).for_inference(load_model(DA.base_model_dir(cell)).to(device))
+        device = evaluation.device
+        base = held_for_timing(DA.base_model_dir(cell), evaluation)
         held: dict[str, PeftModel] = {}
-
-        def reply(model: torch.nn.Module, row: pd.DataFrame) -> None:
-            source = build_prompts(row, cell.users, cell.fmt).tolist()
-            greedy_generate(model, evaluation.tokenizer, source, Decoding(evaluation.decoding.max_new_tokens,
-                                                                          precision=precision))
+        reply = timed_reply(cell, evaluation)
 
         def time_user(row: pd.DataFrame, user: str, k: int) -> tuple[float, float]:
             adapter, name = ft.user_dir(self.folder(cell), user) / ft.ADAPTER_DIR, f"u{k}"

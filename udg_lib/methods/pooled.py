@@ -12,7 +12,7 @@ import pandas as pd
 from udg_lib import finetuning as ft
 from udg_lib.conditions import Cell
 from udg_lib.methods import names
-from udg_lib.families import Decoding, build_model, family_of, load_model
+from udg_lib.families import build_model, family_of
 from udg_lib.generation import greedy_generate, predict_pairs
 from udg_lib.methods.base import (
     MODEL_DIR,
@@ -21,10 +21,11 @@ from udg_lib.methods.base import (
     ResponseTimer,
     TrainingJob,
     read_done,
+    held_for_timing,
     save_model,
     timed,
+    timed_reply,
 )
-from udg_lib.precision import resolve_precision
 from udg_lib.pretraining import count_parameters
 from udg_lib.prompts import build_prompts
 
@@ -108,22 +109,13 @@ class OneId(Method):
 
     def response_timer(self, cell: Cell, evaluation: Evaluation) -> ResponseTimer:
         """One model for everyone: cold reads it from disk, warm generates with it held in memory."""
-        folder = cell.path(self.name, MODEL_DIR)
-        device, precision = evaluation.device, evaluation.precision
-
-        def load():  # as stage 04 evaluates: held in the precision's dtype
-            return resolve_precision(precision, device).for_inference(load_model(folder).to(device))
-
-        warm = load()
-        one_ids = ft.one_ids_of(cell.users)
-
-        def reply(model, row: pd.DataFrame) -> None:
-            source = build_prompts(row, cell.users, cell.fmt, one_ids).tolist()
-            greedy_generate(model, evaluation.tokenizer, source, Decoding(evaluation.decoding.max_new_tokens,
-                                                                          precision=precision), one_id_prefix=True)
+        folder, device = cell.path(self.name, MODEL_DIR), evaluation.device
+        warm = held_for_timing(folder, evaluation)
+        reply = timed_reply(cell, evaluation, ft.one_ids_of(cell.users))
 
         def time_user(row: pd.DataFrame, user: str, k: int) -> tuple[float, float]:
-            return timed(lambda: reply(load(), row), device), timed(lambda: reply(warm, row), device)
+            return (timed(lambda: reply(held_for_timing(folder, evaluation), row), device),
+                    timed(lambda: reply(warm, row), device))
 
         return time_user
 
