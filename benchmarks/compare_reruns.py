@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from udg_lib.experiments import sweep_summary
+from udg_lib.summaries import sweep_summary
 from udg_lib.publishing import compare_results
 
 PRETRAIN, FINETUNE = "02_pretrain_models", "03_finetune_users"
