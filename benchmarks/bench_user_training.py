@@ -77,7 +77,7 @@ from udg_lib.conditions import Cell
 from udg_lib.methods import LORA
 from udg_lib.families import t5_config
 from udg_lib.pretraining import build_model, count_parameters
-from udg_lib.provenance import provenance
+from udg_lib.provenance import git_commit, provenance
 from udg_lib.prompts import build_prompts
 from udg_lib.tokenizer import SentencePieceSettings, train_sentencepiece_tokenizer
 
@@ -356,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would bury the table
     rows: list[dict[str, Any]] = []
+    # The code measured, read before the first write: the file this run rewrites after each shape would
+    # otherwise mark the tree dirty from the second write on.
+    measured_commit = git_commit()
 
     def write(current: list[dict[str, Any]], complete: bool) -> None:
         if args.out is None:
@@ -365,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                                  "peak_gpu_memory_bytes": max(peaks, default=None),
                                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                  "torch_threads": torch.get_num_threads(),
-                                 "provenance": provenance(seeds={"seed": args.seed})})
+                                 "provenance": {**provenance(seeds={"seed": args.seed}), "git_commit": measured_commit}})
 
     for shape in args.shapes:
         n_users = args.users or DEFAULT_USERS[shape]

@@ -49,6 +49,8 @@ def test_bench_user_training_writes_each_variant_as_soon_as_it_is_timed(tmp_path
         raise KeyboardInterrupt("stopped at the time limit")
 
     monkeypatch.setattr(bench, "run_users_batched", stopped)
+    commits = iter(["c0ffee", "c0ffee+dirty"])  # the second read would see the file the first write left
+    monkeypatch.setattr(bench, "git_commit", lambda: next(commits))
     threads = torch.get_num_threads()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -61,6 +63,7 @@ def test_bench_user_training_writes_each_variant_as_soon_as_it_is_timed(tmp_path
     timed = {r["variant"]: r["seconds"] for r in written["rows"]}
     assert timed[bench.VARIANTS[0]] > 0 and timed[bench.VARIANTS[1]] > 0 and timed[bench.VARIANTS[2]] is None
     assert all("peak_gpu_memory_bytes" in r for r in written["rows"])
+    assert written["provenance"]["git_commit"] == "c0ffee"  # the code measured, read once before any write
 
 
 def test_bench_throughput_smoke(tmp_path, capsys):
